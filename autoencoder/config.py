@@ -1,0 +1,56 @@
+"""Typed defaults for training a KL autoencoder (the first, frozen stage of a latent diffusion model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class AEDataConfig:
+    datasets: list[str] = field(default_factory=lambda: ["shapes", "digits"])  # built-in names or folders
+    data_root: str = "data"
+    image_column: str = "image"
+    caption_column: str = "text"
+    resolution: int = 32
+    center_crop: bool = True
+
+
+@dataclass
+class AEModelConfig:
+    # len(block_out_channels) - 1 downsamplings: [32, 64, 64] compresses 32 px to 8x8 latents.
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    latent_channels: int = 4
+    layers_per_block: int = 1
+    norm_num_groups: int = 32
+
+
+@dataclass
+class AETrainConfig:
+    seed: int = 0
+    batch_size: int = 32
+    max_steps: int = 3000
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    kl_weight: float = 1e-6
+    mixed_precision: str = "no"
+    log_every: int = 50
+    scale_num_images: int = 2048  # images encoded to measure the latent scaling factor
+
+
+@dataclass
+class AutoencoderConfig:
+    name: str = "vae"
+    output_dir: str = "runs"
+    export_dir: str | None = None  # also copy the final VAE folder here (e.g. the shipped location)
+    data: AEDataConfig = field(default_factory=AEDataConfig)
+    model: AEModelConfig = field(default_factory=AEModelConfig)
+    train: AETrainConfig = field(default_factory=AETrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name

@@ -1,0 +1,168 @@
+"""Train a KL autoencoder (diffusers ``AutoencoderKL``) with Accelerate, then measure its latent scale.
+
+    accelerate launch train_autoencoder.py --config configs/autoencoder/builtin.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from ldm.config import save_config
+from ldm.data import ImageCaptionDataset, load_image_caption_dataset, resolve_data_dir
+from ldm.run import MetricsWriter, atomic_save, atomic_save_dir, format_summary, make_grid, plot_curves
+
+from .config import AutoencoderConfig
+from .losses import kl_loss, reconstruction_loss
+
+logger = logging.getLogger(__name__)
+
+
+def build_vae(model_cfg, resolution: int) -> AutoencoderKL:
+    n = len(model_cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+        block_out_channels=list(model_cfg.block_out_channels), layers_per_block=model_cfg.layers_per_block,
+        latent_channels=model_cfg.latent_channels, norm_num_groups=model_cfg.norm_num_groups,
+        sample_size=resolution,
+    )
+
+
+def image_datasets(data_cfg, split: str) -> torch.utils.data.ConcatDataset:
+    parts = []
+    for name in data_cfg.datasets:
+        folder = resolve_data_dir(name, data_cfg.data_root, split=split, resolution=data_cfg.resolution)
+        ds = load_image_caption_dataset(folder, data_cfg.image_column, data_cfg.caption_column)
+        parts.append(ImageCaptionDataset(ds, data_cfg.resolution, data_cfg.image_column,
+                                         data_cfg.caption_column, data_cfg.center_crop))
+    return torch.utils.data.ConcatDataset(parts)
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae: AutoencoderKL, loader, num_images: int, generator: torch.Generator) -> float:
+    """1 / std of posterior samples over ``num_images`` images, so scaled latents have unit variance."""
+    samples, seen = [], 0
+    device = next(vae.parameters()).device
+    for batch in loader:
+        dist = vae.encode(batch["pixel_values"].to(device)).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=generator).to(device)
+        samples.append((dist.mean + dist.std * noise).float().cpu())
+        seen += len(samples[-1])
+        if seen >= num_images:
+            break
+    return float(1.0 / torch.cat(samples).std())
+
+
+@torch.no_grad()
+def psnr(vae: AutoencoderKL, loader) -> float:
+    """Mean PSNR (dB) of posterior-mean reconstructions on images in [-1, 1]."""
+    device = next(vae.parameters()).device
+    values = []
+    for batch in loader:
+        x = batch["pixel_values"].to(device)
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        mse = ((recon - x) / 2).square().flatten(1).mean(1)  # in [0, 1] pixel units
+        values.append(10 * torch.log10(1.0 / mse.clamp_min(1e-10)))
+    return float(torch.cat(values).mean())
+
+
+def to_pil(x: torch.Tensor):
+    from PIL import Image
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def train(cfg: AutoencoderConfig) -> dict:
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    set_seed(cfg.train.seed)
+    run_dir = cfg.run_dir
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
+
+    # 1. Data: per-process batch so the global batch is cfg.train.batch_size.
+    if cfg.train.batch_size % accelerator.num_processes:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide by the number of "
+                         f"processes ({accelerator.num_processes})")
+    train_ds = image_datasets(cfg.data, "train")
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=cfg.train.batch_size // accelerator.num_processes, shuffle=True, drop_last=True,
+        generator=torch.Generator().manual_seed(cfg.train.seed))
+
+    # 2. Model and optimisation.
+    vae = build_vae(cfg.model, cfg.data.resolution)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.train.warmup_steps,
+                             num_training_steps=cfg.train.max_steps)
+    vae, optimizer, loader, lr_sched = accelerator.prepare(vae, optimizer, loader, lr_sched)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", accelerator.is_main_process)
+
+    # 3. Steps.
+    step, epoch = 0, 0
+    bar = tqdm(total=cfg.train.max_steps, desc="autoencoder", disable=not accelerator.is_main_process)
+    while step < cfg.train.max_steps:
+        for batch in loader:
+            x = batch["pixel_values"]
+            with accelerator.autocast():
+                dist = vae.encode(x).latent_dist
+                recon = vae.decode(dist.sample()).sample
+                rec = reconstruction_loss(recon, x, cfg.train.l1_weight, cfg.train.l2_weight)
+                kl = kl_loss(dist.mean, dist.logvar)
+                loss = rec + cfg.train.kl_weight * kl
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(vae.parameters(), cfg.train.max_grad_norm)
+            optimizer.step()
+            lr_sched.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                row = {"step": step, "epoch": epoch, "loss": loss.item(), "rec": rec.item(), "kl": kl.item(),
+                       "lr": lr_sched.get_last_lr()[0]}
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                metrics.write(**row)
+            if step >= cfg.train.max_steps:
+                break
+        epoch += 1
+    bar.close()
+
+    # 4. Latent scale, held-out quality, export (main process).
+    accelerator.wait_for_everyone()
+    result = {}
+    if accelerator.is_main_process:
+        vae = accelerator.unwrap_model(vae).eval()
+        eval_loader = torch.utils.data.DataLoader(image_datasets(cfg.data, "heldout"), batch_size=64)
+        scale = measure_scaling_factor(vae, loader, cfg.train.scale_num_images,
+                                       torch.Generator().manual_seed(cfg.train.seed))
+        vae.register_to_config(scaling_factor=scale)
+        result = {"steps": step, "scaling_factor": scale, "heldout_psnr_db": psnr(vae, eval_loader)}
+        for name in cfg.data.datasets:
+            one = torch.utils.data.DataLoader(image_datasets(type(cfg.data)(**{**vars(cfg.data), "datasets": [name]}),
+                                                             "heldout"), batch_size=64)
+            result[f"heldout_psnr_db_{Path(name).name}"] = psnr(vae, one)
+        metrics.write(step=step, **result)
+        atomic_save_dir(lambda d: vae.save_pretrained(d, safe_serialization=True), run_dir / "vae")
+        if cfg.export_dir:
+            atomic_save_dir(lambda d: shutil.copytree(run_dir / "vae", d, dirs_exist_ok=True), Path(cfg.export_dir))
+        x = next(iter(eval_loader))["pixel_values"][:16]
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+        grid = make_grid([to_pil(t) for t in torch.cat([x, recon])], ncols=16)
+        atomic_save(lambda p: grid.save(p, format="PNG"), run_dir / "reconstructions.png")
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", keys=("loss", "rec"))
+        print(format_summary(f"autoencoder run {cfg.name}", {
+            **{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in result.items()},
+            "vae": run_dir / "vae", "reconstructions": run_dir / "reconstructions.png",
+            "metrics": run_dir / "metrics.jsonl", "exported to": cfg.export_dir or "-"}))
+    accelerator.end_training()
+    return result

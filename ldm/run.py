@@ -1,0 +1,111 @@
+"""Run-folder conventions shared by both trainers: metrics as JSON lines, plots and grids as PNG,
+atomic writes, and the closing summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl`` (main process only)."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        self.start = time.time()
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **row) -> None:
+        if not self.enabled:
+            return
+        row = {"time_s": round(time.time() - self.start, 3), **row}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(metrics_path: str | Path, png_path: str | Path, keys: tuple[str, ...] = ("loss",)) -> None:
+    """Plot each key of metrics.jsonl against ``step`` (log scale when positive) into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if key in r and "step" in r]
+        if pts:
+            ax.plot(*zip(*pts), label=key)
+            if all(v > 0 for _, v in pts):
+                ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_save(lambda p: fig.savefig(p, format="png"), png_path)
+    plt.close(fig)
+
+
+def make_grid(images: list[Image.Image], ncols: int | None = None, pad: int = 2) -> Image.Image:
+    """Tile equally sized PIL images into one image, row-major."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    ncols = ncols or math.ceil(math.sqrt(len(images)))
+    nrows = math.ceil(len(images) / ncols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (ncols * (w + pad) + pad, nrows * (h + pad) + pad), (255, 255, 255))
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB"), (pad + (i % ncols) * (w + pad), pad + (i // ncols) * (h + pad)))
+    return grid
+
+
+def atomic_save(write_fn, path: str | Path) -> None:
+    """Call ``write_fn(tmp_path)`` then rename into ``path``, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save_dir(write_fn, path: str | Path) -> None:
+    """Call ``write_fn(tmp_dir)`` then swap the folder into ``path``; the old folder survives a failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp."))
+    try:
+        write_fn(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def format_summary(title: str, rows: dict) -> str:
+    width = max(len(k) for k in rows)
+    lines = [title, "-" * len(title)] + [f"{k:<{width}}  {v}" for k, v in rows.items()]
+    return "\n".join(lines)

@@ -1,0 +1,5 @@
+"""Inference pipelines."""
+
+from .ldm_pipeline import LDMPipeline
+
+__all__ = ["LDMPipeline"]

@@ -1,0 +1,211 @@
+"""Text-to-image latent diffusion pipeline (VAE + CLIP text encoder + conditional U-Net)."""
+
+import inspect
+import json
+import os
+import tempfile
+
+import torch
+from diffusers import AutoencoderKL, DDPMParallelScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+LEARNED_VARIANCE = ("learned", "learned_range")
+# Schedulers whose `step` splits a [mean, variance] model output by itself (by comparing channel counts).
+# Others with a learned `variance_type` (DPM-Solver family, SA-Solver) slice `model_output[:, :3]`, which is
+# only right for 3-channel pixel models, so the pipeline drops the variance for them instead.
+VARIANCE_SPLITTING_SCHEDULERS = (DDPMScheduler, DDPMParallelScheduler)
+# Saved folders claim to be Stable Diffusion: diffusers' generic loader resolves `_class_name` on the diffusers
+# module, where "LDMPipeline" is an unrelated (deprecated, unconditional) pipeline.
+SAVED_CLASS_NAME = "StableDiffusionPipeline"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class LDMPipeline(DiffusionPipeline):
+    """Text-to-image latent diffusion pipeline.
+
+    A CLIP text encoder turns the prompt into a context sequence, a conditional U-Net denoises random latents
+    under that context (with classifier-free guidance), and the VAE decoder maps the final latents to images.
+    Any diffusers scheduler can be swapped in, U-Nets that predict a learned variance (``out_channels ==
+    2 * in_channels``) are supported, and folders written by ``save_pretrained`` load with diffusers'
+    ``StableDiffusionPipeline`` as well as with this class (which also loads Stable Diffusion 1.x folders).
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = []
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer | CLIPTokenizerFast,  # one class in transformers 5, two in 4.x
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Save as a diffusers folder (safetensors) whose model_index.json names ``StableDiffusionPipeline``."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("push_to_hub=True is not supported: save locally, then upload the folder")
+        if not kwargs.setdefault("safe_serialization", True):
+            raise ValueError("LDMPipeline saves safetensors only, got safe_serialization=False")
+        super().save_pretrained(save_directory, **kwargs)
+        index_path = os.path.join(save_directory, "model_index.json")
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        # Null SD-only components so StableDiffusionPipeline.from_pretrained loads without a safety checker.
+        index.update(_class_name=SAVED_CLASS_NAME, safety_checker=[None, None], feature_extractor=[None, None])
+        index["requires_safety_checker"] = False
+        # Write-then-rename so an interrupted save never leaves a truncated model_index.json behind.
+        fd, tmp_path = tempfile.mkstemp(dir=save_directory, prefix=".model_index.", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+                f.write("\n")
+            os.replace(tmp_path, index_path)
+        except BaseException:
+            os.unlink(tmp_path)
+            raise
+
+    def _check_inputs(self, prompt, negative_prompt, height, width, steps, guidance_scale, n, output_type, generator):
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif not (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt)):
+            raise ValueError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negative_prompt = [negative_prompt or ""] * len(prompt)
+        elif not (isinstance(negative_prompt, list) and all(isinstance(p, str) for p in negative_prompt)):
+            raise ValueError(f"negative_prompt must be None, a str or a list of str, got {negative_prompt!r}")
+        elif len(negative_prompt) != len(prompt):
+            raise ValueError(
+                f"negative_prompt must have one entry per prompt ({len(prompt)}), got {len(negative_prompt)}"
+            )
+        f = self.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if not (_is_int(value) and value > 0 and value % f == 0):
+                raise ValueError(f"{name} must be a positive multiple of {f}, got {value!r}")
+        max_steps = self.scheduler.config.num_train_timesteps
+        if not (_is_int(steps) and 0 < steps <= max_steps):
+            raise ValueError(f"num_inference_steps must be an int in [1, {max_steps}], got {steps!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1:
+            raise ValueError(f"guidance_scale must be a number >= 1.0 (1.0 disables guidance), got {guidance_scale!r}")
+        if not (_is_int(n) and n > 0):
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {n!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        total = len(prompt) * n
+        if isinstance(generator, list):
+            if len(generator) != total or not all(isinstance(g, torch.Generator) for g in generator):
+                raise ValueError(
+                    f"a generator list must hold one torch.Generator per image ({total} = prompts x "
+                    f"num_images_per_prompt), got {len(generator)} item(s)"
+                )
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be None, a torch.Generator or a list of them, got {generator!r}")
+        return prompt, negative_prompt
+
+    def _sampling_scheduler(self):
+        """Return the scheduler to sample with and whether it takes a [mean, variance] model output."""
+        scheduler, unet_cfg = self.scheduler, self.unet.config
+        learned_unet = unet_cfg.out_channels == 2 * unet_cfg.in_channels
+        if not learned_unet and unet_cfg.out_channels != unet_cfg.in_channels:
+            raise ValueError(
+                f"unet out_channels must equal in_channels ({unet_cfg.in_channels}) or twice it for a learned "
+                f"variance, got {unet_cfg.out_channels}"
+            )
+        learned_sched = getattr(scheduler.config, "variance_type", None) in LEARNED_VARIANCE
+        if not learned_sched:
+            return scheduler, False
+        if isinstance(scheduler, VARIANCE_SPLITTING_SCHEDULERS):
+            if not learned_unet:
+                raise ValueError(
+                    f"scheduler variance_type={scheduler.config.variance_type!r} needs a unet that predicts the "
+                    f"variance (out_channels={2 * unet_cfg.in_channels}), got out_channels={unet_cfg.out_channels}"
+                )
+            return scheduler, True
+        # The pipeline already drops the variance; a per-call copy stops the scheduler slicing channels again.
+        return scheduler.__class__.from_config(scheduler.config, variance_type=None), False
+
+    def _encode(self, texts, n, device):
+        ids = self.tokenizer(
+            texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        # Each prompt's copies stay adjacent, matching the order of StableDiffusionPipeline.
+        return self.text_encoder(ids)[0].repeat_interleave(n, dim=0)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt,
+        negative_prompt=None,
+        num_inference_steps=50,
+        guidance_scale=7.5,
+        height=None,
+        width=None,
+        num_images_per_prompt=1,
+        generator=None,
+        output_type="pil",
+        return_dict=True,
+    ):
+        size = self.unet.config.sample_size
+        default_h, default_w = (size, size) if _is_int(size) else tuple(size)
+        height = default_h * self.vae_scale_factor if height is None else height
+        width = default_w * self.vae_scale_factor if width is None else width
+        prompts, negatives = self._check_inputs(
+            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+            num_images_per_prompt, output_type, generator,
+        )
+        scheduler, pass_variance = self._sampling_scheduler()
+        device, dtype = self._execution_device, self.unet.dtype
+        do_cfg = guidance_scale > 1.0
+
+        context = self._encode(prompts, num_images_per_prompt, device)
+        if do_cfg:  # unconditional first, as in StableDiffusionPipeline, so one unet pass covers both
+            context = torch.cat([self._encode(negatives, num_images_per_prompt, device), context])
+        context = context.to(dtype)
+
+        in_ch, f = self.unet.config.in_channels, self.vae_scale_factor
+        shape = (len(prompts) * num_images_per_prompt, in_ch, height // f, width // f)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
+
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        # Only stochastic schedulers accept a generator in step(); passing it to others would raise TypeError.
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        for t in self.progress_bar(scheduler.timesteps):
+            model_in = torch.cat([latents] * 2) if do_cfg else latents
+            model_in = scheduler.scale_model_input(model_in, t)
+            out = self.unet(model_in, t, encoder_hidden_states=context, return_dict=False)[0]
+            mean, var = out[:, :in_ch], out[:, in_ch:]  # var is empty without a learned variance
+            if do_cfg:
+                mean_uncond, mean_text = mean.chunk(2)
+                mean = mean_uncond + guidance_scale * (mean_text - mean_uncond)
+                var = var.chunk(2)[1]  # guidance applies to the mean only; keep the conditional variance
+            model_out = torch.cat([mean, var], dim=1) if pass_variance else mean
+            latents = scheduler.step(model_out, t, latents, **step_kwargs, return_dict=False)[0]
+
+        if output_type == "latent":
+            images = latents
+        else:
+            latents = latents / self.vae.config.scaling_factor
+            shift = getattr(self.vae.config, "shift_factor", None)
+            if shift is not None:
+                latents = latents + shift
+            decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+            decoded = (decoded / 2 + 0.5).clamp(0, 1)
+            images = self.image_processor.postprocess(
+                decoded, output_type=output_type, do_denormalize=[False] * decoded.shape[0]
+            )
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -1,0 +1,62 @@
+"""Built-in datasets: deterministic generation, held-out prompts, and scorers that read the real data back."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.builtin_data import (
+    COLOURS, POSITIONS, SHAPES, DigitsScorer, generate_digits, generate_shapes, parse_shapes_caption,
+    read_shape, score_shapes, shapes_heldout_combos,
+)
+
+
+def _load(folder):
+    recs = [json.loads(line) for line in open(folder / "metadata.jsonl")]
+    return [Image.open(folder / r["file_name"]).convert("RGB") for r in recs], [r["text"] for r in recs]
+
+
+def test_shapes_generation_is_deterministic_and_scorer_reads_it(tmp_path):
+    a = generate_shapes(tmp_path / "a", num_images=180, seed=3)
+    b = generate_shapes(tmp_path / "b", num_images=180, seed=3)
+    imgs_a, caps_a = _load(a)
+    imgs_b, caps_b = _load(b)
+    assert caps_a == caps_b
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(imgs_a, imgs_b))
+    scores = score_shapes(imgs_a, caps_a)
+    assert scores["colour_accuracy"] == 1.0 and scores["position_accuracy"] == 1.0
+    assert scores["shape_accuracy"] >= 0.98
+
+
+def test_heldout_combos_never_in_training(tmp_path):
+    heldout = {f"a {c} {s} at the {p}" for c, s, p in shapes_heldout_combos()}
+    assert len(heldout) == 16
+    _, caps = _load(generate_shapes(tmp_path / "t", num_images=300))
+    assert not heldout & set(caps)
+    # every colour, shape and position is still seen in training
+    seen = [parse_shapes_caption(c) for c in caps]
+    assert {s["colour"] for s in seen} == set(COLOURS) and {s["shape"] for s in seen} == set(SHAPES)
+    assert {s["position"] for s in seen} == set(POSITIONS)
+    imgs, caps = _load(generate_shapes(tmp_path / "h", num_images=96, split="heldout"))
+    assert set(caps) == heldout
+    assert score_shapes(imgs, caps)["all_accuracy"] >= 0.98
+
+
+def test_shape_reader_on_blank_and_wrong_images():
+    blank = Image.new("RGB", (32, 32))
+    assert read_shape(blank)["shape"] is None
+    assert score_shapes([blank], ["a red circle at the top left"])["all_accuracy"] == 0.0
+    with pytest.raises(ValueError, match="not a shapes caption"):
+        parse_shapes_caption("a dog at the park")
+
+
+def test_digits_scorer_on_real_digits(tmp_path):
+    imgs, caps = _load(generate_digits(tmp_path / "d"))
+    assert len(caps) == 898 and caps[0].startswith("a handwritten digit ")
+    scorer = DigitsScorer()
+    assert scorer.score(imgs, caps)["digit_accuracy"] >= 0.97
+    # shuffled labels score near chance
+    rng = np.random.default_rng(0)
+    wrong = [f"a handwritten digit {d}" for d in rng.integers(0, 10, len(caps))]
+    assert scorer.score(imgs, wrong)["digit_accuracy"] < 0.2

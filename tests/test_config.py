@@ -1,0 +1,38 @@
+"""Typed config: presets and key=value overrides, with clear errors for bad keys and values."""
+
+import pytest
+
+from autoencoder.config import AutoencoderConfig
+from ldm.config import LDMConfig, load_config, save_config
+
+
+def test_preset_and_overrides(tmp_path):
+    cfg = load_config(LDMConfig, "configs/ldm/shapes.yaml",
+                      ["train.max_steps=7", "name=x", "sample.seeds=[5, 6]", "diffusion.snr_gamma=5"])
+    assert cfg.train.max_steps == 7 and cfg.name == "x" and cfg.sample.seeds == [5, 6]
+    assert cfg.diffusion.snr_gamma == 5.0 and cfg.data.dataset == "shapes"
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(LDMConfig, tmp_path / "c.yaml") == cfg
+
+
+def test_every_preset_loads():
+    load_config(AutoencoderConfig, "configs/autoencoder/builtin.yaml")
+    for preset in ("shapes", "digits", "tiny"):
+        load_config(LDMConfig, f"configs/ldm/{preset}.yaml")
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.max_step=3"], "unknown config key"),
+    (["train.max_steps=abc"], "train.max_steps"),
+    (["train.max_steps=true"], "train.max_steps"),
+    (["data.random_flip=3"], "data.random_flip"),
+    (["max_steps"], "key=value"),
+])
+def test_bad_overrides_raise(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(LDMConfig, None, override)
+
+
+def test_missing_preset_file():
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(LDMConfig, "nope.yaml")

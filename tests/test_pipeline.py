@@ -1,0 +1,337 @@
+"""Tests for pipelines.LDMPipeline with tiny random components built in code (no Hub access)."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import diffusers
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from pipelines import LDMPipeline
+
+PROMPT = "a red circle"
+# Whole words on top of the byte alphabet, with the BPE merges that build them.
+WORD_MERGES = ["r e", "re d</w>", "c i", "ci r", "cir c", "circ l", "circl e</w>"]
+
+
+def _byte_level_alphabet():
+    """The 256 printable characters GPT-2/CLIP byte-level BPE uses to stand for raw bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    codes = printable + [256 + i for i in range(len(extra))]
+    return [chr(c) for c in codes]
+
+
+def write_tiny_clip_vocab(directory):
+    """Write a tiny byte-level BPE vocab.json + merges.txt into `directory`."""
+    alphabet = _byte_level_alphabet()
+    tokens = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]
+    tokens += ["".join(m.split()) for m in WORD_MERGES]
+    directory = Path(directory)
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(WORD_MERGES) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # These models are tiny: with 2 cores (often shared) intra-op threads spin-wait on each other and make
+    # each forward pass ~100x slower than running on one thread.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_clip_tokenizer")
+    write_tiny_clip_vocab(directory)
+    return directory
+
+
+def get_dummy_components(tokenizer_dir, unet_out_channels=4, scheduler=None, vae_shift_factor=None):
+    # transformers 5 ignores vocab_file=/merges_file= kwargs in CLIPTokenizer(...) (it silently builds a
+    # 3-token vocab), so load through from_pretrained on the folder holding vocab.json + merges.txt.
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=16)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),  # scale factor 2: 8x8 latents <-> 16x16 images
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        shift_factor=vae_shift_factor,
+    )
+    text_config = CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=16,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=unet_out_channels,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    # steps_offset=1 / clip_sample=False: StableDiffusionPipeline.__init__ silently rewrites other values, which
+    # would make its samples differ from ours in the equivalence test.
+    if scheduler is None:
+        scheduler = DDPMScheduler(num_train_timesteps=100, steps_offset=1, clip_sample=False)
+    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
+
+
+def make_pipe(tokenizer_dir, **kwargs):
+    pipe = LDMPipeline(**get_dummy_components(tokenizer_dir, **kwargs))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def pipe(tokenizer_dir):
+    return make_pipe(tokenizer_dir)
+
+
+def sample(pipe, seed=0, prompt=PROMPT, **kwargs):
+    kwargs.setdefault("num_inference_steps", 2)
+    kwargs.setdefault("output_type", "np")
+    kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
+    return pipe(prompt, **kwargs).images
+
+
+def test_tokenizer_knows_prompt_words(tokenizer_dir):
+    tokenizer = get_dummy_components(tokenizer_dir)["tokenizer"]
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(PROMPT).input_ids)
+    assert tokens == ["<|startoftext|>", "a</w>", "red</w>", "circle</w>", "<|endoftext|>"]
+
+
+@pytest.mark.parametrize(
+    "output_type, check",
+    [
+        ("pil", lambda im: len(im) == 4 and all(isinstance(i, PIL.Image.Image) and i.size == (16, 16) for i in im)),
+        ("np", lambda im: im.shape == (4, 16, 16, 3) and im.min() >= 0 and im.max() <= 1),
+        ("pt", lambda im: im.shape == (4, 3, 16, 16) and im.min() >= 0 and im.max() <= 1),
+        ("latent", lambda im: im.shape == (4, 4, 8, 8)),
+    ],
+    ids=["pil", "np", "pt", "latent"],
+)
+def test_output_shapes(pipe, output_type, check):
+    images = sample(pipe, prompt=[PROMPT, "a circle"], num_images_per_prompt=2, output_type=output_type)
+    assert check(images)
+
+
+def test_explicit_size_and_tuple_output(pipe):
+    out = pipe(PROMPT, num_inference_steps=2, height=12, width=20, output_type="np", return_dict=False)
+    assert isinstance(out, tuple) and len(out) == 1
+    assert out[0].shape == (1, 12, 20, 3)
+
+
+def test_seeded_generator_is_deterministic(pipe):
+    a, b, c = sample(pipe, seed=0), sample(pipe, seed=0), sample(pipe, seed=1)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-4
+
+
+def test_generator_list_gives_one_stream_per_image(pipe):
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    batch = sample(pipe, num_images_per_prompt=2, generator=gens)
+    np.testing.assert_allclose(batch[0], sample(pipe, seed=0)[0], atol=1e-5)
+    np.testing.assert_allclose(batch[1], sample(pipe, seed=1)[0], atol=1e-5)
+
+
+def test_negative_prompt_changes_output(pipe):
+    plain = sample(pipe)
+    negative = sample(pipe, negative_prompt="red")
+    np.testing.assert_array_equal(negative, sample(pipe, negative_prompt=["red"]))
+    assert np.abs(plain - negative).max() > 1e-4
+
+
+@pytest.mark.parametrize("guidance_scale, unet_batch", [(1.0, 2), (3.0, 4)])
+def test_guidance_scale_one_skips_unconditional_pass(pipe, guidance_scale, unet_batch):
+    batches = []
+    pipe.unet.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    images = sample(pipe, guidance_scale=guidance_scale, num_images_per_prompt=2)
+    assert images.shape == (2, 16, 16, 3)
+    assert batches == [unet_batch, unet_batch]
+
+
+@pytest.mark.parametrize("shift_factor", [None, 0.25])
+def test_decode_uses_scaling_and_shift(tokenizer_dir, shift_factor):
+    pipe = make_pipe(tokenizer_dir, vae_shift_factor=shift_factor)
+    latents = sample(pipe, output_type="latent")
+    images = sample(pipe, output_type="pt")
+    z = latents / pipe.vae.config.scaling_factor + (shift_factor or 0.0)
+    expected = (pipe.vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(images, expected.detach(), atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def saved_folder(pipe, tmp_path):
+    folder = tmp_path / "ldm"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def test_save_load_round_trip(pipe, saved_folder):
+    loaded = LDMPipeline.from_pretrained(saved_folder)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is LDMPipeline
+    np.testing.assert_array_equal(sample(pipe, guidance_scale=3.0), sample(loaded, guidance_scale=3.0))
+
+
+def test_saved_folder_layout(saved_folder):
+    weights = [p.name for p in saved_folder.rglob("*") if p.suffix in {".safetensors", ".bin", ".pt", ".ckpt"}]
+    assert weights and all(name.endswith(".safetensors") for name in weights)
+    index = json.loads((saved_folder / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" != "LDMPipeline"
+    assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
+    assert index["requires_safety_checker"] is False
+    assert not [p for p in saved_folder.iterdir() if p.name.startswith(".model_index")]  # no temp file left
+
+
+def test_generic_loader_avoids_diffusers_ldm_pipeline(saved_folder):
+    loaded = diffusers.DiffusionPipeline.from_pretrained(saved_folder)
+    assert not isinstance(loaded, diffusers.LDMPipeline)
+    assert isinstance(loaded, StableDiffusionPipeline)
+
+
+def test_stable_diffusion_pipeline_loads_and_matches(pipe, saved_folder):
+    sd = StableDiffusionPipeline.from_pretrained(saved_folder)
+    sd.set_progress_bar_config(disable=True)
+    assert sd.safety_checker is None
+    kwargs = dict(num_inference_steps=3, guidance_scale=4.0, output_type="np")
+    sd_images = sd(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert sd_images.shape == (1, 16, 16, 3)
+    np.testing.assert_allclose(sample(pipe, **kwargs), sd_images, atol=1e-5)
+
+
+def test_loads_stable_diffusion_1x_folder(tokenizer_dir, tmp_path):
+    sd = StableDiffusionPipeline(
+        **get_dummy_components(tokenizer_dir), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    sd.set_progress_bar_config(disable=True)
+    folder = tmp_path / "sd1x"
+    sd.save_pretrained(folder)
+    expected = sd(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    for claim_real_extras in (False, True):
+        if claim_real_extras:
+            # A real SD-1.x index names these classes; their folders are absent here, so loading one would fail.
+            index_path = folder / "model_index.json"
+            index = json.loads(index_path.read_text())
+            index.update(
+                safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                feature_extractor=["transformers", "CLIPImageProcessor"],
+                image_encoder=["transformers", "CLIPVisionModelWithProjection"],
+                requires_safety_checker=True,
+            )
+            index_path.write_text(json.dumps(index))
+        loaded = LDMPipeline.from_pretrained(folder)
+        loaded.set_progress_bar_config(disable=True)
+        assert type(loaded) is LDMPipeline
+        assert not any(hasattr(loaded, name) for name in ("safety_checker", "feature_extractor", "image_encoder"))
+        np.testing.assert_allclose(sample(loaded), expected, atol=1e-5)
+
+
+def _record_step_channels(pipe):
+    channels = []
+    original_step = pipe.scheduler.step
+
+    def step(model_output, *args, **kwargs):
+        channels.append(model_output.shape[1])
+        return original_step(model_output, *args, **kwargs)
+
+    pipe.scheduler.step = step
+    return channels
+
+
+def test_learned_variance_with_ddpm(tokenizer_dir):
+    scheduler = DDPMScheduler(num_train_timesteps=100, variance_type="learned_range", clip_sample=False)
+    pipe = make_pipe(tokenizer_dir, unet_out_channels=8, scheduler=scheduler)
+    channels = _record_step_channels(pipe)
+    images = sample(pipe, guidance_scale=3.0, num_images_per_prompt=2)
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    assert channels == [8, 8]  # DDPMScheduler receives [guided mean, variance] and splits it itself
+
+
+@pytest.mark.parametrize("inherit_variance_type", [True, False])
+def test_learned_variance_with_dpm_solver_drops_variance(tokenizer_dir, inherit_variance_type):
+    ddpm = DDPMScheduler(num_train_timesteps=100, variance_type="learned_range", clip_sample=False)
+    pipe = make_pipe(tokenizer_dir, unet_out_channels=8, scheduler=ddpm)
+    overrides = {} if inherit_variance_type else {"variance_type": None}
+    # Inheriting variance_type="learned_range" makes DPMSolver slice model_output[:, :3]; the pipeline copes.
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **overrides)
+    images = sample(pipe, num_inference_steps=3, guidance_scale=3.0)
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+    assert pipe.scheduler.config.variance_type == ("learned_range" if inherit_variance_type else None)
+
+
+def test_bad_unet_out_channels_raise(tokenizer_dir):
+    with pytest.raises(ValueError, match="out_channels"):
+        sample(make_pipe(tokenizer_dir, unet_out_channels=6))
+    learned = DDPMScheduler(num_train_timesteps=100, variance_type="learned_range")
+    with pytest.raises(ValueError, match="variance"):
+        sample(make_pipe(tokenizer_dir, scheduler=learned))
+
+
+@pytest.mark.parametrize("scheduler_cls", [DPMSolverMultistepScheduler, EulerDiscreteScheduler])
+def test_scheduler_swap(pipe, scheduler_cls):
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    a, b = sample(pipe, num_inference_steps=3), sample(pipe, num_inference_steps=3)
+    assert a.shape == (1, 16, 16, 3) and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prompt": 3}, "prompt must be"),
+        ({"prompt": []}, "non-empty list"),
+        ({"prompt": [PROMPT, 1]}, "prompt must be"),
+        ({"prompt": [PROMPT, PROMPT], "negative_prompt": ["x"]}, "one entry per prompt"),
+        ({"negative_prompt": 5}, "negative_prompt must be"),
+        ({"height": 15}, "height must be a positive multiple of 2, got 15"),
+        ({"width": 0}, "width must be a positive multiple of 2, got 0"),
+        ({"width": -4}, "width must be"),
+        ({"num_inference_steps": 0}, r"num_inference_steps must be an int in \[1, 100\], got 0"),
+        ({"num_inference_steps": 101}, "got 101"),
+        ({"guidance_scale": 0.5}, "guidance_scale must be a number >= 1.0"),
+        ({"guidance_scale": "7"}, "guidance_scale"),
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt must be a positive int, got 0"),
+        ({"output_type": "jpeg"}, "output_type must be one of"),
+        ({"generator": [torch.Generator()] * 3, "num_images_per_prompt": 2}, "one torch.Generator per image"),
+        ({"generator": 42}, "generator must be"),
+    ],
+)
+def test_invalid_arguments_raise(pipe, kwargs, message):
+    kwargs = {"prompt": PROMPT, "num_inference_steps": 1, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        pipe(**kwargs)

@@ -1,0 +1,82 @@
+"""One short training run end to end on CPU: loss falls, the exported folder loads, images come out."""
+
+import json
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from ldm.builtin_data import generate_shapes
+from ldm.config import LDMConfig, load_config
+from ldm.run import read_metrics
+from ldm.train import train
+from pipelines import LDMPipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 16, 16],
+                        latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=32,
+                        scaling_factor=1.0)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return generate_shapes(tmp_path_factory.mktemp("shapes"), num_images=96, seed=0)
+
+
+def _cfg(tmp_path, vae, data, *extra):
+    return load_config(LDMConfig, "configs/ldm/tiny.yaml", [
+        f"output_dir={tmp_path}", f"model.vae={vae}", f"data.dataset={data}",
+        f"data.cache_dir={tmp_path / 'cache'}", *extra])
+
+
+@pytest.mark.parametrize("extra", [[], ["diffusion.learned_variance=true", "diffusion.beta_schedule=squaredcos_cap_v2"],
+                                   ["diffusion.prediction_type=v_prediction", "diffusion.snr_gamma=5"]])
+def test_short_run_end_to_end(tmp_path, tiny_vae_dir, data_dir, extra):
+    cfg = _cfg(tmp_path, tiny_vae_dir, data_dir, *extra)
+    result = train(cfg)
+    rows = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "loss" in r and "epoch" in r]
+    assert len(rows) == 12
+    # Validation terms on fixed images, timesteps and noise, before and after training.
+    val = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "val_mse" in r]
+    assert [r["step"] for r in val] == [0, 60]
+    assert val[1]["val_mse"] < 0.9 * val[0]["val_mse"], val
+    if "val_vb" in val[0]:
+        assert val[1]["val_vb"] < 0.5 * val[0]["val_vb"], val
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert result["steps"] == 60
+    for f in ("config.yaml", "loss.png", "samples/step-60.png", "pipeline/model_index.json"):
+        assert (cfg.run_dir / f).exists(), f
+    pipe = LDMPipeline.from_pretrained(cfg.run_dir / "pipeline")
+    assert pipe.unet.config.out_channels == (8 if "diffusion.learned_variance=true" in extra else 4)
+    images = pipe(["a red circle at the top left"], num_inference_steps=3, guidance_scale=2.0,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (1, 32, 32, 3) and images.min() >= 0 and images.max() <= 1
+    assert not list((cfg.run_dir / "pipeline").rglob("*.bin"))
+    assert json.loads((cfg.run_dir / "pipeline" / "model_index.json").read_text())["_class_name"] != "LDMPipeline"
+
+
+def test_latent_cache_reused_and_rebuilt(tmp_path, tiny_vae_dir, data_dir):
+    cfg = _cfg(tmp_path, tiny_vae_dir, data_dir, "train.max_steps=1", "sample.seeds=[0]")
+    train(cfg)
+    first = sorted((tmp_path / "cache").glob("*.safetensors"))
+    assert len(first) == 1
+    train(cfg)  # same VAE, data and transform: the cache is reused
+    assert sorted((tmp_path / "cache").glob("*.safetensors")) == first
+    train(_cfg(tmp_path, tiny_vae_dir, data_dir, "train.max_steps=1", "sample.seeds=[0]", "data.center_crop=false"))
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+
+
+def test_bad_inputs_raise(tmp_path, tiny_vae_dir, data_dir):
+    with pytest.raises(ValueError, match="neither a built-in dataset"):
+        train(_cfg(tmp_path, tiny_vae_dir, tmp_path / "missing"))
+    with pytest.raises(ValueError, match="larger than the dataset"):
+        train(_cfg(tmp_path, tiny_vae_dir, data_dir, "train.batch_size=512"))
+    with pytest.raises(ValueError, match="sample.scheduler"):
+        train(_cfg(tmp_path, tiny_vae_dir, data_dir, "train.max_steps=1", "sample.scheduler=euler"))
