@@ -174,8 +174,8 @@ def sampling_scheduler(train_scheduler: DDPMScheduler, name: str):
 
 
 @torch.no_grad()
-def sample_grid(pipe, prompts: list[str], seeds: list[int], num_inference_steps: int, guidance_scale: float,
-                device) -> "Image":
+def sample_grid(pipe, prompts: list[str], seeds: list[int], num_inference_steps: int,
+                guidance_scale: float) -> "PIL.Image.Image":
     """One row per prompt, one column per seed; each image from its own seeded generator."""
     pipe.set_progress_bar_config(disable=True)
     images = []
@@ -184,6 +184,26 @@ def sample_grid(pipe, prompts: list[str], seeds: list[int], num_inference_steps:
         images += pipe([prompt] * len(seeds), generator=gens, num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale).images
     return make_grid(images, ncols=len(seeds))
+
+
+def batch_loss(diffusion: GaussianDiffusion, unet, text_encoder, batch, empty_ids: torch.Tensor, scale: float,
+               shift: float, gen: torch.Generator, cfg: LDMConfig) -> dict:
+    """Loss terms for one batch of cached posteriors (mean, std) and token ids (B, L)."""
+    mean, std, ids = batch  # (B, C, h, w), (B, C, h, w), (B, L)
+    b, device = mean.shape[0], mean.device
+    # z0 ~ q(z | x): a fresh draw from the cached posterior each step, then scaled to unit variance.
+    z0 = (mean + std * torch.randn(mean.shape, generator=gen, device=device) - shift) * scale
+    noise = torch.randn(mean.shape, generator=gen, device=device)
+    t = torch.randint(0, diffusion.num_timesteps, (b,), generator=gen, device=device)
+    # Classifier-free guidance: the empty caption with probability caption_dropout.
+    drop = torch.rand(b, generator=gen, device=device) < cfg.data.caption_dropout
+    context = text_encoder(torch.where(drop[:, None], empty_ids, ids))[0]  # (B, L, D)
+
+    def model(x, tt):
+        return unet(x, tt, encoder_hidden_states=context).sample
+
+    return diffusion.training_losses(model, z0, t, noise, snr_gamma=cfg.diffusion.snr_gamma,
+                                     vlb_weight=cfg.diffusion.vlb_weight)
 
 
 @torch.no_grad()
@@ -272,24 +292,14 @@ def train(cfg: LDMConfig) -> dict:
     metrics.write(step=0, **validate())
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     step, epoch, t_start = 0, 0, time.time()
-    window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0, "t0": time.time()}
+    window, t_window = {}, time.time()  # running sums of the loss terms since the last log line
     bar = tqdm(total=cfg.train.max_steps, desc="training", disable=not accelerator.is_main_process)
     unet.train()
     text_encoder.train(comp["train_text_encoder"])
     while step < cfg.train.max_steps:
-        for mean, std, ids in loader:
-            # z0 ~ q(z | x): a fresh draw from the cached posterior each step, then scaled.
-            noise = torch.randn(mean.shape, generator=gen, device=mean.device)
-            z0 = (mean + std * torch.randn(mean.shape, generator=gen, device=mean.device) - shift) * scale
-            t = torch.randint(0, diffusion.num_timesteps, (mean.shape[0],), generator=gen, device=mean.device)
-            # Classifier-free guidance: an empty caption with probability caption_dropout.
-            drop = torch.rand(mean.shape[0], generator=gen, device=mean.device) < cfg.data.caption_dropout
-            ids = torch.where(drop[:, None], empty_ids, ids)
+        for batch in loader:
             with accelerator.autocast():
-                context = text_encoder(ids)[0]  # (B, L, D)
-                terms = diffusion.training_losses(
-                    lambda x, tt: unet(x, tt, encoder_hidden_states=context).sample, z0, t, noise,
-                    snr_gamma=cfg.diffusion.snr_gamma, vlb_weight=cfg.diffusion.vlb_weight)
+                terms = batch_loss(diffusion, unet, text_encoder, batch, empty_ids, scale, shift, gen, cfg)
                 loss = terms["loss"].mean()
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
@@ -299,19 +309,17 @@ def train(cfg: LDMConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            window["loss"] += loss.item()
-            window["mse"] += terms["mse"].mean().item()
-            window["vb"] += terms["vb"].mean().item() if "vb" in terms else 0.0
-            window["n"] += 1
+            # Sums stay on the device: one host sync per log line, not per step.
+            for k, v in terms.items():
+                window[k] = window.get(k, 0.0) + v.detach().mean()
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                n, dt = window["n"], time.time() - window["t0"]
-                row = {"step": step, "epoch": epoch, "loss": window["loss"] / n, "mse": window["mse"] / n,
-                       "lr": lr_sched.get_last_lr()[0], "images_per_s": n * cfg.train.batch_size / dt}
-                if diffusion.learned_variance:
-                    row["vb"] = window["vb"] / n
+                n = step - (step - 1) // cfg.train.log_every * cfg.train.log_every
+                row = {"step": step, "epoch": epoch, **{k: (v / n).item() for k, v in window.items()},
+                       "lr": lr_sched.get_last_lr()[0],
+                       "images_per_s": n * cfg.train.batch_size / (time.time() - t_window)}
                 metrics.write(**row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
-                window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0, "t0": time.time()}
+                window, t_window = {}, time.time()
             if step >= cfg.train.max_steps:
                 break
         epoch += 1
@@ -329,7 +337,7 @@ def train(cfg: LDMConfig) -> dict:
         atomic_save_dir(lambda d: pipe.save_pretrained(d, safe_serialization=True), run_dir / "pipeline")
         prompts = cfg.sample.prompts or sorted(set(captions))[:8]
         grid = sample_grid(pipe, prompts, cfg.sample.seeds, cfg.sample.num_inference_steps,
-                           cfg.sample.guidance_scale, accelerator.device)
+                           cfg.sample.guidance_scale)
         atomic_save(lambda p: grid.save(p, format="PNG"), run_dir / "samples" / f"step-{step}.png")
         plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", keys=("loss", "mse"))
         final = {"final_loss": round(metrics_last(run_dir / "metrics.jsonl", "loss"), 5), **result}

@@ -1,7 +1,6 @@
 """Tests for pipelines.LDMPipeline with tiny random components built in code (no Hub access)."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -335,3 +334,9 @@ def test_invalid_arguments_raise(pipe, kwargs, message):
     kwargs = {"prompt": PROMPT, "num_inference_steps": 1, **kwargs}
     with pytest.raises(ValueError, match=message):
         pipe(**kwargs)
+
+
+def test_ldm_package_exports_our_pipeline():
+    from ldm import LDMPipeline as Exported
+
+    assert Exported is LDMPipeline and Exported is not getattr(diffusers, "LDMPipeline", None)
