@@ -37,6 +37,18 @@ def build_vae(model_cfg, resolution: int) -> AutoencoderKL:
     )
 
 
+class VAEForward(torch.nn.Module):
+    """encode -> sample -> decode as one forward, so DDP wraps (and syncs gradients of) a single call."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor):
+        dist = self.vae.encode(x).latent_dist
+        return self.vae.decode(dist.sample()).sample, dist.mean, dist.logvar
+
+
 def image_datasets(data_cfg, split: str) -> torch.utils.data.ConcatDataset:
     parts = []
     for name in data_cfg.datasets:
@@ -92,17 +104,20 @@ def train(cfg: AutoencoderConfig) -> dict:
     if cfg.train.batch_size % accelerator.num_processes:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide by the number of "
                          f"processes ({accelerator.num_processes})")
-    train_ds = image_datasets(cfg.data, "train")
+    with accelerator.main_process_first():  # built-in data is generated once, by the main process
+        train_ds = image_datasets(cfg.data, "train")
     loader = torch.utils.data.DataLoader(
         train_ds, batch_size=cfg.train.batch_size // accelerator.num_processes, shuffle=True, drop_last=True,
         generator=torch.Generator().manual_seed(cfg.train.seed))
 
     # 2. Model and optimisation.
     vae = build_vae(cfg.model, cfg.data.resolution)
+    model = VAEForward(vae)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
-    lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.train.warmup_steps,
-                             num_training_steps=cfg.train.max_steps)
-    vae, optimizer, loader, lr_sched = accelerator.prepare(vae, optimizer, loader, lr_sched)
+    # A prepared scheduler steps once per process per step, hence the factor (diffusers' convention).
+    lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.train.warmup_steps * accelerator.num_processes,
+                             num_training_steps=cfg.train.max_steps * accelerator.num_processes)
+    model, optimizer, loader, lr_sched = accelerator.prepare(model, optimizer, loader, lr_sched)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", accelerator.is_main_process)
 
     # 3. Steps.
@@ -112,14 +127,13 @@ def train(cfg: AutoencoderConfig) -> dict:
         for batch in loader:
             x = batch["pixel_values"]
             with accelerator.autocast():
-                dist = vae.encode(x).latent_dist
-                recon = vae.decode(dist.sample()).sample
+                recon, mean, logvar = model(x)
                 rec = reconstruction_loss(recon, x, cfg.train.l1_weight, cfg.train.l2_weight)
-                kl = kl_loss(dist.mean, dist.logvar)
+                kl = kl_loss(mean, logvar)
                 loss = rec + cfg.train.kl_weight * kl
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(vae.parameters(), cfg.train.max_grad_norm)
+                accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
             optimizer.step()
             lr_sched.step()
             optimizer.zero_grad(set_to_none=True)
@@ -139,9 +153,12 @@ def train(cfg: AutoencoderConfig) -> dict:
     accelerator.wait_for_everyone()
     result = {}
     if accelerator.is_main_process:
-        vae = accelerator.unwrap_model(vae).eval()
+        vae = accelerator.unwrap_model(model).vae.eval()
         eval_loader = torch.utils.data.DataLoader(image_datasets(cfg.data, "heldout"), batch_size=64)
-        scale = measure_scaling_factor(vae, loader, cfg.train.scale_num_images,
+        # A plain loader: the prepared one would wait for the other processes at every batch.
+        scale_loader = torch.utils.data.DataLoader(train_ds, batch_size=64, shuffle=True,
+                                                   generator=torch.Generator().manual_seed(cfg.train.seed))
+        scale = measure_scaling_factor(vae, scale_loader, cfg.train.scale_num_images,
                                        torch.Generator().manual_seed(cfg.train.seed))
         vae.register_to_config(scaling_factor=scale)
         result = {"steps": step, "scaling_factor": scale, "heldout_psnr_db": psnr(vae, eval_loader)}
@@ -153,10 +170,10 @@ def train(cfg: AutoencoderConfig) -> dict:
         atomic_save_dir(lambda d: vae.save_pretrained(d, safe_serialization=True), run_dir / "vae")
         if cfg.export_dir:
             atomic_save_dir(lambda d: shutil.copytree(run_dir / "vae", d, dirs_exist_ok=True), Path(cfg.export_dir))
-        x = next(iter(eval_loader))["pixel_values"][:16]
+        x = next(iter(eval_loader))["pixel_values"][:16].to(vae.device)
         with torch.no_grad():
             recon = vae.decode(vae.encode(x).latent_dist.mean).sample
-        grid = make_grid([to_pil(t) for t in torch.cat([x, recon])], ncols=16)
+        grid = make_grid([to_pil(t) for t in torch.cat([x, recon]).cpu()], ncols=16)
         atomic_save(lambda p: grid.save(p, format="PNG"), run_dir / "reconstructions.png")
         plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", keys=("loss", "rec"))
         print(format_summary(f"autoencoder run {cfg.name}", {

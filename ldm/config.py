@@ -26,7 +26,6 @@ class DataConfig:
     caption_column: str = "text"
     resolution: int = 32
     center_crop: bool = True
-    random_flip: bool = False  # off by default: captions may say "left"/"right"
     caption_dropout: float = 0.1  # probability of an empty caption, for classifier-free guidance
     cache_dir: str = ".cache/latents"
 

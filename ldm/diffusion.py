@@ -127,6 +127,10 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * acp.sqrt() / (1 - ac)
         self.posterior_mean_coef2 = (1 - acp) * (1 - betas).sqrt() / (1 - ac)
         self.snr = ac / (1 - ac)  # signal-to-noise ratio ᾱ_t / (1 - ᾱ_t)
+        self.log_betas = torch.log(betas)
+        # Improved DDPM's "fixed large" variance uses β̃_1 in place of β_1 at t = 0.
+        self.fixed_large_log_variance = torch.log(torch.cat([self.posterior_variance[1:2], betas[1:]])
+                                                  if T > 1 else betas)
 
     @classmethod
     def from_scheduler_config(cls, config, **overrides) -> "GaussianDiffusion":
@@ -148,10 +152,18 @@ class GaussianDiffusion:
     def learned_variance(self) -> bool:
         return self.variance_type == VarianceType.LEARNED_RANGE
 
-    @staticmethod
-    def _extract(arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """arr[t] shaped (B, 1, 1, ...) to broadcast against ``like``, in ``like``'s dtype and device."""
-        out = arr.to(like.device)[t.to(like.device).long()]
+    def _extract(self, arr: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """arr[t] shaped (B, 1, 1, ...) to broadcast against ``like``, in ``like``'s dtype and device.
+
+        Tables (attributes set in __init__) are copied to a device once, as float32 off the CPU since
+        not every accelerator has float64."""
+        if like.device.type != "cpu":
+            key = (id(arr), like.device)
+            cache = self.__dict__.setdefault("_device_tables", {})
+            if key not in cache:
+                cache[key] = arr.to(like.device, torch.float32)
+            arr = cache[key]
+        out = arr[t.to(arr.device).long()]
         return out.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
     # ---- forward process -------------------------------------------------------------------
@@ -224,11 +236,9 @@ class GaussianDiffusion:
         min_log = self._extract(self.posterior_log_variance_clipped, t, like)
         if self.variance_type == VarianceType.FIXED_SMALL:
             return min_log.expand_as(like)
-        # Improved DDPM uses β̃_1 in place of β_1 at t=0 for the "large" variance.
-        large = torch.cat([self.posterior_variance[1:2], self.betas[1:]]) if self.num_timesteps > 1 else self.betas
-        max_log = self._extract(torch.log(self.betas if self.learned_variance else large), t, like)
         if self.variance_type == VarianceType.FIXED_LARGE:
-            return max_log.expand_as(like)
+            return self._extract(self.fixed_large_log_variance, t, like).expand_as(like)
+        max_log = self._extract(self.log_betas, t, like)
         frac = (var_values + 1) / 2
         return frac * max_log + (1 - frac) * min_log
 
@@ -273,7 +283,9 @@ class GaussianDiffusion:
             w = clipped / (snr + 1)
         else:
             w = clipped
-        return w.float()
+        # At zero terminal SNR the formula gives weight 0, which would leave t = T-1 (where trailing
+        # sampling starts) untrained; weight it 1 instead.
+        return torch.where(snr == 0, torch.ones_like(w), w).float()
 
     def training_losses(self, model: Callable, x0, t, noise=None, model_kwargs: dict | None = None,
                         snr_gamma: float | None = None, vlb_weight: float = 0.001) -> dict:

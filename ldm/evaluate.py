@@ -48,6 +48,8 @@ def evaluate(pipeline: str, dataset: str, num_images: int = 96, out: str | None 
     if num_images < 1:
         raise ValueError(f"--num-images must be positive, got {num_images}")
     pipe = LDMPipeline.from_pretrained(pipeline)
+    if torch.cuda.is_available():
+        pipe = pipe.to("cuda")
     pipe.scheduler = sampling_scheduler(pipe.scheduler, scheduler)
     base = eval_prompts(dataset)
     per_prompt = -(-num_images // len(base))  # ceil: every prompt gets the same number of images

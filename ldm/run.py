@@ -17,11 +17,13 @@ from PIL import Image
 class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl`` (main process only)."""
 
-    def __init__(self, path: str | Path, enabled: bool = True):
+    def __init__(self, path: str | Path, enabled: bool = True, fresh: bool = True):
         self.path, self.enabled = Path(path), enabled
         self.start = time.time()
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if fresh:  # a new run under an old name starts a new file rather than mixing two runs
+                self.path.unlink(missing_ok=True)
 
     def write(self, **row) -> None:
         if not self.enabled:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from safetensors.torch import load_file, save_file
@@ -61,6 +61,11 @@ def build_components(cfg: LDMConfig, captions: list[str]) -> dict:
             raise FileNotFoundError(f"model.pretrained={str(root)!r} is not a diffusers pipeline folder "
                                     f"(no model_index.json)")
         from diffusers import AutoencoderKL
+
+        # The model was trained on its own noise schedule and prediction type: keep them.
+        scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(root / "scheduler"), clip_sample=False)
+        logger.info("fine-tuning %s: noise schedule and prediction type (%s) come from its scheduler; "
+                    "diffusion.* schedule settings are ignored", root, scheduler.config.prediction_type)
 
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True)
@@ -242,8 +247,9 @@ def train(cfg: LDMConfig) -> dict:
         save_config(cfg, run_dir / "config.yaml")
 
     # Data and components.
-    data_dir = resolve_data_dir(cfg.data.dataset, cfg.data.data_root, "train", cfg.data.resolution)
-    ds = load_image_caption_dataset(data_dir, cfg.data.image_column, cfg.data.caption_column)
+    with accelerator.main_process_first():  # built-in data is generated once, by the main process
+        data_dir = resolve_data_dir(cfg.data.dataset, cfg.data.data_root, "train", cfg.data.resolution)
+        ds = load_image_caption_dataset(data_dir, cfg.data.image_column, cfg.data.caption_column)
     captions = [str(c) for c in ds[cfg.data.caption_column]]
     comp = build_components(cfg, captions)
     vae, text_encoder, unet, tokenizer = comp["vae"], comp["text_encoder"], comp["unet"], comp["tokenizer"]
@@ -252,7 +258,10 @@ def train(cfg: LDMConfig) -> dict:
     diffusion = GaussianDiffusion.from_scheduler_config(comp["scheduler"].config)
 
     # Latents (cached) and token ids (tokenised once).
-    cache_path = Path(cfg.data.cache_dir) / f"{_fingerprint(vae, data_dir, cfg)}.safetensors"
+    # The main process names the cache; the others take its name rather than hash files themselves.
+    name = [_fingerprint(vae, data_dir, cfg) if accelerator.is_main_process else None]
+    name = broadcast_object_list(name)[0] if accelerator.num_processes > 1 else name[0]
+    cache_path = Path(cfg.data.cache_dir) / f"{name}.safetensors"
     image_ds = ImageCaptionDataset(ds, cfg.data.resolution, cfg.data.image_column, cfg.data.caption_column,
                                    cfg.data.center_crop)
     latents = cache_latents(vae, image_ds, cache_path, accelerator)
@@ -276,8 +285,10 @@ def train(cfg: LDMConfig) -> dict:
     optimizer = torch.optim.AdamW(params, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
                                   weight_decay=cfg.train.weight_decay,
                                   fused=accelerator.device.type == "cuda" or None)
-    lr_sched = get_scheduler(cfg.train.lr_schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps,
-                             num_training_steps=cfg.train.max_steps)
+    # A prepared scheduler steps once per process per step, hence the factor (diffusers' convention).
+    n_proc = accelerator.num_processes
+    lr_sched = get_scheduler(cfg.train.lr_schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps * n_proc,
+                             num_training_steps=cfg.train.max_steps * n_proc)
     unet, text_encoder, optimizer, loader, lr_sched = accelerator.prepare(unet, text_encoder, optimizer, loader, lr_sched)
     vae.to(accelerator.device)
     empty_ids = empty_ids.to(accelerator.device)

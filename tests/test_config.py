@@ -25,7 +25,7 @@ def test_every_preset_loads():
     (["train.max_step=3"], "unknown config key"),
     (["train.max_steps=abc"], "train.max_steps"),
     (["train.max_steps=true"], "train.max_steps"),
-    (["data.random_flip=3"], "data.random_flip"),
+    (["data.center_crop=3"], "data.center_crop"),
     (["max_steps"], "key=value"),
 ])
 def test_bad_overrides_raise(override, message):

@@ -135,11 +135,31 @@ def test_training_losses_oracle_and_snr_weights(prediction_type):
     zero = lambda xt, t: torch.zeros_like(xt)  # noqa: E731
     plain = diff.training_losses(zero, x0, t, noise)["mse"]
     torch.testing.assert_close(plain, diff.training_target(x0, noise, t).square().flatten(1).mean(1))
-    weighted = diff.training_losses(zero, x0, t, noise, snr_gamma=5.0)["mse"]
-    snr = diff.snr[t].float()
-    expect = {"epsilon": snr.clamp(max=5) / snr, "v_prediction": snr.clamp(max=5) / (snr + 1),
-              "sample": snr.clamp(max=5)}[prediction_type]
-    torch.testing.assert_close(weighted, plain * expect)
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weighting_is_min_snr_gamma_times_x0_error(prediction_type):
+    """Hang et al.: whatever the parameterisation, the weighted loss equals min(SNR, γ)·||x̂0 - x0||²."""
+    _, diff = _pair(beta_schedule="linear", prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(7)
+    x0, noise = torch.randn(5, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(5, 4, 8, 8, generator=g, dtype=torch.float64)
+    x0_hat = x0 + 0.3 * torch.randn(5, 4, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 3, 30, 70, 99])
+
+    def model(xt, tt):  # the output that corresponds to the (wrong) estimate x0_hat
+        eps_hat = diff.predict_eps_from_x0(xt, tt, x0_hat)
+        return {"epsilon": eps_hat, "v_prediction": diff.get_velocity(x0_hat, eps_hat, tt), "sample": x0_hat}[prediction_type]
+
+    weighted = diff.training_losses(model, x0, t, noise, snr_gamma=5.0)["mse"]
+    alpha_bar = torch.cumprod(1 - diff.betas, 0)[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    expect = snr.clamp(max=5.0) * (x0_hat - x0).square().flatten(1).mean(1)
+    torch.testing.assert_close(weighted.double(), expect, rtol=1e-4, atol=1e-8)
+
+
+def test_min_snr_weight_at_zero_terminal_snr_is_one():
+    _, diff = _pair(T=100, beta_schedule="linear", rescale_betas_zero_snr=True, prediction_type="v_prediction")
+    w = diff.snr_weights(torch.tensor([98, 99]), 5.0)
+    assert w[1] == 1.0 and 0 < w[0] < 1
 
 
 def test_learned_variance_hybrid_loss():

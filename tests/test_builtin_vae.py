@@ -1,0 +1,57 @@
+"""The VAE shipped inside the package: loads by name, reconstructs held-out built-in images well enough
+that the scorers still read them correctly, and its scaling factor gives unit-variance latents."""
+
+import json
+
+import torch
+from PIL import Image
+
+from autoencoder.pretrained import BUILTIN_VAE_DIR, load_vae
+from ldm.builtin_data import DigitsScorer, generate_digits, generate_shapes, score_shapes
+from ldm.data import image_to_tensor
+
+
+def _load(folder, n):
+    recs = [json.loads(line) for line in open(folder / "metadata.jsonl")][:n]
+    images = torch.stack([image_to_tensor(Image.open(folder / r["file_name"]), 32) for r in recs])
+    return images, [r["text"] for r in recs]
+
+
+def _roundtrip(vae, x):
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.mean).sample.clamp(-1, 1)
+    return dist, recon
+
+
+def _to_pil(x):
+    return [Image.fromarray(((t + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()) for t in x]
+
+
+def test_builtin_vae_is_shipped_as_safetensors():
+    files = {p.name for p in BUILTIN_VAE_DIR.iterdir()}
+    assert "config.json" in files and "diffusion_pytorch_model.safetensors" in files
+    assert not {f for f in files if f.endswith((".bin", ".pt", ".ckpt"))}
+
+
+def test_builtin_vae_reconstructs_heldout_shapes(tmp_path):
+    vae = load_vae("builtin").eval()
+    x, captions = _load(generate_shapes(tmp_path / "s", num_images=96, split="heldout"), 96)
+    dist, recon = _roundtrip(vae, x)
+    mse = ((recon - x) / 2).square().mean()
+    assert 10 * torch.log10(1 / mse) > 25  # dB
+    assert score_shapes(_to_pil(recon), captions)["all_accuracy"] >= 0.95
+    z = (dist.mean + dist.std * torch.randn_like(dist.std)) * vae.config.scaling_factor
+    assert 0.8 < float(z.std()) < 1.25
+
+
+def test_builtin_vae_reconstructs_digits(tmp_path):
+    vae = load_vae("builtin").eval()
+    # Held-out digits for fidelity (the VAE never saw them) ...
+    x, _ = _load(generate_digits(tmp_path / "h", split="heldout"), 200)
+    _, recon = _roundtrip(vae, x)
+    assert 10 * torch.log10(1 / ((recon - x) / 2).square().mean()) > 22  # dB
+    # ... and the training half for the scorer, whose classifier was fitted on the held-out half.
+    x, captions = _load(generate_digits(tmp_path / "t", split="train"), 200)
+    _, recon = _roundtrip(vae, x)
+    assert DigitsScorer().score(_to_pil(recon), captions)["digit_accuracy"] >= 0.95
