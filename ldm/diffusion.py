@@ -13,11 +13,14 @@ Timesteps are 0-based as in diffusers: t = 0 is the first noising step, t = T - 
 
 from __future__ import annotations
 
+import logging
 import math
 from enum import Enum
 from typing import Callable
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
 # β schedules (float64)
@@ -116,6 +119,12 @@ class GaussianDiffusion:
         if ac[-1] == 0 and self.prediction_type == PredictionType.EPSILON:
             raise ValueError("a zero-terminal-SNR schedule needs prediction_type 'v_prediction' or 'sample': "
                              "at t=T-1 x_t holds no x_0, so x_0 cannot be recovered from ε")
+        if self.prediction_type == PredictionType.EPSILON and betas[-1] > 0.5:
+            # x̂_0 = (x_t - sqrt(1-ᾱ_t) ε̂) / sqrt(ᾱ_t): the first sampling step multiplies the error of ε̂
+            # by about 1/sqrt(1-β_T). Pixel models clip x̂_0 to [-1, 1]; latents cannot be clipped.
+            logger.warning("β_T=%.3f with ε-prediction: the first sampling step amplifies the network's "
+                           "error %.0fx and unclipped latent samples can diverge; prefer scaled_linear or "
+                           "v_prediction", float(betas[-1]), float(1 / (1 - betas[-1]).sqrt()))
         self.alphas_cumprod_prev = acp = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
         self.sqrt_alphas_cumprod = ac.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1 - ac).sqrt()

@@ -74,6 +74,12 @@ def make_grid(images: list[Image.Image], ncols: int | None = None, pad: int = 2)
     return grid
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(write_fn, path: str | Path) -> None:
     """Call ``write_fn(tmp_path)`` then rename into ``path``, so a crash never leaves half a file."""
     path = Path(path)
@@ -82,6 +88,7 @@ def atomic_save(write_fn, path: str | Path) -> None:
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -95,6 +102,7 @@ def atomic_save_dir(write_fn, path: str | Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp."))
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the usual permissions
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -222,3 +222,14 @@ def test_bad_config_values_raise():
     _, diff = _pair(T=10, variance_type="learned_range")
     with pytest.raises(ValueError, match="8 output channels"):
         diff.split_output(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2))
+
+
+def test_warns_for_eps_prediction_with_near_one_terminal_beta(caplog):
+    with caplog.at_level("WARNING", logger="ldm.diffusion"):
+        _pair(T=1000, beta_schedule="squaredcos_cap_v2")
+    assert "amplifies" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ldm.diffusion"):
+        _pair(T=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+        _pair(T=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    assert "amplifies" not in caplog.text
