@@ -6,6 +6,10 @@ BIN       := $(VENV)/bin
 # The CPU build of torch on machines without a GPU; override with TORCH_SPEC="torch==X" for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 STAMP     := $(VENV)/.installed
+# `accelerate launch` sets OMP_NUM_THREADS=1 for a CPU run unless told otherwise: give it every core.
+NPROC     := $(shell nproc 2>/dev/null || echo 1)
+LAUNCH    := $(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no \
+             --dynamo_backend no --num_cpu_threads_per_process $(NPROC)
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -25,8 +29,7 @@ install: $(STAMP)
 # Train on `shapes` with the shipped VAE, export runs/demo/pipeline, then score 96 images of
 # held-out prompts into runs/demo/samples.png and runs/demo/metrics.json.
 demo: $(STAMP)
-	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		train_ldm.py --config configs/ldm/shapes.yaml name=demo
+	$(LAUNCH) train_ldm.py --config configs/ldm/shapes.yaml name=demo
 	$(BIN)/python -m ldm.evaluate --pipeline runs/demo/pipeline --dataset shapes --num-images 96 --out runs/demo
 
 test: $(STAMP)
@@ -37,8 +40,7 @@ test-slow: $(STAMP)
 
 # Retrain the shipped VAE (autoencoder/pretrained/builtin) from its recipe.
 vae: $(STAMP)
-	$(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-		train_autoencoder.py --config configs/autoencoder/builtin.yaml
+	$(LAUNCH) train_autoencoder.py --config configs/autoencoder/builtin.yaml
 
 clean:
 	rm -rf runs .cache data

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from ldm.config import save_config
 from ldm.data import ImageCaptionDataset, load_image_caption_dataset, resolve_data_dir
-from ldm.run import MetricsWriter, atomic_save, atomic_save_dir, format_summary, make_grid, plot_curves
+from ldm.run import (MetricsWriter, atomic_save, atomic_save_dir, format_summary, make_grid, plot_curves,
+                     warn_if_cpu_threads_capped)
 
 from .config import AutoencoderConfig
 from .losses import kl_loss, reconstruction_loss
@@ -99,6 +100,7 @@ def train(cfg: AutoencoderConfig) -> dict:
     run_dir = cfg.run_dir
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
+    warn_if_cpu_threads_capped(accelerator)
 
     # 1. Data: per-process batch so the global batch is cfg.train.batch_size.
     if cfg.train.batch_size % accelerator.num_processes:

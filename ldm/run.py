@@ -4,6 +4,7 @@ atomic writes, and the closing summary."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -11,7 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from PIL import Image
+
+logger = logging.getLogger(__name__)
 
 
 class MetricsWriter:
@@ -119,3 +123,13 @@ def format_summary(title: str, rows: dict) -> str:
     width = max(len(k) for k in rows)
     lines = [title, "-" * len(title)] + [f"{k:<{width}}  {v}" for k, v in rows.items()]
     return "\n".join(lines)
+
+
+def warn_if_cpu_threads_capped(accelerator) -> None:
+    """`accelerate launch` sets OMP_NUM_THREADS=1 on CPU unless told otherwise, which can make a
+    single-process CPU run several times slower than it need be."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if accelerator.device.type == "cpu" and accelerator.num_processes == 1 and torch.get_num_threads() < cores:
+        logger.warning("training on CPU with %d of %d cores (OMP_NUM_THREADS=%s); pass "
+                       "`--num_cpu_threads_per_process %d` to accelerate launch to use them all",
+                       torch.get_num_threads(), cores, os.environ.get("OMP_NUM_THREADS"), cores)

@@ -19,13 +19,15 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import LDMConfig, save_config
 from .data import ImageCaptionDataset, load_image_caption_dataset, resolve_data_dir
 from .diffusion import GaussianDiffusion
-from .run import MetricsWriter, atomic_save, atomic_save_dir, format_summary, make_grid, plot_curves
+from .run import (MetricsWriter, atomic_save, atomic_save_dir, format_summary, make_grid, plot_curves,
+                  warn_if_cpu_threads_capped)
 from .text import build_text_encoder, build_tokenizer, tokenize
 
 logger = logging.getLogger(__name__)
@@ -180,7 +182,7 @@ def sampling_scheduler(train_scheduler: DDPMScheduler, name: str):
 
 @torch.no_grad()
 def sample_grid(pipe, prompts: list[str], seeds: list[int], num_inference_steps: int,
-                guidance_scale: float) -> "PIL.Image.Image":
+                guidance_scale: float) -> Image.Image:
     """One row per prompt, one column per seed; each image from its own seeded generator."""
     pipe.set_progress_bar_config(disable=True)
     images = []
@@ -245,6 +247,7 @@ def train(cfg: LDMConfig) -> dict:
                          f"({accelerator.num_processes})")
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
+    warn_if_cpu_threads_capped(accelerator)
 
     # Data and components.
     with accelerator.main_process_first():  # built-in data is generated once, by the main process
