@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
@@ -18,8 +17,8 @@ from tqdm.auto import tqdm
 
 from ldm.config import save_config
 from ldm.data import ImageCaptionDataset, load_image_caption_dataset, resolve_data_dir
-from ldm.run import (MetricsWriter, atomic_save, atomic_save_dir, format_summary, make_grid, plot_curves,
-                     warn_if_cpu_threads_capped)
+from ldm.run import (MetricsWriter, atomic_save, atomic_save_dir, format_summary, make_accelerator, make_grid,
+                     plot_curves, warn_if_cpu_threads_capped)
 
 from .config import AutoencoderConfig
 from .losses import kl_loss, reconstruction_loss
@@ -95,7 +94,7 @@ def to_pil(x: torch.Tensor):
 
 
 def train(cfg: AutoencoderConfig) -> dict:
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision)
     set_seed(cfg.train.seed)
     run_dir = cfg.run_dir
     if accelerator.is_main_process:

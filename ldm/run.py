@@ -133,3 +133,19 @@ def warn_if_cpu_threads_capped(accelerator) -> None:
         logger.warning("training on CPU with %d of %d cores (OMP_NUM_THREADS=%s); pass "
                        "`--num_cpu_threads_per_process %d` to accelerate launch to use them all",
                        torch.get_num_threads(), cores, os.environ.get("OMP_NUM_THREADS"), cores)
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    """An Accelerator that also forms a process group for several CPU processes.
+
+    On a machine without GPUs, `accelerate launch --multi_gpu --num_processes N` starts N processes, but
+    Accelerate only joins them (over gloo) when asked for the CPU; otherwise each would train alone and
+    all would write the same run folder.
+    """
+    from accelerate import Accelerator
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=world > 1 and not torch.cuda.is_available())
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"{world} processes were launched but Accelerate joined {accelerator.num_processes}")
+    return accelerator

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from .config import LDMConfig, save_config
 from .data import ImageCaptionDataset, load_image_caption_dataset, resolve_data_dir
 from .diffusion import GaussianDiffusion
-from .run import (MetricsWriter, atomic_save, atomic_save_dir, format_summary, make_grid, plot_curves,
-                  warn_if_cpu_threads_capped)
+from .run import (MetricsWriter, atomic_save, atomic_save_dir, format_summary, make_accelerator, make_grid,
+                  plot_curves, warn_if_cpu_threads_capped)
 from .text import build_text_encoder, build_tokenizer, tokenize
 
 logger = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def validation_loss(diffusion: GaussianDiffusion, unet, text_encoder, latents: d
 # ----------------------------------------------------------------------------------------------
 
 def train(cfg: LDMConfig) -> dict:
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    accelerator = make_accelerator(cfg.train.mixed_precision)
     set_seed(cfg.train.seed)
     run_dir = cfg.run_dir
     if cfg.train.batch_size % accelerator.num_processes:
