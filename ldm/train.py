@@ -290,9 +290,18 @@ def train(cfg: LDMConfig) -> dict:
                                   fused=accelerator.device.type == "cuda" or None)
     # A prepared scheduler steps once per process per step, hence the factor (diffusers' convention).
     n_proc = accelerator.num_processes
-    lr_sched = get_scheduler(cfg.train.lr_schedule, optimizer, num_warmup_steps=cfg.train.warmup_steps * n_proc,
+    schedules = {"constant": "constant_with_warmup", "cosine": "cosine"}
+    if cfg.train.lr_schedule not in schedules:
+        raise ValueError(f"train.lr_schedule={cfg.train.lr_schedule!r} is not one of {sorted(schedules)}")
+    lr_sched = get_scheduler(schedules[cfg.train.lr_schedule], optimizer,
+                             num_warmup_steps=cfg.train.warmup_steps * n_proc,
                              num_training_steps=cfg.train.max_steps * n_proc)
-    unet, text_encoder, optimizer, loader, lr_sched = accelerator.prepare(unet, text_encoder, optimizer, loader, lr_sched)
+    if comp["train_text_encoder"]:
+        unet, text_encoder, optimizer, loader, lr_sched = accelerator.prepare(
+            unet, text_encoder, optimizer, loader, lr_sched)
+    else:  # a frozen encoder has no gradients for DDP to synchronise: it is only moved
+        unet, optimizer, loader, lr_sched = accelerator.prepare(unet, optimizer, loader, lr_sched)
+        text_encoder.to(accelerator.device)
     vae.to(accelerator.device)
     empty_ids = empty_ids.to(accelerator.device)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", accelerator.is_main_process)

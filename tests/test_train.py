@@ -39,7 +39,8 @@ def _cfg(tmp_path, vae, data, *extra):
 
 @pytest.mark.parametrize("extra", [[], ["diffusion.learned_variance=true", "diffusion.beta_schedule=squaredcos_cap_v2"],
                                    ["diffusion.prediction_type=v_prediction", "diffusion.snr_gamma=5",
-                                    "diffusion.rescale_betas_zero_snr=true"]])
+                                    "diffusion.rescale_betas_zero_snr=true"],
+                                   ["model.train_text_encoder=false", "train.lr_schedule=constant"]])
 def test_short_run_end_to_end(tmp_path, tiny_vae_dir, data_dir, extra):
     cfg = _cfg(tmp_path, tiny_vae_dir, data_dir, *extra)
     result = train(cfg)
@@ -87,5 +88,7 @@ def test_bad_inputs_raise(tmp_path, tiny_vae_dir, data_dir):
         train(_cfg(tmp_path, tiny_vae_dir, tmp_path / "missing"))
     with pytest.raises(ValueError, match="larger than the dataset"):
         train(_cfg(tmp_path, tiny_vae_dir, data_dir, "train.batch_size=512"))
+    with pytest.raises(ValueError, match="train.lr_schedule"):
+        train(_cfg(tmp_path, tiny_vae_dir, data_dir, "train.lr_schedule=linear"))
     with pytest.raises(ValueError, match="sample.scheduler"):
         train(_cfg(tmp_path, tiny_vae_dir, data_dir, "train.max_steps=1", "sample.scheduler=euler"))
