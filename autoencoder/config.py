@@ -23,6 +23,9 @@ class AEModelConfig:
     latent_channels: int = 4
     layers_per_block: int = 1
     norm_num_groups: int = 32
+    # Fine-tune an existing diffusers AutoencoderKL folder (e.g. an SD VAE on disk) instead of building one.
+    pretrained: str | None = None
+    train_part: str = "both"  # both | decoder (the encoder, hence the latent space, stays bit-identical)
 
 
 @dataclass
@@ -40,6 +43,14 @@ class AETrainConfig:
     mixed_precision: str = "no"
     log_every: int = 50
     scale_num_images: int = 2048  # images encoded to measure the latent scaling factor
+    # PatchGAN discriminator (off while disc_weight is 0), switched on from step disc_start; its term's
+    # weight is disc_weight times the adaptive ratio of gradient norms at the decoder's last layer.
+    disc_weight: float = 0.0
+    disc_start: int = 1000
+    disc_loss: str = "hinge"  # hinge | vanilla (non-saturating)
+    disc_learning_rate: float | None = None  # None: same as learning_rate
+    disc_channels: int = 64
+    disc_layers: int = 3
 
 
 @dataclass

@@ -21,9 +21,28 @@ from ldm.run import (MetricsWriter, atomic_save, atomic_save_dir, format_summary
                      plot_curves, warn_if_cpu_threads_capped)
 
 from .config import AutoencoderConfig
-from .losses import kl_loss, reconstruction_loss
+from .losses import D_LOSSES, PatchDiscriminator, adaptive_weight, generator_loss, kl_loss, reconstruction_loss
 
 logger = logging.getLogger(__name__)
+
+
+def load_or_build_vae(model_cfg, resolution: int) -> AutoencoderKL:
+    """A new VAE from the config, or (``model.pretrained``) an existing one to fine-tune, whole or
+    decoder only."""
+    if model_cfg.train_part not in ("both", "decoder"):
+        raise ValueError(f"model.train_part={model_cfg.train_part!r} is not 'both' or 'decoder'")
+    if model_cfg.pretrained is None:
+        if model_cfg.train_part != "both":
+            raise ValueError("model.train_part='decoder' needs model.pretrained (an encoder to keep)")
+        return build_vae(model_cfg, resolution)
+    from .pretrained import load_vae
+
+    vae = load_vae(model_cfg.pretrained)
+    if model_cfg.train_part == "decoder":  # the latent space (encoder + quant_conv) stays as it is
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
+    return vae
 
 
 def build_vae(model_cfg, resolution: int) -> AutoencoderKL:
@@ -112,13 +131,25 @@ def train(cfg: AutoencoderConfig) -> dict:
         generator=torch.Generator().manual_seed(cfg.train.seed))
 
     # 2. Model and optimisation.
-    vae = build_vae(cfg.model, cfg.data.resolution)
+    vae = load_or_build_vae(cfg.model, cfg.data.resolution)
     model = VAEForward(vae)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=cfg.train.learning_rate,
+                                  weight_decay=cfg.train.weight_decay)
     # A prepared scheduler steps once per process per step, hence the factor (diffusers' convention).
     lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.train.warmup_steps * accelerator.num_processes,
                              num_training_steps=cfg.train.max_steps * accelerator.num_processes)
     model, optimizer, loader, lr_sched = accelerator.prepare(model, optimizer, loader, lr_sched)
+    use_disc = cfg.train.disc_weight > 0
+    if use_disc:
+        if cfg.train.disc_loss not in D_LOSSES:
+            raise ValueError(f"train.disc_loss={cfg.train.disc_loss!r} is not one of {sorted(D_LOSSES)}")
+        disc = PatchDiscriminator(3, cfg.train.disc_channels, cfg.train.disc_layers)
+        if accelerator.num_processes > 1:
+            disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.train.disc_learning_rate or cfg.train.learning_rate,
+                                     betas=(0.5, 0.9), weight_decay=0.0)
+        disc, disc_opt = accelerator.prepare(disc, disc_opt)
+        last_layer = accelerator.unwrap_model(model).vae.decoder.conv_out.weight
     metrics = MetricsWriter(run_dir / "metrics.jsonl", accelerator.is_main_process)
 
     # 3. Steps.
@@ -127,22 +158,37 @@ def train(cfg: AutoencoderConfig) -> dict:
     while step < cfg.train.max_steps:
         for batch in loader:
             x = batch["pixel_values"]
+            gan_on = use_disc and step >= cfg.train.disc_start
             with accelerator.autocast():
                 recon, mean, logvar = model(x)
                 rec = reconstruction_loss(recon, x, cfg.train.l1_weight, cfg.train.l2_weight)
                 kl = kl_loss(mean, logvar)
                 loss = rec + cfg.train.kl_weight * kl
+                if gan_on:
+                    disc.requires_grad_(False)  # the autoencoder's step must not train the discriminator
+                    g_loss = generator_loss(disc(recon), cfg.train.disc_loss)
+                    d_weight = cfg.train.disc_weight * adaptive_weight(rec, g_loss, last_layer)
+                    loss = loss + d_weight * g_loss
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
             optimizer.step()
             lr_sched.step()
             optimizer.zero_grad(set_to_none=True)
+            if gan_on:  # 2. the discriminator's step, on real images and detached reconstructions
+                disc.requires_grad_(True)
+                with accelerator.autocast():
+                    d_loss = D_LOSSES[cfg.train.disc_loss](disc(x), disc(recon.detach()))
+                accelerator.backward(d_loss)
+                disc_opt.step()
+                disc_opt.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 row = {"step": step, "epoch": epoch, "loss": loss.item(), "rec": rec.item(), "kl": kl.item(),
                        "lr": lr_sched.get_last_lr()[0]}
+                if gan_on:
+                    row.update(g_loss=g_loss.item(), d_loss=d_loss.item(), d_weight=float(d_weight))
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 metrics.write(**row)
             if step >= cfg.train.max_steps:
