@@ -43,6 +43,8 @@ class AETrainConfig:
     mixed_precision: str = "no"
     log_every: int = 50
     scale_num_images: int = 2048  # images encoded to measure the latent scaling factor
+    measure_shift: bool = False  # also store the latent mean as shift_factor (z = (z - shift) * scale)
+    ema_decay: float | None = None  # EMA of the autoencoder's weights (exported when on); None = off
     # PatchGAN discriminator (off while disc_weight is 0), switched on from step disc_start; its term's
     # weight is disc_weight times the adaptive ratio of gradient norms at the decoder's last layer.
     disc_weight: float = 0.0

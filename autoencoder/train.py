@@ -79,8 +79,10 @@ def image_datasets(data_cfg, split: str) -> torch.utils.data.ConcatDataset:
 
 
 @torch.no_grad()
-def measure_scaling_factor(vae: AutoencoderKL, loader, num_images: int, generator: torch.Generator) -> float:
-    """1 / std of posterior samples over ``num_images`` images, so scaled latents have unit variance."""
+def measure_latent_scale(vae: AutoencoderKL, loader, num_images: int, generator: torch.Generator,
+                         with_shift: bool = False) -> tuple[float, float | None]:
+    """(scaling_factor, shift_factor) from posterior samples over ``num_images`` images, so that
+    (z - shift) * scale has zero mean (when shifted) and unit variance."""
     samples, seen = [], 0
     device = next(vae.parameters()).device
     for batch in loader:
@@ -90,7 +92,9 @@ def measure_scaling_factor(vae: AutoencoderKL, loader, num_images: int, generato
         seen += len(samples[-1])
         if seen >= num_images:
             break
-    return float(1.0 / torch.cat(samples).std())
+    z = torch.cat(samples)
+    shift = float(z.mean()) if with_shift else None
+    return float(1.0 / (z - (shift or 0.0)).std()), shift
 
 
 @torch.no_grad()
@@ -150,6 +154,12 @@ def train(cfg: AutoencoderConfig) -> dict:
                                      betas=(0.5, 0.9), weight_decay=0.0)
         disc, disc_opt = accelerator.prepare(disc, disc_opt)
         last_layer = accelerator.unwrap_model(model).vae.decoder.conv_out.weight
+    ema = None
+    if cfg.train.ema_decay is not None:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(accelerator.unwrap_model(model).vae.parameters(), decay=cfg.train.ema_decay, foreach=True)
+        ema.to(accelerator.device)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", accelerator.is_main_process)
 
     # 3. Steps.
@@ -175,6 +185,8 @@ def train(cfg: AutoencoderConfig) -> dict:
             optimizer.step()
             lr_sched.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(model).vae.parameters())
             if gan_on:  # 2. the discriminator's step, on real images and detached reconstructions
                 disc.requires_grad_(True)
                 with accelerator.autocast():
@@ -205,10 +217,13 @@ def train(cfg: AutoencoderConfig) -> dict:
         # A plain loader: the prepared one would wait for the other processes at every batch.
         scale_loader = torch.utils.data.DataLoader(train_ds, batch_size=64, shuffle=True,
                                                    generator=torch.Generator().manual_seed(cfg.train.seed))
-        scale = measure_scaling_factor(vae, scale_loader, cfg.train.scale_num_images,
-                                       torch.Generator().manual_seed(cfg.train.seed))
-        vae.register_to_config(scaling_factor=scale)
-        result = {"steps": step, "scaling_factor": scale, "heldout_psnr_db": psnr(vae, eval_loader)}
+        if ema is not None:  # export the averaged weights
+            ema.copy_to(vae.parameters())
+        scale, shift = measure_latent_scale(vae, scale_loader, cfg.train.scale_num_images,
+                                            torch.Generator().manual_seed(cfg.train.seed), cfg.train.measure_shift)
+        vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+        result = {"steps": step, "scaling_factor": scale, "shift_factor": shift,
+                  "heldout_psnr_db": psnr(vae, eval_loader)}
         for name in cfg.data.datasets:
             one = torch.utils.data.DataLoader(image_datasets(type(cfg.data)(**{**vars(cfg.data), "datasets": [name]}),
                                                              "heldout"), batch_size=64)

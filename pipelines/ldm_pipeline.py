@@ -78,6 +78,19 @@ class LDMPipeline(DiffusionPipeline):
             os.unlink(tmp_path)
             raise
 
+    # Decoding large images with modest memory: tiles (overlapping, blended) or one image at a time.
+    def enable_vae_tiling(self):
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self):
+        self.vae.disable_tiling()
+
+    def enable_vae_slicing(self):
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self):
+        self.vae.disable_slicing()
+
     def _check_inputs(self, prompt, negative_prompt, height, width, steps, guidance_scale, n, output_type, generator):
         if isinstance(prompt, str):
             prompt = [prompt]

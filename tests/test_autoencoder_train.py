@@ -63,3 +63,16 @@ def test_decoder_only_fine_tuning_keeps_encoder_bit_identical(tmp_path, data_dir
     assert any(not torch.equal(before[k], after[k]) for k in dec)
     with pytest.raises(ValueError, match="needs model.pretrained"):
         train(_cfg(tmp_path, data_dir, "train.max_steps=1", "model.train_part=decoder"))
+
+
+def test_ema_weights_are_exported_and_shift_is_measured(tmp_path, data_dir):
+    plain = _cfg(tmp_path, data_dir, "train.max_steps=6", "name=plain")
+    train(plain)
+    ema = _cfg(tmp_path, data_dir, "train.max_steps=6", "name=ema", "train.ema_decay=0.9", "train.measure_shift=true")
+    result = train(ema)
+    a = AutoencoderKL.from_pretrained(plain.run_dir / "vae").state_dict()
+    b = AutoencoderKL.from_pretrained(ema.run_dir / "vae")
+    # Same seed, same raw trajectory: the EMA export must differ from the raw final weights.
+    assert any(not torch.equal(a[k], v) for k, v in b.state_dict().items())
+    assert b.config.shift_factor == pytest.approx(result["shift_factor"]) and result["shift_factor"] is not None
+    assert AutoencoderKL.from_pretrained(plain.run_dir / "vae").config.shift_factor is None

@@ -340,3 +340,19 @@ def test_ldm_package_exports_our_pipeline():
     from ldm import LDMPipeline as Exported
 
     assert Exported is LDMPipeline and Exported is not getattr(diffusers, "LDMPipeline", None)
+
+
+def test_vae_slicing_and_tiling_decode_large_images(pipe):
+    kwargs = dict(height=96, width=96, num_inference_steps=2, output_type="np", num_images_per_prompt=2)
+    base = sample(pipe, **kwargs)
+    pipe.enable_vae_slicing()  # one image at a time: the same numbers
+    np.testing.assert_allclose(sample(pipe, **kwargs), base, atol=1e-5)
+    pipe.disable_vae_slicing()
+    calls = []
+    original = pipe.vae.tiled_decode
+    pipe.vae.tiled_decode = lambda *a, **k: calls.append(1) or original(*a, **k)
+    pipe.enable_vae_tiling()  # 96 px decoded in blended 32 px tiles
+    tiled = sample(pipe, **kwargs)
+    assert calls and tiled.shape == base.shape == (2, 96, 96, 3)
+    assert np.abs(tiled - base).mean() < 0.05
+    pipe.disable_vae_tiling()
