@@ -45,6 +45,8 @@ class AETrainConfig:
     scale_num_images: int = 2048  # images encoded to measure the latent scaling factor
     measure_shift: bool = False  # also store the latent mean as shift_factor (z = (z - shift) * scale)
     ema_decay: float | None = None  # EMA of the autoencoder's weights (exported when on); None = off
+    perceptual_weight: float = 0.0  # LPIPS term; needs lpips_path (a local file, nothing is downloaded)
+    lpips_path: str | None = None
     # PatchGAN discriminator (off while disc_weight is 0), switched on from step disc_start; its term's
     # weight is disc_weight times the adaptive ratio of gradient norms at the decoder's last layer.
     disc_weight: float = 0.0

@@ -143,6 +143,11 @@ def train(cfg: AutoencoderConfig) -> dict:
     lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.train.warmup_steps * accelerator.num_processes,
                              num_training_steps=cfg.train.max_steps * accelerator.num_processes)
     model, optimizer, loader, lr_sched = accelerator.prepare(model, optimizer, loader, lr_sched)
+    lpips = None
+    if cfg.train.perceptual_weight > 0:
+        from .perceptual import LPIPS
+
+        lpips = LPIPS.from_file(cfg.train.lpips_path).to(accelerator.device)
     use_disc = cfg.train.disc_weight > 0
     if use_disc:
         if cfg.train.disc_loss not in D_LOSSES:
@@ -172,6 +177,8 @@ def train(cfg: AutoencoderConfig) -> dict:
             with accelerator.autocast():
                 recon, mean, logvar = model(x)
                 rec = reconstruction_loss(recon, x, cfg.train.l1_weight, cfg.train.l2_weight)
+                if lpips is not None:
+                    rec = rec + cfg.train.perceptual_weight * lpips(recon.float(), x.float()).mean()
                 kl = kl_loss(mean, logvar)
                 loss = rec + cfg.train.kl_weight * kl
                 if gan_on:

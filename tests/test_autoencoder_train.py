@@ -33,6 +33,18 @@ def test_reconstruction_error_falls(tmp_path, data_dir):
     vae = AutoencoderKL.from_pretrained(cfg.run_dir / "vae")
     assert vae.config.scaling_factor == pytest.approx(result["scaling_factor"])
     assert (cfg.run_dir / "reconstructions.png").exists()
+    # The measured scale gives unit-variance latents on the data (measured on 16 images, checked on 48).
+    from autoencoder.train import image_datasets
+    x = torch.stack([item["pixel_values"] for item in image_datasets(cfg.data, "train")])
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+    z = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(1)))
+    assert 0.85 < float(z.std() * vae.config.scaling_factor) < 1.15
+
+
+def test_perceptual_term_without_weights_is_a_clear_error(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="lpips_path"):
+        train(_cfg(tmp_path, data_dir, "train.max_steps=1", "train.perceptual_weight=0.5"))
 
 
 def test_discriminator_switches_on_at_disc_start(tmp_path, data_dir):
