@@ -58,13 +58,20 @@ def feature_stats(features: torch.Tensor):
 def reconstruct(vae, loader, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Originals and posterior-mean reconstructions in [0, 1], and the posterior means."""
     originals, recons, latents = [], [], []
-    for batch in tqdm(loader, desc="reconstructing"):
+    for batch in tqdm(loader, desc="reconstructing", leave=False):
         x = batch["pixel_values"].to(device, vae.dtype)
         z = vae.encode(x).latent_dist.mean
         recons.append(((vae.decode(z).sample.float().clamp(-1, 1) + 1) / 2).cpu())
         originals.append(((x.float() + 1) / 2).cpu())
         latents.append(z.float().cpu())
     return torch.cat(originals), torch.cat(recons), torch.cat(latents)
+
+
+def reconstruction_grid(originals: torch.Tensor, recons: torch.Tensor, n: int = 16) -> Image.Image:
+    """The first ``n`` originals (top row) above their reconstructions; tensors in [0, 1]."""
+    n = min(n, len(originals))
+    return make_grid([Image.fromarray((t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+                      for t in torch.cat([originals[:n], recons[:n]])], ncols=n)
 
 
 def reconstruction_metrics(originals: torch.Tensor, recons: torch.Tensor) -> dict:
@@ -93,9 +100,7 @@ def evaluate(vae_spec: str, data: str, out: str | None = None, resolution: int =
               "scaling_factor": scale}
     if out:
         out_dir = Path(out)
-        n = min(16, len(originals))
-        grid = make_grid([Image.fromarray((t.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-                          for t in torch.cat([originals[:n], recons[:n]])], ncols=n)
+        grid = reconstruction_grid(originals, recons)
         atomic_save(lambda p: grid.save(p, format="PNG"), out_dir / "reconstructions.png")
         atomic_save(lambda p: Path(p).write_text(json.dumps(result, indent=2)), out_dir / "vae_eval.json")
     return result

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -17,11 +18,13 @@ from tqdm.auto import tqdm
 
 from ldm.config import save_config
 from ldm.data import ImageCaptionDataset, load_image_caption_dataset, resolve_data_dir
-from ldm.run import (MetricsWriter, atomic_save, atomic_save_dir, format_summary, make_accelerator, make_grid,
+from ldm.run import (MetricsWriter, atomic_save, atomic_save_dir, format_summary, make_accelerator,
                      plot_curves, warn_if_cpu_threads_capped)
 
 from .config import AutoencoderConfig
+from .evaluate import reconstruct, reconstruction_grid
 from .losses import D_LOSSES, PatchDiscriminator, adaptive_weight, generator_loss, kl_loss, reconstruction_loss
+from .metrics import psnr as image_psnr
 
 logger = logging.getLogger(__name__)
 
@@ -95,25 +98,6 @@ def measure_latent_scale(vae: AutoencoderKL, loader, num_images: int, generator:
     z = torch.cat(samples)
     shift = float(z.mean()) if with_shift else None
     return float(1.0 / (z - (shift or 0.0)).std()), shift
-
-
-@torch.no_grad()
-def psnr(vae: AutoencoderKL, loader) -> float:
-    """Mean PSNR (dB) of posterior-mean reconstructions on images in [-1, 1]."""
-    device = next(vae.parameters()).device
-    values = []
-    for batch in loader:
-        x = batch["pixel_values"].to(device)
-        recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        mse = ((recon - x) / 2).square().flatten(1).mean(1)  # in [0, 1] pixel units
-        values.append(10 * torch.log10(1.0 / mse.clamp_min(1e-10)))
-    return float(torch.cat(values).mean())
-
-
-def to_pil(x: torch.Tensor):
-    from PIL import Image
-    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)
 
 
 def train(cfg: AutoencoderConfig) -> dict:
@@ -220,7 +204,6 @@ def train(cfg: AutoencoderConfig) -> dict:
     result = {}
     if accelerator.is_main_process:
         vae = accelerator.unwrap_model(model).vae.eval()
-        eval_loader = torch.utils.data.DataLoader(image_datasets(cfg.data, "heldout"), batch_size=64)
         # A plain loader: the prepared one would wait for the other processes at every batch.
         scale_loader = torch.utils.data.DataLoader(train_ds, batch_size=64, shuffle=True,
                                                    generator=torch.Generator().manual_seed(cfg.train.seed))
@@ -229,20 +212,22 @@ def train(cfg: AutoencoderConfig) -> dict:
         scale, shift = measure_latent_scale(vae, scale_loader, cfg.train.scale_num_images,
                                             torch.Generator().manual_seed(cfg.train.seed), cfg.train.measure_shift)
         vae.register_to_config(scaling_factor=scale, shift_factor=shift)
-        result = {"steps": step, "scaling_factor": scale, "shift_factor": shift,
-                  "heldout_psnr_db": psnr(vae, eval_loader)}
+        result = {"steps": step, "scaling_factor": scale, "shift_factor": shift}
+        # Held-out reconstructions, each dataset encoded once; PSNR per dataset and over all of them.
+        originals, recons = [], []
         for name in cfg.data.datasets:
-            one = torch.utils.data.DataLoader(image_datasets(type(cfg.data)(**{**vars(cfg.data), "datasets": [name]}),
-                                                             "heldout"), batch_size=64)
-            result[f"heldout_psnr_db_{Path(name).name}"] = psnr(vae, one)
+            one = image_datasets(dataclasses.replace(cfg.data, datasets=[name]), "heldout")
+            o, r, _ = reconstruct(vae, torch.utils.data.DataLoader(one, batch_size=64), vae.device)
+            result[f"heldout_psnr_db_{Path(name).name}"] = float(image_psnr(o, r).mean())
+            originals.append(o)
+            recons.append(r)
+        originals, recons = torch.cat(originals), torch.cat(recons)
+        result["heldout_psnr_db"] = float(image_psnr(originals, recons).mean())
         metrics.write(step=step, **result)
         atomic_save_dir(lambda d: vae.save_pretrained(d, safe_serialization=True), run_dir / "vae")
         if cfg.export_dir:
             atomic_save_dir(lambda d: shutil.copytree(run_dir / "vae", d, dirs_exist_ok=True), Path(cfg.export_dir))
-        x = next(iter(eval_loader))["pixel_values"][:16].to(vae.device)
-        with torch.no_grad():
-            recon = vae.decode(vae.encode(x).latent_dist.mean).sample
-        grid = make_grid([to_pil(t) for t in torch.cat([x, recon]).cpu()], ncols=16)
+        grid = reconstruction_grid(originals, recons)
         atomic_save(lambda p: grid.save(p, format="PNG"), run_dir / "reconstructions.png")
         plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", keys=("loss", "rec"))
         print(format_summary(f"autoencoder run {cfg.name}", {

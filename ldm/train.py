@@ -316,6 +316,7 @@ def train(cfg: LDMConfig) -> dict:
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     step, epoch, t_start = 0, 0, time.time()
     window, t_window = {}, time.time()  # running sums of the loss terms since the last log line
+    row: dict = {}
     bar = tqdm(total=cfg.train.max_steps, desc="training", disable=not accelerator.is_main_process)
     unet.train()
     text_encoder.train(comp["train_text_encoder"])
@@ -363,7 +364,7 @@ def train(cfg: LDMConfig) -> dict:
                            cfg.sample.guidance_scale)
         atomic_save(lambda p: grid.save(p, format="PNG"), run_dir / "samples" / f"step-{step}.png")
         plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", keys=("loss", "mse"))
-        final = {"final_loss": round(metrics_last(run_dir / "metrics.jsonl", "loss"), 5), **result}
+        final = {"final_loss": round(row.get("loss", math.nan), 5), **result}
         metrics.write(step=step, **final)
         print(format_summary(f"run {cfg.name}", {
             **final, "pipeline": run_dir / "pipeline", "samples": run_dir / "samples" / f"step-{step}.png",
@@ -371,10 +372,3 @@ def train(cfg: LDMConfig) -> dict:
         result = final
     accelerator.end_training()
     return result
-
-
-def metrics_last(path: Path, key: str) -> float:
-    from .run import read_metrics
-
-    values = [r[key] for r in read_metrics(path) if key in r]
-    return values[-1] if values else math.nan
