@@ -16,7 +16,7 @@ def _parse(description: str, argv=None):
 
 def _setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"), format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("datasets", "filelock", "fsspec"):
+    for noisy in ("datasets", "filelock", "fsspec", "accelerate.checkpointing", "accelerate.accelerator"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

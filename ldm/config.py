@@ -19,15 +19,32 @@ import yaml
 
 @dataclass
 class DataConfig:
-    # A built-in dataset name ("shapes", "digits") or a path to an image folder with metadata.jsonl.
+    # Where the images come from: a built-in name ("shapes", "digits"), an image folder with
+    # metadata.jsonl/csv, a `save_to_disk` folder, parquet/arrow file(s) or a glob, or a hub dataset id.
     dataset: str = "shapes"
+    split: str = "train"
     data_root: str = "data"  # where built-in datasets are generated
     image_column: str = "image"
-    caption_column: str = "text"
-    resolution: int = 32
-    center_crop: bool = True
+    caption_column: str = "text"  # a string or a list of strings per image (one drawn per step)
+    resolution: int = 32  # side of the square images, or the area (resolution^2) of the buckets
+    center_crop: bool = True  # else top-left (or random with random_crop)
+    random_crop: bool = False  # a new crop every step: latents cannot be cached then
+    random_flip: bool = False  # horizontal flip with p=0.5; both orientations are cached
     caption_dropout: float = 0.1  # probability of an empty caption, for classifier-free guidance
+    # Aspect-ratio bucketing: images are grouped by the nearest (h, w) of area <= resolution^2 with sides
+    # in multiples of bucket_step; every batch comes from one bucket.
+    bucketing: bool = False
+    bucket_step: int = 64
+    bucket_max_ratio: float = 2.0
+    cache_latents: bool = True  # VAE posterior (mean, std) computed once, memory-mapped from cache_dir
+    cache_text: bool = True  # text embeddings computed once when the text encoder is frozen
     cache_dir: str = ".cache/latents"
+    # Held-out images for the validation loss: a source like `dataset` (its `validation_split_name`
+    # split), else a fraction of `dataset` held out; built-in datasets use their held-out split.
+    validation_dataset: str | None = None
+    validation_split_name: str = "validation"
+    validation_fraction: float = 0.0
+    validation_num_images: int = 64
 
 
 @dataclass
@@ -59,7 +76,8 @@ class ModelConfig:
     vae: str = "builtin"  # "builtin" (shipped with the package) or a diffusers AutoencoderKL folder
     unet: UNetConfig = field(default_factory=UNetConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    train_text_encoder: bool = True  # ignored (frozen) when `pretrained` supplies the encoder
+    # None: trained when built from scratch, frozen when it comes from `pretrained`.
+    train_text_encoder: bool | None = None
 
 
 @dataclass
@@ -73,24 +91,40 @@ class DiffusionConfig:
     learned_variance: bool = False  # Improved DDPM: U-Net outputs 2x channels, hybrid loss
     vlb_weight: float = 0.001  # lambda in L_simple + lambda * L_vlb
     snr_gamma: float | None = None  # min-SNR-gamma weighting of L_simple; None = unweighted
+    offset_noise: float = 0.0  # adds offset_noise * N(0, 1) per (image, channel) to the noise (Guttenberg 2023)
+    # Density of training timesteps: uniform, or logit_normal (t/T = sigmoid(N(mean, std)), as SD3).
+    timestep_sampling: str = "uniform"
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
 
 
 @dataclass
 class TrainConfig:
     seed: int = 0
-    batch_size: int = 64  # global batch, split across processes
+    batch_size: int = 64  # global batch per optimizer step, split across processes and accumulation steps
+    gradient_accumulation_steps: int = 1
     max_steps: int = 2000
     learning_rate: float = 1e-3
     text_encoder_learning_rate: float | None = None  # None: same as learning_rate
+    optimizer: str = "adamw"  # adamw (fused on CUDA) | adamw8bit (needs bitsandbytes)
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     warmup_steps: int = 100
     lr_schedule: str = "cosine"  # constant | cosine (after warm-up)
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no | bf16 | fp16 (handed to Accelerate)
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    mixed_precision: str = "no"  # no | bf16 | fp16 (handed to Accelerate; fp16 uses loss scaling)
+    ema_decay: float | None = None  # EMA of the U-Net (diffusers EMAModel); None = off
+    ema_warmup: bool = True  # decay ramps up as 1 - (1 + step)^(-2/3) until ema_decay
     log_every: int = 25
-    num_workers: int = 0
+    validate_every: int = 0  # validation loss, sample grid and (built-in data) scores; 0: start and end only
+    score_num_images: int = 32  # images scored by the built-in scorer at each validation (0: off)
+    checkpoint_every: int = 0  # full training state every N steps and at the end; 0: none
+    keep_last: int | None = 2  # checkpoints kept (older ones are removed after a new one is complete)
+    resume: str | None = None  # "latest" or a checkpoint folder (a missing folder is an error)
+    num_workers: int = 0  # data-loading workers when latents are not cached
+    tensorboard: bool = True  # also write metrics and grids to <run>/tensorboard
 
 
 @dataclass

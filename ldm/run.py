@@ -19,15 +19,25 @@ logger = logging.getLogger(__name__)
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` (main process only)."""
+    """Appends one JSON object per line to ``metrics.jsonl`` and, when given a folder, the numbers and
+    images to TensorBoard (main process only)."""
 
-    def __init__(self, path: str | Path, enabled: bool = True, fresh: bool = True):
+    def __init__(self, path: str | Path, enabled: bool = True, fresh: bool = True,
+                 tensorboard_dir: str | Path | None = None):
         self.path, self.enabled = Path(path), enabled
         self.start = time.time()
+        self.tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if fresh:  # a new run under an old name starts a new file rather than mixing two runs
                 self.path.unlink(missing_ok=True)
+            if tensorboard_dir is not None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    logger.warning("tensorboard is not installed: metrics go to %s only", self.path)
+                else:
+                    self.tb = SummaryWriter(str(tensorboard_dir))
 
     def write(self, **row) -> None:
         if not self.enabled:
@@ -35,6 +45,31 @@ class MetricsWriter:
         row = {"time_s": round(time.time() - self.start, 3), **row}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.tb is not None and "step" in row:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(key, value, row["step"])
+
+    def image(self, tag: str, image: Image.Image, step: int) -> None:
+        if self.tb is not None:
+            import numpy as np
+
+            self.tb.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+
+    def rows(self) -> list[dict]:
+        return read_metrics(self.path) if self.enabled and self.path.exists() else []
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows past ``step`` (written by an interrupted run after its last checkpoint)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        atomic_save(lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in keep)), self.path)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -2,29 +2,30 @@
 
     accelerate launch train_ldm.py --config configs/ldm/shapes.yaml [key=value ...]
 
-Reads top-down: build components, cache latents, prepare, then steps (log, sample), then export.
+Reads top-down: check the config, load data and components, cache latents and text embeddings,
+prepare, resume, then steps (log, validate, checkpoint), then export.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import logging
 import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import LDMConfig, save_config
-from .data import ImageCaptionDataset, load_image_caption_dataset, resolve_data_dir
+from . import train_data as td
+from .builtin_data import BUILTIN_DATASETS
+from .checkpoint import CheckpointManager, list_checkpoints, resolve_resume, step_batches, step_seed
+from .config import LDMConfig, save_config, to_yaml
 from .diffusion import GaussianDiffusion
 from .run import (MetricsWriter, atomic_save, atomic_save_dir, format_summary, make_accelerator, make_grid,
                   plot_curves, warn_if_cpu_threads_capped)
@@ -73,7 +74,7 @@ def build_components(cfg: LDMConfig, captions: list[str]) -> dict:
         text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True)
         vae = AutoencoderKL.from_pretrained(root / "vae", use_safetensors=True)
         unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)
-        train_text_encoder = False  # a pretrained encoder stays frozen
+        train_text_encoder = bool(cfg.model.train_text_encoder)  # frozen unless asked
     else:
         tc = cfg.model.text_encoder
         tokenizer = build_tokenizer(captions, vocab_size=tc.vocab_size, max_length=tc.max_length)
@@ -81,7 +82,7 @@ def build_components(cfg: LDMConfig, captions: list[str]) -> dict:
                                           tc.num_attention_heads, tc.intermediate_size)
         vae = load_vae(cfg.model.vae)
         unet = build_unet(cfg, vae, text_encoder.config.hidden_size)
-        train_text_encoder = cfg.model.train_text_encoder
+        train_text_encoder = cfg.model.train_text_encoder is not False
     expected_out = vae.config.latent_channels * (2 if cfg.diffusion.learned_variance else 1)
     if unet.config.out_channels != expected_out:
         raise ValueError(f"the U-Net has {unet.config.out_channels} output channels but diffusion.learned_variance="
@@ -111,54 +112,7 @@ def build_unet(cfg: LDMConfig, vae, cross_attention_dim: int) -> UNet2DCondition
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Latent cache: the VAE posterior (mean, std) of every image, computed once per dataset
-# ----------------------------------------------------------------------------------------------
-
-def _fingerprint(vae, data_dir: Path, cfg: LDMConfig) -> str:
-    """Changes whenever the VAE weights, the image transform or the data change."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
-    h.update(json.dumps([cfg.data.resolution, cfg.data.center_crop, cfg.data.image_column]).encode())
-    for path in sorted(data_dir.rglob("*")):
-        if path.is_file():
-            stat = path.stat()
-            h.update(f"{path.relative_to(data_dir)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
-@torch.no_grad()
-def cache_latents(vae, dataset: ImageCaptionDataset, path: Path, accelerator: Accelerator,
-                  batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """Encode every image once (main process) into ``path``; every process then loads it."""
-    if accelerator.is_main_process and not path.is_file():
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-        vae = vae.to(accelerator.device)
-        means, stds = [], []
-        for batch in tqdm(loader, desc="caching latents", disable=not accelerator.is_local_main_process):
-            dist = vae.encode(batch["pixel_values"].to(accelerator.device, vae.dtype)).latent_dist
-            means.append(dist.mean.float().cpu())
-            stds.append(dist.std.float().cpu())
-        tensors = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}
-        atomic_save(lambda p: save_file(tensors, p), path)
-    accelerator.wait_for_everyone()
-    return load_file(path)
-
-
-def check_latent_scale(latents: dict, scale: float, shift: float, tolerance: float = 0.25) -> float:
-    """Std of scaled posterior samples; warns when far from 1 (a ``scaling_factor`` unfit for this data)."""
-    g = torch.Generator().manual_seed(0)
-    z0 = (latents["mean"] + latents["std"] * torch.randn(latents["mean"].shape, generator=g) - shift) * scale
-    std = float(z0.std())
-    if abs(std - 1.0) > tolerance:
-        logger.warning("scaled latents have std %.3f, not ~1: the VAE's scaling_factor does not fit this data",
-                       std)
-    return std
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Sampling during and after training
+# 2. Sampling during and after training
 # ----------------------------------------------------------------------------------------------
 
 def make_pipeline(components: dict, unet, text_encoder, scheduler_name: str = "ddpm"):
@@ -193,182 +147,371 @@ def sample_grid(pipe, prompts: list[str], seeds: list[int], num_inference_steps:
     return make_grid(images, ncols=len(seeds))
 
 
-def batch_loss(diffusion: GaussianDiffusion, unet, text_encoder, batch, empty_ids: torch.Tensor, scale: float,
-               shift: float, gen: torch.Generator, cfg: LDMConfig) -> dict:
-    """Loss terms for one batch of cached posteriors (mean, std) and token ids (B, L)."""
-    mean, std, ids = batch  # (B, C, h, w), (B, C, h, w), (B, L)
-    b, device = mean.shape[0], mean.device
-    # z0 ~ q(z | x): a fresh draw from the cached posterior each step, then scaled to unit variance.
-    z0 = (mean + std * torch.randn(mean.shape, generator=gen, device=device) - shift) * scale
-    noise = torch.randn(mean.shape, generator=gen, device=device)
-    t = torch.randint(0, diffusion.num_timesteps, (b,), generator=gen, device=device)
-    # Classifier-free guidance: the empty caption with probability caption_dropout.
-    drop = torch.rand(b, generator=gen, device=device) < cfg.data.caption_dropout
-    context = text_encoder(torch.where(drop[:, None], empty_ids, ids))[0]  # (B, L, D)
 
-    def model(x, tt):
-        return unet(x, tt, encoder_hidden_states=context).sample
+# ----------------------------------------------------------------------------------------------
+# 3. The objective
+# ----------------------------------------------------------------------------------------------
 
-    return diffusion.training_losses(model, z0, t, noise, snr_gamma=cfg.diffusion.snr_gamma,
-                                     vlb_weight=cfg.diffusion.vlb_weight)
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+OPTIMIZERS = ("adamw", "adamw8bit")
+LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}
+
+
+def sample_timesteps(n: int, num_timesteps: int, dcfg, gen: torch.Generator) -> torch.Tensor:
+    """(n,) training timesteps in [0, T): uniform (DDPM), or logit-normal t/T = σ(N(μ, s²)) (Esser et al.
+    2024, §3.1), which spends more of training on the middle of the schedule."""
+    if dcfg.timestep_sampling == "uniform":
+        return torch.randint(0, num_timesteps, (n,), generator=gen)
+    if dcfg.timestep_sampling == "logit_normal":
+        u = torch.sigmoid(dcfg.timestep_mean + dcfg.timestep_std * torch.randn(n, generator=gen))
+        return (u * num_timesteps).long().clamp(max=num_timesteps - 1)
+    raise ValueError(f"diffusion.timestep_sampling={dcfg.timestep_sampling!r} is not one of {TIMESTEP_SAMPLING}")
+
+
+def step_noise(seed: int, step: int, n: int, latent_shape: tuple, cfg: LDMConfig, num_timesteps: int) -> dict:
+    """The random draws of one step's global batch (CPU, seeded by the step): timesteps (B,), the
+    diffusion noise and the posterior-sample noise (B, C, h, w), and the caption-dropout mask (B,)."""
+    g = torch.Generator().manual_seed(step_seed(seed, step))
+    d = cfg.diffusion
+    t = sample_timesteps(n, num_timesteps, d, g)
+    noise = torch.randn((n, *latent_shape), generator=g)
+    posterior = torch.randn((n, *latent_shape), generator=g)
+    drop = torch.rand(n, generator=g) < cfg.data.caption_dropout
+    if d.offset_noise:  # a per-(image, channel) constant lets the model change the mean brightness
+        noise = noise + d.offset_noise * torch.randn((n, latent_shape[0], 1, 1), generator=g)
+    return {"t": t, "noise": noise, "posterior": posterior, "drop": drop}
+
+
+def diffusion_loss(diffusion: GaussianDiffusion, unet, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                   context: torch.Tensor, cfg: LDMConfig) -> dict:
+    """Loss terms (B,) of the U-Net on scaled latents z0 (B, C, h, w) under text context (B, L, D)."""
+    return diffusion.training_losses(lambda x, tt: unet(x, tt, encoder_hidden_states=context).sample, z0, t, noise,
+                                     snr_gamma=cfg.diffusion.snr_gamma, vlb_weight=cfg.diffusion.vlb_weight)
 
 
 @torch.no_grad()
-def validation_loss(diffusion: GaussianDiffusion, unet, text_encoder, latents: dict, input_ids: torch.Tensor,
-                    scale: float, shift: float, num: int = 64, seed: int = 0) -> dict:
+def validation_loss(diffusion: GaussianDiffusion, unet, text_encoder, mean: torch.Tensor, std: torch.Tensor,
+                    input_ids: torch.Tensor, scale: float, shift: float, seed: int = 0) -> dict:
     """Unweighted loss terms on fixed images, timesteps (spread over [0, T)) and noise, so that values
     from different steps of a run are comparable."""
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(input_ids), generator=g)[:num]
     device = next(unet.parameters()).device
-    mean, std = latents["mean"][idx], latents["std"][idx]
     z0 = ((mean + std * torch.randn(mean.shape, generator=g) - shift) * scale).to(device)
     noise = torch.randn(z0.shape, generator=g).to(device)
-    t = torch.linspace(0, diffusion.num_timesteps - 1, len(idx)).round().long().to(device)
+    t = torch.linspace(0, diffusion.num_timesteps - 1, len(z0)).round().long().to(device)
     was_training = unet.training, text_encoder.training
     unet.eval(), text_encoder.eval()
-    context = text_encoder(input_ids[idx].to(device))[0]
+    context = text_encoder(input_ids.to(device))[0]
     terms = diffusion.training_losses(lambda x, tt: unet(x, tt, encoder_hidden_states=context).sample,
                                       z0, t, noise)
     unet.train(was_training[0]), text_encoder.train(was_training[1])
     return {f"val_{k}": v.mean().item() for k, v in terms.items()}
 
 
+def check_latent_scale(mean: torch.Tensor, std: torch.Tensor, scale: float, shift: float,
+                       tolerance: float = 0.25) -> float:
+    """Std of scaled posterior samples; warns when far from 1 (a ``scaling_factor`` unfit for this data)."""
+    g = torch.Generator().manual_seed(0)
+    z0 = (mean + std * torch.randn(mean.shape, generator=g) - shift) * scale
+    value = float(z0.std())
+    if abs(value - 1.0) > tolerance:
+        logger.warning("scaled latents have std %.3f, not ~1: the VAE's scaling_factor does not fit this data "
+                       "(measure it with train_autoencoder.py or set it in the VAE's config.json)", value)
+    return value
+
+
+def make_optimizer(params: list[dict], tc, device: torch.device) -> torch.optim.Optimizer:
+    kwargs = {"betas": (tc.adam_beta1, tc.adam_beta2), "weight_decay": tc.weight_decay}
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(params, fused=device.type == "cuda" or None, **kwargs)
+    if tc.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ImportError("train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes); "
+                              "use train.optimizer=adamw without it") from e
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    raise ValueError(f"train.optimizer={tc.optimizer!r} is not one of {OPTIMIZERS}")
+
+
+def check_config(cfg: LDMConfig, num_processes: int) -> None:
+    """Reject bad values before any data is read or model built."""
+    tc, d = cfg.train, cfg.data
+    per = num_processes * tc.gradient_accumulation_steps
+    if tc.gradient_accumulation_steps < 1:
+        raise ValueError(f"train.gradient_accumulation_steps={tc.gradient_accumulation_steps} must be >= 1")
+    if tc.batch_size % per:
+        raise ValueError(f"train.batch_size={tc.batch_size} must divide by processes x accumulation steps "
+                         f"({num_processes} x {tc.gradient_accumulation_steps} = {per})")
+    if tc.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule={tc.lr_schedule!r} is not one of {sorted(LR_SCHEDULES)}")
+    if tc.optimizer not in OPTIMIZERS:
+        raise ValueError(f"train.optimizer={tc.optimizer!r} is not one of {OPTIMIZERS}")
+    if cfg.diffusion.timestep_sampling not in TIMESTEP_SAMPLING:
+        raise ValueError(f"diffusion.timestep_sampling={cfg.diffusion.timestep_sampling!r} is not one of "
+                         f"{TIMESTEP_SAMPLING}")
+    if tc.ema_decay is not None and not 0 < tc.ema_decay < 1:
+        raise ValueError(f"train.ema_decay={tc.ema_decay} must be in (0, 1) or null")
+    if not 0 <= d.caption_dropout < 1:
+        raise ValueError(f"data.caption_dropout={d.caption_dropout} must be in [0, 1)")
+    sampling_scheduler(DDPMScheduler(), cfg.sample.scheduler)  # raises on an unknown name
+
+
 # ----------------------------------------------------------------------------------------------
-# 4. The run
+# 4. Validation: loss on held-out images, a sample grid, and the built-in scorer
+# ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def ema_weights(ema, model):
+    """Run the body with the EMA weights in ``model`` (when EMA is on), then put the trained ones back."""
+    if ema is None:
+        yield
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(model.parameters())
+
+
+@torch.no_grad()
+def builtin_scores(pipe, dataset: str, num_images: int, cfg: LDMConfig) -> dict:
+    """The built-in scorer on images of the held-out evaluation prompts (seeds as ``ldm.evaluate``)."""
+    from .builtin_data import eval_prompts, score
+    from .evaluate import generate
+
+    base = eval_prompts(dataset)
+    per = -(-num_images // len(base))
+    prompts = [p for p in base for _ in range(per)]
+    images = generate(pipe, prompts, [100_000 + i for i in range(len(prompts))], len(prompts),
+                      num_inference_steps=cfg.sample.num_inference_steps, guidance_scale=cfg.sample.guidance_scale)
+    return {f"score_{k}": v for k, v in score(dataset, images, prompts).items() if k.endswith("_accuracy")}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The run
 # ----------------------------------------------------------------------------------------------
 
 def train(cfg: LDMConfig) -> dict:
     accelerator = make_accelerator(cfg.train.mixed_precision)
-    set_seed(cfg.train.seed)
+    tc = cfg.train
+    check_config(cfg, accelerator.num_processes)
+    set_seed(tc.seed)
     run_dir = cfg.run_dir
-    if cfg.train.batch_size % accelerator.num_processes:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide by the number of processes "
-                         f"({accelerator.num_processes})")
+    resume_from = resolve_resume(tc.resume, run_dir / "checkpoints")  # a wrong path fails before any work
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
     warn_if_cpu_threads_capped(accelerator)
+    device = accelerator.device
 
-    # Data and components.
+    # 1. Data and components.
     with accelerator.main_process_first():  # built-in data is generated once, by the main process
-        data_dir = resolve_data_dir(cfg.data.dataset, cfg.data.data_root, "train", cfg.data.resolution)
-        ds = load_image_caption_dataset(data_dir, cfg.data.image_column, cfg.data.caption_column)
-    captions = [str(c) for c in ds[cfg.data.caption_column]]
-    comp = build_components(cfg, captions)
+        train_split, val_split, heldout = td.load_splits(cfg)
+    comp = build_components(cfg, train_split.captions)
     vae, text_encoder, unet, tokenizer = comp["vae"], comp["text_encoder"], comp["unet"], comp["tokenizer"]
-    vae.requires_grad_(False).eval()
-    text_encoder.requires_grad_(comp["train_text_encoder"])
+    train_te = comp["train_text_encoder"]
+    factor = vae_scale_factor(vae)
+    td.check_sizes(cfg, train_split, factor)
+    vae.requires_grad_(False).eval().to(device)
+    text_encoder.requires_grad_(train_te)
     diffusion = GaussianDiffusion.from_scheduler_config(comp["scheduler"].config)
-
-    # Latents (cached) and token ids (tokenised once).
-    # The main process names the cache; the others take its name rather than hash files themselves.
-    name = [_fingerprint(vae, data_dir, cfg) if accelerator.is_main_process else None]
-    name = broadcast_object_list(name)[0] if accelerator.num_processes > 1 else name[0]
-    cache_path = Path(cfg.data.cache_dir) / f"{name}.safetensors"
-    image_ds = ImageCaptionDataset(ds, cfg.data.resolution, cfg.data.image_column, cfg.data.caption_column,
-                                   cfg.data.center_crop)
-    latents = cache_latents(vae, image_ds, cache_path, accelerator)
     scale = float(vae.config.scaling_factor)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    latent_std = check_latent_scale(latents, scale, shift)
-    input_ids = tokenize(tokenizer, captions)
-    empty_ids = tokenize(tokenizer, [""])[0]
-    train_set = torch.utils.data.TensorDataset(latents["mean"], latents["std"], input_ids)
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=cfg.train.batch_size // accelerator.num_processes, shuffle=True, drop_last=True,
-        generator=torch.Generator().manual_seed(cfg.train.seed), num_workers=cfg.train.num_workers)
-    if len(loader) == 0:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is larger than the dataset ({len(train_set)} images)")
 
-    # Optimisation.
-    params = [{"params": unet.parameters(), "lr": cfg.train.learning_rate}]
-    if comp["train_text_encoder"]:
-        params.append({"params": text_encoder.parameters(),
-                       "lr": cfg.train.text_encoder_learning_rate or cfg.train.learning_rate})
-    optimizer = torch.optim.AdamW(params, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-                                  weight_decay=cfg.train.weight_decay,
-                                  fused=accelerator.device.type == "cuda" or None)
+    # 2. Caches: VAE posteriors (unless every step crops anew) and, for a frozen encoder, text embeddings.
+    vae_fp = td.vae_fingerprint(vae)
+    use_latent_cache = cfg.data.cache_latents and not cfg.data.random_crop
+    if cfg.data.cache_latents and cfg.data.random_crop:
+        logger.info("data.random_crop=true: each step crops anew, so images are encoded every step (no latent cache)")
+    latents = td.latent_cache(vae, vae_fp, train_split, cfg, accelerator, cfg.data.random_flip) \
+        if use_latent_cache else None
+    val_cache = td.latent_cache(vae, vae_fp, val_split, cfg, accelerator, flips=False)
+    no_flip = torch.zeros(len(val_split), dtype=torch.bool)
+    val_mean, val_std = td.cached_posterior(val_cache, list(range(len(val_split))), no_flip)  # (V, C, h, w)
+    latent_std = check_latent_scale(val_mean, val_std, scale, shift)
+    input_ids = tokenize(tokenizer, train_split.captions)  # (num_captions, L)
+    empty_ids = tokenize(tokenizer, [""])[0]
+    val_ids = tokenize(tokenizer, val_split.first_captions())
+    text = td.text_cache(text_encoder, input_ids, empty_ids, cfg, accelerator) \
+        if cfg.data.cache_text and not train_te else None
+    sampler = td.batch_plan(train_split, cfg)
+
+    # 3. Optimisation.
+    if tc.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_te:
+            text_encoder.gradient_checkpointing_enable()
+    params = [{"params": list(unet.parameters()), "lr": tc.learning_rate}]
+    if train_te:
+        params.append({"params": list(text_encoder.parameters()),
+                       "lr": tc.text_encoder_learning_rate or tc.learning_rate})
+    optimizer = make_optimizer(params, tc, device)
     # A prepared scheduler steps once per process per step, hence the factor (diffusers' convention).
     n_proc = accelerator.num_processes
-    schedules = {"constant": "constant_with_warmup", "cosine": "cosine"}
-    if cfg.train.lr_schedule not in schedules:
-        raise ValueError(f"train.lr_schedule={cfg.train.lr_schedule!r} is not one of {sorted(schedules)}")
-    lr_sched = get_scheduler(schedules[cfg.train.lr_schedule], optimizer,
-                             num_warmup_steps=cfg.train.warmup_steps * n_proc,
-                             num_training_steps=cfg.train.max_steps * n_proc)
-    if comp["train_text_encoder"]:
-        unet, text_encoder, optimizer, loader, lr_sched = accelerator.prepare(
-            unet, text_encoder, optimizer, loader, lr_sched)
+    lr_sched = get_scheduler(LR_SCHEDULES[tc.lr_schedule], optimizer, num_warmup_steps=tc.warmup_steps * n_proc,
+                             num_training_steps=tc.max_steps * n_proc)
+    if train_te:
+        unet, text_encoder, optimizer, lr_sched = accelerator.prepare(unet, text_encoder, optimizer, lr_sched)
     else:  # a frozen encoder has no gradients for DDP to synchronise: it is only moved
-        unet, optimizer, loader, lr_sched = accelerator.prepare(unet, optimizer, loader, lr_sched)
-        text_encoder.to(accelerator.device)
-    vae.to(accelerator.device)
-    empty_ids = empty_ids.to(accelerator.device)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", accelerator.is_main_process)
-    gen = torch.Generator(device=accelerator.device).manual_seed(cfg.train.seed + accelerator.process_index)
+        unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
+        text_encoder.to(device)
+    ema = None
+    if tc.ema_decay is not None:
+        from diffusers.training_utils import EMAModel
 
-    def validate() -> dict:
-        return validation_loss(diffusion, unet, text_encoder, latents, input_ids, scale, shift,
-                               seed=cfg.train.seed)
+        ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=tc.ema_decay,
+                       use_ema_warmup=tc.ema_warmup, power=2 / 3, foreach=True)
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
 
-    # Steps.
-    metrics.write(step=0, **validate())
+    # 4. Resume.
+    ckpt = CheckpointManager(accelerator, run_dir / "checkpoints", tc.keep_last)
+    start_step = 0
+    if resume_from is not None:
+        state = ckpt.load(resume_from)
+        start_step = state["step"]
+        if state.get("batches_per_epoch") != len(sampler):
+            logger.warning("the checkpoint saw %s batches per epoch and this data gives %d: the data changed, so "
+                           "the resumed run will not follow the interrupted one's order",
+                           state.get("batches_per_epoch"), len(sampler))
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", accelerator.is_main_process, fresh=start_step == 0,
+                            tensorboard_dir=run_dir / "tensorboard" if tc.tensorboard else None)
+    metrics.truncate_after(start_step)  # rows an interrupted run wrote after its last checkpoint
+
+    unet_u = accelerator.unwrap_model(unet)
+    te_u = accelerator.unwrap_model(text_encoder)
+
+    def validate(step: int, full: bool) -> dict:
+        """Validation loss (all steps), plus sample grid and built-in scores (``full``); main process."""
+        row = {}
+        if accelerator.is_main_process:
+            with ema_weights(ema, unet_u):
+                row = validation_loss(diffusion, unet_u, te_u, val_mean, val_std, val_ids, scale, shift, tc.seed)
+                if full:
+                    unet_u.eval(), te_u.eval()
+                    pipe = make_pipeline(comp, unet_u, te_u, cfg.sample.scheduler)
+                    prompts = cfg.sample.prompts or sorted(set(train_split.captions))[:8]
+                    grid = sample_grid(pipe, prompts, cfg.sample.seeds, cfg.sample.num_inference_steps,
+                                       cfg.sample.guidance_scale)
+                    atomic_save(lambda p: grid.save(p, format="PNG"), run_dir / "samples" / f"step-{step}.png")
+                    metrics.image("samples", grid, step)
+                    if cfg.data.dataset in BUILTIN_DATASETS and tc.score_num_images > 0:
+                        row.update(builtin_scores(pipe, cfg.data.dataset, tc.score_num_images, cfg))
+                    unet_u.train(), te_u.train(train_te)
+            metrics.write(step=step, **row)
+        accelerator.wait_for_everyone()
+        return row
+
+    def save_checkpoint(step: int) -> None:
+        ckpt.save(step, {"epoch": step // len(sampler), "batch_in_epoch": step % len(sampler),
+                         "batches_per_epoch": len(sampler), "config": to_yaml(cfg)})
+
+    # 5. Steps.
+    if start_step == 0:
+        validate(0, full=False)
+    accum, rank = tc.gradient_accumulation_steps, accelerator.process_index
+    micro = tc.batch_size // (n_proc * accum)  # images per process per forward
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    step, epoch, t_start = 0, 0, time.time()
-    window, t_window = {}, time.time()  # running sums of the loss terms since the last log line
+    pixel_items = None if use_latent_cache else td.PixelItems(train_split, cfg)
+    empty_embed = torch.from_numpy(np.array(text["empty"][0])) if text is not None else None
+    c_lat = vae.config.latent_channels
+    window, window_steps, skipped, t_window, t_start = {}, 0, 0, time.time(), time.time()
     row: dict = {}
-    bar = tqdm(total=cfg.train.max_steps, desc="training", disable=not accelerator.is_main_process)
     unet.train()
-    text_encoder.train(comp["train_text_encoder"])
-    while step < cfg.train.max_steps:
-        for batch in loader:
-            with accelerator.autocast():
-                terms = batch_loss(diffusion, unet, text_encoder, batch, empty_ids, scale, shift, gen, cfg)
-                loss = terms["loss"].mean()
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
-            optimizer.step()
-            lr_sched.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            # Sums stay on the device: one host sync per log line, not per step.
-            for k, v in terms.items():
-                window[k] = window.get(k, 0.0) + v.detach().mean()
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                n = step - (step - 1) // cfg.train.log_every * cfg.train.log_every
-                row = {"step": step, "epoch": epoch, **{k: (v / n).item() for k, v in window.items()},
-                       "lr": lr_sched.get_last_lr()[0],
-                       "images_per_s": n * cfg.train.batch_size / (time.time() - t_window)}
-                metrics.write(**row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-                window, t_window = {}, time.time()
-            if step >= cfg.train.max_steps:
-                break
-        epoch += 1
+    text_encoder.train(train_te)
+    bar = tqdm(total=tc.max_steps, initial=start_step, desc="training", disable=not accelerator.is_main_process)
+    step = start_step
+    for step, epoch, batch in step_batches(sampler, start_step, tc.max_steps):
+        h, w = train_split.sizes[batch[0]]
+        draws = step_noise(tc.seed, step, len(batch), (c_lat, h // factor, w // factor), cfg, diffusion.num_timesteps)
+        aug = td.step_augment(tc.seed, step, len(batch))
+        flips = aug["flip"] & cfg.data.random_flip
+        cap = td.caption_index(train_split, batch, aug["caption_u"])  # (B,) into train_split.captions
+        for k in range(accum):
+            sl = slice((k * n_proc + rank) * micro, (k * n_proc + rank + 1) * micro)  # this process's share
+            items = batch[sl]
+            if latents is not None:
+                mean, std = td.cached_posterior(latents, items, flips[sl])
+            else:
+                pixels = torch.stack([pixel_items[(i, f, s)] for i, f, s in
+                                      zip(items, flips[sl].tolist(), aug["crop_seed"][sl].tolist())])
+                mean, std = td.encode(vae, pixels)
+            # z0 ~ q(z | x): a fresh draw from the posterior each step, scaled to unit variance.
+            z0 = (mean.to(device) + std.to(device) * draws["posterior"][sl].to(device) - shift) * scale
+            drop = draws["drop"][sl]
+            with contextlib.ExitStack() as no_sync:
+                if k < accum - 1:  # gradients are all-reduced once, on the last micro-batch
+                    no_sync.enter_context(accelerator.no_sync(unet))
+                    if train_te:
+                        no_sync.enter_context(accelerator.no_sync(text_encoder))
+                with accelerator.autocast():
+                    if text is not None:
+                        context = td.take(text["embeds"], cap[sl])
+                        context[drop] = empty_embed
+                        context = context.to(device)
+                    else:  # classifier-free guidance: the empty caption with probability caption_dropout
+                        ids = input_ids[cap[sl]]
+                        ids[drop] = empty_ids
+                        context = text_encoder(ids.to(device))[0]  # (b, L, D)
+                    terms = diffusion_loss(diffusion, unet, z0, draws["t"][sl].to(device),
+                                           draws["noise"][sl].to(device), context, cfg)
+                    loss = terms["loss"].mean() / accum
+                accelerator.backward(loss)
+            for key, v in terms.items():  # sums stay on the device: one host sync per log line
+                window[key] = window.get(key, 0.0) + v.detach().mean() / accum
+        if tc.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(trainable, tc.max_grad_norm)
+        optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        skipped += int(accelerator.optimizer_step_was_skipped)  # fp16 overflow: the scaler skipped the update
+        if ema is not None:
+            ema.step(unet_u.parameters())
+        done, window_steps = step + 1, window_steps + 1
+        bar.update(1)
+        if done % tc.log_every == 0 or done == tc.max_steps:
+            row = {"step": done, "epoch": epoch, **{k: (v / window_steps).item() for k, v in window.items()},
+                   "lr": lr_sched.get_last_lr()[0],
+                   "images_per_s": window_steps * tc.batch_size / (time.time() - t_window)}
+            if cfg.train.mixed_precision == "fp16":
+                row["skipped_steps"] = skipped
+            metrics.write(**row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            window, window_steps, t_window = {}, 0, time.time()
+        if tc.checkpoint_every and (done % tc.checkpoint_every == 0 or done == tc.max_steps):
+            save_checkpoint(done)
+        if tc.validate_every and done % tc.validate_every == 0 and done < tc.max_steps:
+            validate(done, full=True)
+        step = done
     bar.close()
     train_time = time.time() - t_start
-    metrics.write(step=step, **validate())
+    final_val = validate(step, full=True)
 
-    # Export: the pipeline folder, a sample grid, the loss plot and a summary.
-    accelerator.wait_for_everyone()
+    # 6. Export (EMA weights when EMA is on): the pipeline folder, the loss plot and a summary.
     result = {"steps": step, "train_time_s": round(train_time, 1),
-              "images_per_s": round(step * cfg.train.batch_size / train_time, 1), "latent_std": round(latent_std, 3)}
+              "images_per_s": round((step - start_step) * tc.batch_size / max(train_time, 1e-9), 1),
+              "latent_std": round(latent_std, 3)}
     if accelerator.is_main_process:
-        unet_u, te_u = accelerator.unwrap_model(unet).eval(), accelerator.unwrap_model(text_encoder).eval()
-        pipe = make_pipeline(comp, unet_u, te_u, cfg.sample.scheduler)
-        atomic_save_dir(lambda d: pipe.save_pretrained(d, safe_serialization=True), run_dir / "pipeline")
-        prompts = cfg.sample.prompts or sorted(set(captions))[:8]
-        grid = sample_grid(pipe, prompts, cfg.sample.seeds, cfg.sample.num_inference_steps,
-                           cfg.sample.guidance_scale)
-        atomic_save(lambda p: grid.save(p, format="PNG"), run_dir / "samples" / f"step-{step}.png")
-        plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", keys=("loss", "mse"))
-        final = {"final_loss": round(row.get("loss", math.nan), 5), **result}
+        with ema_weights(ema, unet_u):
+            pipe = make_pipeline(comp, unet_u.eval(), te_u.eval(), cfg.sample.scheduler)
+            atomic_save_dir(lambda d: pipe.save_pretrained(d, safe_serialization=True), run_dir / "pipeline")
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", keys=("loss", "mse", "val_loss"))
+        vals = [r["val_loss"] for r in metrics.rows() if "val_loss" in r]
+        final = {"final_loss": round(row.get("loss", math.nan), 5), **result,
+                 "best_val_loss": round(min(vals), 5) if vals else None,
+                 **{k: v for k, v in final_val.items() if k.startswith("score_")}}
+        if tc.mixed_precision == "fp16":
+            final["skipped_steps"] = skipped
         metrics.write(step=step, **final)
+        metrics.close()
+        saved = ", ".join(str(p) for p in list_checkpoints(ckpt.root)) or "-"
         print(format_summary(f"run {cfg.name}", {
-            **final, "pipeline": run_dir / "pipeline", "samples": run_dir / "samples" / f"step-{step}.png",
-            "loss plot": run_dir / "loss.png", "metrics": run_dir / "metrics.jsonl"}))
+            **final, "validation set": "held-out" if heldout else "training images (no held-out split given)",
+            "weights": "EMA" if ema is not None else "trained", "pipeline": run_dir / "pipeline",
+            "samples": run_dir / "samples" / f"step-{step}.png", "loss plot": run_dir / "loss.png",
+            "metrics": run_dir / "metrics.jsonl", "checkpoints": saved}))
         result = final
     accelerator.end_training()
     return result
+

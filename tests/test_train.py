@@ -72,21 +72,37 @@ def test_short_run_end_to_end(tmp_path, tiny_vae_dir, data_dir, extra):
     assert json.loads((cfg.run_dir / "pipeline" / "model_index.json").read_text())["_class_name"] != "LDMPipeline"
 
 
+def _cache_folders(root):
+    return {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+
 def test_latent_cache_reused_and_rebuilt(tmp_path, tiny_vae_dir, data_dir):
     cfg = _cfg(tmp_path, tiny_vae_dir, data_dir, "train.max_steps=1", "sample.seeds=[0]")
     train(cfg)
-    first = sorted((tmp_path / "cache").glob("*.safetensors"))
-    assert len(first) == 1
+    first = _cache_folders(tmp_path / "cache")
+    assert len(first) == 2  # the training images and the validation images
     train(cfg)  # same VAE, data and transform: the cache is reused
-    assert sorted((tmp_path / "cache").glob("*.safetensors")) == first
+    assert _cache_folders(tmp_path / "cache") == first
     train(_cfg(tmp_path, tiny_vae_dir, data_dir, "train.max_steps=1", "sample.seeds=[0]", "data.center_crop=false"))
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    second = _cache_folders(tmp_path / "cache")
+    assert len(second) == 4 and first < second
+    # Another VAE (one weight changed) makes new caches rather than reusing stale latents.
+    vae = AutoencoderKL.from_pretrained(tiny_vae_dir)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias += 0.01
+    other = tmp_path / "vae2"
+    vae.save_pretrained(other, safe_serialization=True)
+    train(_cfg(tmp_path, other, data_dir, "train.max_steps=1", "sample.seeds=[0]"))
+    assert len(_cache_folders(tmp_path / "cache")) == 6
+    # The cached arrays are memory-mapped .npy files holding the posterior mean and std.
+    folder = tmp_path / "cache" / sorted(first)[0]
+    assert {"mean_0.npy", "std_0.npy", "meta.json"} <= {p.name for p in folder.iterdir()}
 
 
 def test_bad_inputs_raise(tmp_path, tiny_vae_dir, data_dir):
-    with pytest.raises(ValueError, match="neither a built-in dataset"):
+    with pytest.raises(ValueError, match="neither a local path nor a Hub dataset"):
         train(_cfg(tmp_path, tiny_vae_dir, tmp_path / "missing"))
-    with pytest.raises(ValueError, match="larger than the dataset"):
+    with pytest.raises(ValueError, match="no group has a full batch"):
         train(_cfg(tmp_path, tiny_vae_dir, data_dir, "train.batch_size=512"))
     with pytest.raises(ValueError, match="train.lr_schedule"):
         train(_cfg(tmp_path, tiny_vae_dir, data_dir, "train.lr_schedule=linear"))
