@@ -55,6 +55,11 @@ class AETrainConfig:
     disc_learning_rate: float | None = None  # None: same as learning_rate
     disc_channels: int = 64
     disc_layers: int = 3
+    checkpoint_every: int = 0  # full training state every N steps and at the end; 0: none
+    keep_last: int | None = 2  # checkpoints kept (older ones are removed after a new one is complete)
+    resume: str | None = None  # "latest" or a checkpoint folder (a missing folder is an error)
+    num_workers: int = 0  # data-loading workers
+    tensorboard: bool = True  # also write metrics to <run>/tensorboard
 
 
 @dataclass

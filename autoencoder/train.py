@@ -16,8 +16,9 @@ from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from ldm.config import save_config
-from ldm.data import ImageCaptionDataset, load_image_caption_dataset, resolve_data_dir
+from ldm.checkpoint import CheckpointManager, list_checkpoints, resolve_resume, step_batches, step_seed
+from ldm.config import save_config, to_yaml
+from ldm.data import GlobalBatchSampler, ImageCaptionDataset, load_image_caption_dataset, resolve_data_dir
 from ldm.run import (MetricsWriter, atomic_save, atomic_save_dir, format_summary, make_accelerator,
                      plot_curves, warn_if_cpu_threads_capped)
 
@@ -66,9 +67,10 @@ class VAEForward(torch.nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, eps: torch.Tensor):
+        """x (B, 3, H, W) -> reconstruction from z = mean + std * eps, and the posterior's mean, logvar."""
         dist = self.vae.encode(x).latent_dist
-        return self.vae.decode(dist.sample()).sample, dist.mean, dist.logvar
+        return self.vae.decode(dist.mean + dist.std * eps).sample, dist.mean, dist.logvar
 
 
 def image_datasets(data_cfg, split: str) -> torch.utils.data.ConcatDataset:
@@ -100,106 +102,139 @@ def measure_latent_scale(vae: AutoencoderKL, loader, num_images: int, generator:
     return float(1.0 / (z - (shift or 0.0)).std()), shift
 
 
+class ProcessBatches:
+    """This process's share of every step's global batch from ``start`` to ``stop``, as a DataLoader
+    batch sampler (so loading workers run ahead while the model trains)."""
+
+    def __init__(self, sampler: GlobalBatchSampler, start: int, stop: int, rank: int, per_process: int):
+        self.sampler, self.start, self.stop = sampler, start, stop
+        self.lo, self.hi = rank * per_process, (rank + 1) * per_process
+
+    def __iter__(self):
+        for _, _, batch in step_batches(self.sampler, self.start, self.stop):
+            yield batch[self.lo:self.hi]
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
 def train(cfg: AutoencoderConfig) -> dict:
     accelerator = make_accelerator(cfg.train.mixed_precision)
-    set_seed(cfg.train.seed)
+    tc = cfg.train
+    set_seed(tc.seed)
     run_dir = cfg.run_dir
+    resume_from = resolve_resume(tc.resume, run_dir / "checkpoints")  # a wrong path fails before any work
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
     warn_if_cpu_threads_capped(accelerator)
 
-    # 1. Data: per-process batch so the global batch is cfg.train.batch_size.
-    if cfg.train.batch_size % accelerator.num_processes:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide by the number of "
-                         f"processes ({accelerator.num_processes})")
+    # 1. Data. Each step's global batch is a pure function of (seed, step); every process takes its slice.
+    n_proc, rank = accelerator.num_processes, accelerator.process_index
+    if tc.batch_size % n_proc:
+        raise ValueError(f"train.batch_size={tc.batch_size} must divide by the number of "
+                         f"processes ({n_proc})")
     with accelerator.main_process_first():  # built-in data is generated once, by the main process
         train_ds = image_datasets(cfg.data, "train")
-    loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=cfg.train.batch_size // accelerator.num_processes, shuffle=True, drop_last=True,
-        generator=torch.Generator().manual_seed(cfg.train.seed))
+    sampler = GlobalBatchSampler(None, len(train_ds), tc.batch_size, tc.seed)
+    micro = tc.batch_size // n_proc
 
     # 2. Model and optimisation.
     vae = load_or_build_vae(cfg.model, cfg.data.resolution)
     model = VAEForward(vae)
-    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=cfg.train.learning_rate,
-                                  weight_decay=cfg.train.weight_decay)
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_shape = (vae.config.latent_channels, cfg.data.resolution // f, cfg.data.resolution // f)
+    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=tc.learning_rate,
+                                  weight_decay=tc.weight_decay)
     # A prepared scheduler steps once per process per step, hence the factor (diffusers' convention).
-    lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.train.warmup_steps * accelerator.num_processes,
-                             num_training_steps=cfg.train.max_steps * accelerator.num_processes)
-    model, optimizer, loader, lr_sched = accelerator.prepare(model, optimizer, loader, lr_sched)
+    lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=tc.warmup_steps * n_proc,
+                             num_training_steps=tc.max_steps * n_proc)
+    model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
     lpips = None
-    if cfg.train.perceptual_weight > 0:
+    if tc.perceptual_weight > 0:
         from .perceptual import LPIPS
 
-        lpips = LPIPS.from_file(cfg.train.lpips_path).to(accelerator.device)
-    use_disc = cfg.train.disc_weight > 0
+        lpips = LPIPS.from_file(tc.lpips_path).to(accelerator.device)
+    use_disc = tc.disc_weight > 0
     if use_disc:
-        if cfg.train.disc_loss not in D_LOSSES:
-            raise ValueError(f"train.disc_loss={cfg.train.disc_loss!r} is not one of {sorted(D_LOSSES)}")
-        disc = PatchDiscriminator(3, cfg.train.disc_channels, cfg.train.disc_layers)
-        if accelerator.num_processes > 1:
+        if tc.disc_loss not in D_LOSSES:
+            raise ValueError(f"train.disc_loss={tc.disc_loss!r} is not one of {sorted(D_LOSSES)}")
+        disc = PatchDiscriminator(3, tc.disc_channels, tc.disc_layers)
+        if n_proc > 1:
             disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
-        disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.train.disc_learning_rate or cfg.train.learning_rate,
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=tc.disc_learning_rate or tc.learning_rate,
                                      betas=(0.5, 0.9), weight_decay=0.0)
         disc, disc_opt = accelerator.prepare(disc, disc_opt)
         last_layer = accelerator.unwrap_model(model).vae.decoder.conv_out.weight
     ema = None
-    if cfg.train.ema_decay is not None:
+    if tc.ema_decay is not None:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(accelerator.unwrap_model(model).vae.parameters(), decay=cfg.train.ema_decay, foreach=True)
+        ema = EMAModel(accelerator.unwrap_model(model).vae.parameters(), decay=tc.ema_decay, foreach=True)
         ema.to(accelerator.device)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", accelerator.is_main_process)
+        accelerator.register_for_checkpointing(ema)
 
-    # 3. Steps.
-    step, epoch = 0, 0
-    bar = tqdm(total=cfg.train.max_steps, desc="autoencoder", disable=not accelerator.is_main_process)
-    while step < cfg.train.max_steps:
-        for batch in loader:
-            x = batch["pixel_values"]
-            gan_on = use_disc and step >= cfg.train.disc_start
+    # 3. Resume.
+    ckpt = CheckpointManager(accelerator, run_dir / "checkpoints", tc.keep_last)
+    start_step = ckpt.load(resume_from)["step"] if resume_from is not None else 0
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", accelerator.is_main_process, fresh=start_step == 0,
+                            tensorboard_dir=run_dir / "tensorboard" if tc.tensorboard else None)
+    metrics.truncate_after(start_step)
+
+    # 4. Steps.
+    bar = tqdm(total=tc.max_steps, initial=start_step, desc="autoencoder", disable=not accelerator.is_main_process)
+    step = start_step
+    loader = torch.utils.data.DataLoader(
+        train_ds, batch_sampler=ProcessBatches(sampler, start_step, tc.max_steps, rank, micro),
+        num_workers=tc.num_workers)
+    for (step, epoch, batch), data in zip(step_batches(sampler, start_step, tc.max_steps), loader):
+        x = data["pixel_values"].to(accelerator.device)  # (b, 3, H, W)
+        g = torch.Generator().manual_seed(step_seed(tc.seed, step))
+        eps = torch.randn((len(batch), *latent_shape), generator=g)[rank * micro:(rank + 1) * micro]
+        gan_on = use_disc and step >= tc.disc_start
+        with accelerator.autocast():
+            # 1. the autoencoder's step: reconstruction (+ LPIPS) + KL (+ adaptive GAN term)
+            recon, mean, logvar = model(x, eps.to(accelerator.device))
+            rec = reconstruction_loss(recon, x, tc.l1_weight, tc.l2_weight)
+            if lpips is not None:
+                rec = rec + tc.perceptual_weight * lpips(recon.float(), x.float()).mean()
+            kl = kl_loss(mean, logvar)
+            loss = rec + tc.kl_weight * kl
+            if gan_on:
+                disc.requires_grad_(False)  # the autoencoder's step must not train the discriminator
+                g_loss = generator_loss(disc(recon), tc.disc_loss)
+                d_weight = tc.disc_weight * adaptive_weight(rec, g_loss, last_layer)
+                loss = loss + d_weight * g_loss
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+        optimizer.step()
+        lr_sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(model).vae.parameters())
+        if gan_on:  # 2. the discriminator's step, on real images and detached reconstructions
+            disc.requires_grad_(True)
             with accelerator.autocast():
-                recon, mean, logvar = model(x)
-                rec = reconstruction_loss(recon, x, cfg.train.l1_weight, cfg.train.l2_weight)
-                if lpips is not None:
-                    rec = rec + cfg.train.perceptual_weight * lpips(recon.float(), x.float()).mean()
-                kl = kl_loss(mean, logvar)
-                loss = rec + cfg.train.kl_weight * kl
-                if gan_on:
-                    disc.requires_grad_(False)  # the autoencoder's step must not train the discriminator
-                    g_loss = generator_loss(disc(recon), cfg.train.disc_loss)
-                    d_weight = cfg.train.disc_weight * adaptive_weight(rec, g_loss, last_layer)
-                    loss = loss + d_weight * g_loss
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-            optimizer.step()
-            lr_sched.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.step(accelerator.unwrap_model(model).vae.parameters())
-            if gan_on:  # 2. the discriminator's step, on real images and detached reconstructions
-                disc.requires_grad_(True)
-                with accelerator.autocast():
-                    d_loss = D_LOSSES[cfg.train.disc_loss](disc(x), disc(recon.detach()))
-                accelerator.backward(d_loss)
-                disc_opt.step()
-                disc_opt.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                row = {"step": step, "epoch": epoch, "loss": loss.item(), "rec": rec.item(), "kl": kl.item(),
-                       "lr": lr_sched.get_last_lr()[0]}
-                if gan_on:
-                    row.update(g_loss=g_loss.item(), d_loss=d_loss.item(), d_weight=float(d_weight))
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-                metrics.write(**row)
-            if step >= cfg.train.max_steps:
-                break
-        epoch += 1
+                d_loss = D_LOSSES[tc.disc_loss](disc(x), disc(recon.detach()))
+            accelerator.backward(d_loss)
+            disc_opt.step()
+            disc_opt.zero_grad(set_to_none=True)
+        done = step + 1
+        bar.update(1)
+        if done % tc.log_every == 0 or done == tc.max_steps:
+            row = {"step": done, "epoch": epoch, "loss": loss.item(), "rec": rec.item(), "kl": kl.item(),
+                   "lr": lr_sched.get_last_lr()[0]}
+            if gan_on:
+                row.update(g_loss=g_loss.item(), d_loss=d_loss.item(), d_weight=float(d_weight))
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            metrics.write(**row)
+        if tc.checkpoint_every and (done % tc.checkpoint_every == 0 or done == tc.max_steps):
+            ckpt.save(done, {"epoch": done // len(sampler), "batch_in_epoch": done % len(sampler),
+                             "batches_per_epoch": len(sampler), "config": to_yaml(cfg)})
+        step = done
     bar.close()
 
-    # 4. Latent scale, held-out quality, export (main process).
+    # 5. Latent scale, held-out quality, export (main process).
     accelerator.wait_for_everyone()
     result = {}
     if accelerator.is_main_process:
@@ -224,6 +259,7 @@ def train(cfg: AutoencoderConfig) -> dict:
         originals, recons = torch.cat(originals), torch.cat(recons)
         result["heldout_psnr_db"] = float(image_psnr(originals, recons).mean())
         metrics.write(step=step, **result)
+        metrics.close()
         atomic_save_dir(lambda d: vae.save_pretrained(d, safe_serialization=True), run_dir / "vae")
         if cfg.export_dir:
             atomic_save_dir(lambda d: shutil.copytree(run_dir / "vae", d, dirs_exist_ok=True), Path(cfg.export_dir))
@@ -233,6 +269,7 @@ def train(cfg: AutoencoderConfig) -> dict:
         print(format_summary(f"autoencoder run {cfg.name}", {
             **{k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in result.items()},
             "vae": run_dir / "vae", "reconstructions": run_dir / "reconstructions.png",
-            "metrics": run_dir / "metrics.jsonl", "exported to": cfg.export_dir or "-"}))
+            "metrics": run_dir / "metrics.jsonl", "exported to": cfg.export_dir or "-",
+            "checkpoints": ", ".join(str(p) for p in list_checkpoints(ckpt.root)) or "-"}))
     accelerator.end_training()
     return result
