@@ -145,10 +145,10 @@ def train(cfg: AutoencoderConfig) -> dict:
     latent_shape = (vae.config.latent_channels, cfg.data.resolution // f, cfg.data.resolution // f)
     optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=tc.learning_rate,
                                   weight_decay=tc.weight_decay)
-    # A prepared scheduler steps once per process per step, hence the factor (diffusers' convention).
-    lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=tc.warmup_steps * n_proc,
-                             num_training_steps=tc.max_steps * n_proc)
-    model, optimizer, lr_sched = accelerator.prepare(model, optimizer, lr_sched)
+    # The LR schedule counts optimizer steps whatever the number of processes; stepped and checkpointed here.
+    lr_sched = get_scheduler("cosine", optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=tc.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(lr_sched)
     lpips = None
     if tc.perceptual_weight > 0:
         from .perceptual import LPIPS
@@ -208,7 +208,8 @@ def train(cfg: AutoencoderConfig) -> dict:
         if accelerator.sync_gradients:
             accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
         optimizer.step()
-        lr_sched.step()
+        if not accelerator.optimizer_step_was_skipped:
+            lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.step(accelerator.unwrap_model(model).vae.parameters())

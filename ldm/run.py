@@ -179,7 +179,12 @@ def make_accelerator(mixed_precision: str = "no"):
     """
     from accelerate import Accelerator
 
+    from accelerate.state import AcceleratorState
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and AcceleratorState._shared_state:
+        # A second run in the same process (a notebook, the tests) may ask for another precision.
+        AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=world > 1 and not torch.cuda.is_available())
     if accelerator.num_processes != world:
         raise RuntimeError(f"{world} processes were launched but Accelerate joined {accelerator.num_processes}")

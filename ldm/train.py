@@ -340,22 +340,25 @@ def train(cfg: LDMConfig) -> dict:
     # 3. Optimisation.
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if train_te:
-            text_encoder.gradient_checkpointing_enable()
+        if train_te:  # transformers 5 renamed the method
+            (getattr(text_encoder, "activation_checkpointing_enable", None)
+             or text_encoder.gradient_checkpointing_enable)()
     params = [{"params": list(unet.parameters()), "lr": tc.learning_rate}]
     if train_te:
         params.append({"params": list(text_encoder.parameters()),
                        "lr": tc.text_encoder_learning_rate or tc.learning_rate})
     optimizer = make_optimizer(params, tc, device)
-    # A prepared scheduler steps once per process per step, hence the factor (diffusers' convention).
+    # The LR schedule counts optimizer steps whatever the number of processes (so a checkpoint resumes on
+    # another count); it is stepped here, not by Accelerate, and checkpointed as a registered object.
     n_proc = accelerator.num_processes
-    lr_sched = get_scheduler(LR_SCHEDULES[tc.lr_schedule], optimizer, num_warmup_steps=tc.warmup_steps * n_proc,
-                             num_training_steps=tc.max_steps * n_proc)
+    lr_sched = get_scheduler(LR_SCHEDULES[tc.lr_schedule], optimizer, num_warmup_steps=tc.warmup_steps,
+                             num_training_steps=tc.max_steps)
     if train_te:
-        unet, text_encoder, optimizer, lr_sched = accelerator.prepare(unet, text_encoder, optimizer, lr_sched)
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
     else:  # a frozen encoder has no gradients for DDP to synchronise: it is only moved
-        unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
+        unet, optimizer = accelerator.prepare(unet, optimizer)
         text_encoder.to(device)
+    accelerator.register_for_checkpointing(lr_sched)
     ema = None
     if tc.ema_decay is not None:
         from diffusers.training_utils import EMAModel
@@ -463,15 +466,18 @@ def train(cfg: LDMConfig) -> dict:
         if tc.max_grad_norm > 0:
             accelerator.clip_grad_norm_(trainable, tc.max_grad_norm)
         optimizer.step()
-        lr_sched.step()
+        if accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the update
+            skipped += 1
+        else:
+            lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
-        skipped += int(accelerator.optimizer_step_was_skipped)  # fp16 overflow: the scaler skipped the update
         if ema is not None:
             ema.step(unet_u.parameters())
         done, window_steps = step + 1, window_steps + 1
         bar.update(1)
         if done % tc.log_every == 0 or done == tc.max_steps:
-            row = {"step": done, "epoch": epoch, **{k: (v / window_steps).item() for k, v in window.items()},
+            means = accelerator.reduce(torch.stack(list(window.values())) / window_steps, reduction="mean")
+            row = {"step": done, "epoch": epoch, **{k: v.item() for k, v in zip(window, means)},
                    "lr": lr_sched.get_last_lr()[0],
                    "images_per_s": window_steps * tc.batch_size / (time.time() - t_window)}
             if cfg.train.mixed_precision == "fp16":

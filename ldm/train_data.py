@@ -221,7 +221,10 @@ def latent_cache(vae, vae_fp: str, split: Split, cfg: LDMConfig, accelerator, fl
 
 def cached_posterior(arrays: dict, items: list[int], flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the posteriors of ``items`` (one bucket), mirrored where ``flip``; (B, C, h, w)."""
-    b = int(arrays["groups"][items[0]])
+    groups = arrays["groups"][np.asarray(items)]
+    b = int(groups[0])
+    if (groups != b).any():
+        raise ValueError(f"a batch mixes aspect buckets {sorted(set(groups.tolist()))}; batches must come from one")
     rows = arrays["rows"][np.asarray(items)]
     mean, std = take(arrays[f"mean_{b}"], rows), take(arrays[f"std_{b}"], rows)
     if flip.any():

@@ -1,0 +1,207 @@
+"""The training engine's options on tiny models: every objective option lowers the validation loss;
+bucketing, list captions, other sources, the text-embedding cache, periodic validation with sample
+grids and TensorBoard; two processes (gloo) against one."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors.torch import load_file
+
+from ldm.builtin_data import generate_shapes
+from ldm.config import LDMConfig, load_config
+from ldm.run import read_metrics
+from ldm.train import sample_timesteps, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 16, 16],
+                        latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=32,
+                        scaling_factor=1.0)
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return generate_shapes(tmp_path_factory.mktemp("shapes"), num_images=96, seed=0)
+
+
+def _cfg(tmp_path, vae, data, *extra):
+    return load_config(LDMConfig, ROOT / "configs/ldm/tiny.yaml", [
+        f"output_dir={tmp_path}", f"model.vae={vae}", f"data.dataset={data}", f"data.cache_dir={tmp_path / 'cache'}",
+        "sample.seeds=[0]", "sample.num_inference_steps=2", *extra])
+
+
+def _val(cfg):
+    return [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "val_mse" in r]
+
+
+@pytest.mark.parametrize("extra", [
+    ["diffusion.prediction_type=sample"],
+    ["diffusion.offset_noise=0.1"],
+    ["diffusion.timestep_sampling=logit_normal", "diffusion.timestep_mean=-0.5"],
+    ["train.gradient_accumulation_steps=2", "train.gradient_checkpointing=true", "train.ema_decay=0.9"],
+    ["train.mixed_precision=bf16", "data.random_flip=true", "data.random_crop=true"],
+])
+def test_objective_options_lower_the_validation_loss(tmp_path, tiny_vae_dir, data_dir, extra):
+    cfg = _cfg(tmp_path, tiny_vae_dir, data_dir, "train.max_steps=40", *extra)
+    train(cfg)
+    val = _val(cfg)
+    assert [r["step"] for r in val] == [0, 40]
+    assert val[1]["val_mse"] < 0.9 * val[0]["val_mse"], val
+
+
+def test_logit_normal_timesteps_follow_their_density():
+    from ldm.config import DiffusionConfig
+
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps(200_000, 1000, DiffusionConfig(timestep_sampling="logit_normal", timestep_mean=0.5,
+                                                        timestep_std=1.0), g)
+    # t/T = sigmoid(N(0.5, 1)): its median is sigmoid(0.5) = 0.622, P(t/T < 0.5) = Phi(-0.5) = 0.3085.
+    assert abs(t.float().median().item() / 1000 - 0.622) < 0.005
+    assert abs((t < 500).float().mean().item() - 0.3085) < 0.005
+    u = sample_timesteps(100_000, 1000, DiffusionConfig(), g)
+    assert u.min() == 0 and u.max() == 999
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        sample_timesteps(4, 1000, DiffusionConfig(timestep_sampling="cosine"), g)
+
+
+def _mixed_aspect_folder(root: Path) -> Path:
+    """Wide, tall and square images with two captions each."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(48):
+        w, h = [(48, 24), (24, 48), (32, 32)][i % 3]
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": [f"image {i % 3}", f"picture {i % 3}"]})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_bucketing_and_list_captions(tmp_path, tiny_vae_dir):
+    data = _mixed_aspect_folder(tmp_path / "mixed")
+    cfg = _cfg(tmp_path, tiny_vae_dir, data, "train.max_steps=6", "train.batch_size=8", "data.bucketing=true",
+               "data.bucket_step=8", "data.bucket_max_ratio=2.0", "data.random_flip=true",
+               "sample.prompts=[image 0]")
+    train(cfg)
+    # One latent array per bucket (and per orientation), each holding only its bucket's latent size.
+    folders = [p for p in (tmp_path / "cache").iterdir() if (p / "groups.npy").exists()]
+    shapes = {}
+    for folder in folders:
+        meta = json.loads((folder / "meta.json").read_text())
+        if meta["flips"]:  # the training cache (the validation one is square and unflipped)
+            shapes = {p.stem: np.load(p, mmap_mode="r").shape for p in folder.glob("mean*_*.npy")}
+    # 48x24 -> bucket 24x40, 24x48 -> 40x24, 32x32 -> 32x32 (h x w), latents a quarter of that.
+    assert {s[2:] for s in shapes.values()} == {(6, 10), (10, 6), (8, 8)}, shapes
+    assert any(k.startswith("mean_flip_") for k in shapes)
+    rows = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "epoch" in r]
+    assert rows and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_frozen_text_encoder_uses_the_embedding_cache_and_other_sources(tmp_path, tiny_vae_dir, data_dir):
+    import datasets
+
+    ds = datasets.load_dataset("imagefolder", data_dir=str(data_dir), split="train")
+    ds.to_parquet(str(tmp_path / "train.parquet"))
+    cfg = _cfg(tmp_path, tiny_vae_dir, tmp_path / "train.parquet", "train.max_steps=4",
+               "model.train_text_encoder=false", "data.validation_fraction=0.25")
+    result = train(cfg)
+    text = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("text-")]
+    assert len(text) == 1
+    embeds = np.load(text[0] / "embeds.npy", mmap_mode="r")
+    assert embeds.shape[0] == 72  # 96 images minus the 25% held out, one caption each
+    # The cached embeddings are the exported (frozen) encoder's outputs.
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    te = CLIPTextModel.from_pretrained(cfg.run_dir / "pipeline" / "text_encoder")
+    tok = CLIPTokenizer.from_pretrained(cfg.run_dir / "pipeline" / "tokenizer")
+    first = json.loads((text[0] / "meta.json").read_text())
+    assert first["num_captions"] == 72
+    ids = tok(["a red circle at the top left"], padding="max_length", max_length=tok.model_max_length,
+              truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = te(ids)[0][0].numpy()
+    assert any(np.allclose(e, ref, atol=1e-5) for e in embeds), "no cached row equals the encoder's output"
+    assert "held-out" not in str(result)  # the summary is printed; the result holds numbers only
+    assert [r["step"] for r in _val(cfg)] == [0, 4]
+
+
+def test_periodic_validation_writes_grids_and_tensorboard(tmp_path, tiny_vae_dir, data_dir):
+    cfg = _cfg(tmp_path, tiny_vae_dir, data_dir, "train.max_steps=6", "train.validate_every=3")
+    train(cfg)
+    assert [r["step"] for r in _val(cfg)] == [0, 3, 6]
+    assert (cfg.run_dir / "samples" / "step-3.png").exists() and (cfg.run_dir / "samples" / "step-6.png").exists()
+    assert list((cfg.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(cfg.run_dir / "tensorboard"))
+    acc.Reload()
+    assert {"loss", "val_mse"} <= set(acc.Tags()["scalars"]) and "samples" in acc.Tags()["images"]
+
+
+def test_builtin_scores_on_a_trained_pipeline(tmp_path, tiny_vae_dir, data_dir):
+    from ldm.train import builtin_scores
+    from pipelines import LDMPipeline
+
+    cfg = _cfg(tmp_path, tiny_vae_dir, data_dir, "train.max_steps=1")
+    train(cfg)
+    pipe = LDMPipeline.from_pretrained(cfg.run_dir / "pipeline")
+    scores = builtin_scores(pipe, "shapes", 16, cfg)
+    assert set(scores) == {"score_colour_accuracy", "score_shape_accuracy", "score_position_accuracy",
+                           "score_all_accuracy"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+
+def _unet(run_dir):
+    return load_file(run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_two_processes_match_one(tmp_path, tiny_vae_dir, data_dir):
+    """The same global batch on 2 gloo processes (1 image of every 2 each) or 1 process reaches the same
+    weights within float tolerance; the 2-process checkpoint resumes in 1 process to the same place."""
+    common = [f"output_dir={tmp_path}", f"model.vae={tiny_vae_dir}", f"data.dataset={data_dir}",
+              f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=6", "train.checkpoint_every=3",
+              "train.tensorboard=false", "train.log_every=1", "sample.seeds=[0]", "sample.num_inference_steps=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--num_cpu_threads_per_process", "1", "--main_process_port", "29517", str(ROOT / "train_ldm.py"),
+           "--config", str(ROOT / "configs/ldm/tiny.yaml"), "name=two", *common]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = load_config(LDMConfig, ROOT / "configs/ldm/tiny.yaml", ["name=one", *common])
+    train(one)
+    init = load_config(LDMConfig, ROOT / "configs/ldm/tiny.yaml", ["name=init", *common, "train.max_steps=0",
+                                                                   "train.checkpoint_every=0"])
+    train(init)
+    w0, a, b = _unet(init.run_dir), _unet(tmp_path / "two"), _unet(one.run_dir)
+
+    def rel(x, y):  # distance between two end points relative to how far training moved the weights
+        num = sum(((x[k] - y[k]) ** 2).sum() for k in x) ** 0.5
+        return float(num / sum(((y[k] - w0[k]) ** 2).sum() for k in y) ** 0.5)
+
+    assert rel(a, b) < 0.02, rel(a, b)
+    # Logged losses are means over the global batch: the first step (identical weights) agrees closely.
+    first = [[r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r.get("step") == 1 and "epoch" in r][0]
+             for name in ("two", "one")]
+    assert first[0]["loss"] == pytest.approx(first[1]["loss"], rel=1e-5)
+    # Resume the 2-process run's step-3 checkpoint in one process: the same end point again.
+    resumed = load_config(LDMConfig, ROOT / "configs/ldm/tiny.yaml",
+                          ["name=resumed", *common, f"train.resume={tmp_path / 'two' / 'checkpoints' / 'step-3'}"])
+    train(resumed)
+    assert rel(_unet(resumed.run_dir), b) < 0.02
