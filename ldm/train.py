@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from PIL import Image
@@ -297,6 +297,9 @@ def train(cfg: LDMConfig) -> dict:
     accelerator = make_accelerator(cfg.train.mixed_precision)
     tc = cfg.train
     check_config(cfg, accelerator.num_processes)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and tc.gradient_accumulation_steps > 1:
+        raise ValueError(f"train.gradient_accumulation_steps={tc.gradient_accumulation_steps} is not supported under "
+                         f"DeepSpeed, whose engine accumulates by itself; use 1 and a larger per-GPU batch")
     set_seed(tc.seed)
     run_dir = cfg.run_dir
     resume_from = resolve_resume(tc.resume, run_dir / "checkpoints")  # a wrong path fails before any work

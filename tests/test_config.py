@@ -16,9 +16,29 @@ def test_preset_and_overrides(tmp_path):
 
 
 def test_every_preset_loads():
-    load_config(AutoencoderConfig, "configs/autoencoder/builtin.yaml")
-    for preset in ("shapes", "digits", "tiny"):
-        load_config(LDMConfig, f"configs/ldm/{preset}.yaml")
+    from pathlib import Path
+
+    for preset in Path("configs/autoencoder").glob("*.yaml"):
+        load_config(AutoencoderConfig, preset)
+    presets = sorted(Path("configs/ldm").glob("*.yaml"))
+    assert {p.stem for p in presets} >= {"shapes", "digits", "tiny", "folder-256", "sd15-finetune-512"}
+    for preset in presets:
+        text = preset.read_text()
+        assert text.startswith("#"), f"{preset} should say what it is for and what hardware it was sized for"
+        load_config(LDMConfig, preset)
+
+
+def test_accelerate_configs_parse():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {}
+    for path in sorted(Path("configs/accelerate").glob("*.yaml")):
+        assert path.read_text().startswith("#"), f"{path} should say when to pick it"
+        kinds[path.stem] = str(load_config_from_file(str(path)).distributed_type)
+    assert kinds == {"cpu_2proc": "DistributedType.MULTI_CPU", "ddp": "DistributedType.MULTI_GPU",
+                     "deepspeed_zero2": "DistributedType.DEEPSPEED", "fsdp": "DistributedType.FSDP"}
 
 
 @pytest.mark.parametrize("override, message", [

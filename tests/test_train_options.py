@@ -205,3 +205,55 @@ def test_two_processes_match_one(tmp_path, tiny_vae_dir, data_dir):
                           ["name=resumed", *common, f"train.resume={tmp_path / 'two' / 'checkpoints' / 'step-3'}"])
     train(resumed)
     assert rel(_unet(resumed.run_dir), b) < 0.02
+
+
+def _sd_folder(root: Path, vae_dir: Path, captions: list[str]) -> Path:
+    """A tiny Stable Diffusion 1.x folder (as StableDiffusionPipeline saves it), v-prediction."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from ldm.text import build_text_encoder, build_tokenizer
+
+    torch.manual_seed(1)
+    tok = build_tokenizer(captions, vocab_size=600, max_length=16)
+    te = build_text_encoder(tok, 32, 1, 2, 64)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 32],
+                                layers_per_block=1, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    sched = DDIMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012, prediction_type="v_prediction", clip_sample=False)
+    pipe = StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(vae_dir), text_encoder=te, tokenizer=tok,
+                                   unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(root, safe_serialization=True)
+    return root
+
+
+@pytest.mark.parametrize("train_te", [False, True])
+def test_fine_tune_a_stable_diffusion_folder(tmp_path, tiny_vae_dir, data_dir, train_te):
+    import datasets
+    from diffusers import StableDiffusionPipeline
+
+    captions = datasets.load_dataset("imagefolder", data_dir=str(data_dir), split="train")["text"]
+    base = _sd_folder(tmp_path / "sd", tiny_vae_dir, captions)
+    cfg = _cfg(tmp_path, "builtin", data_dir, "train.max_steps=4", f"model.pretrained={base}",
+               f"model.train_text_encoder={str(train_te).lower()}", "train.learning_rate=0.001")
+    train(cfg)
+    out = cfg.run_dir / "pipeline"
+    # The schedule and prediction type, tokenizer and VAE are the pretrained folder's.
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    from transformers import CLIPTokenizer
+
+    tok_a, tok_b = (CLIPTokenizer.from_pretrained(p / "tokenizer") for p in (base, out))
+    assert tok_a.get_vocab() == tok_b.get_vocab() and tok_a(captions[:3]).input_ids == tok_b(captions[:3]).input_ids
+    vae_a = load_file(base / "vae" / "diffusion_pytorch_model.safetensors")
+    vae_b = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(vae_a[k], vae_b[k]) for k in vae_a)
+    # The U-Net trained; the text encoder trained only when asked.
+    unet_a = load_file(base / "unet" / "diffusion_pytorch_model.safetensors")
+    unet_b = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(unet_a[k], unet_b[k]) for k in unet_a)
+    te_a, te_b = (load_file(p / "text_encoder" / "model.safetensors") for p in (base, out))
+    assert any(not torch.equal(te_a[k], te_b[k]) for k in te_a) == train_te
+    sd = StableDiffusionPipeline.from_pretrained(out)
+    assert sd.unet.config.block_out_channels == [32, 32]
