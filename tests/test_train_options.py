@@ -257,3 +257,25 @@ def test_fine_tune_a_stable_diffusion_folder(tmp_path, tiny_vae_dir, data_dir, t
     assert any(not torch.equal(te_a[k], te_b[k]) for k in te_a) == train_te
     sd = StableDiffusionPipeline.from_pretrained(out)
     assert sd.unet.config.block_out_channels == [32, 32]
+
+
+def test_adamw8bit_comes_from_bitsandbytes(monkeypatch):
+    import types
+
+    from ldm.config import TrainConfig
+    from ldm.train import make_optimizer
+
+    params = [{"params": [torch.nn.Parameter(torch.zeros(3))]}]
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        make_optimizer(params, TrainConfig(optimizer="adamw8bit"), torch.device("cpu"))
+
+    class AdamW8bit(torch.optim.AdamW):
+        pass
+
+    fake = types.SimpleNamespace(optim=types.SimpleNamespace(AdamW8bit=AdamW8bit))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    opt = make_optimizer(params, TrainConfig(optimizer="adamw8bit", adam_beta1=0.8), torch.device("cpu"))
+    assert isinstance(opt, AdamW8bit) and opt.defaults["betas"] == (0.8, 0.999)
+    with pytest.raises(ValueError, match="train.optimizer"):
+        make_optimizer(params, TrainConfig(optimizer="sgd"), torch.device("cpu"))
