@@ -114,6 +114,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # constant | cosine (after warm-up)
     max_grad_norm: float = 1.0  # 0 turns clipping off
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    compile: bool = False  # torch.compile the U-Net in place (pays on GPUs after a one-off compile)
     mixed_precision: str = "no"  # no | bf16 | fp16 (handed to Accelerate; fp16 uses loss scaling)
     ema_decay: float | None = None  # EMA of the U-Net (diffusers EMAModel); None = off
     ema_warmup: bool = True  # decay ramps up as 1 - (1 + step)^(-2/3) until ema_decay
@@ -151,6 +152,11 @@ class LDMConfig:
         return Path(self.output_dir) / self.name
 
 
+class Raw(str):
+    """An override's text, parsed once its field's type is known: ``train.mixed_precision=no`` stays the
+    string "no" (YAML alone would read false) and ``train.learning_rate=1e-5`` becomes a float."""
+
+
 def _field_types(cls) -> dict[str, typing.Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -158,6 +164,16 @@ def _field_types(cls) -> dict[str, typing.Any]:
 
 def _check_value(key: str, value, typ):
     """Return ``value`` if it fits ``typ`` (ints accepted for floats), else raise naming the key."""
+    if isinstance(value, Raw):
+        if typ is str or (typing.get_origin(typ) in (typing.Union, types.UnionType) and str in typing.get_args(typ)
+                          and value.strip() not in ("null", "~", "None")):
+            return str(value)
+        value = yaml.safe_load(value) if value != "" else ""
+    if typ is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
+        except ValueError:
+            pass
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(typ):
@@ -223,7 +239,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        node[parts[-1]] = Raw(raw)
     return out
 
 

@@ -346,6 +346,8 @@ def train(cfg: LDMConfig) -> dict:
         if train_te:  # transformers 5 renamed the method
             (getattr(text_encoder, "activation_checkpointing_enable", None)
              or text_encoder.gradient_checkpointing_enable)()
+    if tc.compile:  # in place: parameter names, checkpoints and exports are unchanged
+        unet.compile()
     params = [{"params": list(unet.parameters()), "lr": tc.learning_rate}]
     if train_te:
         params.append({"params": list(text_encoder.parameters()),

@@ -56,3 +56,13 @@ def test_bad_overrides_raise(override, message):
 def test_missing_preset_file():
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(LDMConfig, "nope.yaml")
+
+
+def test_overrides_are_read_by_their_field_type():
+    cfg = load_config(LDMConfig, None, ["train.mixed_precision=no", "train.learning_rate=1e-5", "name=123",
+                                        "train.ema_decay=1e-4", "train.resume=null", "model.pretrained=/x/y",
+                                        "sample.prompts=[a b, c d]", "train.keep_last=null"])
+    assert cfg.train.mixed_precision == "no"  # YAML alone would read `no` as false
+    assert cfg.train.learning_rate == 1e-5 and cfg.train.ema_decay == 1e-4  # YAML 1.1 reads 1e-5 as text
+    assert cfg.name == "123" and cfg.train.resume is None and cfg.model.pretrained == "/x/y"
+    assert cfg.sample.prompts == ["a b", "c d"] and cfg.train.keep_last is None
