@@ -502,7 +502,7 @@ def train(cfg: LDMConfig) -> dict:
     # 6. Export (EMA weights when EMA is on): the pipeline folder, the loss plot and a summary.
     result = {"steps": step, "train_time_s": round(train_time, 1),
               "images_per_s": round((step - start_step) * tc.batch_size / max(train_time, 1e-9), 1),
-              "latent_std": round(latent_std, 3)}
+              "latent_std": round(latent_std, 3), "num_processes": n_proc}
     if accelerator.is_main_process:
         with ema_weights(ema, unet_u):
             pipe = make_pipeline(comp, unet_u.eval(), te_u.eval(), cfg.sample.scheduler)

@@ -37,7 +37,7 @@ def test_accelerate_configs_parse():
     for path in sorted(Path("configs/accelerate").glob("*.yaml")):
         assert path.read_text().startswith("#"), f"{path} should say when to pick it"
         kinds[path.stem] = str(load_config_from_file(str(path)).distributed_type)
-    assert kinds == {"cpu_2proc": "DistributedType.MULTI_CPU", "ddp": "DistributedType.MULTI_GPU",
+    assert kinds == {"cpu_2proc": "DistributedType.MULTI_GPU", "ddp": "DistributedType.MULTI_GPU",
                      "deepspeed_zero2": "DistributedType.DEEPSPEED", "fsdp": "DistributedType.FSDP"}
 
 

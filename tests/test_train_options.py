@@ -4,6 +4,7 @@ grids and TensorBoard; two processes (gloo) against one."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,12 +181,13 @@ def test_two_processes_match_one(tmp_path, tiny_vae_dir, data_dir):
               f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=6", "train.checkpoint_every=3",
               "train.tensorboard=false", "train.log_every=1", "sample.seeds=[0]", "sample.num_inference_steps=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--num_cpu_threads_per_process", "1", "--main_process_port", "29517", str(ROOT / "train_ldm.py"),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "--num_cpu_threads_per_process", "1",
+           "--main_process_port", "29517", str(ROOT / "train_ldm.py"),
            "--config", str(ROOT / "configs/ldm/tiny.yaml"), "name=two", *common]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"num_processes\s+2", proc.stdout), "the config must start two processes"
     one = load_config(LDMConfig, ROOT / "configs/ldm/tiny.yaml", ["name=one", *common])
     train(one)
     init = load_config(LDMConfig, ROOT / "configs/ldm/tiny.yaml", ["name=init", *common, "train.max_steps=0",
