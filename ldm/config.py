@@ -138,6 +138,35 @@ class SampleConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    method: str = "full"  # full (every U-Net weight) | lora (low-rank adapters only, through peft)
+    lora_rank: int = 4
+    lora_alpha: float | None = None  # None: equal to the rank (scale 1)
+    lora_dropout: float = 0.0
+    lora_feed_forward: bool = False  # attention projections always; also the transformer feed-forwards
+    lora_conv: bool = False  # also the ResNet convolutions
+    lora_text_encoder: bool = False  # adapters on the text encoder's attention too
+    base_dtype: str = "fp32"  # fp32 | bf16 | fp16: the frozen base's dtype (match train.mixed_precision)
+    merged_export: bool = False  # also export a full pipeline with the adapters merged at merge_scale
+    merge_scale: float = 1.0
+
+
+@dataclass
+class DreamBoothConfig:
+    # A folder of images of the subject (captions not needed): every one is trained with instance_prompt.
+    instance_data: str | None = None
+    instance_prompt: str = ""
+    # Prior preservation: images of the class drawn by the base model (generated into class_data when it
+    # holds fewer than num_class_images, then reused), trained with class_prompt at prior_loss_weight.
+    class_prompt: str | None = None
+    class_data: str | None = None
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    class_inference_steps: int = 50
+    class_guidance_scale: float = 3.0
+
+
+@dataclass
 class LDMConfig:
     name: str = "ldm"
     output_dir: str = "runs"
@@ -146,6 +175,8 @@ class LDMConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
 
     @property
     def run_dir(self) -> Path:

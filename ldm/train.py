@@ -168,10 +168,11 @@ def sample_timesteps(n: int, num_timesteps: int, dcfg, gen: torch.Generator) -> 
     raise ValueError(f"diffusion.timestep_sampling={dcfg.timestep_sampling!r} is not one of {TIMESTEP_SAMPLING}")
 
 
-def step_noise(seed: int, step: int, n: int, latent_shape: tuple, cfg: LDMConfig, num_timesteps: int) -> dict:
+def step_noise(seed: int, step: int, n: int, latent_shape: tuple, cfg: LDMConfig, num_timesteps: int,
+               stream: int = 0) -> dict:
     """The random draws of one step's global batch (CPU, seeded by the step): timesteps (B,), the
     diffusion noise and the posterior-sample noise (B, C, h, w), and the caption-dropout mask (B,)."""
-    g = torch.Generator().manual_seed(step_seed(seed, step))
+    g = torch.Generator().manual_seed(step_seed(seed, step, stream))
     d = cfg.diffusion
     t = sample_timesteps(n, num_timesteps, d, g)
     noise = torch.randn((n, *latent_shape), generator=g)
@@ -255,6 +256,21 @@ def check_config(cfg: LDMConfig, num_processes: int) -> None:
     if not 0 <= d.caption_dropout < 1:
         raise ValueError(f"data.caption_dropout={d.caption_dropout} must be in [0, 1)")
     sampling_scheduler(DDPMScheduler(), cfg.sample.scheduler)  # raises on an unknown name
+    fc, db = cfg.finetune, cfg.dreambooth
+    if fc.method not in ("full", "lora"):
+        raise ValueError(f"finetune.method={fc.method!r} is not one of ['full', 'lora']")
+    if fc.method == "lora" and not cfg.model.pretrained:
+        raise ValueError("finetune.method=lora needs model.pretrained: the model whose weights the adapters adapt")
+    if fc.method == "lora" and fc.base_dtype != "fp32" and fc.base_dtype != tc.mixed_precision:
+        raise ValueError(f"finetune.base_dtype={fc.base_dtype!r} needs train.mixed_precision={fc.base_dtype!r} "
+                         f"(got {tc.mixed_precision!r}) so that inputs meet the base weights in that dtype")
+    if db.class_prompt and not cfg.model.pretrained:
+        raise ValueError("dreambooth.class_prompt needs model.pretrained: class images are drawn by the base model")
+    if db.class_prompt and d.bucketing:
+        raise ValueError("dreambooth.class_prompt (prior preservation) trains both halves in one forward and "
+                         "needs data.bucketing=false")
+    if db.instance_data and not db.instance_prompt:
+        raise ValueError("dreambooth.instance_data needs dreambooth.instance_prompt, e.g. 'a photo of sks dog'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,17 +278,17 @@ def check_config(cfg: LDMConfig, num_processes: int) -> None:
 # ----------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def ema_weights(ema, model):
-    """Run the body with the EMA weights in ``model`` (when EMA is on), then put the trained ones back."""
+def ema_weights(ema, params: list):
+    """Run the body with the EMA weights in ``params`` (when EMA is on), then put the trained ones back."""
     if ema is None:
         yield
         return
-    ema.store(model.parameters())
-    ema.copy_to(model.parameters())
+    ema.store(params)
+    ema.copy_to(params)
     try:
         yield
     finally:
-        ema.restore(model.parameters())
+        ema.restore(params)
 
 
 @torch.no_grad()
@@ -317,7 +333,28 @@ def train(cfg: LDMConfig) -> dict:
     factor = vae_scale_factor(vae)
     td.check_sizes(cfg, train_split, factor)
     vae.requires_grad_(False).eval().to(device)
-    text_encoder.requires_grad_(train_te)
+    fc, db = cfg.finetune, cfg.dreambooth
+    class_split = None
+    if db.class_prompt:  # DreamBooth prior preservation: class images drawn by the base model, once
+        from .dreambooth import ensure_class_images
+
+        def base_pipeline():
+            return make_pipeline(comp, unet.to(device).eval(), text_encoder.to(device).eval(), "ddpm")
+
+        class_dir = ensure_class_images(base_pipeline, db.class_data or run_dir / "class_images", db.class_prompt,
+                                        db.num_class_images, tc.seed, db.class_inference_steps,
+                                        db.class_guidance_scale, accelerator)
+        unet.train()
+        with accelerator.main_process_first():
+            class_split = td.class_split(cfg, class_dir)
+    if fc.method == "lora":  # adapters only: the base stays frozen (and may be kept in bf16/fp16)
+        from .lora import add_lora
+
+        train_te = fc.lora_text_encoder
+        trainable = add_lora(unet, text_encoder, fc)
+    else:
+        text_encoder.requires_grad_(train_te)
+        trainable = list(unet.parameters()) + (list(text_encoder.parameters()) if train_te else [])
     diffusion = GaussianDiffusion.from_scheduler_config(comp["scheduler"].config)
     scale = float(vae.config.scaling_factor)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
@@ -333,12 +370,18 @@ def train(cfg: LDMConfig) -> dict:
     no_flip = torch.zeros(len(val_split), dtype=torch.bool)
     val_mean, val_std = td.cached_posterior(val_cache, list(range(len(val_split))), no_flip)  # (V, C, h, w)
     latent_std = check_latent_scale(val_mean, val_std, scale, shift)
-    input_ids = tokenize(tokenizer, train_split.captions)  # (num_captions, L)
+    class_latents = None
+    if class_split is not None and use_latent_cache:
+        class_latents = td.latent_cache(vae, vae_fp, class_split, cfg, accelerator, cfg.data.random_flip)
+    # Token ids of every caption: the training split's, then the class split's (from class_offset on).
+    class_offset = len(train_split.captions)
+    input_ids = tokenize(tokenizer, train_split.captions + (class_split.captions if class_split else []))  # (N, L)
     empty_ids = tokenize(tokenizer, [""])[0]
     val_ids = tokenize(tokenizer, val_split.first_captions())
     text = td.text_cache(text_encoder, input_ids, empty_ids, cfg, accelerator) \
         if cfg.data.cache_text and not train_te else None
     sampler = td.batch_plan(train_split, cfg)
+    class_sampler = td.batch_plan(class_split, cfg) if class_split is not None else None
 
     # 3. Optimisation.
     if tc.gradient_checkpointing:
@@ -348,10 +391,13 @@ def train(cfg: LDMConfig) -> dict:
              or text_encoder.gradient_checkpointing_enable)()
     if tc.compile:  # in place: parameter names, checkpoints and exports are unchanged
         unet.compile()
-    params = [{"params": list(unet.parameters()), "lr": tc.learning_rate}]
-    if train_te:
-        params.append({"params": list(text_encoder.parameters()),
-                       "lr": tc.text_encoder_learning_rate or tc.learning_rate})
+    if fc.method == "lora":
+        params = [{"params": trainable, "lr": tc.learning_rate}]
+    else:
+        params = [{"params": list(unet.parameters()), "lr": tc.learning_rate}]
+        if train_te:
+            params.append({"params": list(text_encoder.parameters()),
+                           "lr": tc.text_encoder_learning_rate or tc.learning_rate})
     optimizer = make_optimizer(params, tc, device)
     # The LR schedule counts optimizer steps whatever the number of processes (so a checkpoint resumes on
     # another count); it is stepped here, not by Accelerate, and checkpointed as a registered object.
@@ -364,12 +410,13 @@ def train(cfg: LDMConfig) -> dict:
         unet, optimizer = accelerator.prepare(unet, optimizer)
         text_encoder.to(device)
     accelerator.register_for_checkpointing(lr_sched)
+    # EMA averages what trains in the U-Net: every weight, or the adapters only under LoRA.
+    ema_params = [p for p in accelerator.unwrap_model(unet).parameters() if p.requires_grad]
     ema = None
     if tc.ema_decay is not None:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=tc.ema_decay,
-                       use_ema_warmup=tc.ema_warmup, power=2 / 3, foreach=True)
+        ema = EMAModel(ema_params, decay=tc.ema_decay, use_ema_warmup=tc.ema_warmup, power=2 / 3, foreach=True)
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
 
@@ -394,7 +441,7 @@ def train(cfg: LDMConfig) -> dict:
         """Validation loss (all steps), plus sample grid and built-in scores (``full``); main process."""
         row = {}
         if accelerator.is_main_process:
-            with ema_weights(ema, unet_u):
+            with ema_weights(ema, ema_params), accelerator.autocast():
                 row = validation_loss(diffusion, unet_u, te_u, val_mean, val_std, val_ids, scale, shift, tc.seed)
                 if full:
                     unet_u.eval(), te_u.eval()
@@ -422,8 +469,42 @@ def train(cfg: LDMConfig) -> dict:
     micro = tc.batch_size // (n_proc * accum)  # images per process per forward
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     pixel_items = None if use_latent_cache else td.PixelItems(train_split, cfg)
+    class_pixels = None if use_latent_cache or class_split is None else td.PixelItems(class_split, cfg)
     empty_embed = torch.from_numpy(np.array(text["empty"][0])) if text is not None else None
     c_lat = vae.config.latent_channels
+
+    def plan(split, cache, pixels, batch, step, stream: int, offset: int) -> dict:
+        """One global batch's draws (noise, timesteps, captions, flips), the same on every process."""
+        h, w = split.sizes[batch[0]]
+        draws = step_noise(tc.seed, step, len(batch), (c_lat, h // factor, w // factor), cfg,
+                           diffusion.num_timesteps, stream)
+        aug = td.step_augment(tc.seed, step, len(batch), stream + 1)
+        return {"cache": cache, "pixels": pixels, "batch": batch, "draws": draws, "crop": aug["crop_seed"],
+                "flips": aug["flip"] & cfg.data.random_flip,
+                "cap": td.caption_index(split, batch, aug["caption_u"]) + offset}  # (B,) into input_ids
+
+    def inputs(part: dict, sl: slice) -> tuple:
+        """(z0, t, noise, context) of this process's slice ``sl`` of a planned batch."""
+        items, draws = part["batch"][sl], part["draws"]
+        if part["cache"] is not None:
+            mean, std = td.cached_posterior(part["cache"], items, part["flips"][sl])
+        else:
+            pixels = torch.stack([part["pixels"][(i, f, s)] for i, f, s in
+                                  zip(items, part["flips"][sl].tolist(), part["crop"][sl].tolist())])
+            mean, std = td.encode(vae, pixels)
+        # z0 ~ q(z | x): a fresh draw from the posterior each step, scaled to unit variance.
+        z0 = (mean.to(device) + std.to(device) * draws["posterior"][sl].to(device) - shift) * scale
+        drop = draws["drop"][sl]  # classifier-free guidance: the empty caption with probability caption_dropout
+        if text is not None:
+            context = td.take(text["embeds"], part["cap"][sl])
+            context[drop] = empty_embed
+            context = context.to(device)
+        else:
+            ids = input_ids[part["cap"][sl]]
+            ids[drop] = empty_ids
+            context = text_encoder(ids.to(device))[0]  # (b, L, D)
+        return z0, draws["t"][sl].to(device), draws["noise"][sl].to(device), context
+
     window, window_steps, skipped, t_window, t_start = {}, 0, 0, time.time(), time.time()
     row: dict = {}
     unet.train()
@@ -431,40 +512,28 @@ def train(cfg: LDMConfig) -> dict:
     bar = tqdm(total=tc.max_steps, initial=start_step, desc="training", disable=not accelerator.is_main_process)
     step = start_step
     for step, epoch, batch in step_batches(sampler, start_step, tc.max_steps):
-        h, w = train_split.sizes[batch[0]]
-        draws = step_noise(tc.seed, step, len(batch), (c_lat, h // factor, w // factor), cfg, diffusion.num_timesteps)
-        aug = td.step_augment(tc.seed, step, len(batch))
-        flips = aug["flip"] & cfg.data.random_flip
-        cap = td.caption_index(train_split, batch, aug["caption_u"])  # (B,) into train_split.captions
+        parts = [plan(train_split, latents, pixel_items, batch, step, 0, 0)]
+        if class_split is not None:  # DreamBooth: the class half of the batch, for prior preservation
+            parts.append(plan(class_split, class_latents, class_pixels, td.batch_at(class_sampler, step), step, 2,
+                              class_offset))
         for k in range(accum):
             sl = slice((k * n_proc + rank) * micro, (k * n_proc + rank + 1) * micro)  # this process's share
-            items = batch[sl]
-            if latents is not None:
-                mean, std = td.cached_posterior(latents, items, flips[sl])
-            else:
-                pixels = torch.stack([pixel_items[(i, f, s)] for i, f, s in
-                                      zip(items, flips[sl].tolist(), aug["crop_seed"][sl].tolist())])
-                mean, std = td.encode(vae, pixels)
-            # z0 ~ q(z | x): a fresh draw from the posterior each step, scaled to unit variance.
-            z0 = (mean.to(device) + std.to(device) * draws["posterior"][sl].to(device) - shift) * scale
-            drop = draws["drop"][sl]
             with contextlib.ExitStack() as no_sync:
                 if k < accum - 1:  # gradients are all-reduced once, on the last micro-batch
                     no_sync.enter_context(accelerator.no_sync(unet))
                     if train_te:
                         no_sync.enter_context(accelerator.no_sync(text_encoder))
                 with accelerator.autocast():
-                    if text is not None:
-                        context = td.take(text["embeds"], cap[sl])
-                        context[drop] = empty_embed
-                        context = context.to(device)
-                    else:  # classifier-free guidance: the empty caption with probability caption_dropout
-                        ids = input_ids[cap[sl]]
-                        ids[drop] = empty_ids
-                        context = text_encoder(ids.to(device))[0]  # (b, L, D)
-                    terms = diffusion_loss(diffusion, unet, z0, draws["t"][sl].to(device),
-                                           draws["noise"][sl].to(device), context, cfg)
-                    loss = terms["loss"].mean() / accum
+                    # One forward over both halves (as DDP wants), split again for the two loss terms.
+                    z0, t, noise, context = (torch.cat(x) for x in zip(*(inputs(part, sl) for part in parts)))
+                    all_terms = diffusion_loss(diffusion, unet, z0, t, noise, context, cfg)
+                    n = sl.stop - sl.start
+                    terms = {key: v[:n] for key, v in all_terms.items()}
+                    loss = terms["loss"].mean()
+                    if len(parts) > 1:  # prior-preservation loss (Ruiz et al. 2023, eq. 2)
+                        terms["prior_loss"] = all_terms["loss"][n:]
+                        loss = loss + db.prior_loss_weight * terms["prior_loss"].mean()
+                    loss = loss / accum
                 accelerator.backward(loss)
             for key, v in terms.items():  # sums stay on the device: one host sync per log line
                 window[key] = window.get(key, 0.0) + v.detach().mean() / accum
@@ -477,7 +546,7 @@ def train(cfg: LDMConfig) -> dict:
             lr_sched.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(unet_u.parameters())
+            ema.step(ema_params)
         done, window_steps = step + 1, window_steps + 1
         bar.update(1)
         if done % tc.log_every == 0 or done == tc.max_steps:
@@ -504,9 +573,26 @@ def train(cfg: LDMConfig) -> dict:
               "images_per_s": round((step - start_step) * tc.batch_size / max(train_time, 1e-9), 1),
               "latent_std": round(latent_std, 3), "num_processes": n_proc}
     if accelerator.is_main_process:
-        with ema_weights(ema, unet_u):
-            pipe = make_pipeline(comp, unet_u.eval(), te_u.eval(), cfg.sample.scheduler)
-            atomic_save_dir(lambda d: pipe.save_pretrained(d, safe_serialization=True), run_dir / "pipeline")
+        saved_models = {}
+        with ema_weights(ema, ema_params):
+            if fc.method == "lora":  # the adapters alone, and a merged pipeline when asked
+                from .lora import LORA_FILE, merge_into, save_lora
+
+                atomic_save_dir(lambda d: save_lora(d, unet_u, te_u), run_dir / "lora")
+                saved_models["lora"] = run_dir / "lora" / LORA_FILE
+                if fc.merged_export:
+                    from pipelines import LDMPipeline
+
+                    merged = merge_into(LDMPipeline.from_pretrained(cfg.model.pretrained), run_dir / "lora",
+                                        fc.merge_scale)
+                    merged.scheduler = sampling_scheduler(comp["scheduler"], cfg.sample.scheduler)
+                    atomic_save_dir(lambda d: merged.save_pretrained(d, safe_serialization=True),
+                                    run_dir / "pipeline")
+                    saved_models["pipeline"] = run_dir / "pipeline"
+            else:
+                pipe = make_pipeline(comp, unet_u.eval(), te_u.eval(), cfg.sample.scheduler)
+                atomic_save_dir(lambda d: pipe.save_pretrained(d, safe_serialization=True), run_dir / "pipeline")
+                saved_models["pipeline"] = run_dir / "pipeline"
         plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png", keys=("loss", "mse", "val_loss"))
         vals = [r["val_loss"] for r in metrics.rows() if "val_loss" in r]
         final = {"final_loss": round(row.get("loss", math.nan), 5), **result,
@@ -519,7 +605,7 @@ def train(cfg: LDMConfig) -> dict:
         saved = ", ".join(str(p) for p in list_checkpoints(ckpt.root)) or "-"
         print(format_summary(f"run {cfg.name}", {
             **final, "validation set": "held-out" if heldout else "training images (no held-out split given)",
-            "weights": "EMA" if ema is not None else "trained", "pipeline": run_dir / "pipeline",
+            "weights": "EMA" if ema is not None else "trained", **saved_models,
             "samples": run_dir / "samples" / f"step-{step}.png", "loss plot": run_dir / "loss.png",
             "metrics": run_dir / "metrics.jsonl", "checkpoints": saved}))
         result = final

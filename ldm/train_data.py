@@ -64,9 +64,18 @@ def load_splits(cfg: LDMConfig) -> tuple[Split, Split, bool]:
     once with a fixed seed.
     """
     d = cfg.data
-    train_ds = _load(cfg, d.dataset, d.split)
+    source = d.dataset
+    if cfg.dreambooth.instance_data:  # DreamBooth: the subject's images, all under the instance prompt
+        from .dreambooth import instance_dataset
+
+        source = cfg.dreambooth.instance_data
+        train_ds = instance_dataset(source, cfg.dreambooth.instance_prompt, d.image_column, d.caption_column)
+    else:
+        train_ds = _load(cfg, d.dataset, d.split)
     val_ds, heldout = None, True
-    if d.validation_dataset:
+    if cfg.dreambooth.instance_data:
+        pass  # a handful of subject images: validate on them
+    elif d.validation_dataset:
         val_ds = _load(cfg, d.validation_dataset, d.validation_split_name)
     elif d.dataset in BUILTIN_DATASETS:
         val_ds = _load(cfg, d.dataset, "heldout")
@@ -79,9 +88,14 @@ def load_splits(cfg: LDMConfig) -> tuple[Split, Split, bool]:
         val_ds, heldout = train_ds, False
     if len(val_ds) > d.validation_num_images:
         val_ds = val_ds.shuffle(seed=0).select(range(d.validation_num_images))
-    train = make_split(cfg, train_ds, d.dataset, bucketing=d.bucketing)
-    val = make_split(cfg, val_ds, d.validation_dataset or d.dataset, bucketing=False)
+    train = make_split(cfg, train_ds, source, bucketing=d.bucketing)
+    val = make_split(cfg, val_ds, d.validation_dataset or source, bucketing=False)
     return train, val, heldout
+
+
+def class_split(cfg: LDMConfig, folder: Path) -> Split:
+    """DreamBooth's class images (an image folder with metadata.jsonl) as a split."""
+    return make_split(cfg, _load(cfg, str(folder), "train"), str(folder), bucketing=cfg.data.bucketing)
 
 
 def make_split(cfg: LDMConfig, ds, source: str, bucketing: bool) -> Split:
@@ -130,9 +144,9 @@ def caption_index(split: Split, items: list[int], u: torch.Tensor) -> torch.Tens
 # 2. Per-step choices: the same on every process and after a resume
 # ----------------------------------------------------------------------------------------------
 
-def step_augment(seed: int, step: int, n: int) -> dict:
+def step_augment(seed: int, step: int, n: int, stream: int = 1) -> dict:
     """Per-image choices for the global batch of ``step``: caption draw, flip, crop seed."""
-    g = torch.Generator().manual_seed(step_seed(seed, step, stream=1))
+    g = torch.Generator().manual_seed(step_seed(seed, step, stream))
     return {"caption_u": torch.rand(n, generator=g), "flip": torch.rand(n, generator=g) < 0.5,
             "crop_seed": torch.randint(0, 2**31 - 1, (n,), generator=g)}
 
@@ -259,6 +273,11 @@ def text_cache(text_encoder, input_ids: torch.Tensor, empty_ids: torch.Tensor, c
 
     arrays, _ = build_or_open(cfg.data.cache_dir, key, build, accelerator, "text-embedding cache")
     return arrays
+
+
+def batch_at(sampler: GlobalBatchSampler, step: int) -> list[int]:
+    """The global batch a sampler gives at ``step`` (epochs follow one another)."""
+    return sampler.batches(step // len(sampler))[step % len(sampler)]
 
 
 def batch_plan(split: Split, cfg: LDMConfig) -> GlobalBatchSampler:

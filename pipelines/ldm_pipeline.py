@@ -7,9 +7,11 @@ import tempfile
 
 import torch
 from diffusers import AutoencoderKL, DDPMParallelScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.utils import scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
 
@@ -28,7 +30,7 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-class LDMPipeline(DiffusionPipeline):
+class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Text-to-image latent diffusion pipeline.
 
     A CLIP text encoder turns the prompt into a context sequence, a conditional U-Net denoises random latents
@@ -36,6 +38,8 @@ class LDMPipeline(DiffusionPipeline):
     Any diffusers scheduler can be swapped in, U-Nets that predict a learned variance (``out_channels ==
     2 * in_channels``) are supported, and folders written by ``save_pretrained`` load with diffusers'
     ``StableDiffusionPipeline`` as well as with this class (which also loads Stable Diffusion 1.x folders).
+    LoRA adapters in diffusers' layout load with ``load_lora_weights``; ``cross_attention_kwargs={"scale": s}``
+    runs them at scale s, as in ``StableDiffusionPipeline``.
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -150,13 +154,19 @@ class LDMPipeline(DiffusionPipeline):
         # The pipeline already drops the variance; a per-call copy stops the scheduler slicing channels again.
         return scheduler.__class__.from_config(scheduler.config, variance_type=None), False
 
-    def _encode(self, texts, n, device):
+    def _encode(self, texts, n, device, lora_scale=None):
         ids = self.tokenizer(
             texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
             return_tensors="pt",
         ).input_ids.to(device)
-        # Each prompt's copies stay adjacent, matching the order of StableDiffusionPipeline.
-        return self.text_encoder(ids)[0].repeat_interleave(n, dim=0)
+        if lora_scale is not None:  # text-encoder adapters at the asked scale, as StableDiffusionPipeline does
+            scale_lora_layers(self.text_encoder, lora_scale)
+        try:
+            # Each prompt's copies stay adjacent, matching the order of StableDiffusionPipeline.
+            return self.text_encoder(ids)[0].repeat_interleave(n, dim=0)
+        finally:
+            if lora_scale is not None:
+                unscale_lora_layers(self.text_encoder, lora_scale)
 
     @torch.no_grad()
     def __call__(
@@ -171,6 +181,7 @@ class LDMPipeline(DiffusionPipeline):
         generator=None,
         output_type="pil",
         return_dict=True,
+        cross_attention_kwargs=None,
     ):
         size = self.unet.config.sample_size
         default_h, default_w = (size, size) if _is_int(size) else tuple(size)
@@ -184,9 +195,10 @@ class LDMPipeline(DiffusionPipeline):
         device, dtype = self._execution_device, self.unet.dtype
         do_cfg = guidance_scale > 1.0
 
-        context = self._encode(prompts, num_images_per_prompt, device)
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        context = self._encode(prompts, num_images_per_prompt, device, lora_scale)
         if do_cfg:  # unconditional first, as in StableDiffusionPipeline, so one unet pass covers both
-            context = torch.cat([self._encode(negatives, num_images_per_prompt, device), context])
+            context = torch.cat([self._encode(negatives, num_images_per_prompt, device, lora_scale), context])
         context = context.to(dtype)
 
         in_ch, f = self.unet.config.in_channels, self.vae_scale_factor
@@ -199,7 +211,8 @@ class LDMPipeline(DiffusionPipeline):
         for t in self.progress_bar(scheduler.timesteps):
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
-            out = self.unet(model_in, t, encoder_hidden_states=context, return_dict=False)[0]
+            out = self.unet(model_in, t, encoder_hidden_states=context, cross_attention_kwargs=cross_attention_kwargs,
+                            return_dict=False)[0]
             mean, var = out[:, :in_ch], out[:, in_ch:]  # var is empty without a learned variance
             if do_cfg:
                 mean_uncond, mean_text = mean.chunk(2)

@@ -2,7 +2,6 @@
 compiled run's checkpoint resumes in an eager run. Slow on CPU (about 2 minutes of compilation)."""
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from ldm.builtin_data import generate_shapes

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -20,20 +19,14 @@ from ldm.builtin_data import generate_shapes
 from ldm.config import LDMConfig, load_config
 from ldm.run import read_metrics
 from ldm.train import sample_timesteps, train
+from tiny_models import sd_folder, tiny_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-                        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 16, 16],
-                        latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=32,
-                        scaling_factor=1.0)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path, safe_serialization=True)
-    return path
+    return tiny_vae(tmp_path_factory.mktemp("vae"))
 
 
 @pytest.fixture(scope="module")
@@ -211,35 +204,13 @@ def test_two_processes_match_one(tmp_path, tiny_vae_dir, data_dir):
     assert rel(_unet(resumed.run_dir), b) < 0.02
 
 
-def _sd_folder(root: Path, vae_dir: Path, captions: list[str]) -> Path:
-    """A tiny Stable Diffusion 1.x folder (as StableDiffusionPipeline saves it), v-prediction."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    from ldm.text import build_text_encoder, build_tokenizer
-
-    torch.manual_seed(1)
-    tok = build_tokenizer(captions, vocab_size=600, max_length=16)
-    te = build_text_encoder(tok, 32, 1, 2, 64)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 32],
-                                layers_per_block=1, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=8)
-    sched = DDIMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear", beta_start=0.00085,
-                          beta_end=0.012, prediction_type="v_prediction", clip_sample=False)
-    pipe = StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(vae_dir), text_encoder=te, tokenizer=tok,
-                                   unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(root, safe_serialization=True)
-    return root
-
-
 @pytest.mark.parametrize("train_te", [False, True])
 def test_fine_tune_a_stable_diffusion_folder(tmp_path, tiny_vae_dir, data_dir, train_te):
     import datasets
     from diffusers import StableDiffusionPipeline
 
     captions = datasets.load_dataset("imagefolder", data_dir=str(data_dir), split="train")["text"]
-    base = _sd_folder(tmp_path / "sd", tiny_vae_dir, captions)
+    base = sd_folder(tmp_path / "sd", tiny_vae_dir, captions)
     cfg = _cfg(tmp_path, "builtin", data_dir, "train.max_steps=4", f"model.pretrained={base}",
                f"model.train_text_encoder={str(train_te).lower()}", "train.learning_rate=0.001")
     train(cfg)

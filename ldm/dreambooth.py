@@ -1,0 +1,80 @@
+"""DreamBooth (Ruiz et al. 2023): teach a subject from a few images under a rare-token prompt, while a
+prior-preservation loss on images of its class, drawn by the base model itself, keeps the class intact.
+
+Class images are generated once into ``dreambooth.class_data`` (an image folder with metadata.jsonl,
+like any dataset here) and reused by later runs; only missing ones are drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .run import atomic_save
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def count_class_images(folder: Path, prompt: str) -> int:
+    """Images in ``folder``'s metadata.jsonl captioned with ``prompt`` (and present on disk)."""
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        return 0
+    rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
+    return sum(1 for r in rows if r.get("text") == prompt and (folder / r["file_name"]).is_file())
+
+
+@torch.no_grad()
+def ensure_class_images(pipe_factory, folder: str | Path, prompt: str, num_images: int, seed: int,
+                        num_inference_steps: int, guidance_scale: float, accelerator, batch_size: int = 8) -> Path:
+    """Make sure ``folder`` holds ``num_images`` images of ``prompt``, drawing the missing ones with the
+    pipeline ``pipe_factory()`` returns (main process; seeds seed+i, so a top-up is deterministic)."""
+    folder = Path(folder)
+    if accelerator.is_main_process:
+        have = count_class_images(folder, prompt)
+        if have >= num_images:
+            logger.info("reusing %d class images of %r in %s", have, prompt, folder)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            pipe = pipe_factory()
+            pipe.set_progress_bar_config(disable=True)
+            meta = folder / "metadata.jsonl"
+            rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()] \
+                if meta.is_file() else []
+            from tqdm.auto import tqdm
+
+            for start in tqdm(range(have, num_images, batch_size), desc="class images"):
+                ids = list(range(start, min(start + batch_size, num_images)))
+                gens = [torch.Generator().manual_seed(seed + i) for i in ids]
+                images = pipe([prompt] * len(ids), generator=gens, num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale).images
+                for i, image in zip(ids, images):
+                    name = f"class-{i:05d}.png"
+                    atomic_save(lambda p, im=image: im.save(p, format="PNG"), folder / name)
+                    rows.append({"file_name": name, "text": prompt})
+                # metadata last: an interrupted run leaves only images it has listed
+                atomic_save(lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)), meta)
+            logger.info("drew %d class images of %r into %s", num_images - have, prompt, folder)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def instance_dataset(folder: str | Path, prompt: str, image_column: str = "image", caption_column: str = "text"):
+    """Every image file in ``folder`` (no captions needed) paired with ``prompt``, as a `datasets.Dataset`."""
+    import datasets
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"dreambooth.instance_data={str(folder)!r} is not a folder of images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"dreambooth.instance_data={str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    if not prompt:
+        raise ValueError("dreambooth.instance_prompt is empty; give the subject's prompt, e.g. 'a photo of sks dog'")
+    ds = datasets.Dataset.from_dict({image_column: [str(p) for p in files], caption_column: [prompt] * len(files)})
+    return ds.cast_column(image_column, datasets.Image())

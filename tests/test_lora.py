@@ -1,0 +1,177 @@
+"""LoRA and DreamBooth on a tiny Stable Diffusion folder: only adapters train; the exported file loads in
+LDMPipeline and diffusers' StableDiffusionPipeline alike; merging at scale s equals running at scale s;
+class images are drawn once and reused; the prior-preservation loss sees the class half of the batch."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from ldm.builtin_data import generate_shapes
+from ldm.config import LDMConfig, load_config
+from ldm.lora import LORA_FILE, merge_into
+from ldm.run import read_metrics
+from ldm.train import train
+from pipelines import LDMPipeline
+from tiny_models import sd_folder, tiny_vae
+
+PROMPT = "a red circle at the top left"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    import datasets
+
+    root = tmp_path_factory.mktemp("base")
+    data = generate_shapes(root / "shapes", num_images=64, seed=0)
+    captions = list(datasets.load_dataset("imagefolder", data_dir=str(data), split="train")["text"])
+    return {"data": data, "sd": sd_folder(root / "sd", tiny_vae(root / "vae"), captions + ["a photo of sks blob"])}
+
+
+def _cfg(tmp_path, base, *extra):
+    return load_config(LDMConfig, "configs/ldm/tiny.yaml", [
+        f"output_dir={tmp_path}", f"data.dataset={base['data']}", f"data.cache_dir={tmp_path / 'cache'}",
+        f"model.pretrained={base['sd']}", "finetune.method=lora", "finetune.lora_rank=4",
+        "train.max_steps=6", "train.learning_rate=0.01", "train.tensorboard=false", "sample.seeds=[0]",
+        "sample.num_inference_steps=2", *extra])
+
+
+def _images(pipe, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe([PROMPT], num_inference_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
+                output_type="np", **kwargs).images
+
+
+def test_only_adapters_train_and_both_pipelines_load_them(tmp_path, base):
+    cfg = _cfg(tmp_path, base, "train.checkpoint_every=6")
+    train(cfg)
+    # The trained U-Net's base weights (peft's `base_layer`) are the pretrained ones, bit for bit.
+    state = load_file(cfg.run_dir / "checkpoints" / "step-6" / "model.safetensors")
+    pre = load_file(base["sd"] / "unet" / "diffusion_pytorch_model.safetensors")
+    assert [k for k in state if "lora_" in k]
+    for k, v in state.items():
+        if "lora_" not in k:
+            assert torch.equal(v, pre[k.replace(".base_layer", "")]), k
+    # One safetensors file in diffusers' layout.
+    lora = load_file(cfg.run_dir / "lora" / LORA_FILE)
+    assert lora and all(k.startswith("unet.") for k in lora)
+    assert all(v.dtype == torch.float32 for v in lora.values())
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k or ".up." in k)  # B starts at 0
+    ours = LDMPipeline.from_pretrained(base["sd"])
+    ours.load_lora_weights(str(cfg.run_dir / "lora"), weight_name=LORA_FILE)
+    theirs = StableDiffusionPipeline.from_pretrained(base["sd"])
+    theirs.load_lora_weights(str(cfg.run_dir / "lora"), weight_name=LORA_FILE)
+    a, b = _images(ours), _images(theirs)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    plain = _images(LDMPipeline.from_pretrained(base["sd"]))
+    assert np.abs(a - plain).max() > 1e-3  # the adapters change the images
+
+
+def test_text_encoder_adapters_train_and_export(tmp_path, base):
+    cfg = _cfg(tmp_path, base, "finetune.lora_text_encoder=true", "train.checkpoint_every=6")
+    train(cfg)
+    lora = load_file(cfg.run_dir / "lora" / LORA_FILE)
+    te_keys = [k for k in lora if k.startswith("text_encoder.")]
+    assert te_keys and any("q_proj" in k for k in te_keys)
+    assert any(lora[k].abs().max() > 0 for k in te_keys if "lora_B" in k or ".up." in k)  # B starts at 0
+    state = load_file(cfg.run_dir / "checkpoints" / "step-6" / "model_1.safetensors")  # the text encoder
+    pre = load_file(base["sd"] / "text_encoder" / "model.safetensors")
+    for k, v in state.items():
+        if "lora_" not in k:
+            assert torch.equal(v, pre[k.replace(".base_layer", "")]), k
+
+
+def test_merged_at_scale_equals_unmerged_at_scale(tmp_path, base):
+    cfg = _cfg(tmp_path, base, "finetune.merged_export=true", "finetune.merge_scale=0.5",
+               "finetune.lora_feed_forward=true", "finetune.lora_conv=true")
+    train(cfg)
+    unmerged = LDMPipeline.from_pretrained(base["sd"])
+    unmerged.load_lora_weights(str(cfg.run_dir / "lora"), weight_name=LORA_FILE)
+    at_half = _images(unmerged, cross_attention_kwargs={"scale": 0.5})
+    merged = merge_into(LDMPipeline.from_pretrained(base["sd"]), cfg.run_dir / "lora", 0.5)
+    np.testing.assert_allclose(_images(merged), at_half, atol=1e-4)
+    assert np.abs(_images(unmerged) - at_half).max() > 1e-4  # scale 1 differs from scale 0.5
+    # The exported merged folder is that pipeline, with no adapter modules left in it.
+    exported = LDMPipeline.from_pretrained(cfg.run_dir / "pipeline")
+    assert not any("lora" in k for k in exported.unet.state_dict())
+    exported.scheduler = merged.scheduler
+    np.testing.assert_allclose(_images(exported), at_half, atol=1e-4)
+
+
+def test_lora_bad_settings(tmp_path, base):
+    with pytest.raises(ValueError, match="needs model.pretrained"):
+        train(_cfg(tmp_path, base, "model.pretrained=null"))
+    with pytest.raises(ValueError, match="base_dtype"):
+        train(_cfg(tmp_path, base, "finetune.base_dtype=bf16"))
+    with pytest.raises(ValueError, match="finetune.method"):
+        train(_cfg(tmp_path, base, "finetune.method=dora"))
+
+
+def test_lora_on_a_bf16_base(tmp_path, base):
+    cfg = _cfg(tmp_path, base, "finetune.base_dtype=bf16", "train.mixed_precision=bf16")
+    train(cfg)
+    rows = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "epoch" in r]
+    assert rows and all(np.isfinite(r["loss"]) for r in rows)
+    assert all(v.dtype == torch.float32 for v in load_file(cfg.run_dir / "lora" / LORA_FILE).values())
+
+
+def _instances(folder, n=4):
+    folder.mkdir(parents=True)
+    for i in range(n):  # a white blob on grey: the "subject"
+        arr = np.full((32, 32, 3), 90, np.uint8)
+        arr[8 + i:20 + i, 10:22] = 255
+        from PIL import Image
+
+        Image.fromarray(arr).save(folder / f"{i}.png")
+    return folder
+
+
+def test_dreambooth_class_images_once_and_prior_loss_on_the_class_half(tmp_path, base, monkeypatch):
+    import ldm.dreambooth as dreambooth
+    import ldm.train as train_mod
+
+    inst = _instances(tmp_path / "subject")
+    common = [f"dreambooth.instance_data={inst}", "dreambooth.instance_prompt=a photo of sks blob",
+              "dreambooth.class_prompt=a red circle at the top left", f"dreambooth.class_data={tmp_path / 'cls'}",
+              "dreambooth.num_class_images=4", "dreambooth.class_inference_steps=2", "train.batch_size=2",
+              "data.caption_dropout=0.0", "dreambooth.prior_loss_weight=0.5"]
+    calls = []
+    real_factory = dreambooth.ensure_class_images
+
+    def counting(factory, *args, **kwargs):
+        def wrapped():
+            calls.append(1)
+            return factory()
+        return real_factory(wrapped, *args, **kwargs)
+
+    monkeypatch.setattr(dreambooth, "ensure_class_images", counting)
+    seen = []
+    real_loss = train_mod.diffusion_loss
+
+    def recording(diffusion, unet, z0, t, noise, context, cfg):
+        seen.append(context.detach().clone())
+        return real_loss(diffusion, unet, z0, t, noise, context, cfg)
+
+    monkeypatch.setattr(train_mod, "diffusion_loss", recording)
+    cfg = _cfg(tmp_path, base, *common, "name=db1")
+    train(cfg)
+    assert len(calls) == 1
+    meta = [json.loads(x) for x in (tmp_path / "cls" / "metadata.jsonl").read_text().splitlines()]
+    assert len(meta) == 4 and {m["text"] for m in meta} == {"a red circle at the top left"}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cls").glob("*.png")}
+    # Every forward saw 2 instance rows (the instance prompt) and then 2 class rows (the class prompt).
+    assert seen and all(c.shape[0] == 4 for c in seen)
+    first = seen[0]
+    assert torch.equal(first[0], first[1]) and torch.equal(first[2], first[3]) and not torch.equal(first[0], first[2])
+    rows = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "epoch" in r]
+    assert all("prior_loss" in r for r in rows)
+    # A second run reuses the class images; asking for more draws only the missing ones.
+    train(_cfg(tmp_path, base, *common, "name=db2"))
+    assert len(calls) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cls").glob("*.png")} == mtimes
+    train(_cfg(tmp_path, base, *common, "name=db3", "dreambooth.num_class_images=6"))
+    assert len(calls) == 2 and len(list((tmp_path / "cls").glob("*.png"))) == 6
+    assert all((tmp_path / "cls" / n).stat().st_mtime_ns == t for n, t in mtimes.items())
