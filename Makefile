@@ -14,7 +14,7 @@ LAUNCH    := $(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-slow vae clean
+.PHONY: install demo lora-demo test test-slow vae clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(LAUNCH) train_ldm.py --config configs/ldm/shapes.yaml name=demo
 	$(BIN)/python -m ldm.evaluate --pipeline runs/demo/pipeline --dataset shapes --num-images 96 --out runs/demo
+
+# Teach the demo's model a colour it never saw (orange) with LoRA from 32 images, then score base vs LoRA
+# into runs/lora-orange/metrics.json. Runs `make demo` first when its pipeline is missing.
+lora-demo: $(STAMP)
+	test -f runs/demo/pipeline/model_index.json || $(MAKE) demo
+	$(BIN)/python -m ldm.lora_demo --base runs/demo/pipeline --out runs/lora-orange
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -32,6 +32,9 @@ COLOURS = {
     "purple": (160, 60, 210),
     "cyan": (40, 210, 220),
 }
+# A colour never in `shapes`, for teaching a trained model something new (the LoRA demonstration). Of the
+# colours tried, it is the one the shipped VAE reconstructs as itself (teal came back green, pink purple).
+NEW_COLOURS = {"orange": (245, 140, 20)}
 SHAPES = ("circle", "square", "triangle")
 # Anchor of each position as a fraction of the image side (x, y).
 POSITIONS = {
@@ -52,7 +55,8 @@ _HELDOUT_SEED = 1234
 
 
 def shapes_caption(colour: str, shape: str, position: str) -> str:
-    return f"a {colour} {shape} at the {position}"
+    article = "an" if colour[0] in "aeiou" else "a"  # none of the training colours starts with a vowel
+    return f"{article} {colour} {shape} at the {position}"
 
 
 def shapes_combos() -> list[tuple[str, str, str]]:
@@ -81,7 +85,7 @@ def draw_shape(colour: str, shape: str, position: str, size: float, jitter: tupl
     half = size * side / 2
     cx, cy = (ax + jitter[0]) * side, (ay + jitter[1]) * side
     box = (cx - half, cy - half, cx + half, cy + half)
-    rgb = COLOURS[colour]
+    rgb = COLOURS[colour] if colour in COLOURS else NEW_COLOURS[colour]
     if shape == "circle":
         draw.ellipse(box, fill=rgb)
     elif shape == "square":
@@ -183,22 +187,26 @@ def _as_uint8(image) -> np.ndarray:
     return arr
 
 
-def parse_shapes_caption(caption: str) -> dict:
+def palette(with_new: bool = False) -> dict:
+    return {**COLOURS, **NEW_COLOURS} if with_new else COLOURS
+
+
+def parse_shapes_caption(caption: str, with_new: bool = False) -> dict:
     words = caption.strip().split(" at the ")
     if len(words) != 2:
         raise ValueError(f"not a shapes caption: {caption!r}")
     colour_shape = words[0].split()
-    if len(colour_shape) != 3 or colour_shape[1] not in COLOURS or colour_shape[2] not in SHAPES \
+    if len(colour_shape) != 3 or colour_shape[1] not in palette(with_new) or colour_shape[2] not in SHAPES \
             or words[1] not in POSITIONS:
         raise ValueError(f"not a shapes caption: {caption!r}")
     return {"colour": colour_shape[1], "shape": colour_shape[2], "position": words[1]}
 
 
-def read_shape(image) -> dict:
+def read_shape(image, with_new: bool = False) -> dict:
     """Read colour, shape and position of the largest bright blob off the pixels.
 
-    Colour: nearest palette colour to the blob's mean; shape: fill ratio of its bounding box
-    (square 1, circle pi/4, triangle 1/2); position: nearest anchor to its centroid.
+    Colour: nearest palette colour to the blob's mean (``with_new``: the new colours too); shape: fill
+    ratio of its bounding box (square 1, circle pi/4, triangle 1/2); position: nearest anchor to its centroid.
     """
     from scipy import ndimage
 
@@ -222,17 +230,18 @@ def read_shape(image) -> dict:
     ys, xs = np.nonzero(blob)
     shape = "square" if fill >= _SQUARE_MIN_FILL else "circle" if fill >= _CIRCLE_MIN_FILL else "triangle"
     mean = arr[blob].mean(axis=0)
-    colour = min(COLOURS, key=lambda c: float(np.sum((mean - np.array(COLOURS[c])) ** 2)))
+    colours = palette(with_new)
+    colour = min(colours, key=lambda c: float(np.sum((mean - np.array(colours[c])) ** 2)))
     cx, cy = (xs.mean() + 0.5) / res, (ys.mean() + 0.5) / res
     position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
     return {"colour": colour, "shape": shape, "position": position, "fill": float(fill)}
 
 
-def score_shapes(images, captions) -> dict:
+def score_shapes(images, captions, with_new: bool = False) -> dict:
     """Accuracy of colour, shape, position (and all three) of images against their captions."""
     hits = {"colour": 0, "shape": 0, "position": 0, "all": 0}
     for img, cap in zip(images, captions, strict=True):
-        want, got = parse_shapes_caption(cap), read_shape(img)
+        want, got = parse_shapes_caption(cap, with_new), read_shape(img, with_new)
         ok = {k: got[k] == want[k] for k in ("colour", "shape", "position")}
         for k, v in ok.items():
             hits[k] += int(v)

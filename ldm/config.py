@@ -159,6 +159,7 @@ class DreamBoothConfig:
     # Prior preservation: images of the class drawn by the base model (generated into class_data when it
     # holds fewer than num_class_images, then reused), trained with class_prompt at prior_loss_weight.
     class_prompt: str | None = None
+    class_prompts: list[str] = field(default_factory=list)  # several, drawn in turn (instead of class_prompt)
     class_data: str | None = None
     num_class_images: int = 100
     prior_loss_weight: float = 1.0

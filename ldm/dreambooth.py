@@ -20,25 +20,28 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def count_class_images(folder: Path, prompt: str) -> int:
-    """Images in ``folder``'s metadata.jsonl captioned with ``prompt`` (and present on disk)."""
+def count_class_images(folder: Path, prompts: list[str]) -> int:
+    """Images in ``folder``'s metadata.jsonl captioned with one of ``prompts`` (and present on disk)."""
     meta = folder / "metadata.jsonl"
     if not meta.is_file():
         return 0
     rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
-    return sum(1 for r in rows if r.get("text") == prompt and (folder / r["file_name"]).is_file())
+    return sum(1 for r in rows if r.get("text") in prompts and (folder / r["file_name"]).is_file())
 
 
 @torch.no_grad()
-def ensure_class_images(pipe_factory, folder: str | Path, prompt: str, num_images: int, seed: int,
+def ensure_class_images(pipe_factory, folder: str | Path, prompts: list[str], num_images: int, seed: int,
                         num_inference_steps: int, guidance_scale: float, accelerator, batch_size: int = 8) -> Path:
-    """Make sure ``folder`` holds ``num_images`` images of ``prompt``, drawing the missing ones with the
-    pipeline ``pipe_factory()`` returns (main process; seeds seed+i, so a top-up is deterministic)."""
+    """Make sure ``folder`` holds ``num_images`` images of ``prompts`` (image i of prompts[i % n]), drawing
+    the missing ones with the pipeline ``pipe_factory()`` returns (main process; seeds seed+i, so a top-up
+    is deterministic)."""
     folder = Path(folder)
+    if isinstance(prompts, str):
+        prompts = [prompts]
     if accelerator.is_main_process:
-        have = count_class_images(folder, prompt)
+        have = count_class_images(folder, prompts)
         if have >= num_images:
-            logger.info("reusing %d class images of %r in %s", have, prompt, folder)
+            logger.info("reusing %d class images of %s in %s", have, prompts, folder)
         else:
             folder.mkdir(parents=True, exist_ok=True)
             pipe = pipe_factory()
@@ -51,15 +54,16 @@ def ensure_class_images(pipe_factory, folder: str | Path, prompt: str, num_image
             for start in tqdm(range(have, num_images, batch_size), desc="class images"):
                 ids = list(range(start, min(start + batch_size, num_images)))
                 gens = [torch.Generator().manual_seed(seed + i) for i in ids]
-                images = pipe([prompt] * len(ids), generator=gens, num_inference_steps=num_inference_steps,
+                texts = [prompts[i % len(prompts)] for i in ids]
+                images = pipe(texts, generator=gens, num_inference_steps=num_inference_steps,
                               guidance_scale=guidance_scale).images
-                for i, image in zip(ids, images):
+                for i, text, image in zip(ids, texts, images):
                     name = f"class-{i:05d}.png"
                     atomic_save(lambda p, im=image: im.save(p, format="PNG"), folder / name)
-                    rows.append({"file_name": name, "text": prompt})
+                    rows.append({"file_name": name, "text": text})
                 # metadata last: an interrupted run leaves only images it has listed
                 atomic_save(lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in rows)), meta)
-            logger.info("drew %d class images of %r into %s", num_images - have, prompt, folder)
+            logger.info("drew %d class images of %s into %s", num_images - have, prompts, folder)
     accelerator.wait_for_everyone()
     return folder
 

@@ -264,9 +264,9 @@ def check_config(cfg: LDMConfig, num_processes: int) -> None:
     if fc.method == "lora" and fc.base_dtype != "fp32" and fc.base_dtype != tc.mixed_precision:
         raise ValueError(f"finetune.base_dtype={fc.base_dtype!r} needs train.mixed_precision={fc.base_dtype!r} "
                          f"(got {tc.mixed_precision!r}) so that inputs meet the base weights in that dtype")
-    if db.class_prompt and not cfg.model.pretrained:
+    if (db.class_prompt or db.class_prompts) and not cfg.model.pretrained:
         raise ValueError("dreambooth.class_prompt needs model.pretrained: class images are drawn by the base model")
-    if db.class_prompt and d.bucketing:
+    if (db.class_prompt or db.class_prompts) and d.bucketing:
         raise ValueError("dreambooth.class_prompt (prior preservation) trains both halves in one forward and "
                          "needs data.bucketing=false")
     if db.instance_data and not db.instance_prompt:
@@ -335,13 +335,14 @@ def train(cfg: LDMConfig) -> dict:
     vae.requires_grad_(False).eval().to(device)
     fc, db = cfg.finetune, cfg.dreambooth
     class_split = None
-    if db.class_prompt:  # DreamBooth prior preservation: class images drawn by the base model, once
+    if db.class_prompts or db.class_prompt:  # DreamBooth prior preservation: the base model's own images
         from .dreambooth import ensure_class_images
 
         def base_pipeline():
             return make_pipeline(comp, unet.to(device).eval(), text_encoder.to(device).eval(), "ddpm")
 
-        class_dir = ensure_class_images(base_pipeline, db.class_data or run_dir / "class_images", db.class_prompt,
+        class_dir = ensure_class_images(base_pipeline, db.class_data or run_dir / "class_images",
+                                        db.class_prompts or [db.class_prompt],
                                         db.num_class_images, tc.seed, db.class_inference_steps,
                                         db.class_guidance_scale, accelerator)
         unet.train()

@@ -1,0 +1,78 @@
+"""Draw images from a pipeline folder, optionally with LoRA adapters, from the command line.
+
+    python -m ldm.generate --pipeline runs/demo/pipeline "a blue triangle at the top right" --out out.png
+    python -m ldm.generate --pipeline /path/to/sd15 --lora runs/dreambooth-sd15/lora \
+        "a photo of sks dog on the beach" --num-images 4 --out dog.png
+
+Writes one grid PNG (one row per prompt) and each image beside it as ``<out stem>-<i>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from .run import atomic_save, make_grid
+
+logger = logging.getLogger(__name__)
+
+
+def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm"):
+    """An LDMPipeline from a folder, with the adapters of ``lora`` (a folder or a .safetensors file)."""
+    from pipelines import LDMPipeline
+
+    from .lora import LORA_FILE
+    from .train import sampling_scheduler
+
+    pipe = LDMPipeline.from_pretrained(pipeline)
+    pipe.scheduler = sampling_scheduler(pipe.scheduler, scheduler)
+    if lora:
+        path = Path(lora)
+        if path.is_dir():
+            if not (path / LORA_FILE).is_file():
+                raise FileNotFoundError(f"--lora {lora!r} holds no {LORA_FILE}")
+            pipe.load_lora_weights(str(path), weight_name=LORA_FILE)
+        elif path.is_file():
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+        else:
+            raise FileNotFoundError(f"--lora {lora!r} does not exist")
+    if torch.cuda.is_available():
+        pipe = pipe.to("cuda")
+    return pipe
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("prompts", nargs="+")
+    parser.add_argument("--pipeline", required=True, help="a pipeline folder (ours or Stable Diffusion 1.x/2.x)")
+    parser.add_argument("--lora", default=None, help="a LoRA folder (runs/<name>/lora) or .safetensors file")
+    parser.add_argument("--lora-scale", type=float, default=1.0)
+    parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--scheduler", default="ddpm", choices=["ddpm", "ddim", "dpm++"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="samples.png")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    pipe = load_pipeline(args.pipeline, args.lora, args.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"cross_attention_kwargs": {"scale": args.lora_scale}} if args.lora else {}
+    images = []
+    for prompt in args.prompts:
+        gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
+        images += pipe([prompt] * args.num_images, generator=gens, num_inference_steps=args.steps,
+                       guidance_scale=args.guidance_scale, **kwargs).images
+    out = Path(args.out)
+    grid = make_grid(images, ncols=args.num_images)
+    atomic_save(lambda p: grid.save(p, format="PNG"), out)
+    for i, image in enumerate(images):
+        atomic_save(lambda p, im=image: im.save(p, format="PNG"), out.with_name(f"{out.stem}-{i}.png"))
+    print(f"wrote {out} ({len(images)} images) and {out.stem}-0..{len(images) - 1}.png beside it")
+
+
+if __name__ == "__main__":
+    main()
