@@ -452,7 +452,8 @@ def train(cfg: LDMConfig) -> dict:
                                        cfg.sample.guidance_scale)
                     atomic_save(lambda p: grid.save(p, format="PNG"), run_dir / "samples" / f"step-{step}.png")
                     metrics.image("samples", grid, step)
-                    if cfg.data.dataset in BUILTIN_DATASETS and tc.score_num_images > 0:
+                    builtin = cfg.data.dataset in BUILTIN_DATASETS and not cfg.dreambooth.instance_data
+                    if builtin and tc.score_num_images > 0:
                         row.update(builtin_scores(pipe, cfg.data.dataset, tc.score_num_images, cfg))
                     unet_u.train(), te_u.train(train_te)
             metrics.write(step=step, **row)
