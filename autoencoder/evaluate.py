@@ -3,7 +3,7 @@
     python -m autoencoder.evaluate --vae autoencoder/pretrained/builtin --data shapes --out runs/vae-eval
 
 ``--vae`` is ``builtin`` or a diffusers AutoencoderKL folder; ``--data`` a built-in dataset name
-(its held-out split is used) or an image folder with metadata.jsonl. Writes ``vae_eval.json`` and
+(its held-out split is used) or any source ldm.data.load_source reads. Writes ``vae_eval.json`` and
 ``reconstructions.png`` (originals above reconstructions) into ``--out``.
 
 The Fréchet distance is measured in a fixed feature space defined here: a small convolutional
@@ -84,18 +84,18 @@ def reconstruction_metrics(originals: torch.Tensor, recons: torch.Tensor) -> dic
 
 def evaluate(vae_spec: str, data: str, out: str | None = None, resolution: int = 32, num_images: int = 1024,
              batch_size: int = 64, data_root: str = "data") -> dict:
+    from autoencoder.config import AEDataConfig
     from autoencoder.pretrained import load_vae
-    from ldm.data import ImageCaptionDataset, load_image_caption_dataset, resolve_data_dir
+    from autoencoder.train import load_images
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vae = load_vae(vae_spec).to(device).eval()
-    folder = resolve_data_dir(data, data_root, split="heldout", resolution=resolution)
-    ds = load_image_caption_dataset(folder)
-    ds = ds.select(range(min(num_images, len(ds))))
-    loader = torch.utils.data.DataLoader(ImageCaptionDataset(ds, resolution), batch_size=batch_size)
+    images = load_images(data, AEDataConfig(datasets=[data], data_root=data_root, resolution=resolution), "heldout")
+    images = torch.utils.data.Subset(images, range(min(num_images, len(images))))
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size)
     originals, recons, latents = reconstruct(vae, loader, device)
     scale = float(vae.config.scaling_factor)
-    result = {"vae": str(vae_spec), "data": str(folder), **reconstruction_metrics(originals, recons),
+    result = {"vae": str(vae_spec), "data": str(data), **reconstruction_metrics(originals, recons),
               "latents": latent_stats(latents), "scaled_latent_std": float(latents.std() * scale),
               "scaling_factor": scale}
     if out:
@@ -109,7 +109,7 @@ def evaluate(vae_spec: str, data: str, out: str | None = None, resolution: int =
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vae", default="builtin", help="'builtin' or an AutoencoderKL folder")
-    parser.add_argument("--data", required=True, help="built-in dataset name or image folder")
+    parser.add_argument("--data", required=True, help="built-in dataset name, image folder, parquet, ...")
     parser.add_argument("--out", default=None)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--num-images", type=int, default=1024)

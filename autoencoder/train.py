@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from ldm.checkpoint import CheckpointManager, list_checkpoints, resolve_resume, step_batches, step_seed
 from ldm.config import save_config, to_yaml
-from ldm.data import GlobalBatchSampler, ImageCaptionDataset, load_image_caption_dataset, resolve_data_dir
+from ldm.builtin_data import BUILTIN_DATASETS
+from ldm.data import GlobalBatchSampler, ImageCaptionDataset, load_source
 from ldm.run import (MetricsWriter, atomic_save, atomic_save_dir, format_summary, make_accelerator,
                      plot_curves, warn_if_cpu_threads_capped)
 
@@ -73,14 +74,20 @@ class VAEForward(torch.nn.Module):
         return self.vae.decode(dist.mean + dist.std * eps).sample, dist.mean, dist.logvar
 
 
+def load_images(name: str, data_cfg, split: str) -> ImageCaptionDataset:
+    """One source's images (any source `ldm.data.load_source` reads). Only the built-in datasets have a
+    held-out split; for other sources the held-out numbers are measured on their training images."""
+    if split != "train" and name not in BUILTIN_DATASETS:
+        logger.warning("%s has no %r split: its held-out numbers are measured on its training images", name, split)
+        split = "train"
+    ds = load_source(name, split=split, data_root=data_cfg.data_root, resolution=data_cfg.resolution,
+                     image_column=data_cfg.image_column, caption_column=data_cfg.caption_column)
+    return ImageCaptionDataset(ds, data_cfg.resolution, data_cfg.image_column, data_cfg.caption_column,
+                               data_cfg.center_crop)
+
+
 def image_datasets(data_cfg, split: str) -> torch.utils.data.ConcatDataset:
-    parts = []
-    for name in data_cfg.datasets:
-        folder = resolve_data_dir(name, data_cfg.data_root, split=split, resolution=data_cfg.resolution)
-        ds = load_image_caption_dataset(folder, data_cfg.image_column, data_cfg.caption_column)
-        parts.append(ImageCaptionDataset(ds, data_cfg.resolution, data_cfg.image_column,
-                                         data_cfg.caption_column, data_cfg.center_crop))
-    return torch.utils.data.ConcatDataset(parts)
+    return torch.utils.data.ConcatDataset([load_images(name, data_cfg, split) for name in data_cfg.datasets])
 
 
 @torch.no_grad()
@@ -175,7 +182,7 @@ def train(cfg: AutoencoderConfig) -> dict:
 
     # 3. Resume.
     ckpt = CheckpointManager(accelerator, run_dir / "checkpoints", tc.keep_last)
-    start_step = ckpt.load(resume_from)["step"] if resume_from is not None else 0
+    start_step = ckpt.load(resume_from, len(sampler)) if resume_from is not None else 0
     metrics = MetricsWriter(run_dir / "metrics.jsonl", accelerator.is_main_process, fresh=start_step == 0,
                             tensorboard_dir=run_dir / "tensorboard" if tc.tensorboard else None)
     metrics.truncate_after(start_step)
@@ -230,8 +237,7 @@ def train(cfg: AutoencoderConfig) -> dict:
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             metrics.write(**row)
         if tc.checkpoint_every and (done % tc.checkpoint_every == 0 or done == tc.max_steps):
-            ckpt.save(done, {"epoch": done // len(sampler), "batch_in_epoch": done % len(sampler),
-                             "batches_per_epoch": len(sampler), "config": to_yaml(cfg)})
+            ckpt.save(done, len(sampler), to_yaml(cfg))
         step = done
     bar.close()
 

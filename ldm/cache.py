@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
+
+from .run import atomic_save_dir
 
 logger = logging.getLogger(__name__)
 
@@ -81,18 +81,12 @@ def build_or_open(cache_dir: str | Path, key: str, build: Callable[[Path], dict]
     """Return (arrays, meta) of the cache ``<cache_dir>/<key>``, built once by the main process with
     ``build(tmp_folder) -> meta`` when it does not exist yet."""
     folder = Path(cache_dir) / key
-    if accelerator.is_main_process and not (folder / "meta.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{key}.tmp.{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            meta = build(tmp)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder (no meta.json)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process and not (folder / "meta.json").is_file():  # missing, or left incomplete
+
+        def write(tmp: Path) -> None:
+            (tmp / "meta.json").write_text(json.dumps(build(tmp), indent=1))
+
+        atomic_save_dir(write, folder)
         logger.info("built %s %s", what, folder)
     elif accelerator.is_main_process:
         logger.info("reusing %s %s", what, folder)

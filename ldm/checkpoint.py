@@ -70,8 +70,13 @@ class CheckpointManager:
             raise ValueError(f"train.keep_last={keep_last} must be at least 1 (or null to keep all)")
         self.accelerator, self.root, self.keep_last = accelerator, Path(root), keep_last
 
-    def save(self, step: int, state: dict) -> Path:
-        """Write the full training state at ``step``; ``state`` (JSON-able) goes into train_state.json."""
+    def save(self, step: int, batches_per_epoch: int, config_yaml: str, **extra) -> Path:
+        """Write the full training state at ``step``, with the data position and the resolved config (and
+        any JSON-able ``extra``) in train_state.json."""
+        from .run import replace_dir
+
+        state = {"epoch": step // batches_per_epoch, "batch_in_epoch": step % batches_per_epoch,
+                 "batches_per_epoch": batches_per_epoch, "config": config_yaml, **extra}
         acc = self.accelerator
         final = self.root / f"step-{step}"
         tmp = self.root / f".tmp-step-{step}"
@@ -87,14 +92,7 @@ class CheckpointManager:
                 body = json.dumps({"step": step, **state}, indent=1)
                 (tmp / (STATE_FILE + ".tmp")).write_text(body)
                 os.replace(tmp / (STATE_FILE + ".tmp"), tmp / STATE_FILE)
-                if final.exists():  # the same step saved again (e.g. the end of a resumed run)
-                    old = self.root / f".old-step-{step}"
-                    shutil.rmtree(old, ignore_errors=True)
-                    os.replace(final, old)
-                    os.replace(tmp, final)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, final)
+                replace_dir(tmp, final)  # the same step may be saved again (the end of a resumed run)
                 self._prune()
         except BaseException:
             if acc.is_main_process:
@@ -112,12 +110,16 @@ class CheckpointManager:
         for old in list_checkpoints(self.root)[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: str | Path) -> dict:
-        """Restore everything Accelerate saved at ``path`` and return its train_state.json."""
+    def load(self, path: str | Path, batches_per_epoch: int) -> int:
+        """Restore everything Accelerate saved at ``path``; return the step to go on from."""
         self.accelerator.load_state(str(path))
         state = read_train_state(path)
         logger.info("resumed from %s (step %d)", path, state["step"])
-        return state
+        if state.get("batches_per_epoch") != batches_per_epoch:
+            logger.warning("the checkpoint saw %s batches per epoch and this data gives %d: the data changed, so "
+                           "the resumed run will not follow the interrupted one's order",
+                           state.get("batches_per_epoch"), batches_per_epoch)
+        return state["step"]
 
 
 def step_batches(sampler, start_step: int, max_steps: int):

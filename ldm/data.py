@@ -57,18 +57,6 @@ def resolve_data_dir(dataset: str, data_root: str = "data", split: str = "train"
     return path
 
 
-def load_image_caption_dataset(data_dir: str | Path, image_column: str = "image", caption_column: str = "text"):
-    """Load an image folder (images + metadata.jsonl/csv) as a `datasets.Dataset`."""
-    import datasets
-
-    data_dir = Path(data_dir)
-    if not any((data_dir / m).exists() for m in METADATA_FILES):
-        raise ValueError(f"{str(data_dir)!r} has no metadata.jsonl or metadata.csv with captions")
-    ds = datasets.load_dataset("imagefolder", data_dir=str(data_dir), split="train")
-    _check_columns(ds, (image_column, caption_column), str(data_dir))
-    return ds
-
-
 def load_source(source: str, *, split: str = "train", data_root: str = "data", resolution: int = 32,
                 image_column: str = "image", caption_column: str = "text",
                 cache_dir: str | None = None) -> datasets.Dataset:
@@ -397,6 +385,7 @@ class GlobalBatchSampler:
         group_of = np.zeros(num_items, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
         self.members = [np.flatnonzero(group_of == g) for g in np.unique(group_of)]  # sorted item ids per group
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+        self._last: tuple[int, list[list[int]]] | None = None  # (epoch, batches): asked for at every step
         if len(self) == 0:
             sizes = {int(group_of[m[0]]): len(m) for m in self.members}
             raise ValueError(f"no group has a full batch of {batch_size}; items per group: {sizes}")
@@ -410,13 +399,16 @@ class GlobalBatchSampler:
         """All batches of ``epoch``, in order."""
         if epoch < 0:
             raise ValueError(f"epoch must be non-negative, got {epoch}")
+        if self._last is not None and self._last[0] == epoch:
+            return self._last[1]
         rng = np.random.default_rng([self.seed, epoch])
         batches = []
         for members in self.members:
             shuffled = rng.permutation(members)
             stop = len(shuffled) - len(shuffled) % self.batch_size if self.drop_last else len(shuffled)
             batches += [shuffled[i:i + self.batch_size].tolist() for i in range(0, stop, self.batch_size)]
-        return [batches[i] for i in rng.permutation(len(batches))]
+        self._last = (epoch, [batches[i] for i in rng.permutation(len(batches))])
+        return self._last[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,39 +416,21 @@ class GlobalBatchSampler:
 # ----------------------------------------------------------------------------------------------
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Lazily transformed (image tensor, caption) pairs over a `datasets.Dataset`.
+    """Lazily transformed (image tensor, caption) pairs over a `datasets.Dataset`, square at ``resolution``.
 
-    ``transform`` defaults to a square ``ImageTransform(resolution, center_crop)``; ``sizes`` gives each
-    item its own (height, width) target (its bucket); ``flip=True`` returns every image mirrored.
-    Items hold "pixel_values" (3, H, W), "caption" (the first caption) and "captions" (all of them);
-    batch items whose caption counts differ with `collate_examples`.
+    Items hold "pixel_values" (3, H, W) and "caption" (the first caption when a row holds several), so
+    torch's default collate batches them whatever the caption column holds.
     """
 
     def __init__(self, ds, resolution: int, image_column: str = "image", caption_column: str = "text",
-                 center_crop: bool = True, *, transform: ImageTransform | None = None,
-                 sizes: Sequence[tuple[int, int]] | None = None, flip: bool = False):
-        if sizes is not None and len(sizes) != len(ds):
-            raise ValueError(f"sizes has {len(sizes)} entries but the dataset has {len(ds)} rows")
-        self.ds, self.resolution, self.center_crop = ds, resolution, center_crop
+                 center_crop: bool = True):
+        self.ds, self.transform = ds, ImageTransform(resolution, center_crop)
         self.image_column, self.caption_column = image_column, caption_column
-        self.transform = transform if transform is not None else ImageTransform(resolution, center_crop)
-        self.sizes, self.flip = sizes, flip
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int) -> dict:
         row = self.ds[int(i)]
-        size = tuple(self.sizes[int(i)]) if self.sizes is not None else None
-        captions = captions_of(row[self.caption_column])
-        return {"pixel_values": self.transform(row[self.image_column], size, flip=True if self.flip else None),
-                "caption": captions[0], "captions": captions}
-
-
-def collate_examples(examples: list[dict]) -> dict:
-    """Stack "pixel_values" into (B, 3, H, W); keep "caption" and "captions" as per-item lists.
-
-    torch's default collate transposes lists and fails when items have different caption counts.
-    """
-    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-            "caption": [e["caption"] for e in examples], "captions": [e["captions"] for e in examples]}
+        return {"pixel_values": self.transform(row[self.image_column]),
+                "caption": captions_of(row[self.caption_column])[0]}

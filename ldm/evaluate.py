@@ -36,6 +36,13 @@ def generate(pipe, prompts: list[str], seeds: list[int], batch_size: int = 48, *
     return images
 
 
+def generate_for_prompts(pipe, base_prompts: list[str], per_prompt: int, seed_offset: int = 100_000,
+                         batch_size: int = 48, **kwargs) -> tuple[list[str], list]:
+    """``per_prompt`` images of each prompt (seeds ``seed_offset``, +1, ...): (prompts as drawn, images)."""
+    prompts = [p for p in base_prompts for _ in range(per_prompt)]
+    return prompts, generate(pipe, prompts, [seed_offset + i for i in range(len(prompts))], batch_size, **kwargs)
+
+
 def evaluate(pipeline: str, dataset: str, num_images: int = 96, out: str | None = None,
              num_inference_steps: int = 50, guidance_scale: float = 3.0, scheduler: str = "ddpm",
              seed_offset: int = 100_000, batch_size: int = 48) -> dict:
@@ -53,13 +60,11 @@ def evaluate(pipeline: str, dataset: str, num_images: int = 96, out: str | None 
     pipe.scheduler = sampling_scheduler(pipe.scheduler, scheduler)
     base = eval_prompts(dataset)
     per_prompt = -(-num_images // len(base))  # ceil: every prompt gets the same number of images
-    prompts = [p for p in base for _ in range(per_prompt)]
-    seeds = [seed_offset + i for i in range(len(prompts))]
     t0 = time.time()
-    images = generate(pipe, prompts, seeds, batch_size, num_inference_steps=num_inference_steps,
-                      guidance_scale=guidance_scale)
+    prompts, images = generate_for_prompts(pipe, base, per_prompt, seed_offset, batch_size,
+                                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     result = {"dataset": dataset, "pipeline": str(pipeline), **score(dataset, images, prompts),
-              "prompts": base, "images_per_prompt": per_prompt, "seeds": [seeds[0], seeds[-1]],
+              "prompts": base, "images_per_prompt": per_prompt, "seeds": [seed_offset, seed_offset + len(prompts) - 1],
               "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
               "scheduler": scheduler, "sampling_time_s": round(time.time() - t0, 1)}
     if out:

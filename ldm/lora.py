@@ -53,9 +53,10 @@ def add_lora(unet, text_encoder, fc) -> list[torch.nn.Parameter]:
         # peft directly: transformers 5's `add_adapter` insists on a newer peft than this one needs.
         inject_adapter_in_model(LoraConfig(r=fc.lora_rank, lora_alpha=alpha, lora_dropout=fc.lora_dropout,
                                            init_lora_weights="gaussian", target_modules=TEXT_ATTENTION), text_encoder)
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params([unet, text_encoder], dtype=torch.float32)  # adapters train in fp32 whatever the base
     params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
-    for p in params:  # adapters train in fp32 whatever the base holds
-        p.data = p.data.float()
     n_base = sum(p.numel() for m in (unet, text_encoder) for p in m.parameters()) - sum(p.numel() for p in params)
     logger.info("LoRA rank %d alpha %s on %s: %.2fM trainable of %.1fM parameters", fc.lora_rank, alpha,
                 "U-Net + text encoder" if fc.lora_text_encoder else "U-Net",

@@ -66,11 +66,10 @@ def prior_prompts(n: int = 32, seed: int = 0) -> list[str]:
 
 
 def evaluate_prompts(pipe, prompts: list[str], per_prompt: int, out_png: Path, with_new: bool) -> dict:
-    from .evaluate import generate
+    from .evaluate import generate_for_prompts
 
-    all_prompts = [p for p in prompts for _ in range(per_prompt)]
-    seeds = [100_000 + i for i in range(len(all_prompts))]
-    images = generate(pipe, all_prompts, seeds, num_inference_steps=50, guidance_scale=3.0)
+    all_prompts, images = generate_for_prompts(pipe, prompts, per_prompt, num_inference_steps=50,
+                                               guidance_scale=3.0)
     grid = make_grid(images, ncols=per_prompt)
     atomic_save(lambda p: grid.save(p, format="PNG"), out_png)
     scores = score_shapes(images, all_prompts, with_new=with_new)

@@ -142,16 +142,22 @@ def atomic_save_dir(write_fn, path: str | Path) -> None:
     try:
         write_fn(tmp)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the usual permissions
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Move the complete folder ``tmp`` to ``path``; an existing ``path`` is set aside first and removed only
+    once the new one is in place."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
 
 
 def format_summary(title: str, rows: dict) -> str:

@@ -235,9 +235,12 @@ def make_optimizer(params: list[dict], tc, device: torch.device) -> torch.optim.
     raise ValueError(f"train.optimizer={tc.optimizer!r} is not one of {OPTIMIZERS}")
 
 
-def check_config(cfg: LDMConfig, num_processes: int) -> None:
+def check_config(cfg: LDMConfig, num_processes: int, distributed_type=DistributedType.NO) -> None:
     """Reject bad values before any data is read or model built."""
     tc, d = cfg.train, cfg.data
+    if distributed_type == DistributedType.DEEPSPEED and tc.gradient_accumulation_steps > 1:
+        raise ValueError(f"train.gradient_accumulation_steps={tc.gradient_accumulation_steps} is not supported under "
+                         f"DeepSpeed, whose engine accumulates by itself; use 1 and a larger per-GPU batch")
     per = num_processes * tc.gradient_accumulation_steps
     if tc.gradient_accumulation_steps < 1:
         raise ValueError(f"train.gradient_accumulation_steps={tc.gradient_accumulation_steps} must be >= 1")
@@ -295,13 +298,13 @@ def ema_weights(ema, params: list):
 def builtin_scores(pipe, dataset: str, num_images: int, cfg: LDMConfig) -> dict:
     """The built-in scorer on images of the held-out evaluation prompts (seeds as ``ldm.evaluate``)."""
     from .builtin_data import eval_prompts, score
-    from .evaluate import generate
+    from .evaluate import generate_for_prompts
 
     base = eval_prompts(dataset)
-    per = -(-num_images // len(base))
-    prompts = [p for p in base for _ in range(per)]
-    images = generate(pipe, prompts, [100_000 + i for i in range(len(prompts))], len(prompts),
-                      num_inference_steps=cfg.sample.num_inference_steps, guidance_scale=cfg.sample.guidance_scale)
+    per = -(-num_images // len(base))  # ceil: every prompt gets the same number of images, in one batch
+    prompts, images = generate_for_prompts(pipe, base, per, batch_size=per * len(base),
+                                           num_inference_steps=cfg.sample.num_inference_steps,
+                                           guidance_scale=cfg.sample.guidance_scale)
     return {f"score_{k}": v for k, v in score(dataset, images, prompts).items() if k.endswith("_accuracy")}
 
 
@@ -312,10 +315,7 @@ def builtin_scores(pipe, dataset: str, num_images: int, cfg: LDMConfig) -> dict:
 def train(cfg: LDMConfig) -> dict:
     accelerator = make_accelerator(cfg.train.mixed_precision)
     tc = cfg.train
-    check_config(cfg, accelerator.num_processes)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and tc.gradient_accumulation_steps > 1:
-        raise ValueError(f"train.gradient_accumulation_steps={tc.gradient_accumulation_steps} is not supported under "
-                         f"DeepSpeed, whose engine accumulates by itself; use 1 and a larger per-GPU batch")
+    check_config(cfg, accelerator.num_processes, accelerator.distributed_type)
     set_seed(tc.seed)
     run_dir = cfg.run_dir
     resume_from = resolve_resume(tc.resume, run_dir / "checkpoints")  # a wrong path fails before any work
@@ -352,10 +352,9 @@ def train(cfg: LDMConfig) -> dict:
         from .lora import add_lora
 
         train_te = fc.lora_text_encoder
-        trainable = add_lora(unet, text_encoder, fc)
+        adapters = add_lora(unet, text_encoder, fc)
     else:
         text_encoder.requires_grad_(train_te)
-        trainable = list(unet.parameters()) + (list(text_encoder.parameters()) if train_te else [])
     diffusion = GaussianDiffusion.from_scheduler_config(comp["scheduler"].config)
     scale = float(vae.config.scaling_factor)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
@@ -393,7 +392,7 @@ def train(cfg: LDMConfig) -> dict:
     if tc.compile:  # in place: parameter names, checkpoints and exports are unchanged
         unet.compile()
     if fc.method == "lora":
-        params = [{"params": trainable, "lr": tc.learning_rate}]
+        params = [{"params": adapters, "lr": tc.learning_rate}]
     else:
         params = [{"params": list(unet.parameters()), "lr": tc.learning_rate}]
         if train_te:
@@ -423,14 +422,7 @@ def train(cfg: LDMConfig) -> dict:
 
     # 4. Resume.
     ckpt = CheckpointManager(accelerator, run_dir / "checkpoints", tc.keep_last)
-    start_step = 0
-    if resume_from is not None:
-        state = ckpt.load(resume_from)
-        start_step = state["step"]
-        if state.get("batches_per_epoch") != len(sampler):
-            logger.warning("the checkpoint saw %s batches per epoch and this data gives %d: the data changed, so "
-                           "the resumed run will not follow the interrupted one's order",
-                           state.get("batches_per_epoch"), len(sampler))
+    start_step = ckpt.load(resume_from, len(sampler)) if resume_from is not None else 0
     metrics = MetricsWriter(run_dir / "metrics.jsonl", accelerator.is_main_process, fresh=start_step == 0,
                             tensorboard_dir=run_dir / "tensorboard" if tc.tensorboard else None)
     metrics.truncate_after(start_step)  # rows an interrupted run wrote after its last checkpoint
@@ -460,18 +452,15 @@ def train(cfg: LDMConfig) -> dict:
         accelerator.wait_for_everyone()
         return row
 
-    def save_checkpoint(step: int) -> None:
-        ckpt.save(step, {"epoch": step // len(sampler), "batch_in_epoch": step % len(sampler),
-                         "batches_per_epoch": len(sampler), "config": to_yaml(cfg)})
-
     # 5. Steps.
     if start_step == 0:
         validate(0, full=False)
     accum, rank = tc.gradient_accumulation_steps, accelerator.process_index
     micro = tc.batch_size // (n_proc * accum)  # images per process per forward
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    pixel_items = None if use_latent_cache else td.PixelItems(train_split, cfg)
-    class_pixels = None if use_latent_cache or class_split is None else td.PixelItems(class_split, cfg)
+    pixel_items = None if use_latent_cache else td.PixelItems(train_split, cfg, cfg.data.random_crop)
+    class_pixels = None if use_latent_cache or class_split is None else \
+        td.PixelItems(class_split, cfg, cfg.data.random_crop)
     empty_embed = torch.from_numpy(np.array(text["empty"][0])) if text is not None else None
     c_lat = vae.config.latent_channels
 
@@ -562,7 +551,7 @@ def train(cfg: LDMConfig) -> dict:
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             window, window_steps, t_window = {}, 0, time.time()
         if tc.checkpoint_every and (done % tc.checkpoint_every == 0 or done == tc.max_steps):
-            save_checkpoint(done)
+            ckpt.save(done, len(sampler), to_yaml(cfg))
         if tc.validate_every and done % tc.validate_every == 0 and done < tc.max_steps:
             validate(done, full=True)
         step = done

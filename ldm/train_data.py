@@ -156,12 +156,12 @@ def step_augment(seed: int, step: int, n: int, stream: int = 1) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 class PixelItems(torch.utils.data.Dataset):
-    """Images for keys (index, flip, crop_seed), transformed to their bucket's size."""
+    """Images for keys (index, flip, crop_seed), transformed to their bucket's size; the key decides the
+    flip, and the crop when ``random_crop``."""
 
-    def __init__(self, split: Split, cfg: LDMConfig):
-        d = cfg.data
-        self.split, self.column = split, d.image_column
-        self.transform = ImageTransform(d.resolution, d.center_crop, d.random_crop, d.random_flip)
+    def __init__(self, split: Split, cfg: LDMConfig, random_crop: bool):
+        self.split, self.column = split, cfg.data.image_column
+        self.transform = ImageTransform(cfg.data.resolution, cfg.data.center_crop, random_crop)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -189,8 +189,7 @@ def latent_cache(vae, vae_fp: str, split: Split, cfg: LDMConfig, accelerator, fl
     n = len(split) if num_items is None else min(num_items, len(split))
     groups = np.zeros(n, dtype=np.int64) if split.groups is None else np.asarray(split.groups[:n])
     key = Fingerprint().value([vae_fp, split.fingerprint, n, flips, "v2"]).hexdigest()
-    items = PixelItems(split, cfg)
-    items.transform.random_crop = False  # cached crops are the deterministic ones
+    items = PixelItems(split, cfg, random_crop=False)  # cached crops are the deterministic ones
 
     def build(folder: Path) -> dict:
         rows = np.zeros(n, dtype=np.int64)

@@ -90,7 +90,7 @@ def test_keep_last_prunes_only_after_a_complete_save(tmp_path):
     ckpt = CheckpointManager(acc, tmp_path, keep_last=2)
     for step in (1, 2, 3):
         _step(model, opt)
-        ckpt.save(step, {})
+        ckpt.save(step, 4, "name: x\n")
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-2", "step-3"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     with pytest.raises(ValueError, match="keep_last"):
@@ -101,7 +101,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     acc, model, opt = _tiny_state()
     ckpt = CheckpointManager(acc, tmp_path, keep_last=1)
     _step(model, opt)
-    ckpt.save(1, {"note": "good"})
+    ckpt.save(1, 4, "name: x\n", note="good")
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     _step(model, opt)
 
@@ -111,13 +111,14 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(acc, "save_state", half_save)
     with pytest.raises(OSError, match="No space"):
-        ckpt.save(2, {})
+        ckpt.save(2, 4, "name: x\n")
     monkeypatch.undo()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1"]  # the partial folder is gone
     # The surviving checkpoint loads and restores the step-1 weights.
-    state = ckpt.load(tmp_path / "step-1")
-    assert state == {"step": 1, "note": "good"}
+    assert ckpt.load(tmp_path / "step-1", 4) == 1
+    assert read_train_state(tmp_path / "step-1") == {"step": 1, "epoch": 0, "batch_in_epoch": 1, "batches_per_epoch": 4,
+                                                     "config": "name: x\n", "note": "good"}
     for k, v in model.state_dict().items():
         assert torch.equal(v, saved[k])
 
