@@ -1,0 +1,122 @@
+"""Train five small configurations at a fixed seed on CPU and print the SHA-256 of every exported weight file.
+
+    python bench/export_hashes.py --out runs/export-hashes [--only tiny,ema_accum_flip,...]
+
+A refactor of the training code must leave these hashes unchanged: run this before and after and compare
+(`diff` the two JSON files). The configurations cover the tiny preset; EMA + gradient accumulation + flips;
+the learned variance; DreamBooth with prior preservation + LoRA on a tiny Stable Diffusion folder built here;
+and the autoencoder with the PatchGAN switched on mid-run. Everything is built in code: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--config", str(ROOT / "configs/ldm/tiny.yaml"), "train.tensorboard=false"]
+LDM_RUNS = {
+    "tiny": [],
+    "ema_accum_flip": ["train.ema_decay=0.9", "train.gradient_accumulation_steps=2", "data.random_flip=true"],
+    "learned_variance": ["diffusion.learned_variance=true", "diffusion.beta_schedule=squaredcos_cap_v2"],
+}
+AUTOENCODER = ["--config", str(ROOT / "configs/autoencoder/builtin.yaml"), "export_dir=null", "train.max_steps=12",
+               "train.batch_size=8", "train.disc_weight=0.5", "train.disc_start=6", "train.ema_decay=0.9",
+               "train.scale_num_images=64", "train.log_every=4", "train.tensorboard=false",
+               "model.block_out_channels=[16,32,32]", "model.norm_num_groups=8"]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def hashes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): sha(p) for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def run(args: list[str], cwd: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{args} failed:\n{proc.stderr[-4000:]}")
+
+
+def tiny_sd_folder(root: Path) -> Path:
+    """A tiny Stable Diffusion 1.x folder (v-prediction) whose tokenizer knows the shapes captions."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from ldm.builtin_data import shapes_caption, shapes_combos
+    from ldm.text import build_text_encoder, build_tokenizer
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 16, 16], latent_channels=4,
+                        layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.0)
+    torch.manual_seed(1)
+    captions = [shapes_caption(*c) for c in shapes_combos()] + ["a photo of sks blob"]
+    tok = build_tokenizer(captions, vocab_size=600, max_length=16)
+    te = build_text_encoder(tok, 32, 1, 2, 64)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 32],
+                                layers_per_block=1, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    sched = DDIMScheduler(num_train_timesteps=100, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          prediction_type="v_prediction", clip_sample=False)
+    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(
+        root, safe_serialization=True)
+    return root
+
+
+def instance_images(folder: Path, n: int = 4) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):  # a white blob on grey
+        arr = np.full((32, 32, 3), 90, np.uint8)
+        arr[8 + i:20 + i, 10:22] = 255
+        Image.fromarray(arr).save(folder / f"{i}.png")
+    return folder
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/export-hashes")
+    parser.add_argument("--only", default=None, help="comma-separated names of the runs to do")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    only = set(args.only.split(",")) if args.only else None
+    common = [f"output_dir={out}", f"data.cache_dir={out / 'cache'}", f"data.data_root={out / 'data'}"]
+    result = {}
+    for name, extra in LDM_RUNS.items():
+        if only is None or name in only:
+            run(["train_ldm.py", *TINY, f"name={name}", *common, *extra], ROOT)
+            result[name] = hashes(out / name / "pipeline")
+    if only is None or "dreambooth_lora" in only:
+        sd = tiny_sd_folder(out / "sd")
+        subject = instance_images(out / "subject")
+        run(["train_ldm.py", *TINY, "name=dreambooth_lora", *common, f"model.pretrained={sd}",
+             "finetune.method=lora", "finetune.lora_rank=4", "train.max_steps=8", "train.learning_rate=0.01",
+             "train.batch_size=2", "data.caption_dropout=0.0", f"dreambooth.instance_data={subject}",
+             "dreambooth.instance_prompt=a photo of sks blob", "dreambooth.class_prompt=a red circle at the top left",
+             f"dreambooth.class_data={out / 'class_images'}", "dreambooth.num_class_images=4",
+             "dreambooth.class_inference_steps=2", "dreambooth.prior_loss_weight=0.5"], ROOT)
+        result["dreambooth_lora"] = hashes(out / "dreambooth_lora" / "lora")
+    if only is None or "autoencoder_gan" in only:
+        run(["train_autoencoder.py", *AUTOENCODER, "name=autoencoder_gan", f"output_dir={out}",
+             f"data.data_root={out / 'data'}"], ROOT)
+        result["autoencoder_gan"] = hashes(out / "autoencoder_gan" / "vae")
+    (out / "hashes.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
