@@ -47,7 +47,7 @@ def run(args: list[str], cwd: Path) -> None:
 
 
 def tiny_sd_folder(root: Path) -> Path:
-    """A tiny Stable Diffusion 1.x folder (v-prediction) whose tokenizer knows the shapes captions."""
+    """A tiny Stable Diffusion 1.x folder (v-prediction) with a byte-level tokenizer."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -60,7 +60,8 @@ def tiny_sd_folder(root: Path) -> Path:
                         layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.0)
     torch.manual_seed(1)
     captions = [shapes_caption(*c) for c in shapes_combos()] + ["a photo of sks blob"]
-    tok = build_tokenizer(captions, vocab_size=600, max_length=16)
+    # The byte-level alphabet alone (no merges): a tokenizer whose learned merges tie would differ run to run.
+    tok = build_tokenizer(captions, vocab_size=514, max_length=32)
     te = build_text_encoder(tok, 32, 1, 2, 64)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 32],
                                 layers_per_block=1, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
