@@ -1,6 +1,6 @@
 """Train a KL autoencoder: `accelerate launch train_autoencoder.py --config configs/autoencoder/<preset>.yaml [key=value ...]`."""
 
-from ldm.cli import autoencoder_main
+from autoencoder.train import main
 
 if __name__ == "__main__":
-    autoencoder_main()
+    main()

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ldm.config import Checker, LRSchedule, MixedPrecision, check_train_basics
+
+TrainPart = typing.Literal["both", "decoder"]
+DiscLoss = typing.Literal["hinge", "vanilla"]
 
 
 @dataclass
@@ -25,7 +31,7 @@ class AEModelConfig:
     norm_num_groups: int = 32
     # Fine-tune an existing diffusers AutoencoderKL folder (e.g. an SD VAE on disk) instead of building one.
     pretrained: str | None = None
-    train_part: str = "both"  # both | decoder (the encoder, hence the latent space, stays bit-identical)
+    train_part: TrainPart = "both"  # decoder: the encoder, hence the latent space, stays bit-identical
 
 
 @dataclass
@@ -35,12 +41,13 @@ class AETrainConfig:
     max_steps: int = 3000
     learning_rate: float = 1e-3
     warmup_steps: int = 100
+    lr_schedule: LRSchedule = "cosine"  # after warm-up
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     l1_weight: float = 1.0
     l2_weight: float = 1.0
     kl_weight: float = 1e-6
-    mixed_precision: str = "no"
+    mixed_precision: MixedPrecision = "no"
     log_every: int = 50
     scale_num_images: int = 2048  # images encoded to measure the latent scaling factor
     measure_shift: bool = False  # also store the latent mean as shift_factor (z = (z - shift) * scale)
@@ -51,7 +58,7 @@ class AETrainConfig:
     # weight is disc_weight times the adaptive ratio of gradient norms at the decoder's last layer.
     disc_weight: float = 0.0
     disc_start: int = 1000
-    disc_loss: str = "hinge"  # hinge | vanilla (non-saturating)
+    disc_loss: DiscLoss = "hinge"  # vanilla: non-saturating
     disc_learning_rate: float | None = None  # None: same as learning_rate
     disc_channels: int = 64
     disc_layers: int = 3
@@ -74,3 +81,38 @@ class AutoencoderConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+def check_config(cfg: AutoencoderConfig, num_processes: int = 1, strategy: str = "no") -> None:
+    """Reject bad values of an autoencoder run before any data is read or model built."""
+    c = Checker(cfg)
+    check_train_basics(c)
+    tc, m = cfg.train, cfg.model
+    if strategy in ("fsdp", "deepspeed_zero3"):
+        raise ValueError(f"the {strategy} strategy shards the weights, and the latent scale, held-out metrics and "
+                         f"export run on the main process with the whole VAE; use DDP or DeepSpeed ZeRO-2")
+    c.require(tc.batch_size % num_processes == 0, "train.batch_size",
+              f"must divide by the number of processes ({num_processes})")
+    c.require(len(cfg.data.datasets) > 0 and all(cfg.data.datasets), "data.datasets", "needs at least one source")
+    c.at_least("data.resolution", 1)
+    c.require(len(m.block_out_channels) >= 1 and all(ch >= 1 for ch in m.block_out_channels),
+              "model.block_out_channels", "needs one positive channel count per level")
+    c.require(all(ch % m.norm_num_groups == 0 for ch in m.block_out_channels) if m.norm_num_groups >= 1 else False,
+              "model.norm_num_groups", f"must be >= 1 and divide every channel count {m.block_out_channels}")
+    factor = 2 ** (len(m.block_out_channels) - 1)
+    c.require(cfg.data.resolution % factor == 0 or m.pretrained is not None, "data.resolution",
+              f"must be a multiple of the VAE's factor {factor}")
+    c.at_least("model.latent_channels", 1)
+    c.at_least("model.layers_per_block", 1)
+    c.require(m.train_part == "both" or m.pretrained is not None, "model.train_part",
+              "'decoder' needs model.pretrained (an encoder to keep)")
+    for key in ("l1_weight", "l2_weight", "kl_weight", "perceptual_weight", "disc_weight", "disc_start"):
+        c.at_least(f"train.{key}", 0)
+    c.require(tc.l1_weight + tc.l2_weight + tc.perceptual_weight > 0, "train.l1_weight",
+              "l1_weight, l2_weight and perceptual_weight cannot all be 0: nothing would teach reconstruction")
+    c.require(tc.perceptual_weight == 0 or bool(tc.lpips_path), "train.lpips_path",
+              "train.perceptual_weight > 0 needs the LPIPS weights as a local safetensors file")
+    c.positive("train.disc_learning_rate", optional=True)
+    c.at_least("train.disc_channels", 1)
+    c.at_least("train.disc_layers", 1)
+    c.at_least("train.scale_num_images", 1)

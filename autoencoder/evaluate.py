@@ -24,7 +24,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.run import atomic_save, make_grid
+from ldm.vae import load_vae
 
+from .config import AEDataConfig
+from .data import load_images
 from .metrics import frechet_distance, latent_stats, psnr, ssim
 
 logger = logging.getLogger(__name__)
@@ -84,10 +87,6 @@ def reconstruction_metrics(originals: torch.Tensor, recons: torch.Tensor) -> dic
 
 def evaluate(vae_spec: str, data: str, out: str | None = None, resolution: int = 32, num_images: int = 1024,
              batch_size: int = 64, data_root: str = "data") -> dict:
-    from autoencoder.config import AEDataConfig
-    from autoencoder.pretrained import load_vae
-    from autoencoder.train import load_images
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vae = load_vae(vae_spec).to(device).eval()
     images = load_images(data, AEDataConfig(datasets=[data], data_root=data_root, resolution=resolution), "heldout")

@@ -55,13 +55,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ldm import train_data as td  # noqa: E402
 from ldm.builtin_data import generate_shapes  # noqa: E402
 from ldm.config import LDMConfig, load_config  # noqa: E402
 from ldm.data import captions_of  # noqa: E402
 from ldm.run import read_metrics  # noqa: E402
 from ldm.text import tokenize  # noqa: E402
-from ldm.train import LR_SCHEDULES, build_components, train  # noqa: E402
+from ldm.engine import LR_SCHEDULES  # noqa: E402
+from ldm.models import build_components  # noqa: E402
+from ldm.splits import load_splits  # noqa: E402
+from ldm.train import train  # noqa: E402
 
 SD15_UNET = [
     "model.unet.block_out_channels=[320, 640, 1280, 1280]",
@@ -251,16 +253,16 @@ def run_diffusers_style(cfg: LDMConfig, warmup: int, num_workers: int) -> dict:
     accelerator = Accelerator(mixed_precision=tc.mixed_precision)
     device = accelerator.device
     set_seed(tc.seed)
-    train_split, _, _ = td.load_splits(cfg)  # the same images and captions as ours
+    train_split, _, _ = load_splits(cfg)  # the same images and captions as ours
     comp = build_components(cfg, train_split.captions)  # the same architectures and tokenizer
-    vae, text_encoder, unet, noise_scheduler = comp["vae"], comp["text_encoder"], comp["unet"], comp["scheduler"]
+    vae, text_encoder, unet, noise_scheduler = comp.vae, comp.text_encoder, comp.unet, comp.scheduler
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
     vae.requires_grad_(False).to(device, dtype=weight_dtype)  # frozen models in the half dtype, as the example
     text_encoder.requires_grad_(False).to(device, dtype=weight_dtype)
     unet.train()
 
     data = ExampleImages(train_split.ds, cfg.data.image_column, cfg.data.caption_column, cfg.data.resolution,
-                         comp["tokenizer"])
+                         comp.tokenizer)
     batch = tc.batch_size // accelerator.num_processes
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=True,
                                          num_workers=num_workers, persistent_workers=num_workers > 0)

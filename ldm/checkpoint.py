@@ -8,8 +8,8 @@ process has finished writing; only then are checkpoints beyond ``keep_last`` rem
 interrupted save never costs the last good one. ``train_state.json`` is written last: a folder without
 it is not a checkpoint.
 
-Data order and the per-step noise are pure functions of (seed, step) in both trainers, so the step
-number is all the position a resume needs; it is stored with the epoch and batch index for people.
+Data order and the per-step noise are pure functions of (seed, step) in both trainers (`ldm.batches`), so
+the step number is all the position a resume needs; it is stored with the epoch and batch index for people.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 from pathlib import Path
+
+from .run import replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +72,10 @@ class CheckpointManager:
             raise ValueError(f"train.keep_last={keep_last} must be at least 1 (or null to keep all)")
         self.accelerator, self.root, self.keep_last = accelerator, Path(root), keep_last
 
-    def save(self, step: int, batches_per_epoch: int, config_yaml: str, **extra) -> Path:
+    def save(self, step: int, batches_per_epoch: int, config_yaml: str, files: dict | None = None, **extra) -> Path:
         """Write the full training state at ``step``, with the data position and the resolved config (and
-        any JSON-able ``extra``) in train_state.json."""
-        from .run import replace_dir
-
+        any JSON-able ``extra``) in train_state.json, and a copy of each folder of ``files`` ({name: folder})
+        that the run's state needs beside its tensors (such as a tokenizer learned at the start)."""
         state = {"epoch": step // batches_per_epoch, "batch_in_epoch": step % batches_per_epoch,
                  "batches_per_epoch": batches_per_epoch, "config": config_yaml, **extra}
         acc = self.accelerator
@@ -89,6 +90,8 @@ class CheckpointManager:
             acc.save_state(str(tmp))
             acc.wait_for_everyone()
             if acc.is_main_process:
+                for name, folder in (files or {}).items():
+                    shutil.copytree(folder, tmp / name)
                 body = json.dumps({"step": step, **state}, indent=1)
                 (tmp / (STATE_FILE + ".tmp")).write_text(body)
                 os.replace(tmp / (STATE_FILE + ".tmp"), tmp / STATE_FILE)
@@ -120,23 +123,3 @@ class CheckpointManager:
                            "the resumed run will not follow the interrupted one's order",
                            state.get("batches_per_epoch"), batches_per_epoch)
         return state["step"]
-
-
-def step_batches(sampler, start_step: int, max_steps: int):
-    """Yield (step, epoch, global batch indices) from ``start_step``: the epoch and the position in it
-    follow from the step because every epoch has ``len(sampler)`` batches."""
-    per_epoch = len(sampler)
-    step = start_step
-    while step < max_steps:
-        epoch, pos = divmod(step, per_epoch)
-        for batch in sampler.batches(epoch)[pos:]:
-            yield step, epoch, batch
-            step += 1
-            if step >= max_steps:
-                return
-
-
-def step_seed(seed: int, step: int, stream: int = 0) -> int:
-    """A seed for the random draws (noise, timesteps, caption choice) of one step, the same in every
-    process and after a resume."""
-    return (seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1)

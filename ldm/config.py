@@ -9,12 +9,24 @@ written to the run folder and into every checkpoint by the trainers.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+
+BetaSchedule = typing.Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
+PredictionType = typing.Literal["epsilon", "v_prediction", "sample"]
+Optimizer = typing.Literal["adamw", "adamw8bit"]
+LRSchedule = typing.Literal["constant", "cosine"]
+MixedPrecision = typing.Literal["no", "bf16", "fp16"]
+FinetuneMethod = typing.Literal["full", "lora"]
+BaseDtype = typing.Literal["fp32", "bf16", "fp16"]
+TimestepSampling = typing.Literal["uniform", "logit_normal"]
+SamplerName = typing.Literal["ddpm", "ddim", "dpm++"]  # the keys of ldm.schedulers.SAMPLERS
 
 
 @dataclass
@@ -83,17 +95,17 @@ class ModelConfig:
 @dataclass
 class DiffusionConfig:
     num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"  # linear | scaled_linear | squaredcos_cap_v2 | sigmoid
+    beta_schedule: BetaSchedule = "linear"
     beta_start: float = 0.0001
     beta_end: float = 0.02
     rescale_betas_zero_snr: bool = False
-    prediction_type: str = "epsilon"  # epsilon | v_prediction | sample
+    prediction_type: PredictionType = "epsilon"
     learned_variance: bool = False  # Improved DDPM: U-Net outputs 2x channels, hybrid loss
     vlb_weight: float = 0.001  # lambda in L_simple + lambda * L_vlb
     snr_gamma: float | None = None  # min-SNR-gamma weighting of L_simple; None = unweighted
     offset_noise: float = 0.0  # adds offset_noise * N(0, 1) per (image, channel) to the noise (Guttenberg 2023)
     # Density of training timesteps: uniform, or logit_normal (t/T = sigmoid(N(mean, std)), as SD3).
-    timestep_sampling: str = "uniform"
+    timestep_sampling: TimestepSampling = "uniform"
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
 
@@ -106,16 +118,16 @@ class TrainConfig:
     max_steps: int = 2000
     learning_rate: float = 1e-3
     text_encoder_learning_rate: float | None = None  # None: same as learning_rate
-    optimizer: str = "adamw"  # adamw (fused on CUDA) | adamw8bit (needs bitsandbytes)
+    optimizer: Optimizer = "adamw"  # adamw (fused on CUDA) | adamw8bit (needs bitsandbytes)
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     warmup_steps: int = 100
-    lr_schedule: str = "cosine"  # constant | cosine (after warm-up)
+    lr_schedule: LRSchedule = "cosine"  # after warm-up
     max_grad_norm: float = 1.0  # 0 turns clipping off
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     compile: bool = False  # torch.compile the U-Net in place (pays on GPUs after a one-off compile)
-    mixed_precision: str = "no"  # no | bf16 | fp16 (handed to Accelerate; fp16 uses loss scaling)
+    mixed_precision: MixedPrecision = "no"  # handed to Accelerate; fp16 uses loss scaling
     ema_decay: float | None = None  # EMA of the U-Net (diffusers EMAModel); None = off
     ema_warmup: bool = True  # decay ramps up as 1 - (1 + step)^(-2/3) until ema_decay
     log_every: int = 25
@@ -134,19 +146,19 @@ class SampleConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     num_inference_steps: int = 50
     guidance_scale: float = 3.0
-    scheduler: str = "ddpm"  # ddpm | ddim | dpm++ (a diffusers scheduler made from the training config)
+    scheduler: SamplerName = "ddpm"  # a diffusers scheduler made from the training config (ldm.schedulers)
 
 
 @dataclass
 class FinetuneConfig:
-    method: str = "full"  # full (every U-Net weight) | lora (low-rank adapters only, through peft)
+    method: FinetuneMethod = "full"  # full (every U-Net weight) | lora (low-rank adapters only, through peft)
     lora_rank: int = 4
     lora_alpha: float | None = None  # None: equal to the rank (scale 1)
     lora_dropout: float = 0.0
     lora_feed_forward: bool = False  # attention projections always; also the transformer feed-forwards
     lora_conv: bool = False  # also the ResNet convolutions
     lora_text_encoder: bool = False  # adapters on the text encoder's attention too
-    base_dtype: str = "fp32"  # fp32 | bf16 | fp16: the frozen base's dtype (match train.mixed_precision)
+    base_dtype: BaseDtype = "fp32"  # the frozen base's dtype (match train.mixed_precision)
     merged_export: bool = False  # also export a full pipeline with the adapters merged at merge_scale
     merge_scale: float = 1.0
 
@@ -196,7 +208,7 @@ def _field_types(cls) -> dict[str, typing.Any]:
 
 def _check_value(key: str, value, typ):
     """Return ``value`` if it fits ``typ`` (ints accepted for floats), else raise naming the key."""
-    if isinstance(value, Raw):
+    if isinstance(value, Raw) and typing.get_origin(typ) is not typing.Literal:
         if typ is str or (typing.get_origin(typ) in (typing.Union, types.UnionType) and str in typing.get_args(typ)
                           and value.strip() not in ("null", "~", "None")):
             return str(value)
@@ -207,13 +219,23 @@ def _check_value(key: str, value, typ):
         except ValueError:
             pass
     origin = typing.get_origin(typ)
+    if origin is typing.Literal:
+        valid = typing.get_args(typ)
+        if isinstance(value, Raw):
+            value = str(value)
+        if not any(value == v and type(value) is type(v) for v in valid):
+            raise ValueError(f"{key}={value!r} is not one of {list(valid)}")
+        return value
     if origin in (typing.Union, types.UnionType):
+        errors = []
         for arg in typing.get_args(typ):
             try:
                 return _check_value(key, value, arg)
-            except (TypeError, ValueError):
-                continue
-        raise ValueError(f"{key}: {value!r} is not a valid {typ}")
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        literal = next((e for e in errors if " is not one of " in e), None)
+        raise ValueError(literal.replace("is not one of", "is not null or one of") if literal
+                         else f"{key}: {value!r} is not a valid {typ}")
     if typ is type(None):
         if value is None:
             return None
@@ -298,3 +320,173 @@ def save_config(cfg, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(to_yaml(cfg))
     tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Value checks: every setting is checked here, once, before any data is read or model built
+# ----------------------------------------------------------------------------------------------
+
+class Checker:
+    """Collects the checks of one config; each failure names the key, the value and what is valid."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def get(self, key: str):
+        node = self.cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        return node
+
+    def require(self, ok: bool, key: str, valid: str) -> None:
+        if not ok:
+            raise ValueError(f"{key}={self.get(key)!r} is not valid: {valid}")
+
+    def at_least(self, key: str, low, optional: bool = False) -> None:
+        v = self.get(key)
+        if optional and v is None:
+            return
+        self.require(v is not None and math.isfinite(v) and v >= low, key, f"needs a finite number >= {low}"
+                     + (" or null" if optional else ""))
+
+    def positive(self, key: str, optional: bool = False) -> None:
+        v = self.get(key)
+        if optional and v is None:
+            return
+        self.require(v is not None and math.isfinite(v) and v > 0, key,
+                     "needs a finite number > 0" + (" or null" if optional else ""))
+
+    def within(self, key: str, low, high, closed_low: bool = True, closed_high: bool = False,
+               optional: bool = False) -> None:
+        v = self.get(key)
+        if optional and v is None:
+            return
+        ok = v is not None and math.isfinite(v) and (v >= low if closed_low else v > low) and \
+            (v <= high if closed_high else v < high)
+        self.require(ok, key, f"needs a number in {'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
+                     + (" or null" if optional else ""))
+
+    def seed(self, key: str) -> None:
+        v = self.get(key)
+        self.require(0 <= v < 2**32, key, "needs an integer in [0, 2**32) (numpy's seed range)")
+
+
+def check_train_basics(c: Checker) -> None:
+    """The engine's settings, common to both trainers."""
+    c.seed("train.seed")
+    c.at_least("train.batch_size", 1)
+    c.at_least("train.max_steps", 1)
+    c.positive("train.learning_rate")
+    c.at_least("train.warmup_steps", 0)
+    c.at_least("train.weight_decay", 0)
+    c.at_least("train.max_grad_norm", 0)
+    c.at_least("train.log_every", 1)
+    c.at_least("train.checkpoint_every", 0)
+    c.at_least("train.keep_last", 1, optional=True)
+    c.at_least("train.num_workers", 0)
+    c.within("train.ema_decay", 0, 1, closed_low=False, optional=True)
+    resume = c.get("train.resume")
+    c.require(resume is None or resume.strip() != "", "train.resume", "'latest', a checkpoint folder, or null")
+
+
+def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -> None:
+    """Reject bad values of a diffusion run before any data is read or model built. ``strategy`` is how
+    Accelerate distributes the run ("no", "multi_gpu", "multi_cpu", "fsdp", "deepspeed", "deepspeed_zero3")."""
+    c = Checker(cfg)
+    check_train_basics(c)
+    tc, d, dif, s, fc, db = cfg.train, cfg.data, cfg.diffusion, cfg.sample, cfg.finetune, cfg.dreambooth
+    if strategy in ("fsdp", "deepspeed_zero3"):
+        raise ValueError(f"the {strategy} strategy shards the weights, and validation, sample grids and export run on "
+                         f"the main process with whole modules; use DDP (configs/accelerate/ddp.yaml) or DeepSpeed "
+                         f"ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml), which keep whole weights on every process")
+    c.at_least("train.gradient_accumulation_steps", 1)
+    if strategy == "deepspeed" and tc.gradient_accumulation_steps > 1:
+        raise ValueError(f"train.gradient_accumulation_steps={tc.gradient_accumulation_steps} is not supported under "
+                         f"DeepSpeed, whose engine accumulates by itself; use 1 and a larger per-GPU batch")
+    per = num_processes * tc.gradient_accumulation_steps
+    c.require(tc.batch_size % per == 0, "train.batch_size",
+              f"must divide by processes x accumulation steps ({num_processes} x {tc.gradient_accumulation_steps} = "
+              f"{per})")
+    c.positive("train.text_encoder_learning_rate", optional=True)
+    c.within("train.adam_beta1", 0, 1)
+    c.within("train.adam_beta2", 0, 1)
+    c.at_least("train.validate_every", 0)
+    c.at_least("train.score_num_images", 0)
+    # data
+    c.at_least("data.resolution", 1)
+    c.within("data.caption_dropout", 0, 1)
+    c.at_least("data.bucket_step", 1)
+    c.at_least("data.bucket_max_ratio", 1)
+    c.within("data.validation_fraction", 0, 1)
+    c.at_least("data.validation_num_images", 1)
+    for key in ("data.dataset", "data.image_column", "data.caption_column", "data.cache_dir"):
+        c.require(bool(c.get(key)), key, "must not be empty")
+    # model
+    u, te = cfg.model.unet, cfg.model.text_encoder
+    n = len(u.block_out_channels)
+    c.require(n >= 1 and all(ch >= 1 for ch in u.block_out_channels), "model.unet.block_out_channels",
+              "needs one positive channel count per level")
+    for key in ("model.unet.down_block_types", "model.unet.up_block_types"):
+        c.require(len(c.get(key)) == n, key, f"needs one block type per level ({n}, as block_out_channels)")
+    c.at_least("model.unet.layers_per_block", 1)
+    c.at_least("model.unet.attention_head_dim", 1)
+    c.at_least("model.unet.norm_num_groups", 1)
+    c.require(all(ch % u.norm_num_groups == 0 for ch in u.block_out_channels), "model.unet.norm_num_groups",
+              f"must divide every channel count {u.block_out_channels}")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        c.at_least(f"model.text_encoder.{key}", 1)
+    c.require(te.hidden_size % te.num_attention_heads == 0, "model.text_encoder.hidden_size",
+              f"must divide by num_attention_heads={te.num_attention_heads}")
+    c.at_least("model.text_encoder.max_length", 2)
+    c.at_least("model.text_encoder.vocab_size", 514)  # 2 x 256 byte symbols + 2 special tokens
+    # diffusion
+    c.at_least("diffusion.num_train_timesteps", 2)
+    c.within("diffusion.beta_start", 0, 1, closed_low=False)
+    c.within("diffusion.beta_end", 0, 1, closed_low=False, closed_high=True)
+    c.require(dif.beta_start < dif.beta_end or dif.beta_schedule == "squaredcos_cap_v2", "diffusion.beta_start",
+              f"must be below diffusion.beta_end={dif.beta_end}")
+    c.at_least("diffusion.vlb_weight", 0)
+    c.positive("diffusion.snr_gamma", optional=True)
+    c.at_least("diffusion.offset_noise", 0)
+    c.require(math.isfinite(dif.timestep_mean), "diffusion.timestep_mean", "needs a finite number")
+    c.positive("diffusion.timestep_std")
+    own_schedule = not cfg.model.pretrained  # a pretrained model keeps its own schedule
+    c.require(not (own_schedule and dif.rescale_betas_zero_snr and dif.prediction_type == "epsilon"),
+              "diffusion.prediction_type", "a zero-terminal-SNR schedule (rescale_betas_zero_snr) needs v_prediction "
+              "or sample: at t=T-1 x_t holds no x_0, so ε cannot give it back")
+    # sampling
+    top = dif.num_train_timesteps if own_schedule else 10**9
+    c.require(1 <= s.num_inference_steps <= top, "sample.num_inference_steps",
+              f"needs an integer in [1, diffusion.num_train_timesteps={dif.num_train_timesteps}]" if own_schedule
+              else "needs an integer >= 1")
+    c.require(math.isfinite(s.guidance_scale) and s.guidance_scale >= 1, "sample.guidance_scale",
+              "needs a finite number >= 1 (1 turns guidance off)")
+    c.require(len(s.seeds) > 0 and all(0 <= x < 2**63 for x in s.seeds), "sample.seeds",
+              "needs at least one seed in [0, 2**63)")
+    c.require(all(p.strip() for p in s.prompts), "sample.prompts", "prompts must not be empty")
+    # fine-tuning
+    if fc.method == "lora":
+        c.require(bool(cfg.model.pretrained), "finetune.method",
+                  "lora needs model.pretrained: the model whose weights the adapters adapt")
+        c.at_least("finetune.lora_rank", 1)
+        c.positive("finetune.lora_alpha", optional=True)
+        c.within("finetune.lora_dropout", 0, 1)
+        c.require(math.isfinite(fc.merge_scale), "finetune.merge_scale", "needs a finite number")
+        c.require(fc.base_dtype in ("fp32", tc.mixed_precision), "finetune.base_dtype",
+                  f"{fc.base_dtype!r} needs train.mixed_precision={fc.base_dtype!r} (got {tc.mixed_precision!r}) so that "
+                  f"inputs meet the base weights in that dtype; or fp32")
+    # DreamBooth
+    prior = bool(db.class_prompt or db.class_prompts)
+    if db.instance_data:
+        c.require(bool(db.instance_prompt), "dreambooth.instance_prompt",
+                  "dreambooth.instance_data needs the subject's prompt, e.g. 'a photo of sks dog'")
+    if prior:
+        c.require(bool(cfg.model.pretrained), "dreambooth.class_prompt",
+                  "prior preservation needs model.pretrained: class images are drawn by the base model")
+        c.require(not d.bucketing, "data.bucketing",
+                  "prior preservation trains both halves in one forward and needs data.bucketing=false")
+        c.at_least("dreambooth.num_class_images", 1)
+        c.at_least("dreambooth.prior_loss_weight", 0)
+        c.at_least("dreambooth.class_inference_steps", 1)
+        c.require(math.isfinite(db.class_guidance_scale) and db.class_guidance_scale >= 1,
+                  "dreambooth.class_guidance_scale", "needs a finite number >= 1")

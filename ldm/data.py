@@ -279,20 +279,19 @@ class ImageTransform:
     """Resize an image to cover a (height, width) target, crop it, maybe mirror it, map it to [-1, 1].
 
     The crop is random when ``random_crop`` (it wins over ``center_crop``), centred when ``center_crop``,
-    else the top-left corner. Randomness comes from the ``rng`` passed to each call (the `random` module
-    when None): the crop offset is drawn first, then the flip, so a seeded rng gives the same output.
+    else the top-left corner. A random crop's offset comes from the ``rng`` passed to each call (the `random`
+    module when None), so a seeded rng gives the same output; the caller decides the flip.
     """
 
-    def __init__(self, resolution: int, center_crop: bool = True, random_crop: bool = False,
-                 random_flip: bool = False):
+    def __init__(self, resolution: int, center_crop: bool = True, random_crop: bool = False):
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
         self.resolution, self.center_crop = resolution, center_crop
-        self.random_crop, self.random_flip = random_crop, random_flip
+        self.random_crop = random_crop
 
     def __call__(self, image: Image.Image, size: tuple[int, int] | None = None, rng: random.Random | None = None,
-                 flip: bool | None = None) -> torch.Tensor:
-        """Return (3, height, width) float32 in [-1, 1]; ``flip`` True/False forces mirroring or not."""
+                 flip: bool = False) -> torch.Tensor:
+        """Return (3, height, width) float32 in [-1, 1], mirrored when ``flip``."""
         th, tw = size if size is not None else (self.resolution, self.resolution)
         if th <= 0 or tw <= 0:
             raise ValueError(f"size must be a positive (height, width), got {size}")
@@ -304,8 +303,6 @@ class ImageTransform:
             image = image.resize((max(tw, round(w * scale)), max(th, round(h * scale))), Image.Resampling.BICUBIC)
         left, top = self._crop_offset(image.size, (th, tw), rng)
         image = image.crop((left, top, left + tw, top + th))
-        if flip is None:
-            flip = self.random_flip and rng.random() < 0.5
         if flip:
             image = ImageOps.mirror(image)
         arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
@@ -318,11 +315,6 @@ class ImageTransform:
         if self.center_crop:
             return (w - tw) // 2, (h - th) // 2
         return 0, 0
-
-
-def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool = True) -> torch.Tensor:
-    """Resize the short side to ``resolution``, crop to a square, map to [-1, 1]; returns (3, H, W)."""
-    return ImageTransform(resolution, center_crop=center_crop)(image)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -283,8 +283,18 @@ class GaussianDiffusion:
         return torch.where(t == 0, nll, kl)
 
     def snr_weights(self, t, snr_gamma: float) -> torch.Tensor:
-        """Min-SNR-γ weights (Hang et al. 2023) expressed for this prediction type's MSE."""
-        snr = self.snr.to(t.device)[t]
+        """Min-SNR-γ weights (Hang et al. 2023) expressed for this prediction type's MSE, float32 on t's device.
+
+        The table is computed once per γ in float64 on the CPU and kept on each device as float32 (not every
+        accelerator has float64)."""
+        tables = self.__dict__.setdefault("_snr_weight_tables", {})
+        key = (snr_gamma, t.device)
+        if key not in tables:
+            tables[key] = self._snr_weight_table(snr_gamma).to(t.device)
+        return tables[key][t]
+
+    def _snr_weight_table(self, snr_gamma: float) -> torch.Tensor:
+        snr = self.snr
         clipped = snr.clamp(max=snr_gamma)
         if self.prediction_type == PredictionType.EPSILON:
             w = clipped / snr.clamp(min=1e-12)

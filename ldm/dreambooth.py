@@ -34,7 +34,7 @@ def ensure_class_images(pipe_factory, folder: str | Path, prompts: list[str], nu
                         num_inference_steps: int, guidance_scale: float, accelerator, batch_size: int = 8) -> Path:
     """Make sure ``folder`` holds ``num_images`` images of ``prompts`` (image i of prompts[i % n]), drawing
     the missing ones with the pipeline ``pipe_factory()`` returns (main process; seeds seed+i, so a top-up
-    is deterministic)."""
+    is deterministic). New files take numbers no other image in the folder uses."""
     folder = Path(folder)
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -51,14 +51,17 @@ def ensure_class_images(pipe_factory, folder: str | Path, prompts: list[str], nu
                 if meta.is_file() else []
             from tqdm.auto import tqdm
 
+            taken = {r["file_name"] for r in rows}
+            numbers = (k for k in range(len(taken) + num_images + 1) if f"class-{k:05d}.png" not in taken)
             for start in tqdm(range(have, num_images, batch_size), desc="class images"):
                 ids = list(range(start, min(start + batch_size, num_images)))
                 gens = [torch.Generator().manual_seed(seed + i) for i in ids]
                 texts = [prompts[i % len(prompts)] for i in ids]
                 images = pipe(texts, generator=gens, num_inference_steps=num_inference_steps,
                               guidance_scale=guidance_scale).images
-                for i, text, image in zip(ids, texts, images):
-                    name = f"class-{i:05d}.png"
+                for text, image in zip(texts, images):
+                    # A free number: the folder may be shared with other prompts' images.
+                    name = f"class-{next(numbers):05d}.png"
                     atomic_save(lambda p, im=image: im.save(p, format="PNG"), folder / name)
                     rows.append({"file_name": name, "text": text})
                 # metadata last: an interrupted run leaves only images it has listed

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .builtin_data import BUILTIN_DATASETS, eval_prompts, score
 from .run import atomic_save, make_grid
+from .schedulers import SAMPLERS, sampling_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ def evaluate(pipeline: str, dataset: str, num_images: int = 96, out: str | None 
              num_inference_steps: int = 50, guidance_scale: float = 3.0, scheduler: str = "ddpm",
              seed_offset: int = 100_000, batch_size: int = 48) -> dict:
     from pipelines import LDMPipeline
-
-    from .train import sampling_scheduler
 
     if dataset not in BUILTIN_DATASETS:
         raise ValueError(f"--dataset must be a built-in dataset {BUILTIN_DATASETS}, got {dataset!r}")
@@ -83,7 +82,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="folder for samples.png and metrics.json")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
-    parser.add_argument("--scheduler", default="ddpm", choices=["ddpm", "ddim", "dpm++"])
+    parser.add_argument("--scheduler", default="ddpm", choices=list(SAMPLERS))
     parser.add_argument("--seed-offset", type=int, default=100_000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)

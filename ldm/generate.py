@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
+from .lora import LORA_FILE
 from .run import atomic_save, make_grid
+from .schedulers import SAMPLERS, sampling_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +25,6 @@ logger = logging.getLogger(__name__)
 def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm"):
     """An LDMPipeline from a folder, with the adapters of ``lora`` (a folder or a .safetensors file)."""
     from pipelines import LDMPipeline
-
-    from .lora import LORA_FILE
-    from .train import sampling_scheduler
 
     pipe = LDMPipeline.from_pretrained(pipeline)
     pipe.scheduler = sampling_scheduler(pipe.scheduler, scheduler)
@@ -53,7 +52,7 @@ def main(argv=None) -> None:
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
-    parser.add_argument("--scheduler", default="ddpm", choices=["ddpm", "ddim", "dpm++"])
+    parser.add_argument("--scheduler", default="ddpm", choices=list(SAMPLERS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="samples.png")
     args = parser.parse_args(argv)

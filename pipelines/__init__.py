@@ -1,5 +1,5 @@
 """Inference pipelines."""
 
-from .ldm_pipeline import LDMPipeline
+from .ldm_pipeline import LDMPipeline, vae_scale_factor
 
-__all__ = ["LDMPipeline"]
+__all__ = ["LDMPipeline", "vae_scale_factor"]

@@ -26,6 +26,11 @@ VARIANCE_SPLITTING_SCHEDULERS = (DDPMScheduler, DDPMParallelScheduler)
 SAVED_CLASS_NAME = "StableDiffusionPipeline"
 
 
+def vae_scale_factor(vae) -> int:
+    """How many pixels one latent covers along a side: each VAE level after the first halves the size."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -55,7 +60,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     ):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = vae_scale_factor(self.vae)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     def save_pretrained(self, save_directory, **kwargs):

@@ -34,7 +34,7 @@ def test_reconstruction_error_falls(tmp_path, data_dir):
     assert vae.config.scaling_factor == pytest.approx(result["scaling_factor"])
     assert (cfg.run_dir / "reconstructions.png").exists()
     # The measured scale gives unit-variance latents on the data (measured on 16 images, checked on 48).
-    from autoencoder.train import image_datasets
+    from autoencoder.data import image_datasets
     x = torch.stack([item["pixel_values"] for item in image_datasets(cfg.data, "train")])
     with torch.no_grad():
         dist = vae.encode(x).latent_dist

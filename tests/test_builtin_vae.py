@@ -6,14 +6,14 @@ import json
 import torch
 from PIL import Image
 
-from autoencoder.pretrained import BUILTIN_VAE_DIR, load_vae
+from ldm.vae import builtin_vae_dir, load_vae
 from ldm.builtin_data import DigitsScorer, generate_digits, generate_shapes, score_shapes
-from ldm.data import image_to_tensor
+from ldm.data import ImageTransform
 
 
 def _load(folder, n):
     recs = [json.loads(line) for line in open(folder / "metadata.jsonl")][:n]
-    images = torch.stack([image_to_tensor(Image.open(folder / r["file_name"]), 32) for r in recs])
+    images = torch.stack([ImageTransform(32)(Image.open(folder / r["file_name"])) for r in recs])
     return images, [r["text"] for r in recs]
 
 
@@ -29,7 +29,7 @@ def _to_pil(x):
 
 
 def test_builtin_vae_is_shipped_as_safetensors():
-    files = {p.name for p in BUILTIN_VAE_DIR.iterdir()}
+    files = {p.name for p in builtin_vae_dir().iterdir()}
     assert "config.json" in files and "diffusion_pytorch_model.safetensors" in files
     assert not {f for f in files if f.endswith((".bin", ".pt", ".ckpt"))}
 

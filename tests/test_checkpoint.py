@@ -9,7 +9,8 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from ldm.builtin_data import generate_shapes
-from ldm.checkpoint import CheckpointManager, list_checkpoints, read_train_state, resolve_resume, step_batches
+from ldm.batches import step_batches
+from ldm.checkpoint import CheckpointManager, list_checkpoints, read_train_state, resolve_resume
 from ldm.config import LDMConfig, load_config
 from ldm.data import GlobalBatchSampler
 from ldm.train import train
@@ -35,7 +36,7 @@ def _weights(run_dir):
 
 @pytest.mark.parametrize("extra", [[], ["train.gradient_accumulation_steps=2", "train.ema_decay=0.9",
                                         "data.random_flip=true"]])
-def test_resume_is_bitwise_identical(tmp_path, data_dir, extra):
+def test_resume_is_bitwise_identical(tmp_path, data_dir, extra, monkeypatch):
     # 88 images in batches of 16: 5 batches per epoch, so step 4 is mid-epoch 0 and step 8 mid-epoch 1.
     full = _cfg(tmp_path, data_dir, "full", *extra)
     train(full)
@@ -47,6 +48,12 @@ def test_resume_is_bitwise_identical(tmp_path, data_dir, extra):
     resumed = _cfg(tmp_path, data_dir, "resumed", *extra, "train.resume=latest")
     (resumed.run_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(full.run_dir / "checkpoints" / "step-4", resumed.run_dir / "checkpoints" / "step-4")
+    import ldm.models
+
+    def no_new_tokenizer(*args, **kwargs):
+        raise AssertionError("a resumed run must read the checkpoint's tokenizer, not learn another")
+
+    monkeypatch.setattr(ldm.models, "build_tokenizer", no_new_tokenizer)
     train(resumed)
     a, b = _weights(full.run_dir), _weights(resumed.run_dir)
     for part in a:

@@ -38,7 +38,21 @@ def test_accelerate_configs_parse():
         assert path.read_text().startswith("#"), f"{path} should say when to pick it"
         kinds[path.stem] = str(load_config_from_file(str(path)).distributed_type)
     assert kinds == {"cpu_2proc": "DistributedType.MULTI_GPU", "ddp": "DistributedType.MULTI_GPU",
-                     "deepspeed_zero2": "DistributedType.DEEPSPEED", "fsdp": "DistributedType.FSDP"}
+                     "deepspeed_zero2": "DistributedType.DEEPSPEED"}
+
+
+def test_sharded_strategies_are_refused_with_a_reason():
+    from autoencoder.config import check_config as check_autoencoder
+    from ldm.config import check_config
+
+    for strategy in ("fsdp", "deepspeed_zero3"):
+        with pytest.raises(ValueError, match=f"{strategy}.*use DDP"):
+            check_config(LDMConfig(), 1, strategy)
+        with pytest.raises(ValueError, match=f"{strategy}.*use DDP"):
+            check_autoencoder(AutoencoderConfig(), 1, strategy)
+    check_config(LDMConfig(), 2, "multi_gpu")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        check_config(load_config(LDMConfig, None, ["train.gradient_accumulation_steps=2"]), 1, "deepspeed")
 
 
 @pytest.mark.parametrize("override, message", [
@@ -47,6 +61,9 @@ def test_accelerate_configs_parse():
     (["train.max_steps=true"], "train.max_steps"),
     (["data.center_crop=3"], "data.center_crop"),
     (["max_steps"], "key=value"),
+    (["diffusion.beta_schedule=cosine"], r"diffusion\.beta_schedule='cosine' is not one of \['linear'"),
+    (["sample.scheduler=euler"], r"sample\.scheduler='euler' is not one of \['ddpm', 'ddim', 'dpm\+\+'\]"),
+    (["train.mixed_precision=fp8"], "train.mixed_precision"),
 ])
 def test_bad_overrides_raise(override, message):
     with pytest.raises(ValueError, match=message):

@@ -115,26 +115,36 @@ def test_conversions_round_trip(kw):
     torch.testing.assert_close(diff.predict_eps_from_v(xt, t, v), eps)
 
 
-def _oracle(diff, x0, noise, var_values=None):
+def _target(sched, x0, noise, t):
+    """The regression target by diffusers' scheduler (an independent reference): ε, v or x_0."""
+    kind = sched.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return sched.get_velocity(x0, noise, t)
+    return x0
+
+
+def _oracle(sched, x0, noise, var_values=None):
     """A 'network' that returns the true target (and fixed variance values) for any x_t."""
     def model(xt, t):
-        out = diff.training_target(x0, noise, t)
+        out = _target(sched, x0, noise, t)
         return out if var_values is None else torch.cat([out, var_values.expand_as(out)], 1)
     return model
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_training_losses_oracle_and_snr_weights(prediction_type):
-    _, diff = _pair(beta_schedule="linear", prediction_type=prediction_type)
+    sched, diff = _pair(beta_schedule="linear", prediction_type=prediction_type)
     g = torch.Generator().manual_seed(2)
     x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     t = torch.tensor([0, 5, 50, 99])
-    terms = diff.training_losses(_oracle(diff, x0, noise), x0, t, noise)
+    terms = diff.training_losses(_oracle(sched, x0, noise), x0, t, noise)
     assert torch.all(terms["mse"] < 1e-10) and "vb" not in terms
     # A wrong model: the mse term is the plain mean squared error; min-SNR-γ rescales it per sample.
     zero = lambda xt, t: torch.zeros_like(xt)  # noqa: E731
     plain = diff.training_losses(zero, x0, t, noise)["mse"]
-    torch.testing.assert_close(plain, diff.training_target(x0, noise, t).square().flatten(1).mean(1))
+    torch.testing.assert_close(plain, _target(sched, x0, noise, t).square().flatten(1).mean(1))
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_min_snr_weighting_is_min_snr_gamma_times_x0_error(prediction_type):
@@ -163,12 +173,12 @@ def test_min_snr_weight_at_zero_terminal_snr_is_one():
 
 
 def test_learned_variance_hybrid_loss():
-    _, diff = _pair(beta_schedule="squaredcos_cap_v2", variance_type="learned_range")
+    sched, diff = _pair(beta_schedule="squaredcos_cap_v2", variance_type="learned_range")
     g = torch.Generator().manual_seed(3)
     x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     t = torch.tensor([1, 10, 50, 99])
     # Exact mean and Σ = β̃_t (values -1) make every t > 0 term of the bound exactly zero.
-    terms = diff.training_losses(_oracle(diff, x0, noise, torch.full((1, 4, 1, 1), -1.0)), x0, t, noise)
+    terms = diff.training_losses(_oracle(sched, x0, noise, torch.full((1, 4, 1, 1), -1.0)), x0, t, noise)
     assert terms["vb"].abs().max() < 1e-4 and terms["mse"].max() < 1e-10
     # The mean is detached inside L_vlb: its gradient only reaches the variance channels.
     out = torch.randn(4, 8, 8, 8, generator=g, requires_grad=True)

@@ -131,7 +131,7 @@ def _instances(folder, n=4):
 
 def test_dreambooth_class_images_once_and_prior_loss_on_the_class_half(tmp_path, base, monkeypatch):
     import ldm.dreambooth as dreambooth
-    import ldm.train as train_mod
+    from ldm.objective import TextContext
 
     inst = _instances(tmp_path / "subject")
     common = [f"dreambooth.instance_data={inst}", "dreambooth.instance_prompt=a photo of sks blob",
@@ -149,23 +149,24 @@ def test_dreambooth_class_images_once_and_prior_loss_on_the_class_half(tmp_path,
 
     monkeypatch.setattr(dreambooth, "ensure_class_images", counting)
     seen = []
-    real_loss = train_mod.diffusion_loss
+    real_context = TextContext.__call__
 
-    def recording(diffusion, unet, z0, t, noise, context, cfg):
-        seen.append(context.detach().clone())
-        return real_loss(diffusion, unet, z0, t, noise, context, cfg)
+    def recording(self, captions, drop, device):
+        seen.append(real_context(self, captions, drop, device).detach().clone())
+        return seen[-1]
 
-    monkeypatch.setattr(train_mod, "diffusion_loss", recording)
+    monkeypatch.setattr(TextContext, "__call__", recording)
     cfg = _cfg(tmp_path, base, *common, "name=db1")
     train(cfg)
     assert len(calls) == 1
     meta = [json.loads(x) for x in (tmp_path / "cls" / "metadata.jsonl").read_text().splitlines()]
     assert len(meta) == 4 and {m["text"] for m in meta} == {"a red circle at the top left"}
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cls").glob("*.png")}
-    # Every forward saw 2 instance rows (the instance prompt) and then 2 class rows (the class prompt).
-    assert seen and all(c.shape[0] == 4 for c in seen)
-    first = seen[0]
-    assert torch.equal(first[0], first[1]) and torch.equal(first[2], first[3]) and not torch.equal(first[0], first[2])
+    # Every forward saw 2 instance rows (the instance prompt), then 2 class rows (the class prompt).
+    assert seen and len(seen) % 2 == 0 and all(c.shape[0] == 2 for c in seen)
+    for instance, cls in zip(seen[::2], seen[1::2]):
+        assert torch.equal(instance[0], instance[1]) and torch.equal(cls[0], cls[1])
+        assert not torch.equal(instance[0], cls[0])
     rows = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "epoch" in r]
     assert all("prior_loss" in r for r in rows)
     # A second run reuses the class images; asking for more draws only the missing ones.
@@ -174,6 +175,13 @@ def test_dreambooth_class_images_once_and_prior_loss_on_the_class_half(tmp_path,
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cls").glob("*.png")} == mtimes
     train(_cfg(tmp_path, base, *common, "name=db3", "dreambooth.num_class_images=6"))
     assert len(calls) == 2 and len(list((tmp_path / "cls").glob("*.png"))) == 6
+    assert all((tmp_path / "cls" / n).stat().st_mtime_ns == t for n, t in mtimes.items())
+    # Another class prompt in the same folder adds its own files and leaves the first prompt's alone.
+    train(_cfg(tmp_path, base, *common[:2], "dreambooth.class_prompt=a blue square at the center", *common[3:],
+               "name=db4", "train.max_steps=1"))
+    meta = [json.loads(x) for x in (tmp_path / "cls" / "metadata.jsonl").read_text().splitlines()]
+    assert len(meta) == 10 and len({m["file_name"] for m in meta}) == 10
+    assert sum(m["text"] == "a blue square at the center" for m in meta) == 4
     assert all((tmp_path / "cls" / n).stat().st_mtime_ns == t for n, t in mtimes.items())
 
 

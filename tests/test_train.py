@@ -7,28 +7,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-from ldm.builtin_data import generate_shapes
 from ldm.config import LDMConfig, load_config
 from ldm.run import read_metrics
 from ldm.train import train
 from pipelines import LDMPipeline
-
-
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-                        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 16, 16],
-                        latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=32,
-                        scaling_factor=1.0)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path, safe_serialization=True)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return generate_shapes(tmp_path_factory.mktemp("shapes"), num_images=96, seed=0)
 
 
 def _cfg(tmp_path, vae, data, *extra):
@@ -86,13 +68,20 @@ def test_latent_cache_reused_and_rebuilt(tmp_path, tiny_vae_dir, data_dir):
     train(_cfg(tmp_path, tiny_vae_dir, data_dir, "train.max_steps=1", "sample.seeds=[0]", "data.center_crop=false"))
     second = _cache_folders(tmp_path / "cache")
     assert len(second) == 4 and first < second
-    # Another VAE (one weight changed) makes new caches rather than reusing stale latents.
+    # A decoder-only change (as decoder-only fine-tuning makes) keeps the cached latents: encoding is unchanged.
     vae = AutoencoderKL.from_pretrained(tiny_vae_dir)
     with torch.no_grad():
         vae.decoder.conv_out.bias += 0.01
-    other = tmp_path / "vae2"
-    vae.save_pretrained(other, safe_serialization=True)
-    train(_cfg(tmp_path, other, data_dir, "train.max_steps=1", "sample.seeds=[0]"))
+    decoder_tuned = tmp_path / "vae-decoder"
+    vae.save_pretrained(decoder_tuned, safe_serialization=True)
+    train(_cfg(tmp_path, decoder_tuned, data_dir, "train.max_steps=1", "sample.seeds=[0]"))
+    assert _cache_folders(tmp_path / "cache") == second
+    # An encoder change makes new caches rather than reusing stale latents.
+    with torch.no_grad():
+        vae.encoder.conv_in.bias += 0.01
+    encoder_changed = tmp_path / "vae-encoder"
+    vae.save_pretrained(encoder_changed, safe_serialization=True)
+    train(_cfg(tmp_path, encoder_changed, data_dir, "train.max_steps=1", "sample.seeds=[0]"))
     assert len(_cache_folders(tmp_path / "cache")) == 6
     # The cached arrays are memory-mapped .npy files holding the posterior mean and std.
     folder = tmp_path / "cache" / sorted(first)[0]
@@ -108,3 +97,12 @@ def test_bad_inputs_raise(tmp_path, tiny_vae_dir, data_dir):
         train(_cfg(tmp_path, tiny_vae_dir, data_dir, "train.lr_schedule=linear"))
     with pytest.raises(ValueError, match="sample.scheduler"):
         train(_cfg(tmp_path, tiny_vae_dir, data_dir, "train.max_steps=1", "sample.scheduler=euler"))
+    # Checked before any data is read or model built: the data source does not even exist here.
+    for bad, key in [("train.learning_rate=nan", "train.learning_rate"), ("train.learning_rate=-1", "train.learning_rate"),
+                     ("train.max_steps=0", "train.max_steps"), ("train.log_every=0", "train.log_every"),
+                     ("diffusion.num_train_timesteps=1", "diffusion.num_train_timesteps"),
+                     ("train.seed=-1", "train.seed"), ("data.validation_fraction=1.5", "data.validation_fraction"),
+                     ("sample.num_inference_steps=0", "sample.num_inference_steps"),
+                     ("sample.guidance_scale=inf", "sample.guidance_scale"), ("sample.seeds=[]", "sample.seeds")]:
+        with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+            train(_cfg(tmp_path, tiny_vae_dir, tmp_path / "missing", bad))

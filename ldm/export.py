@@ -1,0 +1,33 @@
+"""What a diffusion run leaves behind: the pipeline folder (EMA weights when EMA is on), or under LoRA the
+adapters alone and, when asked, a pipeline with them merged in. Main process only; every folder is written
+beside its target and swapped in when complete."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .lora import LORA_FILE, merge_into, save_lora
+from .models import make_pipeline
+from .run import atomic_save_dir
+from .schedulers import sampling_scheduler
+
+
+def export(cfg, comp, unet, text_encoder, run_dir: Path) -> dict[str, Path]:
+    """Write the run's model(s) from the unwrapped ``unet`` and ``text_encoder``; return {what: path}."""
+    saved = {}
+    if cfg.finetune.method == "lora":
+        atomic_save_dir(lambda d: save_lora(d, unet, text_encoder), run_dir / "lora")
+        saved["lora"] = run_dir / "lora" / LORA_FILE
+        if cfg.finetune.merged_export:
+            from pipelines import LDMPipeline
+
+            merged = merge_into(LDMPipeline.from_pretrained(cfg.model.pretrained), run_dir / "lora",
+                                cfg.finetune.merge_scale)
+            merged.scheduler = sampling_scheduler(comp.scheduler, cfg.sample.scheduler)
+            atomic_save_dir(lambda d: merged.save_pretrained(d, safe_serialization=True), run_dir / "pipeline")
+            saved["pipeline"] = run_dir / "pipeline"
+    else:
+        pipe = make_pipeline(comp, unet.eval(), text_encoder.eval(), cfg.sample.scheduler)
+        atomic_save_dir(lambda d: pipe.save_pretrained(d, safe_serialization=True), run_dir / "pipeline")
+        saved["pipeline"] = run_dir / "pipeline"
+    return saved

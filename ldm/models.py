@@ -1,0 +1,118 @@
+"""The networks of a diffusion run: tokenizer, text encoder, VAE, U-Net and training schedule, built from the
+config or loaded from a pretrained pipeline folder, and the pipeline that samples with them."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from .config import LDMConfig
+from .run import atomic_save_dir
+from .schedulers import load_noise_scheduler, make_noise_scheduler, sampling_scheduler
+from .text import build_text_encoder, build_tokenizer
+from .vae import load_vae, vae_scale_factor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    tokenizer: object  # CLIPTokenizer
+    text_encoder: object  # CLIPTextModel
+    vae: object  # AutoencoderKL
+    unet: UNet2DConditionModel
+    scheduler: DDPMScheduler  # the training schedule; saved with the pipeline
+    train_text_encoder: bool
+
+
+def build_components(cfg: LDMConfig, captions: list[str], accelerator=None, resume_from: Path | None = None
+                     ) -> Components:
+    """The run's networks: from ``model.pretrained`` (a diffusers pipeline folder, whose schedule, prediction
+    type, tokenizer, text encoder and VAE are kept), else new ones sized by the config with a tokenizer learned
+    from ``captions`` (see `caption_tokenizer`). Built in this order so that a seed gives the same initial
+    weights."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if cfg.model.pretrained:
+        root = Path(cfg.model.pretrained)
+        if not (root / "model_index.json").is_file():
+            raise FileNotFoundError(f"model.pretrained={str(root)!r} is not a diffusers pipeline folder "
+                                    f"(no model_index.json)")
+        scheduler = load_noise_scheduler(root / "scheduler")
+        logger.info("fine-tuning %s: noise schedule and prediction type (%s) come from its scheduler; "
+                    "diffusion.* schedule settings are ignored", root, scheduler.config.prediction_type)
+        tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True)
+        vae = load_vae(str(root / "vae"))
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)
+        train_text_encoder = bool(cfg.model.train_text_encoder)  # frozen unless asked
+    else:
+        scheduler = make_noise_scheduler(cfg.diffusion)
+        tc = cfg.model.text_encoder
+        tokenizer = caption_tokenizer(cfg, captions, accelerator, resume_from)
+        text_encoder = build_text_encoder(tokenizer, tc.hidden_size, tc.num_hidden_layers,
+                                          tc.num_attention_heads, tc.intermediate_size)
+        vae = load_vae(cfg.model.vae)
+        unet = build_unet(cfg, vae, text_encoder.config.hidden_size)
+        train_text_encoder = cfg.model.train_text_encoder is not False
+    expected_out = vae.config.latent_channels * (2 if cfg.diffusion.learned_variance else 1)
+    if unet.config.out_channels != expected_out:
+        raise ValueError(f"the U-Net has {unet.config.out_channels} output channels but diffusion.learned_variance="
+                         f"{cfg.diffusion.learned_variance} needs {expected_out}")
+    return Components(tokenizer, text_encoder, vae, unet, scheduler, train_text_encoder)
+
+
+def caption_tokenizer(cfg: LDMConfig, captions: list[str], accelerator=None, resume_from: Path | None = None):
+    """A CLIP tokenizer learned from the training captions.
+
+    BPE merges whose counts tie are broken differently in every process, so in a run the main process learns
+    the tokenizer once and saves it in ``<run>/tokenizer``, and every process reads that folder; checkpoints
+    keep a copy, which a resumed run reads instead. Without an accelerator it is learned in memory.
+    """
+    from transformers import CLIPTokenizer
+
+    tc = cfg.model.text_encoder
+    if accelerator is None:
+        return build_tokenizer(captions, vocab_size=tc.vocab_size, max_length=tc.max_length)
+    folder = cfg.run_dir / "tokenizer"
+    kept = Path(resume_from) / "tokenizer" if resume_from is not None else None
+    if accelerator.is_main_process:
+        if kept is not None and (kept / "tokenizer_config.json").is_file():
+            if kept.resolve() != folder.resolve():
+                atomic_save_dir(lambda d: shutil.copytree(kept, d, dirs_exist_ok=True), folder)
+        else:
+            if kept is not None:
+                logger.warning("checkpoint %s holds no tokenizer: learning it again from the captions; if its "
+                               "merges tie, token ids may differ from the interrupted run's", resume_from)
+            tokenizer = build_tokenizer(captions, vocab_size=tc.vocab_size, max_length=tc.max_length)
+            atomic_save_dir(lambda d: tokenizer.save_pretrained(d), folder)
+    accelerator.wait_for_everyone()
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def build_unet(cfg: LDMConfig, vae, cross_attention_dim: int) -> UNet2DConditionModel:
+    u = cfg.model.unet
+    f = vae_scale_factor(vae)
+    if cfg.data.resolution % f:
+        raise ValueError(f"data.resolution={cfg.data.resolution} must be a multiple of the VAE's factor {f}")
+    latent = vae.config.latent_channels
+    return UNet2DConditionModel(
+        sample_size=cfg.data.resolution // f, in_channels=latent,
+        out_channels=latent * (2 if cfg.diffusion.learned_variance else 1),
+        block_out_channels=list(u.block_out_channels), layers_per_block=u.layers_per_block,
+        down_block_types=list(u.down_block_types), up_block_types=list(u.up_block_types),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=u.attention_head_dim,
+        norm_num_groups=u.norm_num_groups,
+    )
+
+
+def make_pipeline(comp: Components, unet, text_encoder, sampler: str = "ddpm"):
+    """An LDMPipeline over the run's VAE and tokenizer with the given U-Net and text encoder."""
+    from pipelines import LDMPipeline
+
+    return LDMPipeline(vae=comp.vae, text_encoder=text_encoder, tokenizer=comp.tokenizer, unet=unet,
+                       scheduler=sampling_scheduler(comp.scheduler, sampler))

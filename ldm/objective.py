@@ -1,0 +1,111 @@
+"""Training objectives: what one step's batch costs, as named loss terms.
+
+An objective turns the inputs a `BatchSource` loads into the network's regression problem and scores the
+network on it. Everything random in it is drawn once per step for the whole global batch, from the step's
+seed, so a step is the same on any number of processes. A new model family (pixels, super-resolution) is a
+new objective with the same two methods, ``draw(plan)`` and ``__call__(model, parts)``.
+"""
+
+from __future__ import annotations
+
+import typing
+
+import torch
+
+from .config import TimestepSampling
+from .diffusion import GaussianDiffusion
+from .vae import encode, vae_scale_factor
+
+def sample_timesteps(n: int, num_timesteps: int, sampling: str, gen: torch.Generator, mean: float = 0.0,
+                     std: float = 1.0) -> torch.Tensor:
+    """(n,) training timesteps in [0, T): uniform (DDPM), or logit-normal t/T = σ(N(mean, std²)) (Esser et al.
+    2024, §3.1), which spends more of training on the middle of the schedule."""
+    if sampling == "uniform":
+        return torch.randint(0, num_timesteps, (n,), generator=gen)
+    if sampling == "logit_normal":
+        u = torch.sigmoid(mean + std * torch.randn(n, generator=gen))
+        return (u * num_timesteps).long().clamp(max=num_timesteps - 1)
+    raise ValueError(f"diffusion.timestep_sampling={sampling!r} is not one of {typing.get_args(TimestepSampling)}")
+
+
+class TextContext:
+    """Caption indices -> the U-Net's context (b, L, D): rows of the embedding cache when the text encoder is
+    frozen, else the encoder's forward. Where ``drop`` is set the empty caption stands in (classifier-free
+    guidance)."""
+
+    def __init__(self, input_ids: torch.Tensor, empty_ids: torch.Tensor, encoder=None, cache: dict | None = None):
+        if (encoder is None) == (cache is None):
+            raise ValueError("text context comes from either a text encoder or an embedding cache")
+        self.input_ids, self.empty_ids, self.encoder, self.cache = input_ids, empty_ids, encoder, cache
+        self.empty_embed = torch.from_numpy(cache["empty"][0].copy()) if cache is not None else None
+
+    def __call__(self, captions: torch.Tensor, drop: torch.Tensor, device) -> torch.Tensor:
+        if self.cache is not None:
+            from .cache import take
+
+            context = take(self.cache["embeds"], captions)
+            context[drop] = self.empty_embed
+            return context.to(device)
+        ids = self.input_ids[captions]
+        ids[drop] = self.empty_ids
+        return self.encoder(ids.to(device))[0]
+
+
+class LatentDiffusionObjective:
+    """Denoising on VAE latents (Rombach et al. 2022) under text context.
+
+    Per image: a fresh posterior sample z ~ q(z|x) from the cached (mean, std), shifted and scaled to unit
+    variance; a timestep (uniform or logit-normal); noise, with offset noise when asked; caption dropout. The
+    terms are Gaussian diffusion's (``mse``, and ``vb`` for a learned variance, min-SNR weighted when asked);
+    with a second part (DreamBooth's class images) its mean loss is the prior-preservation term (Ruiz et al.
+    2023, eq. 2) added at ``prior_loss_weight``.
+    """
+
+    def __init__(self, diffusion: GaussianDiffusion, dcfg, caption_dropout: float, text: TextContext, vae,
+                 prior_loss_weight: float = 1.0):
+        self.diffusion, self.d, self.caption_dropout, self.text = diffusion, dcfg, caption_dropout, text
+        self.vae, self.prior_loss_weight = vae, prior_loss_weight
+        self.scale = float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.channels = vae.config.latent_channels
+        self.factor = vae_scale_factor(vae)
+
+    def draw(self, plan) -> dict:
+        """The random draws of one source's global batch, from its step seed: timesteps (B,), diffusion noise
+        and posterior noise (B, C, h, w), and the caption-dropout mask (B,)."""
+        g = torch.Generator().manual_seed(plan.draws_seed)
+        n, (h, w), d = len(plan), plan.size, self.d
+        shape = (n, self.channels, h // self.factor, w // self.factor)
+        t = sample_timesteps(n, self.diffusion.num_timesteps, d.timestep_sampling, g, d.timestep_mean, d.timestep_std)
+        noise = torch.randn(shape, generator=g)
+        posterior = torch.randn(shape, generator=g)
+        drop = torch.rand(n, generator=g) < self.caption_dropout
+        if d.offset_noise:  # a per-(image, channel) constant lets the model change the mean brightness
+            noise = noise + d.offset_noise * torch.randn((n, self.channels, 1, 1), generator=g)
+        return {"t": t, "noise": noise, "posterior": posterior, "drop": drop}
+
+    def inputs(self, batch: dict, draws: dict, sl: slice, device) -> tuple:
+        """(z0, t, noise, context) of the slice ``sl`` of a global batch that ``batch`` was loaded from."""
+        if "pixels" in batch:  # images that could not be cached (a new crop every step): encode them now
+            mean, std = encode(self.vae, batch["pixels"])
+        else:
+            mean, std = batch["mean"], batch["std"]
+        # z0 ~ q(z | x): a fresh draw from the posterior each step, scaled to unit variance.
+        z0 = (mean.to(device) + std.to(device) * draws["posterior"][sl].to(device) - self.shift) * self.scale
+        context = self.text(batch["captions"], draws["drop"][sl], device)  # (b, L, D)
+        return z0, draws["t"][sl].to(device), draws["noise"][sl].to(device), context
+
+    def __call__(self, unet, parts: list[tuple[dict, dict, slice]], device) -> tuple[dict, torch.Tensor]:
+        """Named loss terms (b,) of the first part, ``prior_loss`` of the second, and the loss to minimise.
+        Both parts go through one forward, as DDP wants."""
+        z0, t, noise, context = (torch.cat(x) for x in zip(*(self.inputs(b, d, sl, device) for b, d, sl in parts)))
+        d = self.d
+        all_terms = self.diffusion.training_losses(lambda x, tt: unet(x, tt, encoder_hidden_states=context).sample,
+                                                   z0, t, noise, snr_gamma=d.snr_gamma, vlb_weight=d.vlb_weight)
+        n = len(parts[0][0]["captions"])
+        terms = {key: v[:n] for key, v in all_terms.items()}
+        loss = terms["loss"].mean()
+        if len(parts) > 1:
+            terms["prior_loss"] = all_terms["loss"][n:]
+            loss = loss + self.prior_loss_weight * terms["prior_loss"].mean()
+        return terms, loss

@@ -1,0 +1,51 @@
+"""The frozen first stage as the diffusion trainer sees it: load a VAE, encode pixels to a posterior, and the
+fingerprint that keys cached latents.
+
+``ldm`` imports nothing from ``autoencoder`` (which trains VAEs on top of this package's engine); the only
+thing it knows of it is where the VAE shipped for the built-in datasets lies, as package data.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from pipelines import vae_scale_factor  # noqa: F401  (the one definition, re-exported for the trainer)
+
+from .cache import Fingerprint
+
+
+def builtin_vae_dir() -> Path:
+    """The VAE trained by ``make vae`` on the built-in datasets, shipped in ``autoencoder/pretrained/builtin``."""
+    return Path(str(resources.files("autoencoder") / "pretrained" / "builtin"))
+
+
+def resolve_vae_path(spec: str) -> Path:
+    """"builtin" -> the shipped VAE; anything else must be a diffusers AutoencoderKL folder."""
+    path = builtin_vae_dir() if spec == "builtin" else Path(spec)
+    if not (path / "config.json").is_file():
+        hint = " (the package was installed without its shipped VAE)" if spec == "builtin" else ""
+        raise FileNotFoundError(f"no AutoencoderKL folder (config.json + safetensors) at {str(path)!r}{hint}")
+    return path
+
+
+def load_vae(spec: str = "builtin"):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(resolve_vae_path(spec), use_safetensors=True)
+
+
+@torch.no_grad()
+def encode(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std (B, C, h, w), float32, of pixels (B, 3, H, W) in [-1, 1]."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def encoder_fingerprint(vae) -> str:
+    """A hash of what encoding uses (the encoder and quant_conv weights, and the latent channel count): a
+    decoder-only fine-tune keeps it, so cached latents stay valid."""
+    used = {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    return Fingerprint().tensors(used).value([vae.config.latent_channels, "encoder-v1"]).hexdigest()
