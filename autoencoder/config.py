@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ldm.config import Checker, LRSchedule, MixedPrecision, check_train_basics
+from pipelines import vae_scale_factor
 
 TrainPart = typing.Literal["both", "decoder"]
 DiscLoss = typing.Literal["hinge", "vanilla"]
@@ -99,7 +100,7 @@ def check_config(cfg: AutoencoderConfig, num_processes: int = 1, strategy: str =
               "model.block_out_channels", "needs one positive channel count per level")
     c.require(all(ch % m.norm_num_groups == 0 for ch in m.block_out_channels) if m.norm_num_groups >= 1 else False,
               "model.norm_num_groups", f"must be >= 1 and divide every channel count {m.block_out_channels}")
-    factor = 2 ** (len(m.block_out_channels) - 1)
+    factor = vae_scale_factor(m)
     c.require(cfg.data.resolution % factor == 0 or m.pretrained is not None, "data.resolution",
               f"must be a multiple of the VAE's factor {factor}")
     c.at_least("model.latent_channels", 1)

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``<run>/checkpoints/step-<N>`` holding Accelerate's full state (prepared models
 as safetensors, optimizers, LR schedulers, the gradient scaler, every process's RNG states and the
-registered objects such as EMA) plus ``train_state.json`` (step, epoch, position in the epoch, the
+registered objects such as EMA), copies of any folders the run's state needs beside its tensors (the
+tokenizer learned from the captions), and ``train_state.json`` (step, epoch, position in the epoch, the
 resolved config). It is written into a hidden temporary folder first and renamed into place once every
 process has finished writing; only then are checkpoints beyond ``keep_last`` removed, so a failed or
 interrupted save never costs the last good one. ``train_state.json`` is written last: a folder without

@@ -478,6 +478,7 @@ def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -
     # DreamBooth
     prior = bool(db.class_prompt or db.class_prompts)
     if db.instance_data:
+        c.require(Path(db.instance_data).is_dir(), "dreambooth.instance_data", "needs an existing folder of images")
         c.require(bool(db.instance_prompt), "dreambooth.instance_prompt",
                   "dreambooth.instance_data needs the subject's prompt, e.g. 'a photo of sks dog'")
     if prior:

@@ -31,13 +31,10 @@ def unet_targets(fc) -> list[str]:
 
 def add_lora(unet, text_encoder, fc) -> list[torch.nn.Parameter]:
     """Freeze the base models, attach adapters (the text encoder's only with ``lora_text_encoder``), cast
-    the base to ``finetune.base_dtype`` and the adapters to fp32; return the trainable parameters."""
+    the base to ``finetune.base_dtype`` and the adapters to fp32; return the trainable parameters. The
+    settings were checked with the rest of the config (`ldm.config.check_config`)."""
     from peft import LoraConfig
 
-    if fc.base_dtype not in DTYPES:
-        raise ValueError(f"finetune.base_dtype={fc.base_dtype!r} is not one of {sorted(DTYPES)}")
-    if fc.lora_rank < 1:
-        raise ValueError(f"finetune.lora_rank={fc.lora_rank} must be at least 1")
     alpha = fc.lora_alpha if fc.lora_alpha is not None else fc.lora_rank
     unet.requires_grad_(False)
     text_encoder.requires_grad_(False)

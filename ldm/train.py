@@ -4,8 +4,9 @@
 
 ``build_run`` reads top-down: the engine (accelerator, config check, seed), data and networks, DreamBooth's
 class images, what trains (all weights or LoRA adapters), the caches and batch sources, the objective and
-validator. ``train`` runs the engine's steps on it, exports and closes the run. One step is ``forward_backward``: the step's global batch planned once, then each
-accumulation micro-batch's share of this process through the objective.
+validator. ``train`` runs the engine's steps on it, exports and closes the run. One step is
+``forward_backward``: the step's global batch planned once, then each accumulation micro-batch's share of
+this process through the objective.
 """
 
 from __future__ import annotations

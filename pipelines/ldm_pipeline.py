@@ -27,8 +27,9 @@ SAVED_CLASS_NAME = "StableDiffusionPipeline"
 
 
 def vae_scale_factor(vae) -> int:
-    """How many pixels one latent covers along a side: each VAE level after the first halves the size."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    """How many pixels one latent covers along a side: each VAE level after the first halves the size.
+    ``vae`` is an AutoencoderKL or anything with its config's ``block_out_channels``."""
+    return 2 ** (len(getattr(vae, "config", vae).block_out_channels) - 1)
 
 
 def _is_int(x) -> bool:
