@@ -6,7 +6,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ldm.config import Checker, LRSchedule, MixedPrecision, check_train_basics
+from ldm.config import Checker, LRSchedule, MixedPrecision, OnNonfinite, check_train_basics
 from pipelines import vae_scale_factor
 
 TrainPart = typing.Literal["both", "decoder"]
@@ -21,6 +21,8 @@ class AEDataConfig:
     caption_column: str = "text"
     resolution: int = 32
     center_crop: bool = True
+    alpha_background: list[int] = field(default_factory=lambda: [255, 255, 255])  # RGB under transparent pixels
+    max_bad_fraction: float = 0.01  # images that cannot be decoded are skipped; more than this is an error
 
 
 @dataclass
@@ -66,6 +68,9 @@ class AETrainConfig:
     checkpoint_every: int = 0  # full training state every N steps and at the end; 0: none
     keep_last: int | None = 2  # checkpoints kept (older ones are removed after a new one is complete)
     resume: str | None = None  # "latest" or a checkpoint folder (a missing folder is an error)
+    allow_config_change: bool = False  # resume although the checkpoint's config differs (beyond run length)
+    overwrite: bool = False  # start afresh in a run folder that holds another run (its checkpoints are removed)
+    on_nonfinite: OnNonfinite = "stop"  # a NaN/inf loss or gradient: stop (save nothing after it) | skip_step
     num_workers: int = 0  # data-loading workers
     tensorboard: bool = True  # also write metrics to <run>/tensorboard
 

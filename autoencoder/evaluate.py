@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ldm.errors import user_errors
 from ldm.run import atomic_save, make_grid
 from ldm.vae import load_vae
 
@@ -112,10 +113,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--num-images", type=int, default=1024)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    result = evaluate(args.vae, args.data, args.out, args.resolution, args.num_images)
-    print(json.dumps({k: v for k, v in result.items() if k != "latents"}, indent=2))
+    with user_errors(args.debug):
+        logging.basicConfig(level=logging.INFO)
+        result = evaluate(args.vae, args.data, args.out, args.resolution, args.num_images)
+        print(json.dumps({k: v for k, v in result.items() if k != "latents"}, indent=2))
 
 
 if __name__ == "__main__":

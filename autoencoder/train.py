@@ -21,6 +21,7 @@ from ldm.batches import VAE_POSTERIOR_STREAM, DatasetSource, step_generator
 from ldm.data import GlobalBatchSampler
 from ldm.engine import Engine
 from ldm.run import atomic_save, atomic_save_dir
+from ldm.splits import report_bad_images
 from ldm.vae import load_vae, vae_scale_factor
 
 from .config import AutoencoderConfig, check_config
@@ -136,8 +137,10 @@ class AutoencoderStep:
 def train(cfg: AutoencoderConfig) -> dict:
     engine = Engine(cfg, check_config, "autoencoder")
     acc, tc = engine.accelerator, cfg.train
+    bad: list = []
     with acc.main_process_first():  # built-in data is generated once, by the main process
-        train_ds = image_datasets(cfg.data, "train")
+        train_ds = image_datasets(cfg.data, "train", bad)
+    bad_report = report_bad_images(bad, cfg.run_dir, acc.is_main_process)
     source = DatasetSource(train_ds, GlobalBatchSampler(None, len(train_ds), tc.batch_size, tc.seed),
                            acc.process_index, tc.batch_size // acc.num_processes, tc.num_workers)
     vae = load_or_build_vae(cfg.model, cfg.data.resolution)
@@ -167,6 +170,8 @@ def train(cfg: AutoencoderConfig) -> dict:
     if acc.is_main_process:
         with engine.ema_weights():  # export the averaged weights when EMA is on
             result, paths = finish_vae(cfg, acc.unwrap_model(model).vae.eval(), train_ds)
+    if bad:
+        result["bad_images_skipped"], paths["skipped images"] = len(bad), bad_report
     return engine.finish(result, paths, plot_keys=("loss", "rec"))
 
 

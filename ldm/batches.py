@@ -72,9 +72,10 @@ class PixelItems(torch.utils.data.Dataset):
     """Images of a split for keys (index, flip, crop_seed), transformed to their bucket's size; the key decides
     the flip, and the crop when ``random_crop``."""
 
-    def __init__(self, split, resolution: int, image_column: str, center_crop: bool, random_crop: bool):
+    def __init__(self, split, resolution: int, image_column: str, center_crop: bool, random_crop: bool,
+                 background=(255, 255, 255)):
         self.split, self.column = split, image_column
-        self.transform = ImageTransform(resolution, center_crop, random_crop)
+        self.transform = ImageTransform(resolution, center_crop, random_crop, background)
 
     def __len__(self) -> int:
         return len(self.split)

@@ -22,6 +22,8 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
+
 from .run import replace_dir
 
 logger = logging.getLogger(__name__)
@@ -50,7 +52,13 @@ def resolve_resume(resume: str | None, root: str | Path) -> Path | None:
         if not found:
             logger.info("resume=latest: no checkpoint under %s yet, starting from step 0", root)
             return None
-        return found[-1]
+        for path in reversed(found):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            logger.warning("resume=latest: skipping %s, which is damaged (%s)", path, problem)
+        raise ValueError(f"train.resume=latest: every checkpoint under {root} is damaged "
+                         f"({[p.name for p in found]}); give a checkpoint folder or start a new run")
     path = Path(resume)
     if not path.is_dir():
         raise FileNotFoundError(f"train.resume={resume!r} does not exist; give 'latest' or a checkpoint "
@@ -65,13 +73,107 @@ def read_train_state(path: str | Path) -> dict:
     return json.loads((Path(path) / STATE_FILE).read_text())
 
 
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from (unreadable state file, a truncated or corrupt
+    safetensors file), or None when it looks whole. Reads headers only."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        state = read_train_state(path)
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{STATE_FILE}: {e}"
+    files = sorted(path.rglob("*.safetensors"))
+    if not files:
+        return "no model weights (*.safetensors)"
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    st.get_slice(key)
+        except Exception as e:  # safetensors raises its own error types for bad headers and short files
+            return f"{f.name}: {e}"
+        if f.stat().st_size < 8:
+            return f"{f.name}: truncated"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# State of objects that are not prepared modules or optimizers (LR schedule, EMA): safetensors for the
+# tensors, JSON for the rest. Nothing in a checkpoint is unpickled beyond what torch's weights_only loader
+# allows, so a tampered checkpoint cannot run code.
+# ----------------------------------------------------------------------------------------------
+
+def _split_state(value, tensors: dict, key: str):
+    if torch.is_tensor(value):
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        return {"__dict__": [[k, _split_state(v, tensors, f"{key}.{k}")] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [_split_state(v, tensors, f"{key}.{i}") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} at {key!r} without pickle")
+
+
+def _join_state(value, tensors: dict):
+    if isinstance(value, dict) and "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if isinstance(value, dict) and "__dict__" in value:
+        return {k: _join_state(v, tensors) for k, v in value["__dict__"]}
+    if isinstance(value, list):
+        return [_join_state(v, tensors) for v in value]
+    return value
+
+
+def save_object_state(obj, folder: Path, name: str) -> None:
+    """``obj.state_dict()`` as ``<name>.json`` (structure and numbers) and ``<name>.safetensors`` (tensors)."""
+    from safetensors.torch import save_file
+
+    tensors: dict = {}
+    skeleton = _split_state(obj.state_dict(), tensors, name)
+    save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def load_object_state(obj, folder: Path, name: str) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / f"{name}.safetensors"))
+    obj.load_state_dict(_join_state(json.loads((folder / f"{name}.json").read_text()), tensors))
+
+
+def check_safe(path: Path) -> None:
+    """Refuse a checkpoint holding a file that would need full unpickling to load: Accelerate's custom-object
+    pickles (written by older versions), or any .bin/.pt/.pkl that torch's weights_only loader rejects."""
+    from accelerate.utils import load as weights_only_load
+
+    custom = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+    if custom:
+        raise ValueError(f"checkpoint {path} holds pickled objects {custom}; loading a pickle can run arbitrary "
+                         f"code, so they are refused (checkpoints of this version store them as JSON + "
+                         f"safetensors). Start a new run, or resume from a checkpoint this version wrote")
+    for f in sorted(p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pkl")):
+        try:
+            weights_only_load(str(f), map_location="cpu")  # weights_only=True: tensors and plain data only
+        except Exception as e:
+            raise ValueError(f"checkpoint file {f} cannot be loaded safely (torch's weights_only loader refused "
+                             f"it: {type(e).__name__}: {str(e).splitlines()[0][:200]}); refusing to resume from "
+                             f"{path}") from None
+
+
 class CheckpointManager:
     """Writes and prunes checkpoints under ``root``; every process must call :meth:`save` together."""
 
-    def __init__(self, accelerator, root: str | Path, keep_last: int | None = 2):
+    def __init__(self, accelerator, root: str | Path, keep_last: int | None = 2, objects: dict | None = None):
+        """``objects``: {name: object with state_dict/load_state_dict} saved beside Accelerate's state (the LR
+        schedule, EMA), without pickle."""
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"train.keep_last={keep_last} must be at least 1 (or null to keep all)")
         self.accelerator, self.root, self.keep_last = accelerator, Path(root), keep_last
+        self.objects = objects if objects is not None else {}
 
     def save(self, step: int, batches_per_epoch: int, config_yaml: str, files: dict | None = None, **extra) -> Path:
         """Write the full training state at ``step``, with the data position and the resolved config (and
@@ -91,6 +193,8 @@ class CheckpointManager:
             acc.save_state(str(tmp))
             acc.wait_for_everyone()
             if acc.is_main_process:
+                for name, obj in self.objects.items():
+                    save_object_state(obj, tmp, name)
                 for name, folder in (files or {}).items():
                     shutil.copytree(folder, tmp / name)
                 body = json.dumps({"step": step, **state}, indent=1)
@@ -115,8 +219,13 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: str | Path, batches_per_epoch: int) -> int:
-        """Restore everything Accelerate saved at ``path``; return the step to go on from."""
+        """Restore the training state saved at ``path``; return the step to go on from. A checkpoint with a file
+        that could run code when loaded is refused before anything is read."""
+        path = Path(path)
+        check_safe(path)
         self.accelerator.load_state(str(path))
+        for name, obj in self.objects.items():
+            load_object_state(obj, path, name)
         state = read_train_state(path)
         logger.info("resumed from %s (step %d)", path, state["step"])
         if state.get("batches_per_epoch") != batches_per_epoch:

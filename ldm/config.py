@@ -27,6 +27,7 @@ FinetuneMethod = typing.Literal["full", "lora"]
 BaseDtype = typing.Literal["fp32", "bf16", "fp16"]
 TimestepSampling = typing.Literal["uniform", "logit_normal"]
 SamplerName = typing.Literal["ddpm", "ddim", "dpm++"]  # the keys of ldm.schedulers.SAMPLERS
+OnNonfinite = typing.Literal["stop", "skip_step"]
 
 
 @dataclass
@@ -42,6 +43,10 @@ class DataConfig:
     center_crop: bool = True  # else top-left (or random with random_crop)
     random_crop: bool = False  # a new crop every step: latents cannot be cached then
     random_flip: bool = False  # horizontal flip with p=0.5; both orientations are cached
+    alpha_background: list[int] = field(default_factory=lambda: [255, 255, 255])  # RGB under transparent pixels
+    # Images that cannot be decoded are skipped and listed in <run>/bad_images.jsonl; more than this fraction of
+    # a source is an error naming them all.
+    max_bad_fraction: float = 0.01
     caption_dropout: float = 0.1  # probability of an empty caption, for classifier-free guidance
     # Aspect-ratio bucketing: images are grouped by the nearest (h, w) of area <= resolution^2 with sides
     # in multiples of bucket_step; every batch comes from one bucket.
@@ -136,6 +141,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # full training state every N steps and at the end; 0: none
     keep_last: int | None = 2  # checkpoints kept (older ones are removed after a new one is complete)
     resume: str | None = None  # "latest" or a checkpoint folder (a missing folder is an error)
+    allow_config_change: bool = False  # resume although the checkpoint's config differs (beyond run length)
+    overwrite: bool = False  # start afresh in a run folder that holds another run (its checkpoints are removed)
+    on_nonfinite: OnNonfinite = "stop"  # a NaN/inf loss or gradient: stop (save nothing after it) | skip_step
     num_workers: int = 0  # data-loading workers when latents are not cached
     tensorboard: bool = True  # also write metrics and grids to <run>/tensorboard
 
@@ -304,7 +312,10 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        preset = yaml.safe_load(path.read_text()) or {}
+        try:
+            preset = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from None
         data = _merge(data, preset)
     data = _merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data)
@@ -320,6 +331,30 @@ def save_config(cfg, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(to_yaml(cfg))
     tmp.replace(path)
+
+
+# Settings that may change between a checkpoint and its resumption: how long and how the run is executed,
+# logged and sampled, not what it computes.
+RUN_SETTINGS = ("name", "output_dir", "export_dir", "data.cache_dir", "data.data_root", "model.pretrained",
+                "train.max_steps", "train.resume", "train.allow_config_change", "train.overwrite",
+                "train.checkpoint_every", "train.keep_last", "train.validate_every", "train.log_every",
+                "train.tensorboard", "train.num_workers", "train.score_num_images", "train.compile",
+                "train.gradient_checkpointing", "train.on_nonfinite", "sample")
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """"key: old -> new" for every setting that differs, leaving out `RUN_SETTINGS`."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        name = prefix + key
+        if name in RUN_SETTINGS:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,6 +450,9 @@ def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -
     # data
     c.at_least("data.resolution", 1)
     c.within("data.caption_dropout", 0, 1)
+    c.require(len(d.alpha_background) == 3 and all(0 <= v <= 255 for v in d.alpha_background),
+              "data.alpha_background", "needs three values in [0, 255] (RGB)")
+    c.within("data.max_bad_fraction", 0, 1, closed_high=True)
     c.at_least("data.bucket_step", 1)
     c.at_least("data.bucket_max_ratio", 1)
     c.within("data.validation_fraction", 0, 1)

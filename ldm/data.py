@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import logging
 import math
 import os
@@ -59,7 +60,8 @@ def resolve_data_dir(dataset: str, data_root: str = "data", split: str = "train"
 
 def load_source(source: str, *, split: str = "train", data_root: str = "data", resolution: int = 32,
                 image_column: str = "image", caption_column: str = "text",
-                cache_dir: str | None = None) -> datasets.Dataset:
+                cache_dir: str | None = None, max_bad_fraction: float = 0.01,
+                bad: list | None = None) -> datasets.Dataset:
     """Load one split of an image-caption source, its image column decoding to PIL images.
 
     ``source`` is tried in this order:
@@ -73,15 +75,19 @@ def load_source(source: str, *, split: str = "train", data_root: str = "data", r
     The image column may hold images, {bytes, path} dicts, raw bytes or file paths (relative ones are
     resolved against the source's folder); the caption column a string or a list of strings per row.
     ``cache_dir`` is where `datasets` caches what it builds (default: its own cache).
+
+    Every image is decoded once first (`find_bad_images`): rows whose image is missing, empty, truncated,
+    corrupt or a decompression bomb are dropped, logged and appended to ``bad``; more than
+    ``max_bad_fraction`` of them is an error that names them all.
     """
     if not source:
         raise ValueError("source is empty; give a built-in dataset name, a path, a glob or a Hub dataset id")
     if source in BUILTIN_DATASETS:
         folder = resolve_data_dir(source, data_root, split=split, resolution=resolution)
-        ds, base = _load_folder(folder, "train", cache_dir), folder  # the folder is the split
+        ds, base = _load_folder(folder, "train", cache_dir, caption_column), folder  # the folder is the split
     elif Path(source).expanduser().is_dir():
         base = Path(source).expanduser()
-        ds = _load_folder(base, split, cache_dir)
+        ds = _load_folder(base, split, cache_dir, caption_column)
     elif Path(source).expanduser().is_file() or _GLOB_CHARS & set(source):
         files, base = _data_files(source)
         ds = _load_files(source, files, split, cache_dir)
@@ -89,10 +95,67 @@ def load_source(source: str, *, split: str = "train", data_root: str = "data", r
         ds, base = _load_hub(source, split, cache_dir), None
     _check_columns(ds, (image_column, caption_column), source)
     _check_caption_feature(ds.features[caption_column], caption_column, source)
-    return _decode_images(ds, image_column, base, source)
+    ds = _decode_images(ds, image_column, base, source)
+    return drop_bad_images(ds, image_column, source, max_bad_fraction, bad)
 
 
-def _load_folder(folder: Path, split: str, cache_dir: str | None) -> datasets.Dataset:
+def find_bad_images(ds: datasets.Dataset, image_column: str = "image", batch_size: int = 256) -> list[dict]:
+    """{"index", "file", "error"} of every row whose image cannot be decoded, in one pass over the data."""
+    import datasets
+
+    raw = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    bad, index = [], 0
+    for batch in raw.iter(batch_size=batch_size):
+        for value in batch[image_column]:
+            problem = _image_problem(value)
+            if problem is not None:
+                name = (value or {}).get("path") or f"row {index}"
+                bad.append({"index": index, "file": name, "error": problem})
+            index += 1
+    return bad
+
+
+def _image_problem(value: dict | None) -> str | None:
+    """Why an undecoded {bytes, path} image cannot be read, or None."""
+    import warnings
+
+    if value is None or (value.get("bytes") is None and not value.get("path")):
+        return "no image"
+    if value.get("bytes") is None and "://" in value["path"]:
+        return None  # remote: `datasets` fetches it when it is used
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
+            with Image.open(source) as image:
+                image.load()
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def drop_bad_images(ds: datasets.Dataset, image_column: str, source: str, max_bad_fraction: float = 0.01,
+                    bad: list | None = None) -> datasets.Dataset:
+    """``ds`` without the rows whose image cannot be decoded (appended to ``bad`` with the source); an error
+    naming all of them when they are more than ``max_bad_fraction`` of the rows."""
+    found = find_bad_images(ds, image_column)
+    if not found:
+        return ds
+    fraction = len(found) / len(ds)
+    listing = "; ".join(f"{b['file']}: {b['error']}" for b in found)
+    if fraction > max_bad_fraction:
+        raise ValueError(f"{len(found)} of {len(ds)} images of {source!r} cannot be decoded ({fraction:.1%}, more "
+                         f"than data.max_bad_fraction={max_bad_fraction}): {listing}")
+    logger.warning("skipping %d of %d images of %s that cannot be decoded: %s", len(found), len(ds), source,
+                   listing[:2000])
+    if bad is not None:
+        bad.extend({"source": str(source), **b} for b in found)
+    skip = {b["index"] for b in found}
+    return ds.select([i for i in range(len(ds)) if i not in skip])
+
+
+def _load_folder(folder: Path, split: str, cache_dir: str | None, caption_column: str = "text") -> datasets.Dataset:
     """A ``save_to_disk`` folder, an image folder with metadata, or a folder of parquet/arrow files."""
     import datasets
 
@@ -100,6 +163,9 @@ def _load_folder(folder: Path, split: str, cache_dir: str | None) -> datasets.Da
         loaded = datasets.load_from_disk(str(folder))
         return _pick_split(loaded, split, str(folder))
     if _has_metadata(folder):
+        mixed = _read_metadata(folder, caption_column)
+        if mixed is not None:  # pyarrow cannot infer one type for strings and lists: build it from the rows
+            return mixed
         loaded = datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=cache_dir)
         return _pick_split(loaded, split, str(folder))
     suffixes = {p.suffix for p in folder.rglob("*") if p.suffix in FILE_BUILDERS}
@@ -111,6 +177,45 @@ def _load_folder(folder: Path, split: str, cache_dir: str | None) -> datasets.Da
     builder = FILE_BUILDERS[suffixes.pop()]
     loaded = datasets.load_dataset(builder, data_dir=str(folder), cache_dir=cache_dir)
     return _pick_split(loaded, split, str(folder))
+
+
+def _read_metadata(folder: Path, caption_column: str):
+    """Check a top-level ``metadata.jsonl`` line by line (errors name the file and line). When its captions mix
+    strings and lists, return the dataset built from its rows (each string caption as a one-item list, image
+    paths relative to the folder); otherwise None, and `datasets`' imagefolder loads it."""
+    import datasets
+
+    path = folder / "metadata.jsonl"
+    if not path.is_file():
+        return None
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not a JSON object ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise ValueError(f"{path}:{number}: needs a \"file_name\" string, got {line.strip()[:120]!r}")
+        if caption_column in row:
+            try:
+                captions_of(row[caption_column])
+            except ValueError as e:
+                raise ValueError(f"{path}:{number}: {e}") from None
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no rows; each line is a JSON object such as "
+                         f'{{"file_name": "0001.png", "{caption_column}": "a caption"}}')
+    kinds = {type(r.get(caption_column)) for r in rows if caption_column in r}
+    if not ({str, list} <= kinds):
+        return None
+    columns = sorted({k for r in rows for k in r} - {"file_name"})
+    data = {"image": [str(folder / r["file_name"]) for r in rows]}
+    for col in columns:
+        values = [r.get(col) for r in rows]
+        data[col] = [[v] if isinstance(v, str) else v for v in values] if col == caption_column else values
+    return datasets.Dataset.from_dict(data)
 
 
 def _has_metadata(folder: Path) -> bool:
@@ -275,19 +380,46 @@ def _stored_image_size(value: dict) -> tuple[int, int]:
 # Image transform
 # ----------------------------------------------------------------------------------------------
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """An RGB image that means what the file shows.
+
+    16-bit greyscale is scaled to 8 bits (PIL's ``convert("RGB")`` clips it, so mid-grey would become white);
+    32-bit integer greyscale likewise when its values exceed 255, and float greyscale is read as [0, 1].
+    Transparency (RGBA, LA, PA, or a palette or colour marked transparent) is composited over ``background``
+    instead of turning black or keeping the hidden colour.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            top = 1.0
+        elif image.mode in _SIXTEEN_BIT_MODES or arr.max() > 255:
+            top = 65535.0
+        else:
+            top = 255.0
+        image = Image.fromarray(np.clip(np.round(arr / top * 255), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 class ImageTransform:
     """Resize an image to cover a (height, width) target, crop it, maybe mirror it, map it to [-1, 1].
 
-    The crop is random when ``random_crop`` (it wins over ``center_crop``), centred when ``center_crop``,
-    else the top-left corner. A random crop's offset comes from the ``rng`` passed to each call (the `random`
+    Any image mode is read as `to_rgb` says (transparency over ``background``). The crop is random when
+    ``random_crop`` (it wins over ``center_crop``), centred when ``center_crop``, else the top-left corner. A random crop's offset comes from the ``rng`` passed to each call (the `random`
     module when None), so a seeded rng gives the same output; the caller decides the flip.
     """
 
-    def __init__(self, resolution: int, center_crop: bool = True, random_crop: bool = False):
+    def __init__(self, resolution: int, center_crop: bool = True, random_crop: bool = False,
+                 background: Sequence[int] = (255, 255, 255)):
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
         self.resolution, self.center_crop = resolution, center_crop
-        self.random_crop = random_crop
+        self.random_crop, self.background = random_crop, tuple(background)
 
     def __call__(self, image: Image.Image, size: tuple[int, int] | None = None, rng: random.Random | None = None,
                  flip: bool = False) -> torch.Tensor:
@@ -296,7 +428,7 @@ class ImageTransform:
         if th <= 0 or tw <= 0:
             raise ValueError(f"size must be a positive (height, width), got {size}")
         rng = rng if rng is not None else random
-        image = image.convert("RGB")
+        image = to_rgb(image, self.background)
         w, h = image.size
         if (w, h) != (tw, th):  # scale so both sides cover the target, then crop the excess
             scale = max(tw / w, th / h)
@@ -415,8 +547,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, ds, resolution: int, image_column: str = "image", caption_column: str = "text",
-                 center_crop: bool = True):
-        self.ds, self.transform = ds, ImageTransform(resolution, center_crop)
+                 center_crop: bool = True, background: Sequence[int] = (255, 255, 255)):
+        self.ds, self.transform = ds, ImageTransform(resolution, center_crop, background=background)
         self.image_column, self.caption_column = image_column, caption_column
 
     def __len__(self) -> int:

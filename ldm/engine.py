@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import time
 from typing import Callable, Iterable, Protocol
 
@@ -25,8 +26,9 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointManager, list_checkpoints, resolve_resume
-from .config import save_config, to_yaml
+from .checkpoint import CheckpointManager, list_checkpoints, read_train_state, resolve_resume
+from .config import config_differences, save_config, to_yaml
+from .errors import STOP_SIGNALS, NonFinite, Preempted
 from .run import MetricsWriter, format_summary, make_accelerator, plot_curves, warn_if_cpu_threads_capped
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,37 @@ class Source(Protocol):
 
     def iterate(self, start: int, stop: int) -> Iterable[tuple[int, int, object]]:
         """(step, epoch, batch) for steps start..stop-1."""
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While the body runs, SIGTERM, SIGINT and SIGUSR1 only record that a stop was asked (``stop["signal"]``),
+    so the step in progress finishes and a checkpoint is written; a second SIGINT stops at once. Handlers are
+    put back afterwards. Only the main thread can install them; elsewhere nothing changes."""
+    import signal
+    import threading
+
+    stop: dict = {"signal": None, "name": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop["signal"] == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if stop["signal"] is None:
+            stop["signal"], stop["name"] = signum, signal.Signals(signum).name
+            logger.warning("%s received: finishing this step, then writing a checkpoint", stop["name"])
+
+    previous = {}
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            previous[name] = signal.signal(getattr(signal, name), handler)
+    try:
+        yield stop
+    finally:
+        for name, old in previous.items():
+            signal.signal(getattr(signal, name), old)
 
 
 def strategy_name(accelerator) -> str:
@@ -64,17 +97,55 @@ class Engine:
         check(cfg, acc.num_processes, strategy_name(acc))  # before any I/O or model building
         set_seed(self.tc.seed)
         self.resume_from = resolve_resume(self.tc.resume, self.run_dir / "checkpoints")  # a wrong path fails now
+        self._claim_run_folder()
         if acc.is_main_process:
             save_config(cfg, self.run_dir / "config.yaml")
         warn_if_cpu_threads_capped(acc)
         self.device = acc.device
         self.optimizer = self.lr_schedule = self.ema = self.metrics = self.ckpt = None
         self.clip_params, self.max_grad_norm, self.ema_params = [], 0.0, []
-        self.skipped_steps, self.start_step, self.step, self.last_row = 0, 0, 0, {}
+        self.skipped_steps, self.nonfinite_skipped, self.start_step, self.step, self.last_row = 0, 0, 0, 0, {}
         self.train_time, self.paused, self.final_validation = 0.0, 0.0, {}
         self.checkpoint_files: dict = {}  # name -> folder copied into every checkpoint
+        self.state_objects: dict = {}  # name -> object whose state_dict is checkpointed (LR schedule, EMA)
 
     # ---- set-up ------------------------------------------------------------------------------
+
+    def _claim_run_folder(self) -> None:
+        """A run folder holds one run. Resuming checks the checkpoint's config against this one (settings of
+        run length and logging may change; anything else needs ``train.allow_config_change``). A fresh start
+        where another run left checkpoints or a different config needs ``train.overwrite``, which removes
+        those checkpoints (so the old run's higher steps cannot outlive or outrank the new ones)."""
+        import dataclasses
+
+        import yaml
+
+        tc, now = self.tc, dataclasses.asdict(self.cfg)
+        if self.resume_from is not None:
+            diff = config_differences(yaml.safe_load(read_train_state(self.resume_from)["config"]), now)
+            if diff and not tc.allow_config_change:
+                raise ValueError(f"train.resume: checkpoint {self.resume_from} was written with another config "
+                                 f"({'; '.join(diff)}); resume with the same settings, or pass "
+                                 f"train.allow_config_change=true to go on with these")
+            if diff:
+                logger.warning("resuming %s with a changed config: %s", self.resume_from, "; ".join(diff))
+            return
+        saved = list_checkpoints(self.run_dir / "checkpoints")
+        old_config = self.run_dir / "config.yaml"
+        trained = (self.run_dir / "metrics.jsonl").is_file()  # a run that failed while setting up left no metrics
+        diff = config_differences(yaml.safe_load(old_config.read_text()) or {}, now) \
+            if old_config.is_file() and trained else []
+        if (saved or diff) and not tc.overwrite:
+            held = f"checkpoints up to {saved[-1].name}" if saved else "a run with another config"
+            raise ValueError(f"{self.run_dir} already holds {held}" + (f" ({'; '.join(diff)})" if diff else "")
+                             + "; resume it with train.resume=latest, choose another name=..., or pass "
+                               "train.overwrite=true to start afresh (its checkpoints are removed)")
+        self.accelerator.wait_for_everyone()  # every process has looked before anything is removed
+        if saved and self.accelerator.is_main_process:
+            logger.warning("train.overwrite=true: removing %d checkpoint(s) of the previous run in %s", len(saved),
+                           self.run_dir / "checkpoints")
+            shutil.rmtree(self.run_dir / "checkpoints")
+        self.accelerator.wait_for_everyone()
 
     def optimize_with(self, optimizer, clip_params: list, max_grad_norm: float, schedule: str, warmup_steps: int):
         """The optimizer the engine steps after each step function, clipping ``clip_params`` to
@@ -86,7 +157,7 @@ class Engine:
         raw = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's wrapper
         self.lr_schedule = get_scheduler(LR_SCHEDULES[schedule], raw, num_warmup_steps=warmup_steps,
                                          num_training_steps=self.tc.max_steps)
-        self.accelerator.register_for_checkpointing(self.lr_schedule)
+        self.state_objects["lr_schedule"] = self.lr_schedule  # checkpointed as JSON, never pickled
 
     def track_ema(self, params: list, decay: float | None, warmup: bool = False):
         """An exponential moving average of ``params`` (diffusers' EMAModel), stepped after every optimizer
@@ -98,7 +169,7 @@ class Engine:
         self.ema_params = params
         self.ema = EMAModel(params, decay=decay, use_ema_warmup=warmup, power=2 / 3, foreach=True)
         self.ema.to(self.device)
-        self.accelerator.register_for_checkpointing(self.ema)
+        self.state_objects["ema"] = self.ema
         return self.ema
 
     @contextlib.contextmanager
@@ -133,48 +204,86 @@ class Engine:
             validate: Callable[[int], dict] | None = None) -> int:
         """Resume, then run ``train_step(step, batch) -> {name: tensor}`` (forward and backward of one global
         batch) for every step up to ``train.max_steps``; ``validate(step) -> row`` (main process's row) at the
-        start of a fresh run, every ``train.validate_every`` steps and at the end. Returns the last step."""
+        start of a fresh run, every ``train.validate_every`` steps and at the end. Returns the last step.
+
+        Raises `Preempted` after writing a checkpoint when the process is asked to stop (SIGTERM, SIGINT,
+        SIGUSR1), and `NonFinite` (before anything non-finite is saved) when the loss or the gradients stop
+        being finite under ``train.on_nonfinite=stop``."""
         acc, tc = self.accelerator, self.tc
-        self.ckpt = CheckpointManager(acc, self.run_dir / "checkpoints", tc.keep_last)
-        self.start_step = self.step = start = \
-            self.ckpt.load(self.resume_from, source.batches_per_epoch) if self.resume_from is not None else 0
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", acc.is_main_process, fresh=start == 0,
-                                     tensorboard_dir=self.run_dir / "tensorboard" if tc.tensorboard else None)
-        self.metrics.truncate_after(start)  # rows an interrupted run wrote after its last checkpoint
+        start = self._resume(source.batches_per_epoch)
         if start == 0 and validate is not None:
             self._validate(validate, 0)
-        window, window_steps = {}, 0
+        self.window, self.window_steps = {}, 0
         bar = tqdm(total=tc.max_steps, initial=start, desc=self.title, disable=not acc.is_main_process)
-        t_start = t_window = time.time()
-        self.paused = window_paused = 0.0
-        for step, epoch, batch in source.iterate(start, tc.max_steps):
-            terms = train_step(step, batch)
-            self._optimize()
-            for key, value in terms.items():  # sums stay on the device: one host sync per log line
-                total, count = window.get(key, (0.0, 0))
-                window[key] = (total + torch.as_tensor(value, device=self.device).detach().float(), count + 1)
-            done, window_steps = step + 1, window_steps + 1
-            self.step = done
-            bar.update(1)
-            if self.needs_log(done):
-                seconds = time.time() - t_window - (self.paused - window_paused)
-                self._log(done, epoch, window, window_steps, seconds)
-                bar.set_postfix(loss=f"{self.last_row.get('loss', math.nan):.4f}")
-                window, window_steps, t_window, window_paused = {}, 0, time.time(), self.paused
-            if self.needs_save(done):
-                self._pause(self.ckpt.save, done, source.batches_per_epoch, to_yaml(self.cfg), self.checkpoint_files)
-            if self.needs_validate(done):
-                self._validate(validate, done)
+        t_start = self.t_window = time.time()
+        self.paused = self.window_paused = 0.0
+        with stop_signals() as stop:
+            for step, epoch, batch in source.iterate(start, tc.max_steps):
+                terms = train_step(step, batch)
+                self._optimize(step, terms)
+                self.step = done = step + 1
+                bar.update(1)
+                self._after_step(done, epoch, terms, source, validate, bar)
+                if self._stop_requested(stop):
+                    bar.close()
+                    self._preempt(done, source, stop)
         bar.close()
         self.train_time = time.time() - t_start - self.paused
+        self.check_finite(self.step)  # nothing non-finite reaches validation or export
         if validate is not None:
             self.final_validation = self._validate(validate, self.step)
         return self.step
 
-    def _optimize(self) -> None:
-        acc = self.accelerator
-        if self.max_grad_norm > 0:
-            acc.clip_grad_norm_(self.clip_params, self.max_grad_norm)
+    def _resume(self, batches_per_epoch: int) -> int:
+        acc, tc = self.accelerator, self.tc
+        self.ckpt = CheckpointManager(acc, self.run_dir / "checkpoints", tc.keep_last, self.state_objects)
+        self.start_step = self.step = start = \
+            self.ckpt.load(self.resume_from, batches_per_epoch) if self.resume_from is not None else 0
+        if self.ema is not None:
+            self.ema.to(self.device)  # a loaded EMA state arrives on the CPU
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", acc.is_main_process, fresh=start == 0,
+                                     tensorboard_dir=self.run_dir / "tensorboard" if tc.tensorboard else None)
+        self.metrics.truncate_after(start)  # rows an interrupted run wrote after its last checkpoint
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        return start
+
+    def _after_step(self, done: int, epoch: int, terms: dict, source, validate, bar) -> None:
+        """Window sums (on the device: one host sync per log line), then log, save and validate when due."""
+        for key, value in terms.items():
+            total, count = self.window.get(key, (0.0, 0))
+            self.window[key] = (total + torch.as_tensor(value, device=self.device).detach().float(), count + 1)
+        self.window_steps += 1
+        if self.needs_log(done):
+            self.check_finite(done, params=False)
+            seconds = time.time() - self.t_window - (self.paused - self.window_paused)
+            self._log(done, epoch, self.window, self.window_steps, seconds)
+            bar.set_postfix(loss=f"{self.last_row.get('loss', math.nan):.4f}")
+            self.window, self.window_steps, self.t_window, self.window_paused = {}, 0, time.time(), self.paused
+        if self.needs_save(done):
+            self.check_finite(done)
+            self._pause(self.ckpt.save, done, source.batches_per_epoch, to_yaml(self.cfg), self.checkpoint_files)
+        if self.needs_validate(done):
+            self._validate(validate, done)
+
+    def _optimize(self, step: int, terms: dict) -> None:
+        """Clip, step the optimizer and the LR schedule, zero the gradients, step the EMA. A non-finite loss or
+        gradient norm marks the step (no host sync); under ``train.on_nonfinite=skip_step`` the update is
+        skipped instead (one host sync per step)."""
+        acc, policy = self.accelerator, getattr(self.tc, "on_nonfinite", "stop")
+        norm = None
+        if self.max_grad_norm > 0 or policy == "skip_step":
+            norm = acc.clip_grad_norm_(self.clip_params, self.max_grad_norm if self.max_grad_norm > 0 else math.inf)
+        bad = ~torch.isfinite(torch.stack([torch.as_tensor(v, device=self.device).detach().float().sum()
+                                           for v in terms.values()])).all()
+        if norm is not None:
+            bad = bad | ~torch.isfinite(torch.as_tensor(norm, device=self.device))
+        if policy == "skip_step" and bool(bad):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_skipped += 1
+            logger.warning("step %d: non-finite loss or gradient, update skipped (train.on_nonfinite=skip_step; "
+                           "%d so far)", step + 1, self.nonfinite_skipped)
+            return
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step + 1, self.first_bad)
         self.optimizer.step()
         if acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the update
             self.skipped_steps += 1
@@ -184,6 +293,41 @@ class Engine:
         if self.ema is not None:
             self.ema.step(self.ema_params)
 
+    # ---- faults ------------------------------------------------------------------------------
+
+    def check_finite(self, done: int, params: bool = True) -> None:
+        """Under ``train.on_nonfinite=stop``: raise `NonFinite` if any step so far had a non-finite loss or
+        gradient, or (``params``) a trained weight is non-finite. One host sync."""
+        if getattr(self.tc, "on_nonfinite", "stop") != "stop" or not hasattr(self, "first_bad"):
+            return
+        flags = [self.first_bad.float()]
+        if params and self.clip_params:
+            finite = torch.stack([torch.isfinite(p.detach()).all() for p in self.clip_params]).all()
+            flags.append(torch.where(finite, -1.0, float(done)).to(self.device))
+        bad = self.accelerator.reduce(torch.stack(flags), reduction="max")
+        if float(bad.max()) >= 0:
+            saved = list_checkpoints(self.ckpt.root)
+            raise NonFinite(int(bad[0]) if bad[0] >= 0 else done, saved[-1] if saved else None)
+
+    def _stop_requested(self, stop: dict) -> bool:
+        """Whether any process was signalled (agreed across processes, so all stop at the same step)."""
+        asked = stop["signal"] is not None
+        if self.accelerator.num_processes > 1:
+            asked = bool(self.accelerator.reduce(torch.tensor(float(asked), device=self.device), reduction="max"))
+        return asked
+
+    def _preempt(self, done: int, source, stop: dict) -> None:
+        """Write a checkpoint at ``done`` (unless one was just written) and raise `Preempted`."""
+        self.check_finite(done)
+        path = self.ckpt.root / f"step-{done}"
+        if not self.needs_save(done):
+            path = self.ckpt.save(done, source.batches_per_epoch, to_yaml(self.cfg), self.checkpoint_files)
+        name = stop["name"] or "a signal on another process"
+        if self.accelerator.is_main_process:
+            self.metrics.write(step=done, preempted=name, checkpoint=str(path))
+            self.metrics.close()
+        raise Preempted(done, path, name)
+
     def _log(self, done: int, epoch: int, window: dict, steps: int, seconds: float) -> None:
         means = self.accelerator.reduce(torch.stack([total / count for total, count in window.values()]),
                                         reduction="mean")
@@ -192,6 +336,8 @@ class Engine:
                "images_per_s": steps * self.tc.batch_size / max(seconds, 1e-9)}
         if self.tc.mixed_precision == "fp16":
             row["skipped_steps"] = self.skipped_steps
+        if self.nonfinite_skipped:
+            row["nonfinite_skipped"] = self.nonfinite_skipped
         self.metrics.write(**row)
         self.last_row = row
 
@@ -223,6 +369,8 @@ class Engine:
                  "num_processes": acc.num_processes, **result}
         if self.tc.mixed_precision == "fp16":
             final["skipped_steps"] = self.skipped_steps
+        if self.nonfinite_skipped:
+            final["nonfinite_skipped"] = self.nonfinite_skipped
         if acc.is_main_process:
             self.metrics.write(step=self.step, **final)
             self.metrics.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .errors import user_errors
 from .builtin_data import BUILTIN_DATASETS, eval_prompts, score
 from .run import atomic_save, make_grid
 from .schedulers import SAMPLERS, sampling_scheduler
@@ -84,12 +85,14 @@ def main(argv=None) -> None:
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--scheduler", default="ddpm", choices=list(SAMPLERS))
     parser.add_argument("--seed-offset", type=int, default=100_000)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    result = evaluate(args.pipeline, args.dataset, args.num_images, args.out, args.steps, args.guidance_scale,
-                      args.scheduler, args.seed_offset)
-    keys = [k for k in result if k.endswith("_accuracy")] + ["num_images", "sampling_time_s"]
-    print(json.dumps({k: result[k] for k in keys}, indent=2))
+    with user_errors(args.debug):
+        logging.basicConfig(level=logging.INFO)
+        result = evaluate(args.pipeline, args.dataset, args.num_images, args.out, args.steps, args.guidance_scale,
+                          args.scheduler, args.seed_offset)
+        keys = [k for k in result if k.endswith("_accuracy")] + ["num_images", "sampling_time_s"]
+        print(json.dumps({k: result[k] for k in keys}, indent=2))
 
 
 if __name__ == "__main__":

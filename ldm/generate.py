@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import user_errors
 from .lora import LORA_FILE
 from .run import atomic_save, make_grid
 from .schedulers import SAMPLERS, sampling_scheduler
@@ -55,22 +56,24 @@ def main(argv=None) -> None:
     parser.add_argument("--scheduler", default="ddpm", choices=list(SAMPLERS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="samples.png")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    pipe = load_pipeline(args.pipeline, args.lora, args.scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    kwargs = {"cross_attention_kwargs": {"scale": args.lora_scale}} if args.lora else {}
-    images = []
-    for prompt in args.prompts:
-        gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
-        images += pipe([prompt] * args.num_images, generator=gens, num_inference_steps=args.steps,
-                       guidance_scale=args.guidance_scale, **kwargs).images
-    out = Path(args.out)
-    grid = make_grid(images, ncols=args.num_images)
-    atomic_save(lambda p: grid.save(p, format="PNG"), out)
-    for i, image in enumerate(images):
-        atomic_save(lambda p, im=image: im.save(p, format="PNG"), out.with_name(f"{out.stem}-{i}.png"))
-    print(f"wrote {out} ({len(images)} images) and {out.stem}-0..{len(images) - 1}.png beside it")
+    with user_errors(args.debug):
+        logging.basicConfig(level=logging.INFO)
+        pipe = load_pipeline(args.pipeline, args.lora, args.scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = {"cross_attention_kwargs": {"scale": args.lora_scale}} if args.lora else {}
+        images = []
+        for prompt in args.prompts:
+            gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
+            images += pipe([prompt] * args.num_images, generator=gens, num_inference_steps=args.steps,
+                           guidance_scale=args.guidance_scale, **kwargs).images
+        out = Path(args.out)
+        grid = make_grid(images, ncols=args.num_images)
+        atomic_save(lambda p: grid.save(p, format="PNG"), out)
+        for i, image in enumerate(images):
+            atomic_save(lambda p, im=image: im.save(p, format="PNG"), out.with_name(f"{out.stem}-{i}.png"))
+        print(f"wrote {out} ({len(images)} images) and {out.stem}-0..{len(images) - 1}.png beside it")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ class Split:
     groups: list[int] | None  # bucket of each image (None: one square size)
     buckets: list[tuple[int, int]]
     fingerprint: str  # of the data and its transform, for cache keys
+    bad: list = field(default_factory=list)  # images skipped because they cannot be decoded
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -50,10 +52,11 @@ class Split:
         return {f"{h}x{w}": int(n) for (h, w), n in zip(self.buckets, counts) if 0 < n < batch_size}
 
 
-def _load(cfg, source: str, split: str):
+def _load(cfg, source: str, split: str, bad: list | None = None):
     d = cfg.data
     return load_source(source, split=split, data_root=d.data_root, resolution=d.resolution,
-                       image_column=d.image_column, caption_column=d.caption_column)
+                       image_column=d.image_column, caption_column=d.caption_column,
+                       max_bad_fraction=d.max_bad_fraction, bad=bad)
 
 
 def load_splits(cfg) -> tuple[Split, Split, bool]:
@@ -65,21 +68,23 @@ def load_splits(cfg) -> tuple[Split, Split, bool]:
     seed. DreamBooth trains on ``dreambooth.instance_data`` under its prompt and validates on those images.
     """
     d = cfg.data
-    source = d.dataset
+    source, bad_train, bad_val = d.dataset, [], []
     if cfg.dreambooth.instance_data:
+        from .data import drop_bad_images
         from .dreambooth import instance_dataset
 
         source = cfg.dreambooth.instance_data
         train_ds = instance_dataset(source, cfg.dreambooth.instance_prompt, d.image_column, d.caption_column)
+        train_ds = drop_bad_images(train_ds, d.image_column, source, d.max_bad_fraction, bad_train)
     else:
-        train_ds = _load(cfg, d.dataset, d.split)
+        train_ds = _load(cfg, d.dataset, d.split, bad_train)
     val_ds, heldout = None, True
     if cfg.dreambooth.instance_data:
         pass  # a handful of subject images: validate on them
     elif d.validation_dataset:
-        val_ds = _load(cfg, d.validation_dataset, d.validation_split_name)
+        val_ds = _load(cfg, d.validation_dataset, d.validation_split_name, bad_val)
     elif d.dataset in BUILTIN_DATASETS:
-        val_ds = _load(cfg, d.dataset, "heldout")
+        val_ds = _load(cfg, d.dataset, "heldout", bad_val)
     elif d.validation_fraction > 0:
         parts = train_ds.train_test_split(test_size=d.validation_fraction, seed=cfg.train.seed, shuffle=True)
         train_ds, val_ds = parts["train"], parts["test"]
@@ -89,6 +94,7 @@ def load_splits(cfg) -> tuple[Split, Split, bool]:
         val_ds = val_ds.shuffle(seed=0).select(range(d.validation_num_images))
     train = make_split(cfg, train_ds, source, bucketing=d.bucketing)
     val = make_split(cfg, val_ds, d.validation_dataset or source, bucketing=False)
+    train.bad, val.bad = bad_train, bad_val
     return train, val, heldout
 
 
@@ -120,7 +126,8 @@ def make_split(cfg, ds, source: str, bucketing: bool) -> Split:
     else:
         buckets, groups, sizes = [(d.resolution, d.resolution)], None, [(d.resolution, d.resolution)] * len(ds)
     fp = Fingerprint().value([source, len(ds), getattr(ds, "_fingerprint", None), d.image_column,
-                              d.resolution, d.center_crop, bucketing, d.bucket_step, d.bucket_max_ratio])
+                              d.resolution, d.center_crop, bucketing, d.bucket_step, d.bucket_max_ratio,
+                              d.alpha_background])
     if Path(source).exists():
         fp.files(source)
     return Split(ds, captions, np.asarray(start), sizes, groups, buckets, fp.hexdigest())
@@ -135,6 +142,17 @@ def check_sizes(cfg, split: Split, vae_factor: int) -> None:
         if h % vae_factor or w % vae_factor:
             raise ValueError(f"image size {h}x{w} (data.resolution={d.resolution}) must be a multiple of the VAE's "
                              f"factor {vae_factor}")
+
+
+def report_bad_images(bad: list[dict], run_dir: Path, is_main: bool) -> Path | None:
+    """Write the skipped images, one JSON object per line, to ``<run>/bad_images.jsonl``; return its path."""
+    if not bad:
+        return None
+    path = Path(run_dir) / "bad_images.jsonl"
+    if is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(b) + "\n" for b in bad))
+    return path
 
 
 def report_unseen(split: Split, batch_size: int) -> dict[str, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,7 +28,7 @@ from .engine import Engine
 from .export import export
 from .models import Components, build_components, make_pipeline
 from .objective import LatentDiffusionObjective, TextContext
-from .splits import Split, check_sizes, class_split, load_splits, report_unseen
+from .splits import Split, check_sizes, class_split, load_splits, report_bad_images, report_unseen
 from .text import tokenize
 from .validation import Validator, check_latent_scale
 from .vae import encode, encoder_fingerprint, vae_scale_factor
@@ -48,11 +49,14 @@ def train(cfg: LDMConfig) -> dict:
               **{k: v for k, v in engine.final_validation.items() if k.startswith("score_")}}
     if run.unseen:
         result["images_never_seen"] = sum(run.unseen.values())
+    if run.num_bad_images:
+        result["bad_images_skipped"] = run.num_bad_images
     return engine.finish(result, {
         "validation set": "held-out" if run.heldout else "training images (no held-out split given)",
         "weights": "EMA" if engine.ema is not None else "trained", **saved,
         "samples": cfg.run_dir / "samples" / f"step-{step}.png",
-        **({"buckets never trained on": run.unseen} if run.unseen else {})}, plot_keys=("loss", "mse", "val_loss"))
+        **({"buckets never trained on": run.unseen} if run.unseen else {}),
+        **({"skipped images": run.bad_images} if run.bad_images else {})}, plot_keys=("loss", "mse", "val_loss"))
 
 
 @dataclass
@@ -70,6 +74,8 @@ class Run:
     heldout: bool
     latent_std: float
     unseen: dict
+    num_bad_images: int  # skipped: they cannot be decoded
+    bad_images: Path | None  # the report naming them
 
 
 def build_run(cfg: LDMConfig) -> Run:
@@ -79,6 +85,7 @@ def build_run(cfg: LDMConfig) -> Run:
     acc, tc = engine.accelerator, cfg.train
     with acc.main_process_first():  # built-in data is generated once, by the main process
         train_split, val_split, heldout = load_splits(cfg)
+    bad_images = report_bad_images(train_split.bad + val_split.bad, cfg.run_dir, acc.is_main_process)
     comp = build_components(cfg, train_split.captions, acc, engine.resume_from)
     if not cfg.model.pretrained:  # the tokenizer learned from the captions is part of the run's state
         engine.checkpoint_files["tokenizer"] = cfg.run_dir / "tokenizer"
@@ -118,7 +125,7 @@ def build_run(cfg: LDMConfig) -> Run:
     text_encoder.train(comp.train_text_encoder)
     step = forward_backward(engine, objective, sources, unet, text_encoder, comp.train_text_encoder)
     return Run(engine, comp, sources, step, validate, unet, text_encoder, heldout, latent_std,
-               report_unseen(train_split, tc.batch_size))
+               report_unseen(train_split, tc.batch_size), len(train_split.bad + val_split.bad), bad_images)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +184,7 @@ def validation_posteriors(cfg: LDMConfig, engine, comp: Components, split: Split
 
 def pixel_items(cfg: LDMConfig, split: Split, random_crop: bool) -> PixelItems:
     d = cfg.data
-    return PixelItems(split, d.resolution, d.image_column, d.center_crop, random_crop)
+    return PixelItems(split, d.resolution, d.image_column, d.center_crop, random_crop, d.alpha_background)
 
 
 def batch_source(cfg: LDMConfig, engine, comp: Components, split: Split, streams, caption_offset: int = 0):

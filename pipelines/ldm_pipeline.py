@@ -2,6 +2,8 @@
 
 import inspect
 import json
+import logging
+import math
 import os
 import tempfile
 
@@ -14,6 +16,8 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
+
+logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 LEARNED_VARIANCE = ("learned", "learned_range")
@@ -49,6 +53,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    max_images_per_call = 512  # a bound on prompts x num_images_per_prompt: one batch holds them all
     _optional_components = []
 
     def __init__(
@@ -121,10 +126,22 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         max_steps = self.scheduler.config.num_train_timesteps
         if not (_is_int(steps) and 0 < steps <= max_steps):
             raise ValueError(f"num_inference_steps must be an int in [1, {max_steps}], got {steps!r}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1:
-            raise ValueError(f"guidance_scale must be a number >= 1.0 (1.0 disables guidance), got {guidance_scale!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or \
+                not (guidance_scale >= 1 and math.isfinite(guidance_scale)):
+            raise ValueError(f"guidance_scale must be a finite number >= 1.0 (1.0 disables guidance), "
+                             f"got {guidance_scale!r}")
         if not (_is_int(n) and n > 0):
             raise ValueError(f"num_images_per_prompt must be a positive int, got {n!r}")
+        if len(prompt) * n > self.max_images_per_call:
+            raise ValueError(f"{len(prompt)} prompt(s) x num_images_per_prompt={n} = {len(prompt) * n} images in one "
+                             f"call; at most {self.max_images_per_call} (set pipe.max_images_per_call to allow more, "
+                             f"or call several times)")
+        size = self.unet.config.sample_size
+        trained = [f * (size if _is_int(size) else size[i]) for i in range(2)]
+        for name, value, native in (("height", height, trained[0]), ("width", width, trained[1])):
+            if not 0.5 <= value / native <= 2:
+                logger.warning("%s=%d is far from the %d the U-Net was built for; expect poor images", name, value,
+                               native)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         total = len(prompt) * n

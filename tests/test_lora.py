@@ -223,7 +223,7 @@ def test_new_colour_data_and_scorer():
         generate_new_colour("unused", 33)
 
 
-def test_generate_cli_with_lora(tmp_path, base):
+def test_generate_cli_with_lora(tmp_path, base, capsys):
     from ldm.generate import main
 
     cfg = _cfg(tmp_path, base, "train.max_steps=2")
@@ -232,5 +232,8 @@ def test_generate_cli_with_lora(tmp_path, base):
     main(["--pipeline", str(base["sd"]), "--lora", str(cfg.run_dir / "lora"), "--num-images", "2", "--steps", "2",
           "--out", str(out), PROMPT])
     assert out.exists() and (tmp_path / "gen" / "out-1.png").exists()
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(SystemExit) as exit_info:  # a user error: one message, exit status 2
         main(["--pipeline", str(base["sd"]), "--lora", str(tmp_path / "nope"), PROMPT])
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # --debug keeps the traceback
+        main(["--pipeline", str(base["sd"]), "--lora", str(tmp_path / "nope"), "--debug", PROMPT])

@@ -322,7 +322,7 @@ def test_scheduler_swap(pipe, scheduler_cls):
         ({"width": -4}, "width must be"),
         ({"num_inference_steps": 0}, r"num_inference_steps must be an int in \[1, 100\], got 0"),
         ({"num_inference_steps": 101}, "got 101"),
-        ({"guidance_scale": 0.5}, "guidance_scale must be a number >= 1.0"),
+        ({"guidance_scale": 0.5}, "guidance_scale must be a finite number >= 1.0"),
         ({"guidance_scale": "7"}, "guidance_scale"),
         ({"num_images_per_prompt": 0}, "num_images_per_prompt must be a positive int, got 0"),
         ({"output_type": "jpeg"}, "output_type must be one of"),

@@ -59,13 +59,13 @@ def _cache_folders(root):
 
 
 def test_latent_cache_reused_and_rebuilt(tmp_path, tiny_vae_dir, data_dir):
-    cfg = _cfg(tmp_path, tiny_vae_dir, data_dir, "train.max_steps=1", "sample.seeds=[0]")
+    cfg = _cfg(tmp_path, tiny_vae_dir, data_dir, "train.max_steps=1", "sample.seeds=[0]", "train.overwrite=true")
     train(cfg)
     first = _cache_folders(tmp_path / "cache")
     assert len(first) == 2  # the training images and the validation images
     train(cfg)  # same VAE, data and transform: the cache is reused
     assert _cache_folders(tmp_path / "cache") == first
-    train(_cfg(tmp_path, tiny_vae_dir, data_dir, "train.max_steps=1", "sample.seeds=[0]", "data.center_crop=false"))
+    train(_cfg(tmp_path, tiny_vae_dir, data_dir, "train.max_steps=1", "sample.seeds=[0]", "train.overwrite=true", "data.center_crop=false"))
     second = _cache_folders(tmp_path / "cache")
     assert len(second) == 4 and first < second
     # A decoder-only change (as decoder-only fine-tuning makes) keeps the cached latents: encoding is unchanged.
@@ -74,14 +74,14 @@ def test_latent_cache_reused_and_rebuilt(tmp_path, tiny_vae_dir, data_dir):
         vae.decoder.conv_out.bias += 0.01
     decoder_tuned = tmp_path / "vae-decoder"
     vae.save_pretrained(decoder_tuned, safe_serialization=True)
-    train(_cfg(tmp_path, decoder_tuned, data_dir, "train.max_steps=1", "sample.seeds=[0]"))
+    train(_cfg(tmp_path, decoder_tuned, data_dir, "train.max_steps=1", "sample.seeds=[0]", "train.overwrite=true"))
     assert _cache_folders(tmp_path / "cache") == second
     # An encoder change makes new caches rather than reusing stale latents.
     with torch.no_grad():
         vae.encoder.conv_in.bias += 0.01
     encoder_changed = tmp_path / "vae-encoder"
     vae.save_pretrained(encoder_changed, safe_serialization=True)
-    train(_cfg(tmp_path, encoder_changed, data_dir, "train.max_steps=1", "sample.seeds=[0]"))
+    train(_cfg(tmp_path, encoder_changed, data_dir, "train.max_steps=1", "sample.seeds=[0]", "train.overwrite=true"))
     assert len(_cache_folders(tmp_path / "cache")) == 6
     # The cached arrays are memory-mapped .npy files holding the posterior mean and std.
     folder = tmp_path / "cache" / sorted(first)[0]

@@ -1,0 +1,82 @@
+"""What stops a run other than its end, and how the command-line tools report it: a user error (a bad
+setting, a missing file, bad data) prints one message and exits with status 2 (`--debug` shows the traceback
+instead); a run stopped by a signal exits with 75 after writing a checkpoint, and one whose loss stopped being
+finite with 3. Anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+
+logger = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; resume with train.resume=latest
+NONFINITE_EXIT_CODE = 3
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+
+class Preempted(Exception):
+    """The run was asked to stop (a signal) and wrote a checkpoint first."""
+
+    exit_code = PREEMPTED_EXIT_CODE
+
+    def __init__(self, step: int, checkpoint, signal_name: str):
+        self.step, self.checkpoint = step, checkpoint
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint {checkpoint} is complete: "
+                         f"run the same command with train.resume=latest to go on")
+
+
+class NonFinite(Exception):
+    """The loss or the gradients stopped being finite (``train.on_nonfinite=stop``); nothing after it was saved."""
+
+    exit_code = NONFINITE_EXIT_CODE
+
+    def __init__(self, step: int, last_good):
+        self.step, self.last_good = step, last_good
+        super().__init__(f"the loss or the gradients became non-finite at step {step} (train.on_nonfinite=stop): "
+                         f"no checkpoint or export was written after it; the last good checkpoint is "
+                         f"{last_good or 'none (set train.checkpoint_every)'}. Lower train.learning_rate, "
+                         f"keep train.max_grad_norm > 0, or set train.on_nonfinite=skip_step")
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERROR_EXIT_CODE = 2
+
+
+@contextlib.contextmanager
+def user_errors(debug: bool = False):
+    """Turn user errors into one message on stderr and exit status 2 (unless ``debug``), and a stopped run into
+    its exit status."""
+    try:
+        yield
+    except (Preempted, NonFinite) as e:
+        print(f"{type(e).__name__.lower()}: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"error: {e}\n(run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def die_with_parent() -> None:
+    """Under `accelerate launch`, ask the kernel to send this process SIGTERM when its launcher dies.
+
+    `accelerate launch` runs the trainer as a child and does not pass SIGTERM on: killing the launcher (what a
+    cluster scheduler does on preemption) would leave the trainer running on as an orphan. With this, the
+    launcher's death reaches the trainer as SIGTERM, which writes a checkpoint and stops. Linux only."""
+    if not sys.platform.startswith("linux") or not any(k.startswith("ACCELERATE_") for k in os.environ):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        logger.warning("could not ask to be told of the launcher's death; stop the trainer itself on preemption")
+        return
+    if os.getppid() == 1:  # the launcher died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
