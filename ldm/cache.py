@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -77,6 +79,30 @@ def open_arrays(folder: Path, mode: str = "r") -> dict[str, np.ndarray]:
     return {p.stem: np.load(p, mmap_mode=mode) for p in sorted(folder.glob("*.npy"))}
 
 
+OWNER = "building-owner.json"
+
+
+def remove_abandoned_builds(cache_dir: Path) -> None:
+    """Delete the hidden folders of cache builds whose process is gone (killed mid-build); builds of live
+    processes on this machine, and of other machines, are left alone."""
+    for folder in cache_dir.glob(".*.building"):
+        try:
+            owner = json.loads((folder / OWNER).read_text())
+        except (OSError, ValueError):
+            continue  # being created right now, or not ours
+        if owner.get("host") != socket.gethostname():
+            continue
+        try:
+            os.kill(int(owner["pid"]), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OSError, KeyError, ValueError):
+            continue
+        logger.info("removing the abandoned cache build %s", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def build_or_open(cache_dir: str | Path, key: str, accelerator, what: str, shapes: dict[str, tuple[int, ...]],
                   fill: Callable[[dict[str, np.ndarray], int, int], None],
                   finish: Callable[[Path], dict]) -> tuple[dict[str, np.ndarray], dict]:
@@ -96,8 +122,10 @@ def build_or_open(cache_dir: str | Path, key: str, accelerator, what: str, shape
             logger.info("reusing %s %s", what, folder)
     else:
         if accelerator.is_main_process:
+            remove_abandoned_builds(Path(cache_dir))
             shutil.rmtree(building, ignore_errors=True)  # left by a build that was killed
             building.mkdir(parents=True)
+            (building / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
             ArrayWriter(building, shapes).close()
         accelerator.wait_for_everyone()
         arrays = open_arrays(building, mode="r+")
@@ -108,6 +136,7 @@ def build_or_open(cache_dir: str | Path, key: str, accelerator, what: str, shape
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             meta = finish(building)
+            (building / OWNER).unlink()
             (building / "meta.json").write_text(json.dumps(meta, indent=1))
             replace_dir(building, folder)
             logger.info("built %s %s", what, folder)

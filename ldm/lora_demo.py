@@ -25,6 +25,7 @@ import numpy as np
 
 from .builtin_data import (NEW_COLOURS, POSITIONS, SHAPES, SIZES, _write_folder, draw_shape, score_shapes,
                            shapes_caption, shapes_combos, shapes_eval_prompts, shapes_heldout_combos)
+from .errors import user_errors
 from .run import atomic_save, make_grid
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,13 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default="configs/ldm/lora-orange.yaml")
     parser.add_argument("--per-prompt", type=int, default=16, help="images per held-out orange prompt")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the LoRA config")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     args = parser.parse_args(argv)
+    with user_errors(args.debug):
+        run(args)
+
+
+def run(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from pipelines import LDMPipeline
 

@@ -304,3 +304,17 @@ def test_one_failing_process_does_not_leave_the_other_hanging(tmp_path, tiny_vae
     time.sleep(1)
     left = subprocess.run(["pgrep", "-f", "fail_on_rank1.py"], capture_output=True, text=True).stdout.split()
     assert not left, f"processes left running: {left}"
+
+
+def test_an_abandoned_cache_build_is_removed(tmp_path):
+    import socket
+
+    from ldm.cache import OWNER, remove_abandoned_builds
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    for name, pid in ((".abandoned.building", int(dead)), (".live.building", os.getpid())):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
+    remove_abandoned_builds(tmp_path)
+    assert not (tmp_path / ".abandoned.building").exists() and (tmp_path / ".live.building").exists()
