@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shutil
 import time
 from typing import Callable, Iterable, Protocol
@@ -77,7 +78,10 @@ def stop_signals():
 
 
 def strategy_name(accelerator) -> str:
-    """How Accelerate distributes this run, as the config check names it."""
+    """How Accelerate distributes this run, as the config check names it. A launch asked for FSDP counts as
+    FSDP even where Accelerate falls back to DDP (on CPUs it does, silently)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return "fsdp"
     kind = accelerator.distributed_type
     if kind == DistributedType.DEEPSPEED:
         plugin = accelerator.state.deepspeed_plugin

@@ -318,3 +318,23 @@ def test_an_abandoned_cache_build_is_removed(tmp_path):
         (tmp_path / name / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
     remove_abandoned_builds(tmp_path)
     assert not (tmp_path / ".abandoned.building").exists() and (tmp_path / ".live.building").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP on two gloo CPU processes")
+def test_an_fsdp_launch_is_refused_with_a_reason(tmp_path, tiny_vae_dir, data_dir):
+    """On CPUs Accelerate quietly turns an FSDP launch into DDP; the trainer refuses it rather than train with
+    a strategy other than the one asked for (and FSDP itself is refused: validation and export need whole
+    modules)."""
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\n"
+                      "num_processes: 2\nmachine_rank: 0\nmixed_precision: 'no'\nrdzv_backend: static\n"
+                      "same_network: true\nuse_cpu: true\nfsdp_config:\n  fsdp_version: 2\n"
+                      "  fsdp_auto_wrap_policy: SIZE_BASED_WRAP\n  fsdp_min_num_params: 1000\n")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           "--main_process_port", "29541", str(ROOT / "train_ldm.py"), "--config", str(ROOT / "configs/ldm/tiny.yaml"),
+           f"output_dir={tmp_path}", f"model.vae={tiny_vae_dir}", f"data.dataset={data_dir}", "train.max_steps=2"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode != 0
+    # Each process printed the one-line refusal and exited with status 2 (the launcher then reports that).
+    assert "error: the fsdp strategy shards the weights" in proc.stderr and "exitcode  : 2" in proc.stderr
+    assert not (tmp_path / "tiny" / "metrics.jsonl").exists()
