@@ -342,18 +342,25 @@ RUN_SETTINGS = ("name", "output_dir", "export_dir", "data.cache_dir", "data.data
                 "train.gradient_checkpointing", "train.on_nonfinite", "sample")
 
 
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """"key: old -> new" for every setting that differs, leaving out `RUN_SETTINGS`."""
-    out = []
+_ABSENT = object()
+
+
+def config_differences(old: dict, new: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
+    """"key: old -> new" for every setting that differs, leaving out `RUN_SETTINGS`. A key the old config does
+    not have (written before the setting existed) counts as its default from ``defaults``."""
+    out, defaults = [], defaults or {}
     for key in sorted(set(old) | set(new)):
         name = prefix + key
         if name in RUN_SETTINGS:
             continue
-        a, b = old.get(key), new.get(key)
+        a, b, d = old.get(key, _ABSENT), new.get(key, _ABSENT), defaults.get(key, _ABSENT)
+        if a is _ABSENT:
+            a = d
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, name + ".")
+            out += config_differences(a, b, d if isinstance(d, dict) else {}, name + ".")
         elif a != b:
-            out.append(f"{name}: {a!r} -> {b!r}")
+            show = lambda v: "(absent)" if v is _ABSENT else repr(v)  # noqa: E731
+            out.append(f"{name}: {show(a)} -> {show(b)}")
     return out
 
 

@@ -124,9 +124,9 @@ class Engine:
 
         import yaml
 
-        tc, now = self.tc, dataclasses.asdict(self.cfg)
+        tc, now, defaults = self.tc, dataclasses.asdict(self.cfg), dataclasses.asdict(type(self.cfg)())
         if self.resume_from is not None:
-            diff = config_differences(yaml.safe_load(read_train_state(self.resume_from)["config"]), now)
+            diff = config_differences(yaml.safe_load(read_train_state(self.resume_from)["config"]), now, defaults)
             if diff and not tc.allow_config_change:
                 raise ValueError(f"train.resume: checkpoint {self.resume_from} was written with another config "
                                  f"({'; '.join(diff)}); resume with the same settings, or pass "
@@ -137,7 +137,7 @@ class Engine:
         saved = list_checkpoints(self.run_dir / "checkpoints")
         old_config = self.run_dir / "config.yaml"
         trained = (self.run_dir / "metrics.jsonl").is_file()  # a run that failed while setting up left no metrics
-        diff = config_differences(yaml.safe_load(old_config.read_text()) or {}, now) \
+        diff = config_differences(yaml.safe_load(old_config.read_text()) or {}, now, defaults) \
             if old_config.is_file() and trained else []
         if (saved or diff) and not tc.overwrite:
             held = f"checkpoints up to {saved[-1].name}" if saved else "a run with another config"

@@ -83,3 +83,17 @@ def test_overrides_are_read_by_their_field_type():
     assert cfg.train.learning_rate == 1e-5 and cfg.train.ema_decay == 1e-4  # YAML 1.1 reads 1e-5 as text
     assert cfg.name == "123" and cfg.train.resume is None and cfg.model.pretrained == "/x/y"
     assert cfg.sample.prompts == ["a b", "c d"] and cfg.train.keep_last is None
+
+
+def test_config_differences_leave_out_run_length_and_read_new_keys_as_defaults():
+    import dataclasses
+
+    from ldm.config import config_differences
+
+    defaults = dataclasses.asdict(LDMConfig())
+    old = dataclasses.asdict(LDMConfig())
+    del old["data"]["max_bad_fraction"]  # a config written before the setting existed
+    new = dataclasses.asdict(load_config(LDMConfig, None, ["train.max_steps=9", "train.log_every=3"]))
+    assert config_differences(old, new, defaults) == []
+    changed = dataclasses.asdict(load_config(LDMConfig, None, ["data.max_bad_fraction=0.5", "train.seed=3"]))
+    assert config_differences(old, changed, defaults) == ["data.max_bad_fraction: 0.01 -> 0.5", "train.seed: 0 -> 3"]
