@@ -14,7 +14,7 @@ import torch
 
 from .config import TimestepSampling
 from .diffusion import GaussianDiffusion
-from .vae import encode, vae_scale_factor
+from .vae import encode, latent_scale_shift, scaled_sample, vae_scale_factor
 
 def sample_timesteps(n: int, num_timesteps: int, sampling: str, gen: torch.Generator, mean: float = 0.0,
                      std: float = 1.0) -> torch.Tensor:
@@ -65,8 +65,7 @@ class LatentDiffusionObjective:
                  prior_loss_weight: float = 1.0):
         self.diffusion, self.d, self.caption_dropout, self.text = diffusion, dcfg, caption_dropout, text
         self.vae, self.prior_loss_weight = vae, prior_loss_weight
-        self.scale = float(vae.config.scaling_factor)
-        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.scale, self.shift = latent_scale_shift(vae)
         self.channels = vae.config.latent_channels
         self.factor = vae_scale_factor(vae)
 
@@ -91,7 +90,7 @@ class LatentDiffusionObjective:
         else:
             mean, std = batch["mean"], batch["std"]
         # z0 ~ q(z | x): a fresh draw from the posterior each step, scaled to unit variance.
-        z0 = (mean.to(device) + std.to(device) * draws["posterior"][sl].to(device) - self.shift) * self.scale
+        z0 = scaled_sample(mean.to(device), std.to(device), draws["posterior"][sl].to(device), self.scale, self.shift)
         context = self.text(batch["captions"], draws["drop"][sl], device)  # (b, L, D)
         return z0, draws["t"][sl].to(device), draws["noise"][sl].to(device), context
 

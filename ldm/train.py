@@ -31,7 +31,7 @@ from .objective import LatentDiffusionObjective, TextContext
 from .splits import Split, check_sizes, class_split, load_splits, report_bad_images, report_unseen
 from .text import tokenize
 from .validation import Validator, check_latent_scale
-from .vae import encode, encoder_fingerprint, vae_scale_factor
+from .vae import encode, encoder_fingerprint, latent_scale_shift, vae_scale_factor
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +49,14 @@ def train(cfg: LDMConfig) -> dict:
               **{k: v for k, v in engine.final_validation.items() if k.startswith("score_")}}
     if run.unseen:
         result["images_never_seen"] = sum(run.unseen.values())
-    if run.num_bad_images:
-        result["bad_images_skipped"] = run.num_bad_images
+    if run.bad_images:
+        result["bad_images_skipped"] = len(run.bad_images)
     return engine.finish(result, {
         "validation set": "held-out" if run.heldout else "training images (no held-out split given)",
         "weights": "EMA" if engine.ema is not None else "trained", **saved,
         "samples": cfg.run_dir / "samples" / f"step-{step}.png",
         **({"buckets never trained on": run.unseen} if run.unseen else {}),
-        **({"skipped images": run.bad_images} if run.bad_images else {})}, plot_keys=("loss", "mse", "val_loss"))
+        **({"skipped images": run.bad_report} if run.bad_report else {})}, plot_keys=("loss", "mse", "val_loss"))
 
 
 @dataclass
@@ -74,8 +74,8 @@ class Run:
     heldout: bool
     latent_std: float
     unseen: dict
-    num_bad_images: int  # skipped: they cannot be decoded
-    bad_images: Path | None  # the report naming them
+    bad_images: list  # skipped: they cannot be decoded
+    bad_report: Path | None  # the file naming them
 
 
 def build_run(cfg: LDMConfig) -> Run:
@@ -85,7 +85,7 @@ def build_run(cfg: LDMConfig) -> Run:
     acc, tc = engine.accelerator, cfg.train
     with acc.main_process_first():  # built-in data is generated once, by the main process
         train_split, val_split, heldout = load_splits(cfg)
-    bad_images = report_bad_images(train_split.bad + val_split.bad, cfg.run_dir, acc.is_main_process)
+    bad_report = report_bad_images(train_split.bad + val_split.bad, cfg.run_dir, acc.is_main_process)
     comp = build_components(cfg, train_split.captions, acc, engine.resume_from)
     if not cfg.model.pretrained:  # the tokenizer learned from the captions is part of the run's state
         engine.checkpoint_files["tokenizer"] = cfg.run_dir / "tokenizer"
@@ -102,8 +102,7 @@ def build_run(cfg: LDMConfig) -> Run:
     if classes is not None:
         sources.append(batch_source(cfg, engine, comp, classes, CLASS_STREAMS, len(train_split.captions)))
     val_posterior = validation_posteriors(cfg, engine, comp, val_split)
-    latent_std = check_latent_scale(*val_posterior, float(comp.vae.config.scaling_factor),
-                                    float(getattr(comp.vae.config, "shift_factor", None) or 0.0))
+    latent_std = check_latent_scale(*val_posterior, *latent_scale_shift(comp.vae))
     empty_ids = tokenize(comp.tokenizer, [""])[0]
     text = text_cache(comp.text_encoder, input_ids, empty_ids, cfg.data.cache_dir, acc) \
         if cfg.data.cache_text and not comp.train_text_encoder else None
@@ -125,7 +124,7 @@ def build_run(cfg: LDMConfig) -> Run:
     text_encoder.train(comp.train_text_encoder)
     step = forward_backward(engine, objective, sources, unet, text_encoder, comp.train_text_encoder)
     return Run(engine, comp, sources, step, validate, unet, text_encoder, heldout, latent_std,
-               report_unseen(train_split, tc.batch_size), len(train_split.bad + val_split.bad), bad_images)
+               report_unseen(train_split, tc.batch_size), train_split.bad + val_split.bad, bad_report)
 
 
 # ----------------------------------------------------------------------------------------------

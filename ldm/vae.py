@@ -44,6 +44,16 @@ def encode(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return dist.mean.float(), dist.std.float()
 
 
+def latent_scale_shift(vae) -> tuple[float, float]:
+    """(scaling_factor, shift_factor) of a VAE's config: z0 = (z - shift) * scale has unit variance."""
+    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
+def scaled_sample(mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
+    """z0 = (z - shift) * scale for the posterior sample z = mean + std * eps."""
+    return (mean + std * eps - shift) * scale
+
+
 def encoder_fingerprint(vae) -> str:
     """A hash of what encoding uses (the encoder and quant_conv weights, and the latent channel count): a
     decoder-only fine-tune keeps it, so cached latents stay valid."""

@@ -16,6 +16,7 @@ from .builtin_data import eval_prompts, score
 from .evaluate import generate_for_prompts
 from .models import make_pipeline
 from .run import atomic_save, make_grid
+from .vae import latent_scale_shift, scaled_sample
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def validation_loss(diffusion, unet, text_encoder, mean: torch.Tensor, std: torc
     spread over [0, T) and noise, all drawn from ``seed``; in micro-batches of ``batch_size`` images."""
     g = torch.Generator().manual_seed(seed)
     device = next(unet.parameters()).device
-    z0 = (mean + std * torch.randn(mean.shape, generator=g) - shift) * scale  # (V, C, h, w)
+    z0 = scaled_sample(mean, std, torch.randn(mean.shape, generator=g), scale, shift)  # (V, C, h, w)
     noise = torch.randn(z0.shape, generator=g)
     t = torch.linspace(0, diffusion.num_timesteps - 1, len(z0)).round().long()
     was_training = unet.training, text_encoder.training
@@ -48,7 +49,7 @@ def check_latent_scale(mean: torch.Tensor, std: torch.Tensor, scale: float, shif
                        tolerance: float = 0.25) -> float:
     """Std of scaled posterior samples; warns when far from 1 (a ``scaling_factor`` unfit for this data)."""
     g = torch.Generator().manual_seed(0)
-    z0 = (mean + std * torch.randn(mean.shape, generator=g) - shift) * scale
+    z0 = scaled_sample(mean, std, torch.randn(mean.shape, generator=g), scale, shift)
     value = float(z0.std())
     if abs(value - 1.0) > tolerance:
         logger.warning("scaled latents have std %.3f, not ~1: the VAE's scaling_factor does not fit this data "
@@ -89,8 +90,7 @@ class Validator:
         self.unet, self.text_encoder = unet, text_encoder  # unwrapped
         self.posterior, self.input_ids, self.prompts = posterior, input_ids, prompts
         self.score_dataset, self.batch_size = score_dataset, batch_size
-        self.scale = float(comp.vae.config.scaling_factor)
-        self.shift = float(getattr(comp.vae.config, "shift_factor", None) or 0.0)
+        self.scale, self.shift = latent_scale_shift(comp.vae)
 
     def __call__(self, step: int) -> dict:
         engine, cfg = self.engine, self.engine.cfg
