@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-
 import torch
+
+from ldm.metrics import frechet_distance  # re-exported: one definition for both stages
 
 PSNR_CAP_DB = 100.0  # identical images have infinite PSNR; report this instead
 
@@ -43,21 +44,6 @@ def latent_stats(latents: torch.Tensor) -> dict:
     per_channel = latents.transpose(0, 1).flatten(1)
     return {"channel_mean": per_channel.mean(1).tolist(), "channel_std": per_channel.std(1).tolist(),
             "std": float(latents.std()), "mean": float(latents.mean())}
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1 - mu2||² + Tr(S1 + S2 - 2 (S1 S2)^½), the Fréchet distance of two Gaussians (float64)."""
-    import numpy as np
-    from scipy import linalg
-
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():  # singular product: regularise, as in the FID reference code
-        offset = np.eye(len(s1)) * 1e-6
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    covmean = covmean.real
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
 __all__ = ["psnr", "ssim", "latent_stats", "frechet_distance", "PSNR_CAP_DB"]

@@ -8,12 +8,15 @@ exactly the format a user's own data uses, so the demo runs the user's data path
   out of training so that evaluation uses prompts the model never saw.
 - ``digits``: scikit-learn's real handwritten digits (8x8, upsampled), captioned
   "a handwritten digit 7". Half of them are held out to train the scorer's classifier.
+- ``varied`` and ``photos``: diverse procedural drawings and crops of packaged photographs, for an
+  autoencoder that reconstructs more than the two sets above (`ldm.builtin_images`). They have no scorer.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +25,10 @@ from PIL import Image, ImageDraw
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_DATASETS = ("shapes", "digits")
+BUILTIN_DATASETS = ("shapes", "digits", "varied", "photos")
+SCORED_DATASETS = ("shapes", "digits")  # the built-in datasets whose captions a scorer reads back off pixels
+# Images in the generated splits of the datasets without a fixed size.
+VARIED_SIZES = {"train": 20000, "heldout": 512}
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -32,10 +38,10 @@ COLOURS = {
     "purple": (160, 60, 210),
     "cyan": (40, 210, 220),
 }
-# A colour never in `shapes`, for teaching a trained model something new (the LoRA demonstration). Of the
-# colours tried, it is the one the shipped VAE reconstructs as itself (teal came back green, pink purple).
-NEW_COLOURS = {"orange": (245, 140, 20)}
+# Colours and a shape never in `shapes`, for teaching a trained model something new (the LoRA demonstration).
+NEW_COLOURS = {"orange": (245, 140, 20), "teal": (0, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
+NEW_SHAPES = ("star",)
 # Anchor of each position as a fraction of the image side (x, y).
 POSITIONS = {
     "top left": (0.25, 0.25),
@@ -50,6 +56,9 @@ SIZES = (0.31, 0.375, 0.44)  # side of the shape's bounding box as a fraction of
 # the boundaries sit in the gaps.
 _SQUARE_MIN_FILL = 0.91
 _CIRCLE_MIN_FILL = 0.69
+# A five-pointed star (inner radius 0.45 of the outer) covers ~0.56 of its convex hull; the three shapes above
+# cover 0.9 or more. Only read when new shapes are allowed (``with_new``).
+_STAR_MAX_SOLIDITY = 0.78
 NUM_HELDOUT_COMBOS = 16
 _HELDOUT_SEED = 1234
 
@@ -92,8 +101,12 @@ def draw_shape(colour: str, shape: str, position: str, size: float, jitter: tupl
         draw.rectangle(box, fill=rgb)
     elif shape == "triangle":
         draw.polygon([(box[0], box[3]), (box[2], box[3]), (cx, box[1])], fill=rgb)
+    elif shape == "star":  # five points, one straight up
+        pts = [(cx + half * (1 if i % 2 == 0 else 0.45) * math.sin(math.pi * i / 5),
+                cy - half * (1 if i % 2 == 0 else 0.45) * math.cos(math.pi * i / 5)) for i in range(10)]
+        draw.polygon(pts, fill=rgb)
     else:
-        raise ValueError(f"unknown shape {shape!r}; valid: {SHAPES}")
+        raise ValueError(f"unknown shape {shape!r}; valid: {SHAPES + NEW_SHAPES}")
     return img.resize((resolution, resolution), Image.Resampling.BOX)
 
 
@@ -143,6 +156,12 @@ def _digits_split(seed: int = 0):
     return (x[perm[:half]], y[perm[:half]]), (x[perm[half:]], y[perm[half:]])
 
 
+def digit_image(img8: np.ndarray, resolution: int = 32) -> Image.Image:
+    """One of scikit-learn's 8x8 digits (values 0..16) as an RGB image, bicubically upsampled."""
+    small = Image.fromarray(np.uint8(np.round(img8 * (255.0 / 16.0))), mode="L")
+    return small.resize((resolution, resolution), Image.Resampling.BICUBIC).convert("RGB")
+
+
 def generate_digits(out_dir: str | Path, seed: int = 0, resolution: int = 32, split: str = "train") -> Path:
     """Write scikit-learn's handwritten digits (values 0..16 on 8x8) upsampled to ``resolution``."""
     if split not in ("train", "heldout"):
@@ -152,9 +171,7 @@ def generate_digits(out_dir: str | Path, seed: int = 0, resolution: int = 32, sp
     x, y = train if split == "train" else heldout
     records, images = [], []
     for i, (img8, label) in enumerate(zip(x, y)):
-        small = Image.fromarray(np.uint8(np.round(img8 * (255.0 / 16.0))), mode="L")
-        big = small.resize((resolution, resolution), Image.Resampling.BICUBIC).convert("RGB")
-        images.append(big)
+        images.append(digit_image(img8, resolution))
         records.append({"file_name": f"{i:05d}.png", "text": f"a handwritten digit {int(label)}",
                         "label": int(label)})
     _write_folder(out_dir, records, images, {"name": "digits", "split": split, "num_images": len(y),
@@ -173,7 +190,27 @@ def ensure_builtin(name: str, root: str | Path = "data", split: str = "train", r
     if name == "shapes":
         return generate_shapes(out_dir, num_images=6000 if split == "train" else 480, split=split,
                                resolution=resolution)
+    if name in ("varied", "photos"):
+        return generate_varied(out_dir, name, split, resolution)
     return generate_digits(out_dir, split=split, resolution=resolution)
+
+
+def generate_varied(out_dir: str | Path, name: str, split: str = "train", resolution: int = 32) -> Path:
+    """Write ``varied`` (procedural drawings) or ``photos`` (photo crops; the held-out split crops other
+    photographs) with `VARIED_SIZES` images. The splits are drawn from different seeds."""
+    from .builtin_images import photo_images, varied_images
+
+    if split not in VARIED_SIZES:
+        raise ValueError(f"split must be one of {tuple(VARIED_SIZES)}, got {split!r}")
+    n, seed = VARIED_SIZES[split], {"train": 1, "heldout": 2}[split]
+    if name == "varied":
+        images, captions = varied_images(n, seed, resolution)
+    else:
+        images, captions = photo_images(n, seed, resolution, heldout=split == "heldout")
+    records = [{"file_name": f"{i:05d}.png", "text": c} for i, c in enumerate(captions)]
+    _write_folder(Path(out_dir), records, images, {"name": name, "split": split, "num_images": n, "seed": seed,
+                                                   "resolution": resolution})
+    return Path(out_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,12 +228,16 @@ def palette(with_new: bool = False) -> dict:
     return {**COLOURS, **NEW_COLOURS} if with_new else COLOURS
 
 
+def shape_names(with_new: bool = False) -> tuple[str, ...]:
+    return SHAPES + NEW_SHAPES if with_new else SHAPES
+
+
 def parse_shapes_caption(caption: str, with_new: bool = False) -> dict:
     words = caption.strip().split(" at the ")
     if len(words) != 2:
         raise ValueError(f"not a shapes caption: {caption!r}")
     colour_shape = words[0].split()
-    if len(colour_shape) != 3 or colour_shape[1] not in palette(with_new) or colour_shape[2] not in SHAPES \
+    if len(colour_shape) != 3 or colour_shape[1] not in palette(with_new) or colour_shape[2] not in shape_names(with_new) \
             or words[1] not in POSITIONS:
         raise ValueError(f"not a shapes caption: {caption!r}")
     return {"colour": colour_shape[1], "shape": colour_shape[2], "position": words[1]}
@@ -206,7 +247,8 @@ def read_shape(image, with_new: bool = False) -> dict:
     """Read colour, shape and position of the largest bright blob off the pixels.
 
     Colour: nearest palette colour to the blob's mean (``with_new``: the new colours too); shape: fill
-    ratio of its bounding box (square 1, circle pi/4, triangle 1/2); position: nearest anchor to its centroid.
+    ratio of its bounding box (square 1, circle pi/4, triangle 1/2), and with ``with_new`` a star when the blob
+    covers little of its convex hull; position: nearest anchor to its centroid.
     """
     from scipy import ndimage
 
@@ -229,6 +271,8 @@ def read_shape(image, with_new: bool = False) -> dict:
     fill = coverage.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
     ys, xs = np.nonzero(blob)
     shape = "square" if fill >= _SQUARE_MIN_FILL else "circle" if fill >= _CIRCLE_MIN_FILL else "triangle"
+    if with_new and _solidity(coverage) < _STAR_MAX_SOLIDITY:
+        shape = "star"
     mean = arr[blob].mean(axis=0)
     colours = palette(with_new)
     colour = min(colours, key=lambda c: float(np.sum((mean - np.array(colours[c])) ** 2)))
@@ -237,17 +281,36 @@ def read_shape(image, with_new: bool = False) -> dict:
     return {"colour": colour, "shape": shape, "position": position, "fill": float(fill)}
 
 
+def _solidity(coverage: np.ndarray) -> float:
+    """Covered area over the area of the convex hull of the pixels more than half covered."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    ys, xs = np.nonzero(coverage > 0.5)
+    corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
+    try:
+        hull = ConvexHull(corners)
+    except QhullError:  # a line of pixels: no area to speak of
+        return 1.0
+    return float(coverage.sum() / hull.volume)  # in 2-D, `volume` is the area
+
+
 def score_shapes(images, captions, with_new: bool = False) -> dict:
-    """Accuracy of colour, shape, position (and all three) of images against their captions."""
+    """Accuracy of colour, shape, position (and all three) of images against their captions, and the position
+    confusion matrix: ``matrix[i][j]`` counts images asked for position ``rows[i]`` whose shape was read at
+    ``columns[j]`` ("none": no shape found)."""
     hits = {"colour": 0, "shape": 0, "position": 0, "all": 0}
+    rows, columns = list(POSITIONS), [*POSITIONS, "none"]
+    matrix = [[0] * len(columns) for _ in rows]
     for img, cap in zip(images, captions, strict=True):
         want, got = parse_shapes_caption(cap, with_new), read_shape(img, with_new)
         ok = {k: got[k] == want[k] for k in ("colour", "shape", "position")}
         for k, v in ok.items():
             hits[k] += int(v)
         hits["all"] += int(all(ok.values()))
+        matrix[rows.index(want["position"])][columns.index(got["position"] or "none")] += 1
     n = max(len(captions), 1)
-    return {f"{k}_accuracy": v / n for k, v in hits.items()} | {"num_images": len(captions)}
+    return {f"{k}_accuracy": v / n for k, v in hits.items()} | {
+        "num_images": len(captions), "position_confusion": {"rows": rows, "columns": columns, "matrix": matrix}}
 
 
 @dataclass
@@ -272,14 +335,35 @@ class DigitsScorer:
         return self.clf.predict(np.stack([self.to_8x8(im) for im in images]))
 
     def score(self, images, captions) -> dict:
-        labels = []
-        for cap in captions:
-            last = cap.strip().split()[-1]
-            if not cap.startswith("a handwritten digit ") or not last.isdigit():
-                raise ValueError(f"not a digits caption: {cap!r}")
-            labels.append(int(last))
+        labels = [digit_label(cap) for cap in captions]
         pred = self.predict(images)
         return {"digit_accuracy": float(np.mean(pred == np.array(labels))), "num_images": len(labels)}
+
+
+def digit_label(caption: str) -> int:
+    last = caption.strip().split()[-1]
+    if not caption.startswith("a handwritten digit ") or not last.isdigit():
+        raise ValueError(f"not a digits caption: {caption!r}")
+    return int(last)
+
+
+def real_images(name: str, captions: list[str], seed: int, part: str = "heldout") -> list[Image.Image]:
+    """One real image per caption, drawn from ``seed``: for ``shapes`` a new drawing of the caption (size and
+    jitter as in the dataset), for ``digits`` a real digit of that label from ``part`` ("train" or "heldout"
+    half). The reference that generated images are compared with."""
+    rng = np.random.default_rng(seed)
+    if name == "shapes":
+        out = []
+        for cap in captions:
+            c = parse_shapes_caption(cap, with_new=True)
+            size, jitter = float(rng.choice(SIZES)), tuple(rng.uniform(-0.04, 0.04, size=2))
+            out.append(draw_shape(c["colour"], c["shape"], c["position"], size, jitter))
+        return out
+    if name == "digits":
+        train, heldout = _digits_split()
+        x, y = train if part == "train" else heldout
+        return [digit_image(x[rng.choice(np.flatnonzero(y == digit_label(cap)))]) for cap in captions]
+    raise ValueError(f"no real images for {name!r}; valid: {SCORED_DATASETS}")
 
 
 def digits_eval_prompts() -> list[str]:
@@ -291,7 +375,7 @@ def eval_prompts(name: str) -> list[str]:
         return shapes_eval_prompts()
     if name == "digits":
         return digits_eval_prompts()
-    raise ValueError(f"no built-in scorer for {name!r}; valid: {BUILTIN_DATASETS}")
+    raise ValueError(f"no built-in scorer for {name!r}; valid: {SCORED_DATASETS}")
 
 
 def score(name: str, images, captions) -> dict:
@@ -299,4 +383,4 @@ def score(name: str, images, captions) -> dict:
         return score_shapes(images, captions)
     if name == "digits":
         return DigitsScorer().score(images, captions)
-    raise ValueError(f"no built-in scorer for {name!r}; valid: {BUILTIN_DATASETS}")
+    raise ValueError(f"no built-in scorer for {name!r}; valid: {SCORED_DATASETS}")

@@ -5,6 +5,15 @@
 For ``shapes`` the prompts are the (colour, shape, position) combinations held out of training; for
 ``digits`` the ten digits. Seeds start at ``--seed-offset`` (far from any seed the trainer uses).
 Writes ``samples.png`` (one row per prompt) and ``metrics.json`` into ``--out``.
+
+Beyond the scorer's accuracies (and, for shapes, the position confusion matrix), two measures that see
+what accuracy cannot, both against real images of the same prompts (`ldm.builtin_data.real_images`):
+
+- ``frechet_distance``: generated images against a reference of `REFERENCE_PER_PROMPT` real images per
+  prompt, in `ldm.metrics.FixedFeatures` with layout. ``frechet_distance_floor`` is the same distance for
+  as many other real images as were generated: what a perfect model would score at this sample size.
+- ``diversity``: the mean pairwise RMS pixel distance of the images of one prompt, averaged over prompts;
+  ``diversity_real`` is the same for the real images. A model that draws one image per prompt scores 0.
 """
 
 from __future__ import annotations
@@ -18,12 +27,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .builtin_data import SCORED_DATASETS, eval_prompts, real_images, score
 from .errors import user_errors
-from .builtin_data import BUILTIN_DATASETS, eval_prompts, score
+from .metrics import diversity, image_frechet_distance, to_tensor
 from .run import atomic_save, make_grid
 from .schedulers import SAMPLERS, sampling_scheduler
 
 logger = logging.getLogger(__name__)
+REFERENCE_PER_PROMPT = 32
+REFERENCE_SEED, FLOOR_SEED = 7, 8  # real images: the reference set, and the sample that gives the floor
 
 
 @torch.no_grad()
@@ -45,13 +57,26 @@ def generate_for_prompts(pipe, base_prompts: list[str], per_prompt: int, seed_of
     return prompts, generate(pipe, prompts, [seed_offset + i for i in range(len(prompts))], batch_size, **kwargs)
 
 
+def distribution_scores(dataset: str, images: list, prompts: list[str]) -> dict:
+    """Fréchet distance to real images of the same prompts (and its real-vs-real floor), and diversity per
+    prompt (and the real images'), as the module's docstring says."""
+    base = list(dict.fromkeys(prompts))
+    reference = to_tensor(real_images(dataset, [p for p in base for _ in range(REFERENCE_PER_PROMPT)],
+                                      REFERENCE_SEED, "heldout"))
+    real = to_tensor(real_images(dataset, prompts, FLOOR_SEED, "train"))
+    generated = to_tensor(images)
+    return {"frechet_distance": image_frechet_distance(generated, reference),
+            "frechet_distance_floor": image_frechet_distance(real, reference),
+            "diversity": diversity(generated, prompts), "diversity_real": diversity(real, prompts)}
+
+
 def evaluate(pipeline: str, dataset: str, num_images: int = 96, out: str | None = None,
              num_inference_steps: int = 50, guidance_scale: float = 3.0, scheduler: str = "ddpm",
              seed_offset: int = 100_000, batch_size: int = 48) -> dict:
     from pipelines import LDMPipeline
 
-    if dataset not in BUILTIN_DATASETS:
-        raise ValueError(f"--dataset must be a built-in dataset {BUILTIN_DATASETS}, got {dataset!r}")
+    if dataset not in SCORED_DATASETS:
+        raise ValueError(f"--dataset must be a scored built-in dataset {SCORED_DATASETS}, got {dataset!r}")
     if num_images < 1:
         raise ValueError(f"--num-images must be positive, got {num_images}")
     pipe = LDMPipeline.from_pretrained(pipeline)
@@ -64,6 +89,7 @@ def evaluate(pipeline: str, dataset: str, num_images: int = 96, out: str | None 
     prompts, images = generate_for_prompts(pipe, base, per_prompt, seed_offset, batch_size,
                                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     result = {"dataset": dataset, "pipeline": str(pipeline), **score(dataset, images, prompts),
+              **distribution_scores(dataset, images, prompts),
               "prompts": base, "images_per_prompt": per_prompt, "seeds": [seed_offset, seed_offset + len(prompts) - 1],
               "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
               "scheduler": scheduler, "sampling_time_s": round(time.time() - t0, 1)}
@@ -75,10 +101,18 @@ def evaluate(pipeline: str, dataset: str, num_images: int = 96, out: str | None 
     return result
 
 
+def format_confusion(conf: dict) -> str:
+    """The position confusion matrix as a text table: one row per wanted position."""
+    width = max(len(c) for c in conf["columns"] + conf["rows"]) + 1
+    lines = ["wanted \\ drawn".ljust(width) + "".join(c.rjust(width) for c in conf["columns"])]
+    lines += [r.ljust(width) + "".join(str(v).rjust(width) for v in row) for r, row in zip(conf["rows"], conf["matrix"])]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pipeline", required=True, help="a pipeline folder (runs/<name>/pipeline)")
-    parser.add_argument("--dataset", required=True, choices=BUILTIN_DATASETS)
+    parser.add_argument("--dataset", required=True, choices=SCORED_DATASETS)
     parser.add_argument("--num-images", type=int, default=96)
     parser.add_argument("--out", default=None, help="folder for samples.png and metrics.json")
     parser.add_argument("--steps", type=int, default=50)
@@ -91,8 +125,13 @@ def main(argv=None) -> None:
         logging.basicConfig(level=logging.INFO)
         result = evaluate(args.pipeline, args.dataset, args.num_images, args.out, args.steps, args.guidance_scale,
                           args.scheduler, args.seed_offset)
-        keys = [k for k in result if k.endswith("_accuracy")] + ["num_images", "sampling_time_s"]
-        print(json.dumps({k: result[k] for k in keys}, indent=2))
+        keys = [k for k in result if k.endswith("_accuracy")] + [
+            "frechet_distance", "frechet_distance_floor", "diversity", "diversity_real", "num_images",
+            "sampling_time_s"]
+        print(json.dumps({k: round(result[k], 4) if isinstance(result[k], float) else result[k] for k in keys},
+                         indent=2))
+        if "position_confusion" in result:
+            print(format_confusion(result["position_confusion"]))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .batches import CLASS_STREAMS, TRAIN_STREAMS, BatchSource, PixelItems, rank_slice
-from .builtin_data import BUILTIN_DATASETS
+from .builtin_data import SCORED_DATASETS
 from .cache import cached_posterior, latent_cache, text_cache
 from .config import LDMConfig, check_config
 from .data import GlobalBatchSampler
@@ -115,7 +115,7 @@ def build_run(cfg: LDMConfig) -> Run:
         diffusion, cfg.diffusion, cfg.data.caption_dropout,
         TextContext(input_ids, empty_ids, encoder=text_encoder if text is None else None, cache=text),
         comp.vae, db.prior_loss_weight)
-    score_on = cfg.data.dataset if cfg.data.dataset in BUILTIN_DATASETS and not db.instance_data else None
+    score_on = cfg.data.dataset if cfg.data.dataset in SCORED_DATASETS and not db.instance_data else None
     validate = Validator(engine, comp, diffusion, unet_u, te_u, val_posterior,
                          tokenize(comp.tokenizer, val_split.first_captions()),
                          cfg.sample.prompts or sorted(set(train_split.captions))[:8], score_on,
@@ -138,7 +138,8 @@ def draw_class_images(cfg: LDMConfig, comp: Components, engine) -> Split:
     db, device = cfg.dreambooth, engine.device
 
     def base_pipeline():
-        return make_pipeline(comp, comp.unet.to(device).eval(), comp.text_encoder.to(device).eval(), "ddpm")
+        return make_pipeline(comp, comp.unet.to(device).eval(), comp.text_encoder.to(device).eval(), "ddpm",
+                             base=True)
 
     prompts = db.class_prompts or [db.class_prompt]
     folder = ensure_class_images(base_pipeline, db.class_data or cfg.run_dir / "class_images", prompts,

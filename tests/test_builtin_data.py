@@ -60,3 +60,29 @@ def test_digits_scorer_on_real_digits(tmp_path):
     rng = np.random.default_rng(0)
     wrong = [f"a handwritten digit {d}" for d in rng.integers(0, 10, len(caps))]
     assert scorer.score(imgs, wrong)["digit_accuracy"] < 0.2
+
+
+def test_position_confusion_matrix_counts_wanted_against_drawn():
+    from ldm.builtin_data import real_images, shapes_caption
+
+    caps = [shapes_caption("red", "circle", "top left")] * 3 + [shapes_caption("blue", "square", "center")] * 2
+    drawn = real_images("shapes", [caps[0], caps[0], shapes_caption("red", "circle", "bottom right")] + caps[3:],
+                        seed=0)
+    scores = score_shapes(drawn + [Image.new("RGB", (32, 32))], caps + [caps[0]])
+    conf = scores["position_confusion"]
+    assert conf["rows"] == list(POSITIONS) and conf["columns"] == [*POSITIONS, "none"]
+    m = dict(zip(conf["rows"], conf["matrix"]))
+    assert m["top left"] == [2, 0, 0, 1, 0, 1]  # two right, one drawn bottom right, one blank
+    assert m["center"] == [0, 0, 0, 0, 2, 0] and sum(map(sum, conf["matrix"])) == 6
+
+
+def test_real_images_are_read_back_as_their_captions():
+    from ldm.builtin_data import digits_eval_prompts, real_images, shapes_eval_prompts
+
+    caps = [p for p in shapes_eval_prompts() for _ in range(3)]
+    assert score_shapes(real_images("shapes", caps, seed=1), caps)["all_accuracy"] >= 0.97
+    caps = [p for p in digits_eval_prompts() for _ in range(5)]
+    # the train half: the scorer's classifier was fitted on the held-out half
+    assert DigitsScorer().score(real_images("digits", caps, seed=1, part="train"), caps)["digit_accuracy"] >= 0.95
+    with pytest.raises(ValueError, match="no real images"):
+        real_images("varied", caps, seed=1)
