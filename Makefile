@@ -36,7 +36,7 @@ demo: $(STAMP)
 # into runs/lora-orange/metrics.json. Runs `make demo` first when its pipeline is missing.
 lora-demo: $(STAMP)
 	test -f runs/demo/pipeline/model_index.json || $(MAKE) demo
-	$(BIN)/python -m ldm.lora_demo --base runs/demo/pipeline --out runs/lora-orange
+	$(BIN)/python -m ldm.lora_demo --base runs/demo/pipeline --concept orange --out runs/lora-orange
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,14 +1,17 @@
-"""A scored LoRA demonstration: teach the built-in shapes model a colour it has never seen (orange).
+"""A scored LoRA demonstration: teach the built-in shapes model a colour (orange, teal) or a shape (star)
+it has never seen.
 
     python -m ldm.lora_demo --base runs/demo/pipeline --out runs/lora-orange
+    python -m ldm.lora_demo --base runs/demo/pipeline --concept star --out runs/lora-star
 
-1. Draw 32 images of orange shapes ("an orange circle at the center") for 12 of the 15 (shape, position)
-   pairs; the other 3 pairs are kept for evaluation.
+1. Draw 32 images of the new concept ("an orange circle at the center", "a red star at the top left") for
+   all but 3 of its pairs ((shape, position) for a colour, (colour, position) for a shape); those 3 pairs
+   are kept for evaluation.
 2. Train LoRA adapters on the base model with ``configs/ldm/lora-orange.yaml``. Prior preservation
    (DreamBooth's loss) trains on the base model's own drawings of its training prompts alongside, so
    that it keeps what it knew.
-3. Score from pixels with the built-in scorer (its palette extended by orange): how often the base model
-   and the adapted one draw orange for the 3 held-out orange prompts, and both models' scores on the
+3. Score from pixels with the built-in scorer (extended by the new colours and shapes): how often the base
+   model and the adapted one draw the concept for the 3 held-out prompts, and both models' scores on the
    base model's own held-out prompts (forgetting).
 
 Writes ``metrics.json`` and one grid per evaluation into ``--out``.
@@ -23,38 +26,59 @@ from pathlib import Path
 
 import numpy as np
 
-from .builtin_data import (NEW_COLOURS, POSITIONS, SHAPES, SIZES, _write_folder, draw_shape, score_shapes,
-                           shapes_caption, shapes_combos, shapes_eval_prompts, shapes_heldout_combos)
+from .builtin_data import (COLOURS, NEW_COLOURS, NEW_SHAPES, POSITIONS, SHAPES, SIZES, _write_folder, draw_shape,
+                           score_shapes, shapes_caption, shapes_combos, shapes_eval_prompts, shapes_heldout_combos)
 from .errors import user_errors
 from .run import atomic_save, make_grid
 
 logger = logging.getLogger(__name__)
 
-NEW_COLOUR = next(iter(NEW_COLOURS))
+CONCEPTS = (*NEW_COLOURS, *NEW_SHAPES)
 NUM_HELDOUT_PAIRS = 3
 
 
-def new_colour_pairs(seed: int = 7) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(training, held-out) (shape, position) pairs for the new colour."""
-    pairs = [(s, p) for s in SHAPES for p in POSITIONS]
+def concept_kind(concept: str) -> str:
+    """"colour" or "shape": which word of a caption the concept is."""
+    if concept in NEW_COLOURS:
+        return "colour"
+    if concept in NEW_SHAPES:
+        return "shape"
+    raise ValueError(f"unknown concept {concept!r}; valid: {CONCEPTS}")
+
+
+def concept_caption(concept: str, pair: tuple[str, str]) -> str:
+    """The caption of the concept with one of its pairs: (shape, position) for a colour, else (colour, position)."""
+    other, position = pair
+    if concept_kind(concept) == "colour":
+        return shapes_caption(concept, other, position)
+    return shapes_caption(other, concept, position)
+
+
+def concept_pairs(concept: str, seed: int = 7) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(training, held-out) pairs of the concept: (shape, position) for a colour, (colour, position) for a
+    shape."""
+    others = SHAPES if concept_kind(concept) == "colour" else tuple(COLOURS)
+    pairs = [(o, p) for o in others for p in POSITIONS]
     held = set(np.random.default_rng(seed).choice(len(pairs), NUM_HELDOUT_PAIRS, replace=False).tolist())
     return [x for i, x in enumerate(pairs) if i not in held], [x for i, x in enumerate(pairs) if i in held]
 
 
-def generate_new_colour(out_dir: str | Path, num_images: int = 32, seed: int = 0) -> Path:
-    """At most 32 images in the new colour, cycling over the training pairs with random sizes and jitter."""
+def generate_concept(out_dir: str | Path, concept: str, num_images: int = 32, seed: int = 0) -> Path:
+    """At most 32 images of the concept, cycling over its training pairs with random sizes and jitter."""
     if not 1 <= num_images <= 32:
         raise ValueError(f"num_images={num_images}: the demonstration uses between 1 and 32 images")
-    train_pairs, _ = new_colour_pairs()
+    train_pairs, _ = concept_pairs(concept)
     rng = np.random.default_rng(seed)
     records, images = [], []
     for i in range(num_images):
-        shape, position = train_pairs[i % len(train_pairs)]
+        pair = train_pairs[i % len(train_pairs)]
+        caption = concept_caption(concept, pair)
+        words = caption.split(" at the ")[0].split()
         size, jitter = float(rng.choice(SIZES)), tuple(rng.uniform(-0.04, 0.04, size=2))
-        images.append(draw_shape(NEW_COLOUR, shape, position, size, jitter))
-        records.append({"file_name": f"{i:05d}.png", "text": shapes_caption(NEW_COLOUR, shape, position)})
+        images.append(draw_shape(words[1], words[2], pair[1], size, jitter))
+        records.append({"file_name": f"{i:05d}.png", "text": caption})
     out_dir = Path(out_dir)
-    _write_folder(out_dir, records, images, {"name": NEW_COLOUR, "num_images": num_images, "seed": seed})
+    _write_folder(out_dir, records, images, {"name": concept, "num_images": num_images, "seed": seed})
     return out_dir
 
 
@@ -80,10 +104,11 @@ def evaluate_prompts(pipe, prompts: list[str], per_prompt: int, out_png: Path, w
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="runs/demo/pipeline", help="the shapes pipeline to adapt")
-    parser.add_argument("--out", default="runs/lora-orange")
+    parser.add_argument("--concept", default="orange", choices=CONCEPTS, help="the colour or shape to teach")
+    parser.add_argument("--out", default=None, help="default: runs/lora-<concept>")
     parser.add_argument("--num-images", type=int, default=32)
     parser.add_argument("--config", default="configs/ldm/lora-orange.yaml")
-    parser.add_argument("--per-prompt", type=int, default=16, help="images per held-out orange prompt")
+    parser.add_argument("--per-prompt", type=int, default=16, help="images per held-out prompt of the concept")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the LoRA config")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     args = parser.parse_args(argv)
@@ -99,10 +124,11 @@ def run(args) -> None:
     from .lora import LORA_FILE
     from .train import train
 
-    out = Path(args.out)
+    concept, kind = args.concept, concept_kind(args.concept)
+    out = Path(args.out or f"runs/lora-{concept}")
     if not (Path(args.base) / "model_index.json").is_file():
         raise FileNotFoundError(f"--base {args.base!r} is not a pipeline folder; run `make demo` first")
-    data = generate_new_colour(out / "data", args.num_images)
+    data = generate_concept(out / "data", concept, args.num_images)
     cfg = load_config(LDMConfig, args.config, [
         f"model.pretrained={args.base}", f"data.dataset={data}", f"output_dir={out.parent}", f"name={out.name}",
         f"dreambooth.class_data={out / 'prior_images'}", *args.overrides])
@@ -110,12 +136,13 @@ def run(args) -> None:
         cfg.dreambooth.class_prompts = prior_prompts()
     train(cfg)
 
-    _, held = new_colour_pairs()
-    new_prompts = [shapes_caption(NEW_COLOUR, s, p) for s, p in held]
+    _, held = concept_pairs(concept)
+    new_prompts = [concept_caption(concept, pair) for pair in held]
     base = LDMPipeline.from_pretrained(args.base)
     adapted = LDMPipeline.from_pretrained(args.base)
     adapted.load_lora_weights(str(cfg.run_dir / "lora"), weight_name=LORA_FILE)
-    result = {"base": args.base, "lora": str(cfg.run_dir / "lora" / LORA_FILE), "training_images": args.num_images,
+    result = {"base": args.base, "concept": concept, "lora": str(cfg.run_dir / "lora" / LORA_FILE),
+              "training_images": args.num_images,
               "heldout_new_prompts": new_prompts, "images_per_new_prompt": args.per_prompt,
               "original_prompts": shapes_eval_prompts(), "images_per_original_prompt": 6}
     for name, pipe in (("base", base), ("lora", adapted)):
@@ -124,8 +151,10 @@ def run(args) -> None:
         result[f"{name}_on_original_prompts"] = evaluate_prompts(pipe, shapes_eval_prompts(), 6,
                                                                  out / f"{name}_original_prompts.png", with_new=False)
     atomic_save(lambda p: Path(p).write_text(json.dumps(result, indent=2)), out / "metrics.json")
-    rows = [(f"{NEW_COLOUR} drawn (held-out {NEW_COLOUR} prompts)", "new", "colour_accuracy"),
-            (f"shape right (held-out {NEW_COLOUR} prompts)", "new", "shape_accuracy"),
+    other = "shape" if kind == "colour" else "colour"
+    rows = [(f"{concept} drawn (held-out {concept} prompts)", "new", f"{kind}_accuracy"),
+            (f"{other} right (held-out {concept} prompts)", "new", f"{other}_accuracy"),
+            (f"position right (held-out {concept} prompts)", "new", "position_accuracy"),
             ("colour right (original held-out prompts)", "original", "colour_accuracy"),
             ("shape right (original held-out prompts)", "original", "shape_accuracy")]
     print(f"{'':<44}{'base':>8}{'LoRA':>8}")

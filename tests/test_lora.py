@@ -198,29 +198,28 @@ def test_several_class_prompts_are_drawn_in_turn(tmp_path, base):
     assert count_class_images(tmp_path / "cls", prompts) == 5 and count_class_images(tmp_path / "cls", ["x"]) == 0
 
 
-def test_new_colour_data_and_scorer():
-    from ldm.builtin_data import read_shape, score_shapes
-    from ldm.lora_demo import NEW_COLOUR, generate_new_colour, new_colour_pairs, prior_prompts
-
-    train_pairs, held = new_colour_pairs()
-    assert len(held) == 3 and not set(held) & set(train_pairs)
-    assert all(p.startswith("a ") and NEW_COLOUR not in p for p in prior_prompts())
-    import tempfile
-    from pathlib import Path
-
+@pytest.mark.parametrize("concept, kind", [("orange", "colour"), ("teal", "colour"), ("star", "shape")])
+def test_new_concept_data_and_scorer(tmp_path, concept, kind):
     from PIL import Image
 
-    with tempfile.TemporaryDirectory() as d:
-        folder = generate_new_colour(Path(d) / "new", 32)
-        rows = [json.loads(x) for x in (folder / "metadata.jsonl").read_text().splitlines()]
-        assert len(rows) == 32 and all(r["text"].startswith(f"an {NEW_COLOUR} ") for r in rows)
-        images = [Image.open(folder / r["file_name"]) for r in rows]
-        scores = score_shapes(images, [r["text"] for r in rows], with_new=True)
-        assert scores["colour_accuracy"] == 1.0 and scores["shape_accuracy"] >= 0.9  # 0.94 measured
-        # Without the new colour in its palette the scorer calls it something else.
-        assert read_shape(images[0])["colour"] != NEW_COLOUR
+    from ldm.builtin_data import read_shape, score_shapes
+    from ldm.lora_demo import concept_pairs, generate_concept, prior_prompts
+
+    train_pairs, held = concept_pairs(concept)
+    assert len(held) == 3 and not set(held) & set(train_pairs)
+    assert all(p.startswith("a ") and concept not in p for p in prior_prompts())
+    folder = generate_concept(tmp_path / "new", concept, 32)
+    rows = [json.loads(x) for x in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 32 and all(f" {concept} " in r["text"] for r in rows)
+    images = [Image.open(folder / r["file_name"]) for r in rows]
+    scores = score_shapes(images, [r["text"] for r in rows], with_new=True)
+    assert scores[f"{kind}_accuracy"] == 1.0 and scores["all_accuracy"] >= 0.9  # 0.94 measured for orange
+    # Without the new colours and shapes the scorer calls the concept something else.
+    assert all(read_shape(im)[kind] != concept for im in images)
     with pytest.raises(ValueError, match="between 1 and 32"):
-        generate_new_colour("unused", 33)
+        generate_concept("unused", concept, 33)
+    with pytest.raises(ValueError, match="unknown concept"):
+        concept_pairs("mauve")
 
 
 def test_generate_cli_with_lora(tmp_path, base, capsys):
