@@ -26,6 +26,7 @@ MixedPrecision = typing.Literal["no", "bf16", "fp16"]
 FinetuneMethod = typing.Literal["full", "lora"]
 BaseDtype = typing.Literal["fp32", "bf16", "fp16"]
 TimestepSampling = typing.Literal["uniform", "logit_normal"]
+PretrainedSchedule = typing.Literal["keep", "config"]
 SamplerName = typing.Literal["ddpm", "ddim", "dpm++"]  # the keys of ldm.schedulers.SAMPLERS
 OnNonfinite = typing.Literal["stop", "skip_step"]
 
@@ -99,6 +100,10 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
+    # Fine-tuning (model.pretrained): "keep" trains with the model's own noise schedule and prediction type;
+    # "config" switches it to the settings below, e.g. to v-prediction at zero terminal SNR (README, "Prompts
+    # that set the layout"). From scratch the settings below are always used.
+    pretrained_schedule: PretrainedSchedule = "keep"
     num_train_timesteps: int = 1000
     beta_schedule: BetaSchedule = "linear"
     beta_start: float = 0.0001
@@ -495,7 +500,12 @@ def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -
     c.at_least("diffusion.offset_noise", 0)
     c.require(math.isfinite(dif.timestep_mean), "diffusion.timestep_mean", "needs a finite number")
     c.positive("diffusion.timestep_std")
-    own_schedule = not cfg.model.pretrained  # a pretrained model keeps its own schedule
+    # a pretrained model keeps its own schedule unless told to switch
+    own_schedule = not cfg.model.pretrained or dif.pretrained_schedule == "config"
+    c.require(not (cfg.model.pretrained and dif.pretrained_schedule == "config" and fc.method == "lora"
+                   and not fc.merged_export), "diffusion.pretrained_schedule",
+              "'config' with LoRA needs finetune.merged_export=true: a LoRA file carries no schedule, so loaded "
+              "on the base model it would be sampled with the base's")
     c.require(not (own_schedule and dif.rescale_betas_zero_snr and dif.prediction_type == "epsilon"),
               "diffusion.prediction_type", "a zero-terminal-SNR schedule (rescale_betas_zero_snr) needs v_prediction "
               "or sample: at t=T-1 x_t holds no x_0, so ε cannot give it back")

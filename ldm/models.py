@@ -27,6 +27,12 @@ class Components:
     unet: UNet2DConditionModel
     scheduler: DDPMScheduler  # the training schedule; saved with the pipeline
     train_text_encoder: bool
+    # The schedule the starting U-Net was trained with (DreamBooth's class images are drawn with it): the
+    # pretrained folder's, which differs from `scheduler` after diffusion.pretrained_schedule=config.
+    base_scheduler: DDPMScheduler | None = None
+
+    def __post_init__(self):
+        self.base_scheduler = self.base_scheduler or self.scheduler
 
 
 def build_components(cfg: LDMConfig, captions: list[str], accelerator=None, resume_from: Path | None = None
@@ -42,16 +48,24 @@ def build_components(cfg: LDMConfig, captions: list[str], accelerator=None, resu
         if not (root / "model_index.json").is_file():
             raise FileNotFoundError(f"model.pretrained={str(root)!r} is not a diffusers pipeline folder "
                                     f"(no model_index.json)")
-        scheduler = load_noise_scheduler(root / "scheduler")
-        logger.info("fine-tuning %s: noise schedule and prediction type (%s) come from its scheduler; "
-                    "diffusion.* schedule settings are ignored", root, scheduler.config.prediction_type)
+        base_scheduler = load_noise_scheduler(root / "scheduler")
+        if cfg.diffusion.pretrained_schedule == "config":
+            scheduler = make_noise_scheduler(cfg.diffusion)
+            logger.info("fine-tuning %s: switching its schedule and prediction type (%s, zero terminal SNR %s) to "
+                        "diffusion.* (%s, zero terminal SNR %s)", root, base_scheduler.config.prediction_type,
+                        base_scheduler.config.rescale_betas_zero_snr, cfg.diffusion.prediction_type,
+                        cfg.diffusion.rescale_betas_zero_snr)
+        else:
+            scheduler = base_scheduler
+            logger.info("fine-tuning %s: noise schedule and prediction type (%s) come from its scheduler; "
+                        "diffusion.* schedule settings are ignored", root, scheduler.config.prediction_type)
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True)
         vae = load_vae(str(root / "vae"))
         unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)
         train_text_encoder = bool(cfg.model.train_text_encoder)  # frozen unless asked
     else:
-        scheduler = make_noise_scheduler(cfg.diffusion)
+        scheduler = base_scheduler = make_noise_scheduler(cfg.diffusion)
         tc = cfg.model.text_encoder
         tokenizer = caption_tokenizer(cfg, captions, accelerator, resume_from)
         text_encoder = build_text_encoder(tokenizer, tc.hidden_size, tc.num_hidden_layers,
@@ -63,7 +77,7 @@ def build_components(cfg: LDMConfig, captions: list[str], accelerator=None, resu
     if unet.config.out_channels != expected_out:
         raise ValueError(f"the U-Net has {unet.config.out_channels} output channels but diffusion.learned_variance="
                          f"{cfg.diffusion.learned_variance} needs {expected_out}")
-    return Components(tokenizer, text_encoder, vae, unet, scheduler, train_text_encoder)
+    return Components(tokenizer, text_encoder, vae, unet, scheduler, train_text_encoder, base_scheduler)
 
 
 def caption_tokenizer(cfg: LDMConfig, captions: list[str], accelerator=None, resume_from: Path | None = None):
@@ -110,9 +124,11 @@ def build_unet(cfg: LDMConfig, vae, cross_attention_dim: int) -> UNet2DCondition
     )
 
 
-def make_pipeline(comp: Components, unet, text_encoder, sampler: str = "ddpm"):
-    """An LDMPipeline over the run's VAE and tokenizer with the given U-Net and text encoder."""
+def make_pipeline(comp: Components, unet, text_encoder, sampler: str = "ddpm", base: bool = False):
+    """An LDMPipeline over the run's VAE and tokenizer with the given U-Net and text encoder, sampling on the
+    training schedule (``base``: on the starting model's)."""
     from pipelines import LDMPipeline
 
+    schedule = comp.base_scheduler if base else comp.scheduler
     return LDMPipeline(vae=comp.vae, text_encoder=text_encoder, tokenizer=comp.tokenizer, unet=unet,
-                       scheduler=sampling_scheduler(comp.scheduler, sampler))
+                       scheduler=sampling_scheduler(schedule, sampler))

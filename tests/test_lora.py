@@ -185,6 +185,34 @@ def test_dreambooth_class_images_once_and_prior_loss_on_the_class_half(tmp_path,
     assert all((tmp_path / "cls" / n).stat().st_mtime_ns == t for n, t in mtimes.items())
 
 
+def test_switching_a_pretrained_models_schedule_to_v_prediction_at_zero_snr(tmp_path, base, monkeypatch):
+    import ldm.dreambooth as dreambooth
+
+    switch = ["diffusion.pretrained_schedule=config", "diffusion.prediction_type=v_prediction",
+              "diffusion.rescale_betas_zero_snr=true", "diffusion.num_train_timesteps=200"]
+    with pytest.raises(ValueError, match="merged_export"):  # a LoRA file alone would be sampled on the old schedule
+        train(_cfg(tmp_path, base, *switch))
+    drawn_with = []
+    real = dreambooth.ensure_class_images
+
+    def recording(factory, *args, **kwargs):
+        drawn_with.append(factory().scheduler.config)
+        return real(factory, *args, **kwargs)
+
+    monkeypatch.setattr(dreambooth, "ensure_class_images", recording)
+    cfg = _cfg(tmp_path, base, *switch, "finetune.method=full", f"dreambooth.instance_data={_instances(tmp_path / 'i')}",
+               "dreambooth.instance_prompt=a photo of sks blob", "dreambooth.class_prompt=a red circle at the top left",
+               "dreambooth.num_class_images=2", "dreambooth.class_inference_steps=2", "train.batch_size=2")
+    train(cfg)
+    base_schedule = json.loads((base["sd"] / "scheduler" / "scheduler_config.json").read_text())
+    assert base_schedule["num_train_timesteps"] == 100 and not base_schedule.get("rescale_betas_zero_snr")
+    # The class images are the starting model's own drawings: its schedule; the exported model has the new one.
+    assert drawn_with[0].num_train_timesteps == 100 and not drawn_with[0].rescale_betas_zero_snr
+    exported = json.loads((cfg.run_dir / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert exported["num_train_timesteps"] == 200 and exported["rescale_betas_zero_snr"] is True
+    assert exported["prediction_type"] == "v_prediction" and exported["timestep_spacing"] == "trailing"
+
+
 def test_several_class_prompts_are_drawn_in_turn(tmp_path, base):
     from accelerate import Accelerator
 
