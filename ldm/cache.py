@@ -20,6 +20,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
 
 from .run import replace_dir
 
@@ -114,16 +115,19 @@ def build_or_open(cache_dir: str | Path, key: str, accelerator, what: str, shape
     this together.
     """
     folder = Path(cache_dir) / key
-    building = folder.parent / f".{key}.building"
     exists = (folder / "meta.json").is_file()
     accelerator.wait_for_everyone()  # every process has looked before anyone starts writing
     if exists:
         if accelerator.is_main_process:
             logger.info("reusing %s %s", what, folder)
     else:
+        # A folder of this run's own (named after its main process), so that another run building the same
+        # cache at the same time (two trainings started together on one dataset) writes elsewhere.
+        owner = broadcast_object_list([f"{socket.gethostname()}-{os.getpid()}"])[0]
+        building = folder.parent / f".{key}.{owner}.building"
         if accelerator.is_main_process:
             remove_abandoned_builds(Path(cache_dir))
-            shutil.rmtree(building, ignore_errors=True)  # left by a build that was killed
+            shutil.rmtree(building, ignore_errors=True)
             building.mkdir(parents=True)
             (building / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
             ArrayWriter(building, shapes).close()
@@ -138,8 +142,12 @@ def build_or_open(cache_dir: str | Path, key: str, accelerator, what: str, shape
             meta = finish(building)
             (building / OWNER).unlink()
             (building / "meta.json").write_text(json.dumps(meta, indent=1))
-            replace_dir(building, folder)
-            logger.info("built %s %s", what, folder)
+            if (folder / "meta.json").is_file():  # another run finished the same cache first: keep its copy
+                shutil.rmtree(building, ignore_errors=True)
+                logger.info("%s %s was built meanwhile by another run; using it", what, folder)
+            else:
+                replace_dir(building, folder)
+                logger.info("built %s %s", what, folder)
     accelerator.wait_for_everyone()
     return open_arrays(folder), json.loads((folder / "meta.json").read_text())
 

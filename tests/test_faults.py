@@ -320,6 +320,36 @@ def test_an_abandoned_cache_build_is_removed(tmp_path):
     assert not (tmp_path / ".abandoned.building").exists() and (tmp_path / ".live.building").exists()
 
 
+def test_two_runs_building_the_same_cache_at_once_both_get_it(tmp_path, monkeypatch):
+    """Two trainings started together on one dataset build the same cache at the same time (the second here
+    starts and finishes while the first is filling its arrays); neither may write into the other's folder."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ldm.cache import build_or_open
+
+    acc = SimpleNamespace(is_main_process=True, process_index=0, num_processes=1, wait_for_everyone=lambda: None)
+    shapes = {"x": (4, 3)}
+
+    def finish(folder):
+        return {"rows": 4}
+
+    def fill_second(arrays, rank, world):
+        arrays["x"][:] = 2.0
+
+    def fill_first(arrays, rank, world):
+        arrays["x"][:2] = 1.0
+        monkeypatch.setattr("ldm.cache.os.getpid", lambda: 1)  # the other run's main process
+        inner, _ = build_or_open(tmp_path, "k", acc, "test cache", shapes, fill_second, finish)
+        assert (np.asarray(inner["x"]) == 2.0).all()
+        arrays["x"][2:] = 1.0
+
+    arrays, meta = build_or_open(tmp_path, "k", acc, "test cache", shapes, fill_first, finish)
+    assert meta == {"rows": 4} and (np.asarray(arrays["x"]) == 2.0).all()  # the copy finished first is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]  # no build folder left behind
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP on two gloo CPU processes")
 def test_an_fsdp_launch_is_refused_with_a_reason(tmp_path, tiny_vae_dir, data_dir):
     """On CPUs Accelerate quietly turns an FSDP launch into DDP; the trainer refuses it rather than train with
