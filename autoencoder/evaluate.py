@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.errors import user_errors
-from ldm.metrics import FixedFeatures, feature_stats, frechet_distance
+from ldm.metrics import FixedFeatures, feature_stats, frechet_distance, to_tensor
 from ldm.run import atomic_save, make_grid
 from ldm.vae import load_vae
 
@@ -101,8 +101,7 @@ def suite_images(num_images: int = 128, resolution: int = 32, data_root: str = "
         sets[name] = torch.stack([ds[i]["pixel_values"] for i in range(min(num_images, len(ds)))])
     drawn = generalisation_sets(num_images, HELDOUT_SEED if seed is None else seed, resolution)
     for name, images in drawn.items():
-        arr = np.stack([np.asarray(im.convert("RGB"), np.float32) for im in images]) / 127.5 - 1
-        sets[name] = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+        sets[name] = to_tensor(images) * 2 - 1
     return sets
 
 
@@ -111,7 +110,7 @@ def evaluate_suite(vae_spec: str, out: str | None = None, resolution: int = 32, 
     """PSNR, SSIM and Fréchet distance of ``vae_spec`` on every set of `suite_images`, each with its floor."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vae = load_vae(vae_spec).to(device).eval()
-    sets, rows, originals, recons = {}, [], [], []
+    sets, originals, recons = {}, [], []
     for name, x in suite_images(num_images, resolution, data_root, seed).items():
         o, r, _ = reconstruct(vae, torch.utils.data.DataLoader(x, batch_size=64, collate_fn=_as_batch), device)
         m = reconstruction_metrics(o, r)

@@ -28,7 +28,8 @@ LDM_RUNS = {
 AUTOENCODER = ["--config", str(ROOT / "configs/autoencoder/builtin.yaml"), "export_dir=null", "train.max_steps=12",
                "train.batch_size=8", "train.disc_weight=0.5", "train.disc_start=6", "train.ema_decay=0.9",
                "train.scale_num_images=64", "train.log_every=4", "train.tensorboard=false",
-               "model.block_out_channels=[16,32,32]", "model.norm_num_groups=8"]
+               "model.block_out_channels=[16,32,32]", "model.norm_num_groups=8", "model.latent_channels=4",
+               "data.datasets=[shapes,digits]", "train.checkpoint_every=0"]
 
 
 def sha(path: Path) -> str:

@@ -45,3 +45,23 @@ def test_evaluate_writes_json_and_png(tmp_path):
     saved = json.loads((tmp_path / "out" / "vae_eval.json").read_text())
     assert saved["psnr_db"] == result["psnr_db"]
     assert (tmp_path / "out" / "reconstructions.png").stat().st_size > 0
+
+
+def test_suite_reports_every_set_against_its_floor(tmp_path, capsys, monkeypatch):
+    from autoencoder.evaluate import SUITE_FLOORS, main
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=4,
+                        layers_per_block=1, norm_num_groups=8, sample_size=32)
+    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    monkeypatch.chdir(tmp_path)  # the built-in held-out splits are generated under ./data
+    main(["--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "out"), "--num-images", "8"])
+    saved = json.loads((tmp_path / "out" / "vae_eval.json").read_text())
+    assert list(saved["sets"]) == list(SUITE_FLOORS)
+    # An untrained VAE reconstructs nothing: every set is below its floor, and the table says so.
+    assert not saved["all_meet_floors"] and all(not s["meets_floor"] for s in saved["sets"].values())
+    assert all(s["num_images"] == 8 and s["floor_psnr_db"] == SUITE_FLOORS[k] for k, s in saved["sets"].items())
+    out = capsys.readouterr().out
+    assert out.count("below floor") == len(SUITE_FLOORS) and "photo crops" in out
+    assert (tmp_path / "out" / "reconstructions.png").stat().st_size > 0
