@@ -166,6 +166,30 @@ def test_min_snr_weighting_is_min_snr_gamma_times_x0_error(prediction_type):
     torch.testing.assert_close(weighted.double(), expect, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("prediction_type, weight", [("epsilon", lambda snr: snr), ("v_prediction", lambda snr: snr + 1),
+                                                     ("sample", lambda snr: torch.ones_like(snr))])
+def test_plain_loss_weights_the_image_error_by_the_objectives_closed_form(prediction_type, weight):
+    """||out - target||² = w(t) ||x̂0 - x0||² with w = SNR (ε), SNR + 1 (v), 1 (x0). On Stable Diffusion's
+    schedule ε's weight at the noisiest step is below 0.005: the steps that decide where things go barely
+    train the image an ε model predicts there, which is why the shapes presets use v-prediction."""
+    _, diff = _pair(T=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                    prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
+    x0_hat = x0 + 0.3 * torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 300, 800, 999])
+
+    def model(xt, tt):
+        eps_hat = diff.predict_eps_from_x0(xt, tt, x0_hat)
+        return {"epsilon": eps_hat, "v_prediction": diff.get_velocity(x0_hat, eps_hat, tt), "sample": x0_hat}[prediction_type]
+
+    mse = diff.training_losses(model, x0, t, noise)["mse"].double()
+    snr = diff.snr[t].double()
+    torch.testing.assert_close(mse, weight(snr) * (x0_hat - x0).square().flatten(1).mean(1), rtol=1e-4, atol=1e-10)
+    last = float(weight(snr)[-1])
+    assert (last < 0.005) if prediction_type == "epsilon" else (last >= 1)
+
+
 def test_min_snr_weight_at_zero_terminal_snr_is_one():
     _, diff = _pair(T=100, beta_schedule="linear", rescale_betas_zero_snr=True, prediction_type="v_prediction")
     w = diff.snr_weights(torch.tensor([98, 99]), 5.0)
