@@ -30,7 +30,8 @@ install: $(STAMP)
 # held-out prompts into runs/demo/samples.png and runs/demo/metrics.json.
 demo: $(STAMP)
 	$(LAUNCH) train_ldm.py --config configs/ldm/shapes.yaml name=demo
-	$(BIN)/python -m ldm.evaluate --pipeline runs/demo/pipeline --dataset shapes --num-images 96 --out runs/demo
+	$(BIN)/python -m ldm.evaluate --pipeline runs/demo/pipeline --dataset shapes --num-images 96 \
+		--guidance-scale 1.5 --out runs/demo
 
 # Teach the demo's model a colour it never saw (orange) with LoRA from 32 images, then score base vs LoRA
 # into runs/lora-orange/metrics.json. Runs `make demo` first when its pipeline is missing.

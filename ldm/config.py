@@ -27,6 +27,7 @@ FinetuneMethod = typing.Literal["full", "lora"]
 BaseDtype = typing.Literal["fp32", "bf16", "fp16"]
 TimestepSampling = typing.Literal["uniform", "logit_normal"]
 PretrainedSchedule = typing.Literal["keep", "config"]
+LatentPosterior = typing.Literal["sample", "mean"]
 SamplerName = typing.Literal["ddpm", "ddim", "dpm++"]  # the keys of ldm.schedulers.SAMPLERS
 OnNonfinite = typing.Literal["stop", "skip_step"]
 
@@ -118,6 +119,10 @@ class DiffusionConfig:
     timestep_sampling: TimestepSampling = "uniform"
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
+    # The latent each step trains on: a fresh posterior sample z ~ q(z|x) (as Stable Diffusion's training does),
+    # or the posterior mean. Use "mean" when the VAE's posterior std is large against its latents' spread
+    # (README, "Training on the posterior mean"): the model then need not draw the encoder's noise.
+    latent_posterior: LatentPosterior = "sample"
 
 
 @dataclass

@@ -72,7 +72,7 @@ def distribution_scores(dataset: str, images: list, prompts: list[str]) -> dict:
 
 def evaluate(pipeline: str, dataset: str, num_images: int = 96, out: str | None = None,
              num_inference_steps: int = 50, guidance_scale: float = 3.0, scheduler: str = "ddpm",
-             seed_offset: int = 100_000, batch_size: int = 48) -> dict:
+             seed_offset: int = 100_000, batch_size: int = 48, guidance_rescale: float = 0.0) -> dict:
     from pipelines import LDMPipeline
 
     if dataset not in SCORED_DATASETS:
@@ -87,12 +87,13 @@ def evaluate(pipeline: str, dataset: str, num_images: int = 96, out: str | None 
     per_prompt = -(-num_images // len(base))  # ceil: every prompt gets the same number of images
     t0 = time.time()
     prompts, images = generate_for_prompts(pipe, base, per_prompt, seed_offset, batch_size,
-                                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+                                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                           guidance_rescale=guidance_rescale)
     result = {"dataset": dataset, "pipeline": str(pipeline), **score(dataset, images, prompts),
               **distribution_scores(dataset, images, prompts),
               "prompts": base, "images_per_prompt": per_prompt, "seeds": [seed_offset, seed_offset + len(prompts) - 1],
               "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-              "scheduler": scheduler, "sampling_time_s": round(time.time() - t0, 1)}
+              "guidance_rescale": guidance_rescale, "scheduler": scheduler, "sampling_time_s": round(time.time() - t0, 1)}
     if out:
         out_dir = Path(out)
         grid = make_grid(images, ncols=per_prompt)
@@ -117,6 +118,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="folder for samples.png and metrics.json")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--guidance-rescale", type=float, default=0.0,
+                        help="rescale guided outputs towards the conditional one's std (0 off; 0.7 in Lin et al.)")
     parser.add_argument("--scheduler", default="ddpm", choices=list(SAMPLERS))
     parser.add_argument("--seed-offset", type=int, default=100_000)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
@@ -124,7 +127,7 @@ def main(argv=None) -> None:
     with user_errors(args.debug):
         logging.basicConfig(level=logging.INFO)
         result = evaluate(args.pipeline, args.dataset, args.num_images, args.out, args.steps, args.guidance_scale,
-                          args.scheduler, args.seed_offset)
+                          args.scheduler, args.seed_offset, guidance_rescale=args.guidance_rescale)
         keys = [k for k in result if k.endswith("_accuracy")] + [
             "frechet_distance", "frechet_distance_floor", "diversity", "diversity_real", "num_images",
             "sampling_time_s"]

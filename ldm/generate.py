@@ -53,6 +53,8 @@ def main(argv=None) -> None:
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--guidance-rescale", type=float, default=0.0,
+                        help="rescale guided outputs towards the conditional one's std (0 off; 0.7 in Lin et al.)")
     parser.add_argument("--scheduler", default="ddpm", choices=list(SAMPLERS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="samples.png")
@@ -67,7 +69,8 @@ def main(argv=None) -> None:
         for prompt in args.prompts:
             gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
             images += pipe([prompt] * args.num_images, generator=gens, num_inference_steps=args.steps,
-                           guidance_scale=args.guidance_scale, **kwargs).images
+                           guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
+                           **kwargs).images
         out = Path(args.out)
         grid = make_grid(images, ncols=args.num_images)
         atomic_save(lambda p: grid.save(p, format="PNG"), out)

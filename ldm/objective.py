@@ -54,8 +54,8 @@ class TextContext:
 class LatentDiffusionObjective:
     """Denoising on VAE latents (Rombach et al. 2022) under text context.
 
-    Per image: a fresh posterior sample z ~ q(z|x) from the cached (mean, std), shifted and scaled to unit
-    variance; a timestep (uniform or logit-normal); noise, with offset noise when asked; caption dropout. The
+    Per image: a fresh posterior sample z ~ q(z|x) from the cached (mean, std) (or its mean, with
+    ``latent_posterior="mean"``), shifted and scaled; a timestep (uniform or logit-normal); noise, with offset noise when asked; caption dropout. The
     terms are Gaussian diffusion's (``mse``, and ``vb`` for a learned variance, min-SNR weighted when asked);
     with a second part (DreamBooth's class images) its mean loss is the prior-preservation term (Ruiz et al.
     2023, eq. 2) added at ``prior_loss_weight``.
@@ -89,8 +89,11 @@ class LatentDiffusionObjective:
             mean, std = encode(self.vae, batch["pixels"])
         else:
             mean, std = batch["mean"], batch["std"]
-        # z0 ~ q(z | x): a fresh draw from the posterior each step, scaled to unit variance.
-        z0 = scaled_sample(mean.to(device), std.to(device), draws["posterior"][sl].to(device), self.scale, self.shift)
+        # z0 ~ q(z | x): a fresh draw from the posterior each step (or its mean), scaled to unit variance.
+        eps = draws["posterior"][sl].to(device)
+        if self.d.latent_posterior == "mean":
+            eps = torch.zeros_like(eps)
+        z0 = scaled_sample(mean.to(device), std.to(device), eps, self.scale, self.shift)
         context = self.text(batch["captions"], draws["drop"][sl], device)  # (b, L, D)
         return z0, draws["t"][sl].to(device), draws["noise"][sl].to(device), context
 

@@ -176,10 +176,12 @@ def posterior_cache(cfg: LDMConfig, engine, comp: Components, split: Split, flip
 
 
 def validation_posteriors(cfg: LDMConfig, engine, comp: Components, split: Split) -> tuple:
-    """(mean, std) (V, C, h, w) of the validation images, from their cache."""
+    """(mean, std) (V, C, h, w) of the validation images, from their cache; std is zero when training uses
+    the posterior mean, so the validation loss and the latent scale check see what training sees."""
     every = list(range(len(split)))
-    return cached_posterior(posterior_cache(cfg, engine, comp, split, flips=False), every,
-                            torch.zeros(len(split), dtype=torch.bool))
+    mean, std = cached_posterior(posterior_cache(cfg, engine, comp, split, flips=False), every,
+                                 torch.zeros(len(split), dtype=torch.bool))
+    return mean, (torch.zeros_like(std) if cfg.diffusion.latent_posterior == "mean" else std)
 
 
 def pixel_items(cfg: LDMConfig, split: Split, random_crop: bool) -> PixelItems:

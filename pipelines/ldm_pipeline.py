@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL, DDPMParallelScheduler, DDPMScheduler, Diffu
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
@@ -205,6 +206,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         output_type="pil",
         return_dict=True,
         cross_attention_kwargs=None,
+        guidance_rescale=0.0,
     ):
         size = self.unet.config.sample_size
         default_h, default_w = (size, size) if _is_int(size) else tuple(size)
@@ -214,6 +216,9 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
             num_images_per_prompt, output_type, generator,
         )
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) or \
+                not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be a number in [0, 1] (0 turns it off), got {guidance_rescale!r}")
         scheduler, pass_variance = self._sampling_scheduler()
         device, dtype = self._execution_device, self.unet.dtype
         do_cfg = guidance_scale > 1.0
@@ -241,6 +246,11 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 mean_uncond, mean_text = mean.chunk(2)
                 mean = mean_uncond + guidance_scale * (mean_text - mean_uncond)
                 var = var.chunk(2)[1]  # guidance applies to the mean only; keep the conditional variance
+                if guidance_rescale > 0:
+                    # Lin et al. 2024, sec. 3.4, as StableDiffusionPipeline applies it: bring the guided output's
+                    # std back towards the conditional one's, against the over-exposure of strong guidance
+                    # (worst at zero terminal SNR).
+                    mean = rescale_noise_cfg(mean, mean_text, guidance_rescale=guidance_rescale)
             model_out = torch.cat([mean, var], dim=1) if pass_variance else mean
             latents = scheduler.step(model_out, t, latents, **step_kwargs, return_dict=False)[0]
 

@@ -48,6 +48,30 @@ def test_offset_noise_shifts_each_channel_by_a_constant():
     assert 0.07 < float(plain["drop"].float().mean()) < 0.13  # caption dropout at 0.1
 
 
+class _ScaledVAEConfig(_VAEConfig):
+    scaling_factor, shift_factor = 0.5, 0.25
+
+
+class _ScaledVAE:
+    config = _ScaledVAEConfig()
+
+
+@pytest.mark.parametrize("posterior", ["sample", "mean"])
+def test_latent_posterior_picks_a_fresh_sample_or_the_mean(posterior):
+    diffusion = GaussianDiffusion(make_betas("linear", 100))
+    objective = LatentDiffusionObjective(diffusion, DiffusionConfig(latent_posterior=posterior), 0.0,
+                                         lambda captions, drop, device: torch.zeros(len(captions), 1, 1), _ScaledVAE())
+    n = 6
+    plan = Plan(list(range(n)), (32, 32), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool),
+                torch.zeros(n, dtype=torch.long), draws_seed=7)
+    draws = objective.draw(plan)
+    g = torch.Generator().manual_seed(1)
+    mean, std = torch.randn(n, 4, 8, 8, generator=g), torch.rand(n, 4, 8, 8, generator=g) + 0.1
+    z0, *_ = objective.inputs({"mean": mean, "std": std, "captions": ["a"] * n}, draws, slice(0, n), "cpu")
+    expected = mean + std * draws["posterior"] if posterior == "sample" else mean
+    torch.testing.assert_close(z0, (expected - 0.25) * 0.5)
+
+
 def test_logit_normal_timesteps_follow_their_density():
     g = torch.Generator().manual_seed(0)
     T, n, mean, std = 1000, 200_000, 0.5, 1.0

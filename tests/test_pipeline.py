@@ -232,6 +232,24 @@ def test_stable_diffusion_pipeline_loads_and_matches(pipe, saved_folder):
     np.testing.assert_allclose(sample(pipe, **kwargs), sd_images, atol=1e-5)
 
 
+def test_v_prediction_at_zero_snr_with_guidance_rescale_matches_stable_diffusion(tokenizer_dir, tmp_path):
+    """The built-in presets' sampling (v-prediction, zero terminal SNR, trailing spacing) and the guidance
+    rescale of Lin et al. draw the same image in StableDiffusionPipeline as in ours."""
+    scheduler = DDPMScheduler(num_train_timesteps=100, steps_offset=1, clip_sample=False, beta_schedule="scaled_linear",
+                              prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    ours = make_pipe(tokenizer_dir, scheduler=scheduler)
+    ours.save_pretrained(tmp_path)
+    sd = StableDiffusionPipeline.from_pretrained(tmp_path)
+    sd.set_progress_bar_config(disable=True)
+    assert sd.scheduler.config.prediction_type == "v_prediction" and sd.scheduler.config.rescale_betas_zero_snr
+    for rescale in (0.0, 0.7):
+        kwargs = dict(num_inference_steps=4, guidance_scale=4.0, guidance_rescale=rescale, output_type="np")
+        sd_images = sd(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+        np.testing.assert_allclose(sample(ours, **kwargs), sd_images, atol=1e-5)
+    plain, rescaled = (sample(ours, num_inference_steps=4, guidance_scale=4.0, guidance_rescale=r) for r in (0.0, 0.7))
+    assert np.abs(plain - rescaled).max() > 1e-3  # the rescale does something
+
+
 def test_loads_stable_diffusion_1x_folder(tokenizer_dir, tmp_path):
     sd = StableDiffusionPipeline(
         **get_dummy_components(tokenizer_dir), safety_checker=None, feature_extractor=None,
@@ -324,6 +342,8 @@ def test_scheduler_swap(pipe, scheduler_cls):
         ({"num_inference_steps": 101}, "got 101"),
         ({"guidance_scale": 0.5}, "guidance_scale must be a finite number >= 1.0"),
         ({"guidance_scale": "7"}, "guidance_scale"),
+        ({"guidance_rescale": 1.5}, r"guidance_rescale must be a number in \[0, 1\].*got 1.5"),
+        ({"guidance_rescale": -0.1}, "guidance_rescale must be"),
         ({"num_images_per_prompt": 0}, "num_images_per_prompt must be a positive int, got 0"),
         ({"output_type": "jpeg"}, "output_type must be one of"),
         ({"generator": [torch.Generator()] * 3, "num_images_per_prompt": 2}, "one torch.Generator per image"),

@@ -11,7 +11,8 @@ from ldm.train import train
 def test_shapes_preset_meets_demo_targets(tmp_path):
     cfg = load_config(LDMConfig, "configs/ldm/shapes.yaml", [f"output_dir={tmp_path}", "name=slow-demo"])
     train(cfg)
-    result = evaluate(str(cfg.run_dir / "pipeline"), "shapes", num_images=96, out=str(cfg.run_dir))
+    result = evaluate(str(cfg.run_dir / "pipeline"), "shapes", num_images=96, out=str(cfg.run_dir),
+                      guidance_scale=cfg.sample.guidance_scale)  # as `make demo` scores it
     assert result["num_images"] == 96
     assert result["colour_accuracy"] >= 0.98, result
     assert result["shape_accuracy"] >= 0.95, result
