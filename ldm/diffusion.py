@@ -75,9 +75,29 @@ def gaussian_nll(x, mean, logvar) -> torch.Tensor:
     return 0.5 * (math.log(2 * math.pi) + logvar + (x - mean) ** 2 * torch.exp(-logvar))
 
 
+def discretized_gaussian_nll(x, mean, logvar, bins: int = 256) -> torch.Tensor:
+    """-log P(x) elementwise, in nats, for pixels x in [-1, 1] quantised to ``bins`` levels under
+    N(mean, e^logvar): the Gaussian's mass over x's bin, the edge bins open-ended (Ho et al. 2020, §3.3), so
+    the bound is a bound on the likelihood of the 8-bit image and comparable with published bits/dim.
+    A bin's mass is floored at 1e-12 (as improved-diffusion does), so every branch stays finite and so do
+    the gradients through ``torch.where``."""
+    half = 1.0 / (bins - 1)  # half a bin in [-1, 1] units
+    inv_std = torch.exp(-0.5 * logvar)
+    upper, lower = (x - mean + half) * inv_std, (x - mean - half) * inv_std
+    ndtr = torch.special.ndtr
+    # Mass of the bin from whichever tail it is nearer, so that two CDFs near 1 do not cancel.
+    delta = torch.where(x > mean, ndtr(-lower) - ndtr(-upper), ndtr(upper) - ndtr(lower))
+    mass = torch.where(x < -1 + half, ndtr(upper), torch.where(x > 1 - half, ndtr(-lower), delta))
+    log_p = torch.log(mass.clamp(min=1e-12))
+    return -log_p
+
+
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over all but the batch dimension: (B, ...) -> (B,)."""
     return x.flatten(1).mean(1)
+
+
+LOSS_TYPES = ("simple", "vlb")
 
 
 class PredictionType(str, Enum):
@@ -99,7 +119,12 @@ class VarianceType(str, Enum):
 class GaussianDiffusion:
     """Schedule constants and the math of forward/reverse processes; holds no network."""
 
-    def __init__(self, betas: torch.Tensor, prediction_type: str = "epsilon", variance_type: str = "fixed_small"):
+    def __init__(self, betas: torch.Tensor, prediction_type: str = "epsilon", variance_type: str = "fixed_small",
+                 clip_x0: bool = False, discrete_decoder: bool = False):
+        """``clip_x0``: clamp x̂_0 to [-1, 1] in the reverse process (pixels; the scheduler's ``clip_sample``).
+        ``discrete_decoder``: the t = 0 term of the bound is the discretized Gaussian of 8-bit pixels, not a
+        continuous density (latents)."""
+        self.clip_x0, self.discrete_decoder = clip_x0, discrete_decoder
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("betas must be a 1-D tensor with values in (0, 1]")
@@ -155,7 +180,8 @@ class GaussianDiffusion:
         variance_type = c.get("variance_type") or "fixed_small"
         if variance_type == "learned":
             raise ValueError("variance_type 'learned' (direct log-variance) is not supported; use 'learned_range'")
-        return cls(betas, c.get("prediction_type", "epsilon"), variance_type)
+        return cls(betas, c.get("prediction_type", "epsilon"), variance_type, clip_x0=bool(c.get("clip_sample", False)),
+                   discrete_decoder=bool(c.get("discrete_decoder", False)))
 
     @property
     def learned_variance(self) -> bool:
@@ -259,6 +285,8 @@ class GaussianDiffusion:
         """
         mean_out, var_values = self.split_output(model_output, xt)
         x0_hat = self.predict_x0(xt, t, mean_out)
+        if self.clip_x0:
+            x0_hat = x0_hat.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(x0_hat, xt, t)
         return {"mean": mean, "log_variance": self.model_log_variance(t, xt, var_values), "pred_x0": x0_hat}
 
@@ -274,12 +302,14 @@ class GaussianDiffusion:
         """L_{t} of the variational bound, per sample, in bits per dimension.
 
         t > 0: KL(q(x_{t-1} | x_t, x_0) || p_θ(x_{t-1} | x_t))            (DDPM eq. 5, L_{t-1})
-        t = 0: -log p_θ(x_0 | x_1) as a continuous Gaussian density (latents are not 8-bit pixels).
+        t = 0: -log p_θ(x_0 | x_1): a continuous Gaussian density for latents, the discretized Gaussian of
+        8-bit pixels with ``discrete_decoder``.
         """
         true_mean, _, true_logvar = self.q_posterior_mean_variance(x0, xt, t)
         out = self.p_mean_variance(model_output, xt, t)
         kl = mean_flat(normal_kl(true_mean, true_logvar, out["mean"], out["log_variance"])) / math.log(2.0)
-        nll = mean_flat(gaussian_nll(x0, out["mean"], out["log_variance"])) / math.log(2.0)
+        decoder = discretized_gaussian_nll if self.discrete_decoder else gaussian_nll
+        nll = mean_flat(decoder(x0, out["mean"], out["log_variance"])) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
     def snr_weights(self, t, snr_gamma: float) -> torch.Tensor:
@@ -307,13 +337,19 @@ class GaussianDiffusion:
         return torch.where(snr == 0, torch.ones_like(w), w).float()
 
     def training_losses(self, model: Callable, x0, t, noise=None, model_kwargs: dict | None = None,
-                        snr_gamma: float | None = None, vlb_weight: float = 0.001) -> dict:
+                        snr_gamma: float | None = None, vlb_weight: float = 0.001, loss_type: str = "simple") -> dict:
         """Loss terms for one batch: ``mse`` (L_simple), ``vb`` (when the variance is learned) and ``loss``.
 
-        With learned variance the hybrid loss is L_simple + λ L_vlb (Improved DDPM §3.1), where
-        L_vlb = T · L_t is the single-timestep estimate of the full bound and the mean is detached
-        inside it so that L_vlb only trains Σ_θ.
+        ``loss_type="simple"``: L_simple, and with learned variance the hybrid loss L_simple + λ L_vlb
+        (Improved DDPM §3.1), where L_vlb = T · L_t is the single-timestep estimate of the full bound and the
+        mean is detached inside it so that L_vlb only trains Σ_θ. ``loss_type="vlb"``: the bound alone trains
+        mean and variance (Sohl-Dickstein et al. 2015; Improved DDPM's L_vlb).
         """
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}")
+        if loss_type == "vlb" and not self.learned_variance:
+            raise ValueError("loss_type 'vlb' trains the variance too: it needs a learned variance "
+                             "(diffusion.learned_variance=true)")
         noise = torch.randn_like(x0) if noise is None else noise
         xt = self.q_sample(x0, t, noise)
         model_output = model(xt, t, **(model_kwargs or {}))
@@ -322,7 +358,10 @@ class GaussianDiffusion:
         if snr_gamma is not None:
             mse = mse * self.snr_weights(t, snr_gamma)
         terms = {"mse": mse}
-        if self.learned_variance:
+        if loss_type == "vlb":
+            terms["vb"] = self.vb_terms_bpd(model_output.float(), x0.float(), xt.float(), t) * self.num_timesteps
+            terms["loss"] = terms["vb"]
+        elif self.learned_variance:
             frozen = torch.cat([mean_out.detach(), var_values], dim=1).float()
             terms["vb"] = self.vb_terms_bpd(frozen, x0.float(), xt.float(), t) * self.num_timesteps
             terms["loss"] = mse + vlb_weight * terms["vb"]
@@ -339,18 +378,38 @@ class GaussianDiffusion:
         return mean_flat(normal_kl(mean, logvar, torch.zeros_like(mean), torch.zeros_like(logvar))) / math.log(2.0)
 
     @torch.no_grad()
-    def nll_bpd(self, model: Callable, x0, model_kwargs: dict | None = None, generator=None) -> dict:
-        """Negative log-likelihood bound of x0 in bits per latent dimension: Σ_t L_t + L_T.
+    def nll_bpd(self, model: Callable, x0, model_kwargs: dict | None = None, generator=None, stride: int = 1) -> dict:
+        """Negative log-likelihood bound of x0 in bits per dimension: Σ_t L_t + L_T.
 
-        Runs the network once per timestep; returns per-sample ``total_bpd``, ``prior_bpd`` and
-        the (B, T) matrix ``vb`` of terms.
+        ``stride`` 1 runs the network once per timestep (the full bound). ``stride`` k > 1 estimates the sum
+        from every k-th term, at an offset drawn per sample (stratified: unbiased, T/k network passes):
+        k · Σ_j L_{o + jk}, plus L_0 (the decoder term, unlike the others, is not smooth in t) computed
+        exactly. Returns per-sample ``total_bpd``, ``prior_bpd``, ``decoder_bpd`` and the (B, n) terms ``vb``.
         """
-        vb = []
-        for step in range(self.num_timesteps):
-            t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
+        T, n = self.num_timesteps, x0.shape[0]
+        if not (isinstance(stride, int) and 1 <= stride <= T):
+            raise ValueError(f"stride must be an int in [1, {T}], got {stride!r}")
+
+        def term(t):
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
             xt = self.q_sample(x0, t, noise)
-            vb.append(self.vb_terms_bpd(model(xt, t, **(model_kwargs or {})), x0, xt, t))
-        vb = torch.stack(vb, dim=1)
+            return self.vb_terms_bpd(model(xt, t, **(model_kwargs or {})), x0, xt, t)
+
+        decoder = term(torch.zeros(n, device=x0.device, dtype=torch.long))
+        if stride == 1:
+            vb = [decoder] + [term(torch.full((n,), step, device=x0.device, dtype=torch.long)) for step in range(1, T)]
+            vb = torch.stack(vb, dim=1)
+            rest = vb[:, 1:].sum(1)
+        else:
+            # Strata {1..k}, {k+1..2k}, ... over t = 1..T-1; one t per stratum, uniform within it.
+            starts = list(range(1, T, stride))
+            vb, rest = [], torch.zeros(n, dtype=decoder.dtype, device=x0.device)
+            for start in starts:
+                width = min(stride, T - start)
+                offset = torch.randint(0, width, (n,), generator=generator).to(x0.device)
+                value = term(start + offset)
+                vb.append(value)
+                rest = rest + width * value
+            vb = torch.stack([decoder] + vb, dim=1)
         prior = self.prior_bpd(x0)
-        return {"total_bpd": vb.sum(1) + prior, "prior_bpd": prior, "vb": vb}
+        return {"total_bpd": decoder + rest + prior, "prior_bpd": prior, "decoder_bpd": decoder, "vb": vb}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from ldm.diffusion import GaussianDiffusion, gaussian_nll, make_betas, normal_kl
+from ldm.diffusion import GaussianDiffusion, discretized_gaussian_nll, gaussian_nll, make_betas, normal_kl
 
 SCHEDULES = [
     dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
@@ -244,6 +244,83 @@ def test_nll_bpd_is_sum_of_terms_plus_prior():
     ab = diff.alphas_cumprod[-1]
     kl = 0.5 * (ab * x0 ** 2 + (1 - ab) - 1 - torch.log(1 - ab))
     torch.testing.assert_close(res["prior_bpd"], kl.flatten(1).mean(1) / math.log(2))
+
+
+def test_vlb_loss_trains_the_mean_too():
+    sched, diff = _pair(beta_schedule="squaredcos_cap_v2", variance_type="learned_range")
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 50, 99])
+    out = torch.randn(4, 8, 8, 8, generator=g, requires_grad=True)
+    terms = diff.training_losses(lambda xt, t: out, x0, t, noise, loss_type="vlb")
+    torch.testing.assert_close(terms["loss"], terms["vb"])
+    hybrid = diff.training_losses(lambda xt, t: out, x0, t, noise)
+    torch.testing.assert_close(terms["vb"], hybrid["vb"])  # the same bound; only the gradient differs
+    terms["loss"].sum().backward()
+    assert out.grad[:, :4].abs().min(dim=1).values.max() > 0 and out.grad[:, 4:].abs().max() > 0
+    with pytest.raises(ValueError, match="needs a learned variance"):
+        _pair()[1].training_losses(lambda xt, t: out[:, :4], x0, t, noise, loss_type="vlb")
+    with pytest.raises(ValueError, match="loss_type"):
+        diff.training_losses(lambda xt, t: out, x0, t, noise, loss_type="hybrid2")
+
+
+def test_discretized_gaussian_is_a_distribution_over_the_256_levels():
+    """Its probabilities over the 256 pixel levels sum to 1, and each is the Gaussian's mass over the bin
+    (float64 CDF differences, edge bins open-ended)."""
+    g = torch.Generator().manual_seed(0)
+    levels = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    mean = (torch.rand(5, 1, generator=g, dtype=torch.float64) * 2.4 - 1.2)
+    logvar = torch.log(torch.tensor([1e-4, 1e-3, 0.01, 0.1, 1.0], dtype=torch.float64)).unsqueeze(1)
+    p = torch.exp(-discretized_gaussian_nll(levels.expand(5, 256), mean, logvar))
+    torch.testing.assert_close(p.sum(1), torch.ones(5, dtype=torch.float64), rtol=0, atol=1e-9)
+    normal = torch.distributions.Normal(mean, torch.exp(0.5 * logvar))
+    upper = torch.where(levels < 1 - 1e-6, normal.cdf(levels + 1 / 255), torch.ones(()))
+    lower = torch.where(levels > -1 + 1e-6, normal.cdf(levels - 1 / 255), torch.zeros(()))
+    torch.testing.assert_close(p, (upper - lower).clamp(min=1e-12), rtol=1e-6, atol=1e-15)
+    # Far in the tails values and gradients stay finite: a bin's mass is floored at 1e-12.
+    x = torch.randint(0, 256, (2000,), generator=g).float() / 127.5 - 1
+    mean = (torch.randn(2000, generator=g) * 3).requires_grad_(True)
+    logvar = torch.linspace(-25, 3, 2000).requires_grad_(True)
+    nll = discretized_gaussian_nll(x, mean, logvar)
+    nll.sum().backward()
+    assert torch.isfinite(nll).all() and nll.max() <= -math.log(1e-12) + 1e-4
+    assert torch.isfinite(mean.grad).all() and torch.isfinite(logvar.grad).all()
+
+
+def test_pixel_decoder_term_uses_the_discretized_gaussian():
+    sched = DDPMScheduler(num_train_timesteps=10, clip_sample=True, variance_type="learned_range")
+    diff = GaussianDiffusion.from_scheduler_config(sched.config, discrete_decoder=True)
+    assert diff.clip_x0 and diff.discrete_decoder
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randint(0, 256, (2, 3, 4, 4), generator=g).double() / 127.5 - 1
+    xt, out = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 6, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.zeros(2, dtype=torch.long)
+    pm = diff.p_mean_variance(out, xt, t)
+    assert pm["pred_x0"].abs().max() <= 1
+    ref = discretized_gaussian_nll(x0, pm["mean"], pm["log_variance"]).flatten(1).mean(1) / math.log(2)
+    torch.testing.assert_close(diff.vb_terms_bpd(out, x0, xt, t), ref)
+
+
+def test_strided_nll_estimate_is_unbiased_and_stride_one_is_the_full_bound():
+    _, diff = _pair(T=40, beta_schedule="linear", beta_end=0.2, variance_type="learned_range")
+    x0 = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    # A deterministic "network" whose terms vary with t and x_t, so every term differs.
+    model = lambda xt, t: torch.cat([0.3 * xt, torch.tanh(xt + t.view(-1, 1, 1, 1) / 40)], 1)  # noqa: E731
+    full = diff.nll_bpd(model, x0, generator=torch.Generator().manual_seed(0))
+    assert full["vb"].shape == (2, 40)
+    torch.testing.assert_close(full["total_bpd"], full["vb"].sum(1) + full["prior_bpd"])
+    torch.testing.assert_close(full["decoder_bpd"], full["vb"][:, 0])
+    # Averages of strided estimates over many draws approach the full bound's expectation (itself estimated
+    # here by averaging full bounds over the same number of noise draws).
+    g = torch.Generator().manual_seed(1)
+    strided = torch.stack([diff.nll_bpd(model, x0, generator=g, stride=8)["total_bpd"] for _ in range(200)])
+    fulls = torch.stack([diff.nll_bpd(model, x0, generator=g)["total_bpd"] for _ in range(40)])
+    gap = (strided.mean(0) - fulls.mean(0)).abs()
+    se = (strided.var(0) / 200 + fulls.var(0) / 40).sqrt()
+    assert (gap < 4 * se + 1e-9).all(), (gap, se)
+    assert diff.nll_bpd(model, x0, generator=g, stride=8)["vb"].shape == (2, 1 + 5)
+    with pytest.raises(ValueError, match="stride"):
+        diff.nll_bpd(model, x0, stride=0)
 
 
 def test_bad_config_values_raise():
