@@ -25,7 +25,8 @@ LRSchedule = typing.Literal["constant", "cosine"]
 MixedPrecision = typing.Literal["no", "bf16", "fp16"]
 FinetuneMethod = typing.Literal["full", "lora"]
 BaseDtype = typing.Literal["fp32", "bf16", "fp16"]
-TimestepSampling = typing.Literal["uniform", "logit_normal"]
+TimestepSampling = typing.Literal["uniform", "logit_normal", "importance"]
+LossType = typing.Literal["simple", "vlb"]
 PretrainedSchedule = typing.Literal["keep", "config"]
 LatentPosterior = typing.Literal["sample", "mean"]
 SamplerName = typing.Literal["ddpm", "ddim", "dpm++"]  # the keys of ldm.schedulers.SAMPLERS
@@ -92,7 +93,8 @@ class ModelConfig:
     # A Stable Diffusion 1.x/2.x diffusers folder or a pipeline folder of ours: VAE, tokenizer and
     # text encoder come from it and the text encoder is frozen. None trains from scratch.
     pretrained: str | None = None
-    vae: str = "builtin"  # "builtin" (shipped with the package) or a diffusers AutoencoderKL folder
+    # "builtin" (shipped with the package), a diffusers AutoencoderKL folder, or "none": diffusion on pixels
+    vae: str = "builtin"
     unet: UNetConfig = field(default_factory=UNetConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     # None: trained when built from scratch, frozen when it comes from `pretrained`.
@@ -113,9 +115,14 @@ class DiffusionConfig:
     prediction_type: PredictionType = "epsilon"
     learned_variance: bool = False  # Improved DDPM: U-Net outputs 2x channels, hybrid loss
     vlb_weight: float = 0.001  # lambda in L_simple + lambda * L_vlb
+    # "simple": L_simple (L_hybrid with learned_variance). "vlb": the variational bound alone trains mean and
+    # variance (Sohl-Dickstein et al. 2015); needs learned_variance; pair it with timestep_sampling=importance.
+    loss_type: LossType = "simple"
     snr_gamma: float | None = None  # min-SNR-gamma weighting of L_simple; None = unweighted
     offset_noise: float = 0.0  # adds offset_noise * N(0, 1) per (image, channel) to the noise (Guttenberg 2023)
-    # Density of training timesteps: uniform, or logit_normal (t/T = sigmoid(N(mean, std)), as SD3).
+    # Density of training timesteps: uniform, logit_normal (t/T = sigmoid(N(mean, std)), as SD3), or
+    # importance (Improved DDPM §3.3: p_t ∝ sqrt(E[L_t²]) over the last 10 losses of each t, uniform until
+    # every t has them; each loss weighted by 1 / (T p_t); the history is checkpointed).
     timestep_sampling: TimestepSampling = "uniform"
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
@@ -501,6 +508,8 @@ def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -
     c.require(dif.beta_start < dif.beta_end or dif.beta_schedule == "squaredcos_cap_v2", "diffusion.beta_start",
               f"must be below diffusion.beta_end={dif.beta_end}")
     c.at_least("diffusion.vlb_weight", 0)
+    c.require(not (dif.loss_type == "vlb" and not dif.learned_variance and not cfg.model.pretrained),
+              "diffusion.loss_type", "'vlb' trains the variance as well: it needs diffusion.learned_variance=true")
     c.positive("diffusion.snr_gamma", optional=True)
     c.at_least("diffusion.offset_noise", 0)
     c.require(math.isfinite(dif.timestep_mean), "diffusion.timestep_mean", "needs a finite number")

@@ -6,6 +6,14 @@ For ``shapes`` the prompts are the (colour, shape, position) combinations held o
 ``digits`` the ten digits. Seeds start at ``--seed-offset`` (far from any seed the trainer uses).
 Writes ``samples.png`` (one row per prompt) and ``metrics.json`` into ``--out``.
 
+    python -m ldm.evaluate --nll --pipeline runs/demo/pipeline --dataset shapes [--nll-stride 10]
+
+reports instead the variational bound on the negative log-likelihood of held-out real images under their
+captions, in bits per dimension (``nll.json``): Σ_t L_t + L_T over the full chain, or with ``--nll-stride k``
+an unbiased stratified estimate from one timestep in every k (`GaussianDiffusion.nll_bpd`). A pixel model's
+t = 0 term is the discretized Gaussian of 8-bit images, so its number compares with published bits/dim; a
+latent model's is per dimension of its scaled latents (the posterior mean of each image).
+
 Beyond the scorer's accuracies (and, for shapes, the position confusion matrix), two measures that see
 what accuracy cannot, both against real images of the same prompts (`ldm.builtin_data.real_images`):
 
@@ -31,11 +39,13 @@ from .builtin_data import SCORED_DATASETS, eval_prompts, real_images, score
 from .errors import user_errors
 from .metrics import diversity, image_frechet_distance, to_tensor
 from .run import atomic_save, make_grid
-from .schedulers import SAMPLERS, sampling_scheduler
+from .diffusion import GaussianDiffusion
+from .schedulers import SAMPLERS, VARIANCES, sampling_scheduler, with_variance
 
 logger = logging.getLogger(__name__)
 REFERENCE_PER_PROMPT = 32
 REFERENCE_SEED, FLOOR_SEED = 7, 8  # real images: the reference set, and the sample that gives the floor
+NLL_SEED = 9  # the held-out real images whose likelihood is bounded
 
 
 @torch.no_grad()
@@ -70,35 +80,99 @@ def distribution_scores(dataset: str, images: list, prompts: list[str]) -> dict:
             "diversity": diversity(generated, prompts), "diversity_real": diversity(real, prompts)}
 
 
-def evaluate(pipeline: str, dataset: str, num_images: int = 96, out: str | None = None,
+def evaluate(pipeline, dataset: str, num_images: int = 96, out: str | None = None,
              num_inference_steps: int = 50, guidance_scale: float = 3.0, scheduler: str = "ddpm",
-             seed_offset: int = 100_000, batch_size: int = 48, guidance_rescale: float = 0.0) -> dict:
+             seed_offset: int = 100_000, batch_size: int = 48, guidance_rescale: float = 0.0,
+             variance: str | None = None) -> dict:
+    """Sample and score (module docstring). ``pipeline``: a folder or an `LDMPipeline`; ``variance``: sample a
+    learned-variance model with its Σ ("learned", the default for ddpm) or a fixed one (`with_variance`)."""
     from pipelines import LDMPipeline
 
     if dataset not in SCORED_DATASETS:
         raise ValueError(f"--dataset must be a scored built-in dataset {SCORED_DATASETS}, got {dataset!r}")
     if num_images < 1:
         raise ValueError(f"--num-images must be positive, got {num_images}")
-    pipe = LDMPipeline.from_pretrained(pipeline)
+    pipe = LDMPipeline.from_pretrained(pipeline) if isinstance(pipeline, (str, Path)) else pipeline
     if torch.cuda.is_available():
         pipe = pipe.to("cuda")
-    pipe.scheduler = sampling_scheduler(pipe.scheduler, scheduler)
+    original = pipe.scheduler
+    pipe.scheduler = with_variance(sampling_scheduler(original, scheduler), variance)
     base = eval_prompts(dataset)
     per_prompt = -(-num_images // len(base))  # ceil: every prompt gets the same number of images
     t0 = time.time()
     prompts, images = generate_for_prompts(pipe, base, per_prompt, seed_offset, batch_size,
                                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                            guidance_rescale=guidance_rescale)
-    result = {"dataset": dataset, "pipeline": str(pipeline), **score(dataset, images, prompts),
+    pipe.scheduler = original
+    result = {"dataset": dataset, "pipeline": str(pipeline) if isinstance(pipeline, (str, Path)) else None,
+              **score(dataset, images, prompts),
               **distribution_scores(dataset, images, prompts),
               "prompts": base, "images_per_prompt": per_prompt, "seeds": [seed_offset, seed_offset + len(prompts) - 1],
               "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-              "guidance_rescale": guidance_rescale, "scheduler": scheduler, "sampling_time_s": round(time.time() - t0, 1)}
+              "guidance_rescale": guidance_rescale, "scheduler": scheduler, "variance": variance,
+              "sampling_time_s": round(time.time() - t0, 1)}
     if out:
         out_dir = Path(out)
         grid = make_grid(images, ncols=per_prompt)
         atomic_save(lambda p: grid.save(p, format="PNG"), out_dir / "samples.png")
         atomic_save(lambda p: Path(p).write_text(json.dumps(result, indent=2)), out_dir / "metrics.json")
+    return result
+
+
+def images_to_tensor(images) -> torch.Tensor:
+    """PIL images -> (B, 3, H, W) float32 in [-1, 1], 8-bit levels exactly v / 127.5 - 1."""
+    import numpy as np
+
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+@torch.no_grad()
+def nll(pipeline, dataset: str, num_images: int = 32, stride: int = 1, batch_size: int = 32, seed: int = 0,
+        out: str | None = None) -> dict:
+    """The bound on -log p(x | caption) in bits per dimension of ``num_images`` held-out real images of the
+    dataset's evaluation prompts (module docstring). ``pipeline``: a folder or an `LDMPipeline`."""
+    from pipelines import LDMPipeline
+
+    if dataset not in SCORED_DATASETS:
+        raise ValueError(f"--dataset must be a scored built-in dataset {SCORED_DATASETS}, got {dataset!r}")
+    if num_images < 1:
+        raise ValueError(f"--num-images must be positive, got {num_images}")
+    pipe = LDMPipeline.from_pretrained(pipeline) if isinstance(pipeline, (str, Path)) else pipeline
+    if torch.cuda.is_available():
+        pipe = pipe.to("cuda")
+    device = pipe.unet.device
+    pixels = pipe.vae is None
+    diffusion = GaussianDiffusion.from_scheduler_config(pipe.scheduler.config, discrete_decoder=pixels)
+    T = diffusion.num_timesteps
+    if not (isinstance(stride, int) and 1 <= stride <= T):
+        raise ValueError(f"--nll-stride must be an int in [1, {T}] (the model's timesteps), got {stride!r}")
+    base = eval_prompts(dataset)
+    prompts = [base[i % len(base)] for i in range(num_images)]
+    x = images_to_tensor(real_images(dataset, prompts, NLL_SEED, "heldout"))
+    g = torch.Generator().manual_seed(seed)
+    t0, parts = time.time(), []
+    for i in tqdm(range(0, num_images, batch_size), desc=f"likelihood bound (stride {stride})"):
+        xb = x[i:i + batch_size].to(device)
+        if not pixels:
+            vae = pipe.vae
+            z = vae.encode(xb.to(vae.dtype)).latent_dist.mean.float()
+            xb = (z - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+        context = pipe._encode(prompts[i:i + batch_size], 1, device).to(pipe.unet.dtype)
+        model = lambda xt, t, c=context: pipe.unet(xt.to(c.dtype), t, encoder_hidden_states=c).sample.float()  # noqa: E731
+        parts.append(diffusion.nll_bpd(model, xb.float(), generator=g, stride=stride))
+    total = torch.cat([p["total_bpd"] for p in parts]).double()
+    result = {"nll_bpd": float(total.mean()), "nll_bpd_standard_error": float(total.std() / len(total) ** 0.5)
+              if len(total) > 1 else None,
+              "prior_bpd": float(torch.cat([p["prior_bpd"] for p in parts]).mean()),
+              "decoder_bpd": float(torch.cat([p["decoder_bpd"] for p in parts]).mean()),
+              "stride": stride, "num_timesteps": T, "network_passes_per_image": 1 + len(range(1, T, stride)),
+              "num_images": num_images, "space": "pixels (8-bit, discretized decoder)" if pixels else "latents",
+              "variance": pipe.scheduler.config.get("variance_type"), "dataset": dataset,
+              "pipeline": str(pipeline) if isinstance(pipeline, (str, Path)) else None,
+              "time_s": round(time.time() - t0, 1)}
+    if out:
+        atomic_save(lambda p: Path(p).write_text(json.dumps(result, indent=2)), Path(out) / "nll.json")
     return result
 
 
@@ -114,8 +188,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pipeline", required=True, help="a pipeline folder (runs/<name>/pipeline)")
     parser.add_argument("--dataset", required=True, choices=SCORED_DATASETS)
-    parser.add_argument("--num-images", type=int, default=96)
-    parser.add_argument("--out", default=None, help="folder for samples.png and metrics.json")
+    parser.add_argument("--num-images", type=int, default=None, help="images to score (96), or to bound (32)")
+    parser.add_argument("--out", default=None, help="folder for samples.png and metrics.json (nll.json)")
+    parser.add_argument("--nll", action="store_true", help="bound the likelihood of held-out images instead")
+    parser.add_argument("--nll-stride", type=int, default=1, help="1: the full T-step bound; k: one t in every k")
+    parser.add_argument("--variance", default=None, choices=list(VARIANCES),
+                        help="a learned-variance model's Σ when sampling (default: learned with ddpm)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     parser.add_argument("--guidance-rescale", type=float, default=0.0,
@@ -126,8 +204,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     with user_errors(args.debug):
         logging.basicConfig(level=logging.INFO)
-        result = evaluate(args.pipeline, args.dataset, args.num_images, args.out, args.steps, args.guidance_scale,
-                          args.scheduler, args.seed_offset, guidance_rescale=args.guidance_rescale)
+        if args.nll:
+            print(json.dumps(nll(args.pipeline, args.dataset, args.num_images or 32, args.nll_stride, out=args.out),
+                             indent=2))
+            return
+        result = evaluate(args.pipeline, args.dataset, args.num_images or 96, args.out, args.steps,
+                          args.guidance_scale, args.scheduler, args.seed_offset,
+                          guidance_rescale=args.guidance_rescale, variance=args.variance)
         keys = [k for k in result if k.endswith("_accuracy")] + [
             "frechet_distance", "frechet_distance_floor", "diversity", "diversity_real", "num_images",
             "sampling_time_s"]

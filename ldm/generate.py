@@ -18,17 +18,18 @@ import torch
 from .errors import user_errors
 from .lora import LORA_FILE
 from .run import atomic_save, make_grid
-from .schedulers import SAMPLERS, sampling_scheduler
+from .schedulers import SAMPLERS, VARIANCES, sampling_scheduler, with_variance
 
 logger = logging.getLogger(__name__)
 
 
-def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm"):
-    """An LDMPipeline from a folder, with the adapters of ``lora`` (a folder or a .safetensors file)."""
+def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm", variance: str | None = None):
+    """An LDMPipeline from a folder, with the adapters of ``lora`` (a folder or a .safetensors file), sampling
+    with ``scheduler`` and, for a learned-variance model, ``variance`` (`with_variance`)."""
     from pipelines import LDMPipeline
 
     pipe = LDMPipeline.from_pretrained(pipeline)
-    pipe.scheduler = sampling_scheduler(pipe.scheduler, scheduler)
+    pipe.scheduler = with_variance(sampling_scheduler(pipe.scheduler, scheduler), variance)
     if lora:
         path = Path(lora)
         if path.is_dir():
@@ -56,13 +57,15 @@ def main(argv=None) -> None:
     parser.add_argument("--guidance-rescale", type=float, default=0.0,
                         help="rescale guided outputs towards the conditional one's std (0 off; 0.7 in Lin et al.)")
     parser.add_argument("--scheduler", default="ddpm", choices=list(SAMPLERS))
+    parser.add_argument("--variance", default=None, choices=list(VARIANCES),
+                        help="a learned-variance model's Σ: learned (default with ddpm), or a fixed one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="samples.png")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     args = parser.parse_args(argv)
     with user_errors(args.debug):
         logging.basicConfig(level=logging.INFO)
-        pipe = load_pipeline(args.pipeline, args.lora, args.scheduler)
+        pipe = load_pipeline(args.pipeline, args.lora, args.scheduler, args.variance)
         pipe.set_progress_bar_config(disable=True)
         kwargs = {"cross_attention_kwargs": {"scale": args.lora_scale}} if args.lora else {}
         images = []

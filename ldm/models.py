@@ -14,7 +14,7 @@ from .config import LDMConfig
 from .run import atomic_save_dir
 from .schedulers import load_noise_scheduler, make_noise_scheduler, sampling_scheduler
 from .text import build_text_encoder, build_tokenizer
-from .vae import load_vae, vae_scale_factor
+from .vae import PIXEL_SPACE, is_pixel_space, load_vae, vae_scale_factor
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 class Components:
     tokenizer: object  # CLIPTokenizer
     text_encoder: object  # CLIPTextModel
-    vae: object  # AutoencoderKL
+    vae: object  # AutoencoderKL, or PixelSpace for diffusion on pixels
     unet: UNet2DConditionModel
     scheduler: DDPMScheduler  # the training schedule; saved with the pipeline
     train_text_encoder: bool
@@ -50,7 +50,7 @@ def build_components(cfg: LDMConfig, captions: list[str], accelerator=None, resu
                                     f"(no model_index.json)")
         base_scheduler = load_noise_scheduler(root / "scheduler")
         if cfg.diffusion.pretrained_schedule == "config":
-            scheduler = make_noise_scheduler(cfg.diffusion)
+            scheduler = make_noise_scheduler(cfg.diffusion, pixels=not (root / "vae").is_dir())
             logger.info("fine-tuning %s: switching its schedule and prediction type (%s, zero terminal SNR %s) to "
                         "diffusion.* (%s, zero terminal SNR %s)", root, base_scheduler.config.prediction_type,
                         base_scheduler.config.rescale_betas_zero_snr, cfg.diffusion.prediction_type,
@@ -61,11 +61,11 @@ def build_components(cfg: LDMConfig, captions: list[str], accelerator=None, resu
                         "diffusion.* schedule settings are ignored", root, scheduler.config.prediction_type)
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True)
-        vae = load_vae(str(root / "vae"))
+        vae = load_vae(str(root / "vae") if (root / "vae").is_dir() else PIXEL_SPACE)
         unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)
         train_text_encoder = bool(cfg.model.train_text_encoder)  # frozen unless asked
     else:
-        scheduler = base_scheduler = make_noise_scheduler(cfg.diffusion)
+        scheduler = base_scheduler = make_noise_scheduler(cfg.diffusion, pixels=cfg.model.vae == PIXEL_SPACE)
         tc = cfg.model.text_encoder
         tokenizer = caption_tokenizer(cfg, captions, accelerator, resume_from)
         text_encoder = build_text_encoder(tokenizer, tc.hidden_size, tc.num_hidden_layers,
@@ -130,5 +130,5 @@ def make_pipeline(comp: Components, unet, text_encoder, sampler: str = "ddpm", b
     from pipelines import LDMPipeline
 
     schedule = comp.base_scheduler if base else comp.scheduler
-    return LDMPipeline(vae=comp.vae, text_encoder=text_encoder, tokenizer=comp.tokenizer, unet=unet,
+    return LDMPipeline(vae=None if is_pixel_space(comp.vae) else comp.vae, text_encoder=text_encoder, tokenizer=comp.tokenizer, unet=unet,
                        scheduler=sampling_scheduler(schedule, sampler))

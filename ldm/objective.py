@@ -28,6 +28,46 @@ def sample_timesteps(n: int, num_timesteps: int, sampling: str, gen: torch.Gener
     raise ValueError(f"diffusion.timestep_sampling={sampling!r} is not one of {typing.get_args(TimestepSampling)}")
 
 
+class ImportanceSampler:
+    """Improved DDPM's importance sampling of timesteps (§3.3): p_t ∝ sqrt(E[L_t²]) over the last ``history``
+    losses seen at each t, mixed with ``uniform`` of the uniform density; uniform until every t has a full
+    history. ``sample`` returns t and the weights 1 / (T p_t) that keep the loss an unbiased estimate of the
+    uniform-t loss. The history is a state_dict of tensors, checkpointed with the run, so a resumed run draws
+    the same timesteps."""
+
+    def __init__(self, num_timesteps: int, history: int = 10, uniform: float = 0.001):
+        self.T, self.history, self.uniform = num_timesteps, history, uniform
+        self.losses = torch.zeros(num_timesteps, history, dtype=torch.float64)
+        self.counts = torch.zeros(num_timesteps, dtype=torch.long)
+
+    def probs(self) -> torch.Tensor:
+        if int(self.counts.min()) < self.history:
+            return torch.full((self.T,), 1.0 / self.T, dtype=torch.float64)
+        w = self.losses.pow(2).mean(1).sqrt()
+        return w / w.sum() * (1 - self.uniform) + self.uniform / self.T
+
+    def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.probs()
+        t = torch.multinomial(p, n, replacement=True, generator=gen)
+        return t, (1.0 / (self.T * p[t])).float()
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Record the (unweighted) loss of each sample at its timestep; the oldest of a full history drops."""
+        for step, loss in zip(t.tolist(), losses.detach().double().cpu().tolist()):
+            if self.counts[step] == self.history:
+                self.losses[step, :-1] = self.losses[step, 1:].clone()
+                self.losses[step, -1] = loss
+            else:
+                self.losses[step, self.counts[step]] = loss
+                self.counts[step] += 1
+
+    def state_dict(self) -> dict:
+        return {"losses": self.losses.clone(), "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses.copy_(state["losses"]), self.counts.copy_(state["counts"])
+
+
 class TextContext:
     """Caption indices -> the U-Net's context (b, L, D): rows of the embedding cache when the text encoder is
     frozen, else the encoder's forward. Where ``drop`` is set the empty caption stands in (classifier-free
@@ -62,8 +102,13 @@ class LatentDiffusionObjective:
     """
 
     def __init__(self, diffusion: GaussianDiffusion, dcfg, caption_dropout: float, text: TextContext, vae,
-                 prior_loss_weight: float = 1.0):
+                 prior_loss_weight: float = 1.0, gather=None):
+        """``gather``: all-gathers a tensor across processes (``accelerator.gather``), so every process keeps
+        the same importance-sampling history."""
         self.diffusion, self.d, self.caption_dropout, self.text = diffusion, dcfg, caption_dropout, text
+        self.importance = ImportanceSampler(diffusion.num_timesteps) if dcfg.timestep_sampling == "importance" \
+            else None
+        self.gather = gather or (lambda x: x)
         self.vae, self.prior_loss_weight = vae, prior_loss_weight
         self.scale, self.shift = latent_scale_shift(vae)
         self.channels = vae.config.latent_channels
@@ -75,13 +120,17 @@ class LatentDiffusionObjective:
         g = torch.Generator().manual_seed(plan.draws_seed)
         n, (h, w), d = len(plan), plan.size, self.d
         shape = (n, self.channels, h // self.factor, w // self.factor)
-        t = sample_timesteps(n, self.diffusion.num_timesteps, d.timestep_sampling, g, d.timestep_mean, d.timestep_std)
+        if self.importance is not None:
+            t, weights = self.importance.sample(n, g)
+        else:
+            t = sample_timesteps(n, self.diffusion.num_timesteps, d.timestep_sampling, g, d.timestep_mean, d.timestep_std)
+            weights = torch.ones(n)
         noise = torch.randn(shape, generator=g)
         posterior = torch.randn(shape, generator=g)
         drop = torch.rand(n, generator=g) < self.caption_dropout
         if d.offset_noise:  # a per-(image, channel) constant lets the model change the mean brightness
             noise = noise + d.offset_noise * torch.randn((n, self.channels, 1, 1), generator=g)
-        return {"t": t, "noise": noise, "posterior": posterior, "drop": drop}
+        return {"t": t, "noise": noise, "posterior": posterior, "drop": drop, "weights": weights}
 
     def inputs(self, batch: dict, draws: dict, sl: slice, device) -> tuple:
         """(z0, t, noise, context) of the slice ``sl`` of a global batch that ``batch`` was loaded from."""
@@ -95,15 +144,20 @@ class LatentDiffusionObjective:
             eps = torch.zeros_like(eps)
         z0 = scaled_sample(mean.to(device), std.to(device), eps, self.scale, self.shift)
         context = self.text(batch["captions"], draws["drop"][sl], device)  # (b, L, D)
-        return z0, draws["t"][sl].to(device), draws["noise"][sl].to(device), context
+        return z0, draws["t"][sl].to(device), draws["noise"][sl].to(device), context, draws["weights"][sl].to(device)
 
     def __call__(self, unet, parts: list[tuple[dict, dict, slice]], device) -> tuple[dict, torch.Tensor]:
         """Named loss terms (b,) of the first part, ``prior_loss`` of the second, and the loss to minimise.
         Both parts go through one forward, as DDP wants."""
-        z0, t, noise, context = (torch.cat(x) for x in zip(*(self.inputs(b, d, sl, device) for b, d, sl in parts)))
+        z0, t, noise, context, weights = (torch.cat(x) for x in zip(*(self.inputs(b, d, sl, device)
+                                                                      for b, d, sl in parts)))
         d = self.d
         all_terms = self.diffusion.training_losses(lambda x, tt: unet(x, tt, encoder_hidden_states=context).sample,
-                                                   z0, t, noise, snr_gamma=d.snr_gamma, vlb_weight=d.vlb_weight)
+                                                   z0, t, noise, snr_gamma=d.snr_gamma, vlb_weight=d.vlb_weight,
+                                                   loss_type=d.loss_type)
+        if self.importance is not None:
+            self.importance.update(self.gather(t), self.gather(all_terms["loss"].detach()))
+            all_terms["loss"] = all_terms["loss"] * weights
         n = len(parts[0][0]["captions"])
         terms = {key: v[:n] for key, v in all_terms.items()}
         loss = terms["loss"].mean()

@@ -31,7 +31,7 @@ from .objective import LatentDiffusionObjective, TextContext
 from .splits import Split, check_sizes, class_split, load_splits, report_bad_images, report_unseen
 from .text import tokenize
 from .validation import Validator, check_latent_scale
-from .vae import encode, encoder_fingerprint, latent_scale_shift, vae_scale_factor
+from .vae import encode, encoder_fingerprint, is_pixel_space, latent_scale_shift, vae_scale_factor
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,10 @@ def build_run(cfg: LDMConfig) -> Run:
     db = cfg.dreambooth
     classes = draw_class_images(cfg, comp, engine) if db.class_prompt or db.class_prompts else None
     groups = choose_trainable(cfg, comp)
-    diffusion = GaussianDiffusion.from_scheduler_config(comp.scheduler.config)
+    # Training never clips x̂_0 (improved-diffusion's losses do not); on pixels the bound's t = 0 term is the
+    # discretized decoder of 8-bit images.
+    diffusion = GaussianDiffusion.from_scheduler_config(comp.scheduler.config, clip_sample=False,
+                                                        discrete_decoder=is_pixel_space(comp.vae))
 
     # Caches and batch sources; DreamBooth's prior preservation is a second source mixed into every step.
     input_ids = tokenize(comp.tokenizer, train_split.captions + (classes.captions if classes else []))  # (N, L)
@@ -102,7 +105,7 @@ def build_run(cfg: LDMConfig) -> Run:
     if classes is not None:
         sources.append(batch_source(cfg, engine, comp, classes, CLASS_STREAMS, len(train_split.captions)))
     val_posterior = validation_posteriors(cfg, engine, comp, val_split)
-    latent_std = check_latent_scale(*val_posterior, *latent_scale_shift(comp.vae))
+    latent_std = check_latent_scale(*val_posterior, *latent_scale_shift(comp.vae), warn=not is_pixel_space(comp.vae))
     empty_ids = tokenize(comp.tokenizer, [""])[0]
     text = text_cache(comp.text_encoder, input_ids, empty_ids, cfg.data.cache_dir, acc) \
         if cfg.data.cache_text and not comp.train_text_encoder else None
@@ -114,7 +117,9 @@ def build_run(cfg: LDMConfig) -> Run:
     objective = LatentDiffusionObjective(
         diffusion, cfg.diffusion, cfg.data.caption_dropout,
         TextContext(input_ids, empty_ids, encoder=text_encoder if text is None else None, cache=text),
-        comp.vae, db.prior_loss_weight)
+        comp.vae, db.prior_loss_weight, gather=acc.gather)
+    if objective.importance is not None:  # its loss history decides the next timesteps: resume needs it
+        engine.state_objects["timestep_importance"] = objective.importance
     score_on = cfg.data.dataset if cfg.data.dataset in SCORED_DATASETS and not db.instance_data else None
     validate = Validator(engine, comp, diffusion, unet_u, te_u, val_posterior,
                          tokenize(comp.tokenizer, val_split.first_captions()),

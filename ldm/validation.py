@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def validation_loss(diffusion, unet, text_encoder, mean: torch.Tensor, std: torch.Tensor, input_ids: torch.Tensor,
-                    scale: float, shift: float, seed: int = 0, batch_size: int = 64) -> dict:
+                    scale: float, shift: float, seed: int = 0, batch_size: int = 64, loss_type: str = "simple") -> dict:
     """Unweighted loss terms on fixed images: posterior samples of ``mean``/``std`` (V, C, h, w), timesteps
     spread over [0, T) and noise, all drawn from ``seed``; in micro-batches of ``batch_size`` images."""
     g = torch.Generator().manual_seed(seed)
@@ -38,7 +38,7 @@ def validation_loss(diffusion, unet, text_encoder, mean: torch.Tensor, std: torc
         context = text_encoder(input_ids[s:s + batch_size].to(device))[0]
         terms = diffusion.training_losses(lambda x, tt: unet(x, tt, encoder_hidden_states=context).sample,
                                           z0[s:s + batch_size].to(device), t[s:s + batch_size].to(device),
-                                          noise[s:s + batch_size].to(device))
+                                          noise[s:s + batch_size].to(device), loss_type=loss_type)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.double().sum())
     unet.train(was_training[0]), text_encoder.train(was_training[1])
@@ -46,12 +46,13 @@ def validation_loss(diffusion, unet, text_encoder, mean: torch.Tensor, std: torc
 
 
 def check_latent_scale(mean: torch.Tensor, std: torch.Tensor, scale: float, shift: float,
-                       tolerance: float = 0.25) -> float:
-    """Std of scaled posterior samples; warns when far from 1 (a ``scaling_factor`` unfit for this data)."""
+                       tolerance: float = 0.25, warn: bool = True) -> float:
+    """Std of scaled posterior samples; warns when far from 1 (a ``scaling_factor`` unfit for this data).
+    Pixels (``warn=False``) keep DDPM's [-1, 1] range whatever their spread."""
     g = torch.Generator().manual_seed(0)
     z0 = scaled_sample(mean, std, torch.randn(mean.shape, generator=g), scale, shift)
     value = float(z0.std())
-    if abs(value - 1.0) > tolerance:
+    if warn and abs(value - 1.0) > tolerance:
         logger.warning("scaled latents have std %.3f, not ~1: the VAE's scaling_factor does not fit this data "
                        "(measure it with train_autoencoder.py or set it in the VAE's config.json)", value)
     return value
@@ -99,7 +100,7 @@ class Validator:
         s, tc = cfg.sample, cfg.train
         with engine.ema_weights(), engine.accelerator.autocast():
             row = validation_loss(self.diffusion, self.unet, self.text_encoder, *self.posterior, self.input_ids,
-                                  self.scale, self.shift, tc.seed, self.batch_size)
+                                  self.scale, self.shift, tc.seed, self.batch_size, cfg.diffusion.loss_type)
             if step > 0:
                 unet_mode, te_mode = self.unet.training, self.text_encoder.training
                 self.unet.eval(), self.text_encoder.eval()

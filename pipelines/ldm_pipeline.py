@@ -33,7 +33,10 @@ SAVED_CLASS_NAME = "StableDiffusionPipeline"
 
 def vae_scale_factor(vae) -> int:
     """How many pixels one latent covers along a side: each VAE level after the first halves the size.
-    ``vae`` is an AutoencoderKL or anything with its config's ``block_out_channels``."""
+    ``vae`` is an AutoencoderKL or anything with its config's ``block_out_channels``; None (a pixel-space
+    model) is 1."""
+    if vae is None:
+        return 1
     return 2 ** (len(getattr(vae, "config", vae).block_out_channels) - 1)
 
 
@@ -51,15 +54,18 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     ``StableDiffusionPipeline`` as well as with this class (which also loads Stable Diffusion 1.x folders).
     LoRA adapters in diffusers' layout load with ``load_lora_weights``; ``cross_attention_kwargs={"scale": s}``
     runs them at scale s, as in ``StableDiffusionPipeline``.
+
+    With ``vae=None`` it is a pixel-space model (DDPM, trained with ``model.vae: none``): the U-Net denoises
+    the image itself, and its saved folder holds no VAE (so it loads here, not in ``StableDiffusionPipeline``).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
     max_images_per_call = 512  # a bound on prompts x num_images_per_prompt: one batch holds them all
-    _optional_components = []
+    _optional_components = ["vae"]
 
     def __init__(
         self,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | None,
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer | CLIPTokenizerFast,  # one class in transformers 5, two in 4.x
         unet: UNet2DConditionModel,
@@ -96,16 +102,20 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     # Decoding large images with modest memory: tiles (overlapping, blended) or one image at a time.
     def enable_vae_tiling(self):
-        self.vae.enable_tiling()
+        if self.vae is not None:  # a pixel-space pipeline decodes nothing
+            self.vae.enable_tiling()
 
     def disable_vae_tiling(self):
-        self.vae.disable_tiling()
+        if self.vae is not None:  # a pixel-space pipeline decodes nothing
+            self.vae.disable_tiling()
 
     def enable_vae_slicing(self):
-        self.vae.enable_slicing()
+        if self.vae is not None:  # a pixel-space pipeline decodes nothing
+            self.vae.enable_slicing()
 
     def disable_vae_slicing(self):
-        self.vae.disable_slicing()
+        if self.vae is not None:  # a pixel-space pipeline decodes nothing
+            self.vae.disable_slicing()
 
     def _check_inputs(self, prompt, negative_prompt, height, width, steps, guidance_scale, n, output_type, generator):
         if isinstance(prompt, str):
@@ -236,6 +246,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         scheduler.set_timesteps(num_inference_steps, device=device)
         # Only stochastic schedulers accept a generator in step(); passing it to others would raise TypeError.
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        last = scheduler.timesteps[-1]
         for t in self.progress_bar(scheduler.timesteps):
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = scheduler.scale_model_input(model_in, t)
@@ -251,17 +262,25 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                     # std back towards the conditional one's, against the over-exposure of strong guidance
                     # (worst at zero terminal SNR).
                     mean = rescale_noise_cfg(mean, mean_text, guidance_rescale=guidance_rescale)
+            if pass_variance and t == last:
+                # The last step adds no noise (DDPM Algorithm 2; improved-diffusion's respaced chain). With
+                # respacing it ends at t > 0, where DDPMScheduler would add noise of the learned variance
+                # between 0 and β'; its lower end (-1) gives std 1e-10.
+                var = torch.full_like(var, -1.0)
             model_out = torch.cat([mean, var], dim=1) if pass_variance else mean
             latents = scheduler.step(model_out, t, latents, **step_kwargs, return_dict=False)[0]
 
         if output_type == "latent":
             images = latents
         else:
-            latents = latents / self.vae.config.scaling_factor
-            shift = getattr(self.vae.config, "shift_factor", None)
-            if shift is not None:
-                latents = latents + shift
-            decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+            if self.vae is None:  # pixel space: the denoised sample is the image
+                decoded = latents.float()
+            else:
+                latents = latents / self.vae.config.scaling_factor
+                shift = getattr(self.vae.config, "shift_factor", None)
+                if shift is not None:
+                    latents = latents + shift
+                decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
             decoded = (decoded / 2 + 0.5).clamp(0, 1)
             images = self.image_processor.postprocess(
                 decoded, output_type=output_type, do_denormalize=[False] * decoded.shape[0]

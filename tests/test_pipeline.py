@@ -1,6 +1,7 @@
 """Tests for pipelines.LDMPipeline with tiny random components built in code (no Hub access)."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -376,3 +377,68 @@ def test_vae_slicing_and_tiling_decode_large_images(pipe):
     assert calls and tiled.shape == base.shape == (2, 96, 96, 3)
     assert np.abs(tiled - base).mean() < 0.05
     pipe.disable_vae_tiling()
+
+
+def test_respaced_learned_range_step_is_improved_diffusions_respaced_chain():
+    """DDPMScheduler at n of T steps (what the pipeline samples a learned-variance model with) takes, at each
+    kept timestep, improved-diffusion's respaced step: betas β'_i = 1 - ᾱ_{s_i} / ᾱ_{s_{i-1}} over the kept
+    timesteps s, the learned range between log β'_i and log β̃'_i, the network called with the original t."""
+    from ldm.diffusion import GaussianDiffusion, make_betas
+
+    T, n = 100, 10
+    sched = DDPMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2", variance_type="learned_range",
+                          clip_sample=False, timestep_spacing="trailing")
+    sched.set_timesteps(n)
+    kept = sorted(int(t) for t in sched.timesteps)
+    ac = torch.cumprod(1 - make_betas("squaredcos_cap_v2", T).double(), 0)
+    last, respaced = 1.0, []
+    for s in kept:  # improved_diffusion/respace.py, written out
+        respaced.append(1 - float(ac[s]) / last)
+        last = float(ac[s])
+    ours = GaussianDiffusion(torch.tensor(respaced, dtype=torch.float64), variance_type="learned_range")
+    g = torch.Generator().manual_seed(0)
+    for i in range(1, n):  # every step but the last, which adds no noise (see the next test)
+        t = kept[i]
+        xt = torch.randn(2, 4, 8, 8, generator=g)
+        out = torch.cat([torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, 4, 8, 8, generator=g) * 2 - 1], 1)
+        theirs = sched.step(out, t, xt, generator=torch.Generator().manual_seed(i)).prev_sample
+        noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(i))
+        mine = ours.p_sample(out.double(), xt.double(), torch.full((2,), i), noise.double())
+        torch.testing.assert_close(theirs.double(), mine, rtol=1e-4, atol=1e-4)
+
+
+def test_learned_variance_last_step_adds_no_noise(tokenizer_dir):
+    """With respacing the chain ends at t > 0; the pipeline's last step returns the mean (x̂_0) there, as
+    DDPM and improved-diffusion do, even where the network asks for the largest variance."""
+    T = 100
+    scheduler = DDPMScheduler(num_train_timesteps=T, variance_type="learned_range", clip_sample=False,
+                              timestep_spacing="trailing", steps_offset=1)
+    pipe = make_pipe(tokenizer_dir, unet_out_channels=8, scheduler=scheduler)
+    conv = pipe.unet.conv_out
+    with torch.no_grad():  # variance channels = +1 everywhere: Σ = β'_t, the top of the learned range
+        conv.weight[4:] = 0
+        conv.bias[4:] = 1.0
+    latents = sample(pipe, guidance_scale=1.0, num_inference_steps=1, output_type="latent")
+    init = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    t = T - 1  # one trailing step starts (and ends) at T - 1
+    context = pipe._encode([PROMPT], 1, "cpu")
+    eps = pipe.unet(init, t, encoder_hidden_states=context).sample[:, :4]
+    ac = pipe.scheduler.alphas_cumprod[t]
+    x0 = (init - (1 - ac).sqrt() * eps) / ac.sqrt()
+    torch.testing.assert_close(latents, x0, rtol=1e-4, atol=1e-4)
+
+
+def test_likelihood_bound_of_a_latent_pipeline(tokenizer_dir):
+    from ldm.evaluate import nll
+
+    pipe = make_pipe(tokenizer_dir)
+    full = nll(pipe, "shapes", num_images=2, stride=1)
+    strided = nll(pipe, "shapes", num_images=2, stride=25)
+    assert full["space"] == "latents" and full["network_passes_per_image"] == 100
+    assert strided["network_passes_per_image"] == 1 + 4
+    for r in (full, strided):
+        assert math.isfinite(r["nll_bpd"]) and r["nll_bpd"] > r["prior_bpd"] >= 0
+    # An untrained network: the estimate is within a few standard errors of the full bound.
+    assert abs(full["nll_bpd"] - strided["nll_bpd"]) < 0.5 * full["nll_bpd"]
+    with pytest.raises(ValueError, match="nll-stride"):
+        nll(pipe, "shapes", num_images=1, stride=0)
