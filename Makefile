@@ -14,7 +14,7 @@ LAUNCH    := $(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo lora-demo test test-slow vae clean
+.PHONY: install demo lora-demo variance-study test test-slow vae clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,11 @@ demo: $(STAMP)
 lora-demo: $(STAMP)
 	test -f runs/demo/pipeline/model_index.json || $(MAKE) demo
 	$(BIN)/python -m ldm.lora_demo --base runs/demo/pipeline --concept orange --out runs/lora-orange
+
+# Fixed vs learned variance vs the bound alone, same budget and seed, sampled at 10-250 steps with DDPM and
+# DDIM, scored and bounded: runs/variance-study/results.json and quality_vs_steps.png (README "Learned variance").
+variance-study: $(STAMP)
+	$(BIN)/python -m ldm.studies.variance --out runs/variance-study
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
