@@ -3,7 +3,8 @@ counts, scored, and bounded.
 
     python -m ldm.studies.variance --out runs/variance-study        (make variance-study)
 
-The models, on built-in ``shapes`` (the demo's U-Net and schedule, ``--steps`` optimizer steps each):
+The models, on built-in ``shapes`` (the demo's U-Net and schedule, ``--steps`` optimizer steps each;
+the defaults fit 20 minutes on a 2-core CPU, so the models are far from converged):
 
 - ``fixed``: L_simple, Σ fixed to β̃_t (DDPM).
 - ``hybrid``: L_simple + λ L_vlb with learned Σ, λ = 0.001 (Improved DDPM §3.1).
@@ -52,8 +53,8 @@ def model_config(name: str, out: Path, steps: int, preset: str, extra: list[str]
         "train.score_num_images=0", "train.tensorboard=false", "train.checkpoint_every=0", *MODELS[name], *extra])
 
 
-def run_study(out: Path, steps: int = 300, sampling_steps=(10, 25, 50, 100, 250), num_images: int = 48,
-              guidance_scale: float = 1.5, nll_images: int = 32, nll_stride: int = 50, check_images: int = 8,
+def run_study(out: Path, steps: int = 250, sampling_steps=(10, 25, 50, 100, 250), num_images: int = 48,
+              guidance_scale: float = 1.0, nll_images: int = 32, nll_stride: int = 50, check_images: int = 8,
               preset: str = "configs/ldm/shapes.yaml", models=tuple(MODELS), extra: list[str] = ()) -> dict:
     from pipelines import LDMPipeline
 
@@ -140,10 +141,11 @@ def format_table(records: list[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/variance-study")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per model")
+    parser.add_argument("--steps", type=int, default=250, help="optimizer steps per model")
     parser.add_argument("--sampling-steps", type=int, nargs="+", default=[10, 25, 50, 100, 250])
     parser.add_argument("--num-images", type=int, default=48, help="images per cell (16 held-out prompts)")
-    parser.add_argument("--guidance-scale", type=float, default=1.5)
+    parser.add_argument("--guidance-scale", type=float, default=1.0,
+                        help="1: unguided, as Improved DDPM's comparisons (and half the sampling time)")
     parser.add_argument("--nll-images", type=int, default=32)
     parser.add_argument("--nll-stride", type=int, default=50)
     parser.add_argument("--check-images", type=int, default=8, help="images for the full-bound check (0: skip)")
