@@ -80,12 +80,9 @@ def distribution_scores(dataset: str, images: list, prompts: list[str]) -> dict:
             "diversity": diversity(generated, prompts), "diversity_real": diversity(real, prompts)}
 
 
-def evaluate(pipeline, dataset: str, num_images: int = 96, out: str | None = None,
-             num_inference_steps: int = 50, guidance_scale: float = 3.0, scheduler: str = "ddpm",
-             seed_offset: int = 100_000, batch_size: int = 48, guidance_rescale: float = 0.0,
-             variance: str | None = None) -> dict:
-    """Sample and score (module docstring). ``pipeline``: a folder or an `LDMPipeline`; ``variance``: sample a
-    learned-variance model with its Σ ("learned", the default for ddpm) or a fixed one (`with_variance`)."""
+def open_pipeline(pipeline, dataset: str, num_images: int):
+    """Check the arguments shared by scoring and the bound; the pipeline (loaded when a folder), on the GPU
+    when there is one."""
     from pipelines import LDMPipeline
 
     if dataset not in SCORED_DATASETS:
@@ -93,8 +90,16 @@ def evaluate(pipeline, dataset: str, num_images: int = 96, out: str | None = Non
     if num_images < 1:
         raise ValueError(f"--num-images must be positive, got {num_images}")
     pipe = LDMPipeline.from_pretrained(pipeline) if isinstance(pipeline, (str, Path)) else pipeline
-    if torch.cuda.is_available():
-        pipe = pipe.to("cuda")
+    return pipe.to("cuda") if torch.cuda.is_available() else pipe
+
+
+def evaluate(pipeline, dataset: str, num_images: int = 96, out: str | None = None,
+             num_inference_steps: int = 50, guidance_scale: float = 3.0, scheduler: str = "ddpm",
+             seed_offset: int = 100_000, batch_size: int = 48, guidance_rescale: float = 0.0,
+             variance: str | None = None) -> dict:
+    """Sample and score (module docstring). ``pipeline``: a folder or an `LDMPipeline`; ``variance``: sample a
+    learned-variance model with its Σ ("learned", the default for ddpm) or a fixed one (`with_variance`)."""
+    pipe = open_pipeline(pipeline, dataset, num_images)
     original = pipe.scheduler
     pipe.scheduler = with_variance(sampling_scheduler(original, scheduler), variance)
     base = eval_prompts(dataset)
@@ -132,15 +137,7 @@ def nll(pipeline, dataset: str, num_images: int = 32, stride: int = 1, batch_siz
         out: str | None = None) -> dict:
     """The bound on -log p(x | caption) in bits per dimension of ``num_images`` held-out real images of the
     dataset's evaluation prompts (module docstring). ``pipeline``: a folder or an `LDMPipeline`."""
-    from pipelines import LDMPipeline
-
-    if dataset not in SCORED_DATASETS:
-        raise ValueError(f"--dataset must be a scored built-in dataset {SCORED_DATASETS}, got {dataset!r}")
-    if num_images < 1:
-        raise ValueError(f"--num-images must be positive, got {num_images}")
-    pipe = LDMPipeline.from_pretrained(pipeline) if isinstance(pipeline, (str, Path)) else pipeline
-    if torch.cuda.is_available():
-        pipe = pipe.to("cuda")
+    pipe = open_pipeline(pipeline, dataset, num_images)
     device = pipe.unet.device
     pixels = pipe.vae is None
     diffusion = GaussianDiffusion.from_scheduler_config(pipe.scheduler.config, discrete_decoder=pixels)
