@@ -381,10 +381,11 @@ class GaussianDiffusion:
     def nll_bpd(self, model: Callable, x0, model_kwargs: dict | None = None, generator=None, stride: int = 1) -> dict:
         """Negative log-likelihood bound of x0 in bits per dimension: Σ_t L_t + L_T.
 
-        ``stride`` 1 runs the network once per timestep (the full bound). ``stride`` k > 1 estimates the sum
-        from every k-th term, at an offset drawn per sample (stratified: unbiased, T/k network passes):
-        k · Σ_j L_{o + jk}, plus L_0 (the decoder term, unlike the others, is not smooth in t) computed
-        exactly. Returns per-sample ``total_bpd``, ``prior_bpd``, ``decoder_bpd`` and the (B, n) terms ``vb``.
+        ``stride`` 1 runs the network once per timestep (the full bound). ``stride`` k > 1 computes the terms
+        t < k exactly (they hold most of the bound and fall steeply: on the shapes models L_1 is ten times
+        L_25) and estimates the rest from one t drawn per block of k, uniformly within it (stratified:
+        unbiased, about k + T/k network passes). Returns per-sample ``total_bpd``, ``prior_bpd``,
+        ``decoder_bpd`` (L_0) and the (B, n) terms evaluated ``vb``.
         """
         T, n = self.num_timesteps, x0.shape[0]
         if not (isinstance(stride, int) and 1 <= stride <= T):
@@ -395,21 +396,16 @@ class GaussianDiffusion:
             xt = self.q_sample(x0, t, noise)
             return self.vb_terms_bpd(model(xt, t, **(model_kwargs or {})), x0, xt, t)
 
-        decoder = term(torch.zeros(n, device=x0.device, dtype=torch.long))
-        if stride == 1:
-            vb = [decoder] + [term(torch.full((n,), step, device=x0.device, dtype=torch.long)) for step in range(1, T)]
-            vb = torch.stack(vb, dim=1)
-            rest = vb[:, 1:].sum(1)
-        else:
-            # Strata {1..k}, {k+1..2k}, ... over t = 1..T-1; one t per stratum, uniform within it.
-            starts = list(range(1, T, stride))
-            vb, rest = [], torch.zeros(n, dtype=decoder.dtype, device=x0.device)
-            for start in starts:
-                width = min(stride, T - start)
-                offset = torch.randint(0, width, (n,), generator=generator).to(x0.device)
-                value = term(start + offset)
-                vb.append(value)
-                rest = rest + width * value
-            vb = torch.stack([decoder] + vb, dim=1)
+        head = T if stride == 1 else stride  # t < head exactly
+        vb = [term(torch.full((n,), step, device=x0.device, dtype=torch.long)) for step in range(head)]
+        decoder = vb[0]
+        rest = torch.stack(vb[1:], 1).sum(1) if head > 1 else torch.zeros_like(decoder)
+        for start in range(head, T, stride):
+            width = min(stride, T - start)
+            offset = torch.randint(0, width, (n,), generator=generator).to(x0.device)
+            value = term(start + offset)
+            vb.append(value)
+            rest = rest + width * value
+        vb = torch.stack(vb, dim=1)
         prior = self.prior_bpd(x0)
         return {"total_bpd": decoder + rest + prior, "prior_bpd": prior, "decoder_bpd": decoder, "vb": vb}

@@ -10,9 +10,10 @@ Writes ``samples.png`` (one row per prompt) and ``metrics.json`` into ``--out``.
 
 reports instead the variational bound on the negative log-likelihood of held-out real images under their
 captions, in bits per dimension (``nll.json``): Σ_t L_t + L_T over the full chain, or with ``--nll-stride k``
-an unbiased stratified estimate from one timestep in every k (`GaussianDiffusion.nll_bpd`). A pixel model's
-t = 0 term is the discretized Gaussian of 8-bit images, so its number compares with published bits/dim; a
-latent model's is per dimension of its scaled latents (the posterior mean of each image).
+the terms t < k exactly and an unbiased stratified estimate of the rest from one timestep in every k
+(`GaussianDiffusion.nll_bpd`). A pixel model's t = 0 term is the discretized Gaussian of 8-bit images, so
+its number compares with published bits/dim; a latent model's is per dimension of its scaled latents (the
+posterior mean of each image).
 
 Beyond the scorer's accuracies (and, for shapes, the position confusion matrix), two measures that see
 what accuracy cannot, both against real images of the same prompts (`ldm.builtin_data.real_images`):
@@ -163,7 +164,7 @@ def nll(pipeline, dataset: str, num_images: int = 32, stride: int = 1, batch_siz
               if len(total) > 1 else None,
               "prior_bpd": float(torch.cat([p["prior_bpd"] for p in parts]).mean()),
               "decoder_bpd": float(torch.cat([p["decoder_bpd"] for p in parts]).mean()),
-              "stride": stride, "num_timesteps": T, "network_passes_per_image": 1 + len(range(1, T, stride)),
+              "stride": stride, "num_timesteps": T, "network_passes_per_image": T if stride == 1 else stride + len(range(stride, T, stride)),
               "num_images": num_images, "space": "pixels (8-bit, discretized decoder)" if pixels else "latents",
               "variance": pipe.scheduler.config.get("variance_type"), "dataset": dataset,
               "pipeline": str(pipeline) if isinstance(pipeline, (str, Path)) else None,

@@ -318,7 +318,7 @@ def test_strided_nll_estimate_is_unbiased_and_stride_one_is_the_full_bound():
     gap = (strided.mean(0) - fulls.mean(0)).abs()
     se = (strided.var(0) / 200 + fulls.var(0) / 40).sqrt()
     assert (gap < 4 * se + 1e-9).all(), (gap, se)
-    assert diff.nll_bpd(model, x0, generator=g, stride=8)["vb"].shape == (2, 1 + 5)
+    assert diff.nll_bpd(model, x0, generator=g, stride=8)["vb"].shape == (2, 8 + 4)  # t < 8, then 8, 16, 24, 32
     with pytest.raises(ValueError, match="stride"):
         diff.nll_bpd(model, x0, stride=0)
 

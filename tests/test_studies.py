@@ -6,7 +6,7 @@ import json
 import pytest
 
 from ldm.schedulers import sampling_scheduler, with_variance
-from ldm.studies.variance import format_table, run_study
+from ldm.studies.variance import format_table, rebound, run_study
 
 
 def test_variance_study_writes_every_cell(tmp_path, tiny_vae_dir):
@@ -23,6 +23,9 @@ def test_variance_study_writes_every_cell(tmp_path, tiny_vae_dir):
     assert saved["records"] == result["records"] and saved["settings"]["sampling_steps"] == [2, 3]
     assert (out / "quality_vs_steps.png").stat().st_size > 0
     assert "NLL bound" in format_table(result["records"])
+    again = rebound(out, nll_images=2, nll_stride=10, check_images=0)  # bound again, nothing retrained
+    assert [r for r in again["records"] if "sampler" in r] == cells
+    assert [r["nll_stride"] for r in again["records"] if "nll_bpd" in r] == [10, 10]
     with pytest.raises(ValueError, match="num-images must be at least 32"):
         run_study(out, num_images=16)
 
