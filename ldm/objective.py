@@ -95,9 +95,9 @@ class LatentDiffusionObjective:
     """Denoising on VAE latents (Rombach et al. 2022) under text context.
 
     Per image: a fresh posterior sample z ~ q(z|x) from the cached (mean, std) (or its mean, with
-    ``latent_posterior="mean"``), shifted and scaled; a timestep (uniform or logit-normal); noise, with offset noise when asked; caption dropout. The
-    terms are Gaussian diffusion's (``mse``, and ``vb`` for a learned variance, min-SNR weighted when asked);
-    with a second part (DreamBooth's class images) its mean loss is the prior-preservation term (Ruiz et al.
+    ``latent_posterior="mean"``), shifted and scaled; a timestep (uniform, logit-normal, or importance-sampled
+    with its weight); noise, with offset noise when asked; caption dropout. The terms are Gaussian
+    diffusion's (``mse``, and ``vb`` for a learned variance, min-SNR weighted when asked); with a second part (DreamBooth's class images) its mean loss is the prior-preservation term (Ruiz et al.
     2023, eq. 2) added at ``prior_loss_weight``.
     """
 
@@ -133,7 +133,7 @@ class LatentDiffusionObjective:
         return {"t": t, "noise": noise, "posterior": posterior, "drop": drop, "weights": weights}
 
     def inputs(self, batch: dict, draws: dict, sl: slice, device) -> tuple:
-        """(z0, t, noise, context) of the slice ``sl`` of a global batch that ``batch`` was loaded from."""
+        """(z0, t, noise, context, weights) of the slice ``sl`` of a global batch that ``batch`` was loaded from."""
         if "pixels" in batch:  # images that could not be cached (a new crop every step): encode them now
             mean, std = encode(self.vae, batch["pixels"])
         else:
