@@ -97,8 +97,9 @@ class LatentDiffusionObjective:
     Per image: a fresh posterior sample z ~ q(z|x) from the cached (mean, std) (or its mean, with
     ``latent_posterior="mean"``), shifted and scaled; a timestep (uniform, logit-normal, or importance-sampled
     with its weight); noise, with offset noise when asked; caption dropout. The terms are Gaussian
-    diffusion's (``mse``, and ``vb`` for a learned variance, min-SNR weighted when asked); with a second part (DreamBooth's class images) its mean loss is the prior-preservation term (Ruiz et al.
-    2023, eq. 2) added at ``prior_loss_weight``.
+    diffusion's (``mse``, and ``vb`` for a learned variance, min-SNR weighted when asked); with a second
+    part (DreamBooth's class images) its mean loss is the prior-preservation term (Ruiz et al. 2023, eq. 2)
+    added at ``prior_loss_weight``.
     """
 
     def __init__(self, diffusion: GaussianDiffusion, dcfg, caption_dropout: float, text: TextContext, vae,
