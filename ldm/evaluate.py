@@ -125,14 +125,6 @@ def evaluate(pipeline, dataset: str, num_images: int = 96, out: str | None = Non
     return result
 
 
-def images_to_tensor(images) -> torch.Tensor:
-    """PIL images -> (B, 3, H, W) float32 in [-1, 1], 8-bit levels exactly v / 127.5 - 1."""
-    import numpy as np
-
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1
-
-
 @torch.no_grad()
 def nll(pipeline, dataset: str, num_images: int = 32, stride: int = 1, batch_size: int = 32, seed: int = 0,
         out: str | None = None) -> dict:
@@ -147,7 +139,7 @@ def nll(pipeline, dataset: str, num_images: int = 32, stride: int = 1, batch_siz
         raise ValueError(f"--nll-stride must be an int in [1, {T}] (the model's timesteps), got {stride!r}")
     base = eval_prompts(dataset)
     prompts = [base[i % len(base)] for i in range(num_images)]
-    x = images_to_tensor(real_images(dataset, prompts, NLL_SEED, "heldout"))
+    x = to_tensor(real_images(dataset, prompts, NLL_SEED, "heldout")) * 2 - 1  # 8-bit levels in [-1, 1]
     g = torch.Generator().manual_seed(seed)
     t0, parts = time.time(), []
     for i in tqdm(range(0, num_images, batch_size), desc=f"likelihood bound (stride {stride})"):
