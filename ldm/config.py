@@ -140,7 +140,7 @@ class TrainConfig:
     max_steps: int = 2000
     learning_rate: float = 1e-3
     text_encoder_learning_rate: float | None = None  # None: same as learning_rate
-    optimizer: Optimizer = "adamw"  # adamw (fused on CUDA) | adamw8bit (needs bitsandbytes)
+    optimizer: Optimizer = "adamw"  # adamw (fused on CUDA and CPU) | adamw8bit (needs bitsandbytes)
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
