@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointManager, list_checkpoints, read_train_state, resolve_resume
 from .config import config_differences, save_config, to_yaml
 from .errors import STOP_SIGNALS, NonFinite, Preempted
-from .run import MetricsWriter, format_summary, make_accelerator, plot_curves, warn_if_cpu_threads_capped
+from .run import (MetricsWriter, format_summary, keep_freed_cpu_memory, make_accelerator, plot_curves,
+                  warn_if_cpu_threads_capped)
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ class Engine:
             save_config(cfg, self.run_dir / "config.yaml")
         warn_if_cpu_threads_capped(acc)
         self.device = acc.device
+        if self.device.type == "cpu":
+            keep_freed_cpu_memory()
         self.optimizer = self.lr_schedule = self.ema = self.metrics = self.ckpt = None
         self.clip_params, self.max_grad_norm, self.ema_params = [], 0.0, []
         self.skipped_steps, self.nonfinite_skipped, self.start_step, self.step, self.last_row = 0, 0, 0, 0, {}

@@ -176,6 +176,29 @@ def warn_if_cpu_threads_capped(accelerator) -> None:
                        torch.get_num_threads(), cores, os.environ.get("OMP_NUM_THREADS"), cores)
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Let glibc's allocator keep the memory a CPU training step frees, for the next step to reuse.
+
+    By default it returns large blocks to the system and takes them back the next step, page by page: on the
+    shapes preset (2 cores) that is about 38,000 page faults and 0.11 s of system CPU time per step, against
+    none with freed memory kept; the step took 0.63 s against 0.66 s (mean of two runs of 40 steps each).
+    Changes nothing but speed and the process's resident size; a no-op (False) where the C library is not
+    glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def make_accelerator(mixed_precision: str = "no"):
     """An Accelerator that also forms a process group for several CPU processes.
 

@@ -54,7 +54,7 @@ def model_config(name: str, out: Path, steps: int, preset: str, extra: list[str]
 
 
 def run_study(out: Path, steps: int = 250, sampling_steps=(10, 25, 50, 100, 250), num_images: int = 48,
-              guidance_scale: float = 1.0, nll_images: int = 32, nll_stride: int = 50, check_images: int = 8,
+              guidance_scale: float = 1.0, nll_images: int = 32, nll_stride: int = 50, check_images: int = 4,
               preset: str = "configs/ldm/shapes.yaml", models=tuple(MODELS), extra: list[str] = ()) -> dict:
     from pipelines import LDMPipeline
 
@@ -105,7 +105,7 @@ def bound_record(pipe, name: str, nll_images: int, nll_stride: int, check_images
     return record
 
 
-def rebound(out: Path, nll_images: int = 32, nll_stride: int = 50, check_images: int = 8) -> dict:
+def rebound(out: Path, nll_images: int = 32, nll_stride: int = 50, check_images: int = 4) -> dict:
     """Bound again the models a finished study left in ``out`` (no training, no sampling): its results.json
     gets new bound records, the sampling cells kept."""
     from pipelines import LDMPipeline
@@ -174,7 +174,7 @@ def main(argv=None) -> None:
                         help="1: unguided, as Improved DDPM's comparisons (and half the sampling time)")
     parser.add_argument("--nll-images", type=int, default=32)
     parser.add_argument("--nll-stride", type=int, default=50)
-    parser.add_argument("--check-images", type=int, default=8, help="images for the full-bound check (0: skip)")
+    parser.add_argument("--check-images", type=int, default=4, help="images for the full-bound check (0: skip)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--preset", default="configs/ldm/shapes.yaml")
     parser.add_argument("--rebound", action="store_true",
