@@ -149,8 +149,8 @@ def nll(pipeline, dataset: str, num_images: int = 32, stride: int = 1, batch_siz
             z = vae.encode(xb.to(vae.dtype)).latent_dist.mean.float()
             xb = (z - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
         context = pipe._encode(prompts[i:i + batch_size], 1, device).to(pipe.unet.dtype)
-        model = lambda xt, t, c=context: pipe.unet(xt.to(c.dtype), t, encoder_hidden_states=c).sample.float()  # noqa: E731
-        parts.append(diffusion.nll_bpd(model, xb.float(), generator=g, stride=stride))
+        model = lambda xt, t, c: pipe.unet(xt.to(c.dtype), t, encoder_hidden_states=c).sample.float()  # noqa: E731
+        parts.append(diffusion.nll_bpd(model, xb.float(), {"c": context}, generator=g, stride=stride))
     total = torch.cat([p["total_bpd"] for p in parts]).double()
     result = {"nll_bpd": float(total.mean()), "nll_bpd_standard_error": float(total.std() / len(total) ** 0.5)
               if len(total) > 1 else None,

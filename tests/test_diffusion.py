@@ -323,6 +323,26 @@ def test_strided_nll_estimate_is_unbiased_and_stride_one_is_the_full_bound():
         diff.nll_bpd(model, x0, stride=0)
 
 
+def test_nll_bound_is_the_same_whatever_the_number_of_timesteps_per_network_pass():
+    _, diff = _pair(T=40, beta_schedule="linear", beta_end=0.2, variance_type="learned_range")
+    x0 = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    shift = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)  # a per-sample input, as a caption's context is
+    model = lambda xt, t, c: torch.cat([0.3 * xt + c.view(-1, 1, 1, 1), torch.tanh(xt + t.view(-1, 1, 1, 1) / 40)], 1)  # noqa: E731
+    for stride in (1, 8):
+        runs = [diff.nll_bpd(model, x0, {"c": shift}, generator=torch.Generator().manual_seed(0), stride=stride,
+                             timesteps_per_pass=k) for k in (1, 7, None)]
+        for other in runs[1:]:
+            for key in ("total_bpd", "vb", "decoder_bpd"):
+                torch.testing.assert_close(other[key], runs[0][key])
+    # One term by hand, the way a per-timestep loop computes it: t = 0 with the generator's first noise draw.
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0), dtype=x0.dtype)
+    t = torch.zeros(3, dtype=torch.long)
+    xt = diff.q_sample(x0, t, noise)
+    torch.testing.assert_close(runs[0]["decoder_bpd"], diff.vb_terms_bpd(model(xt, t, shift), x0, xt, t))
+    with pytest.raises(ValueError, match="timesteps_per_pass"):
+        diff.nll_bpd(model, x0, {"c": shift}, timesteps_per_pass=0)
+
+
 def test_bad_config_values_raise():
     with pytest.raises(ValueError, match="beta_schedule"):
         make_betas("quadratic", 10)
