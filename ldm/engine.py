@@ -387,5 +387,8 @@ class Engine:
             print(format_summary(f"{self.title} run {self.cfg.name}", {
                 **shown, **paths, "loss plot": self.run_dir / "loss.png", "metrics": self.run_dir / "metrics.jsonl",
                 "checkpoints": saved}))
+        # Every process reaches here before the process group goes: a process that tore it down while another
+        # was still exporting left that one hanging at exit, in gloo's destructor (seen once in a 2-process run).
+        acc.wait_for_everyone()
         acc.end_training()
         return final
