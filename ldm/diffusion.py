@@ -390,8 +390,9 @@ class GaussianDiffusion:
         exactly (they hold most of the bound and fall steeply: on the shapes models L_1 is ten times L_25) and
         estimates the rest from one t drawn per block of k, uniformly within it (stratified: unbiased, about
         k + T/k terms per sample). ``timesteps_per_pass`` terms go through the network as one batch
-        (``model_kwargs`` tensors are repeated to match); by default as many as keep a pass near 2^20 input
-        values. The noise is drawn in the same order whatever the batching, so it changes nothing but speed.
+        (``model_kwargs`` tensors are repeated to match); by default as many as keep a pass near
+        ``NLL_PASS_VALUES`` input values. The noise is drawn in the same order whatever the batching, so the
+        batching changes nothing but speed.
         Returns per-sample ``total_bpd``, ``prior_bpd``, ``decoder_bpd`` (L_0) and the (B, n) terms ``vb``.
         """
         T, n = self.num_timesteps, x0.shape[0]
@@ -403,28 +404,31 @@ class GaussianDiffusion:
             raise ValueError(f"timesteps_per_pass must be a positive int, got {timesteps_per_pass!r}")
 
         head = T if stride == 1 else stride  # t < head exactly
-        steps, noises, widths = [], [], []  # drawn in the order the terms are summed
-        for step in range(head):
-            steps.append(torch.full((n,), step, dtype=torch.long))
-            noises.append(torch.randn(x0.shape, generator=generator, dtype=x0.dtype))
-            widths.append(1)
-        for start in range(head, T, stride):
-            width = min(stride, T - start)
-            steps.append(start + torch.randint(0, width, (n,), generator=generator))
-            noises.append(torch.randn(x0.shape, generator=generator, dtype=x0.dtype))
-            widths.append(width)
+        # Terms in the order they are summed: t < head one by one, then one t drawn per block of `stride`.
+        blocks = [(step, 1) for step in range(head)]
+        blocks += [(start, min(stride, T - start)) for start in range(head, T, stride)]
+        vb, pending = [], []  # pending: the (t, noise) of the next pass, drawn in term order (at most one pass held)
 
-        vb = []
-        for i in range(0, len(steps), timesteps_per_pass):
-            k = len(steps[i:i + timesteps_per_pass])
-            t = torch.cat(steps[i:i + k]).to(x0.device)
+        def run_pending():
+            k = len(pending)
+            t = torch.cat([p[0] for p in pending]).to(x0.device)
             x0s = x0.repeat(k, *([1] * (x0.dim() - 1)))
-            xt = self.q_sample(x0s, t, torch.cat(noises[i:i + k]).to(x0.device))
+            xt = self.q_sample(x0s, t, torch.cat([p[1] for p in pending]).to(x0.device))
             kwargs = {key: v.repeat(k, *([1] * (v.dim() - 1))) if torch.is_tensor(v) else v
                       for key, v in (model_kwargs or {}).items()}
             vb.extend(self.vb_terms_bpd(model(xt, t, **kwargs), x0s, xt, t).view(k, n).unbind(0))
+            pending.clear()
+
+        for start, width in blocks:
+            t = (torch.full((n,), start, dtype=torch.long) if start < head
+                 else start + torch.randint(0, width, (n,), generator=generator))
+            pending.append((t, torch.randn(x0.shape, generator=generator, dtype=x0.dtype)))
+            if len(pending) == timesteps_per_pass:
+                run_pending()
+        if pending:
+            run_pending()
         decoder = vb[0]
-        rest = sum((w * v for w, v in zip(widths[1:], vb[1:])), torch.zeros_like(decoder))
+        rest = sum((width * v for (_, width), v in zip(blocks[1:], vb[1:])), torch.zeros_like(decoder))
         vb = torch.stack(vb, dim=1)
         prior = self.prior_bpd(x0)
         return {"total_bpd": decoder + rest + prior, "prior_bpd": prior, "decoder_bpd": decoder, "vb": vb}

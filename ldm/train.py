@@ -234,7 +234,7 @@ def make_optimizer(params: list[dict], tc, device: torch.device) -> torch.optim.
     kwargs = {"betas": (tc.adam_beta1, tc.adam_beta2), "weight_decay": tc.weight_decay}
     if tc.optimizer == "adamw":
         # Fused on CUDA and on CPU (one kernel over all tensors: a training step of the shapes preset takes
-        # 0.51 s instead of 0.60 s on 2 cores); it matches the for-each update to float32 rounding.
+        # 0.51 s instead of 0.60 s on 2 cores); it matches the unfused update to float32 rounding.
         return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu") or None, **kwargs)
     try:  # adamw8bit (the config admits no other name)
         import bitsandbytes as bnb
