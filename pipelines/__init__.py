@@ -1,5 +1,6 @@
 """Inference pipelines."""
 
 from .ldm_pipeline import LDMPipeline, vae_scale_factor
+from .sr_pipeline import SuperResolutionPipeline, low_res_scheduler, rescale_latent_space
 
-__all__ = ["LDMPipeline", "vae_scale_factor"]
+__all__ = ["LDMPipeline", "SuperResolutionPipeline", "low_res_scheduler", "rescale_latent_space", "vae_scale_factor"]

@@ -60,6 +60,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    saved_class_name = SAVED_CLASS_NAME
     max_images_per_call = 512  # a bound on prompts x num_images_per_prompt: one batch holds them all
     _optional_components = ["vae"]
 
@@ -87,7 +88,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
         # Null SD-only components so StableDiffusionPipeline.from_pretrained loads without a safety checker.
-        index.update(_class_name=SAVED_CLASS_NAME, safety_checker=[None, None], feature_extractor=[None, None])
+        index.update(_class_name=self.saved_class_name, safety_checker=[None, None], feature_extractor=[None, None])
         index["requires_safety_checker"] = False
         # Write-then-rename so an interrupted save never leaves a truncated model_index.json behind.
         fd, tmp_path = tempfile.mkstemp(dir=save_directory, prefix=".model_index.", suffix=".json")
@@ -168,11 +169,11 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def _sampling_scheduler(self):
         """Return the scheduler to sample with and whether it takes a [mean, variance] model output."""
-        scheduler, unet_cfg = self.scheduler, self.unet.config
-        learned_unet = unet_cfg.out_channels == 2 * unet_cfg.in_channels
-        if not learned_unet and unet_cfg.out_channels != unet_cfg.in_channels:
+        scheduler, unet_cfg, ch = self.scheduler, self.unet.config, self._latent_channels()
+        learned_unet = unet_cfg.out_channels == 2 * ch
+        if not learned_unet and unet_cfg.out_channels != ch:
             raise ValueError(
-                f"unet out_channels must equal in_channels ({unet_cfg.in_channels}) or twice it for a learned "
+                f"unet out_channels must equal the latent channels ({ch}) or twice them for a learned "
                 f"variance, got {unet_cfg.out_channels}"
             )
         learned_sched = getattr(scheduler.config, "variance_type", None) in LEARNED_VARIANCE
@@ -182,7 +183,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if not learned_unet:
                 raise ValueError(
                     f"scheduler variance_type={scheduler.config.variance_type!r} needs a unet that predicts the "
-                    f"variance (out_channels={2 * unet_cfg.in_channels}), got out_channels={unet_cfg.out_channels}"
+                    f"variance (out_channels={2 * ch}), got out_channels={unet_cfg.out_channels}"
                 )
             return scheduler, True
         # The pipeline already drops the variance; a per-call copy stops the scheduler slicing channels again.
@@ -201,6 +202,72 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         finally:
             if lora_scale is not None:
                 unscale_lora_layers(self.text_encoder, lora_scale)
+
+    def _latent_channels(self) -> int:
+        """Channels of the latents the U-Net denoises (its input holds nothing else here)."""
+        return self.unet.config.in_channels
+
+    def _context(self, prompts, negatives, n, do_cfg, device, cross_attention_kwargs):
+        """Text context (B·n, L, D) of the prompts, with the negatives' first under guidance (one U-Net pass
+        covers both, as in StableDiffusionPipeline)."""
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        context = self._encode(prompts, n, device, lora_scale)
+        if do_cfg:
+            context = torch.cat([self._encode(negatives, n, device, lora_scale), context])
+        return context.to(self.unet.dtype)
+
+    def _unet_extra(self, model_in):
+        """(model input, U-Net keyword arguments) for one step: nothing to add for text-to-image."""
+        return model_in, {}
+
+    def _denoise(self, latents, scheduler, pass_variance, context, num_inference_steps, guidance_scale,
+                 guidance_rescale, generator, cross_attention_kwargs):
+        """The sampling loop from pure noise ``latents`` to the denoised latents."""
+        do_cfg = guidance_scale > 1.0
+        ch = latents.shape[1]
+        scheduler.set_timesteps(num_inference_steps, device=latents.device)
+        # Only stochastic schedulers accept a generator in step(); passing it to others would raise TypeError.
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        last = scheduler.timesteps[-1]
+        for t in self.progress_bar(scheduler.timesteps):
+            model_in = torch.cat([latents] * 2) if do_cfg else latents
+            model_in, extra = self._unet_extra(scheduler.scale_model_input(model_in, t))
+            out = self.unet(model_in, t, encoder_hidden_states=context, cross_attention_kwargs=cross_attention_kwargs,
+                            return_dict=False, **extra)[0]
+            mean, var = out[:, :ch], out[:, ch:]  # var is empty without a learned variance
+            if do_cfg:
+                mean_uncond, mean_text = mean.chunk(2)
+                mean = mean_uncond + guidance_scale * (mean_text - mean_uncond)
+                var = var.chunk(2)[1]  # guidance applies to the mean only; keep the conditional variance
+                if guidance_rescale > 0:
+                    # Lin et al. 2024, sec. 3.4, as StableDiffusionPipeline applies it: bring the guided output's
+                    # std back towards the conditional one's, against the over-exposure of strong guidance
+                    # (worst at zero terminal SNR).
+                    mean = rescale_noise_cfg(mean, mean_text, guidance_rescale=guidance_rescale)
+            if pass_variance and t == last:
+                # The last step adds no noise (DDPM Algorithm 2; improved-diffusion's respaced chain). With
+                # respacing it ends at t > 0, where DDPMScheduler would add noise of the learned variance
+                # between 0 and β'; its lower end (-1) gives std 1e-10.
+                var = torch.full_like(var, -1.0)
+            model_out = torch.cat([mean, var], dim=1) if pass_variance else mean
+            latents = scheduler.step(model_out, t, latents, **step_kwargs, return_dict=False)[0]
+        return latents
+
+    def _decode(self, latents, output_type):
+        """Denoised latents -> images of ``output_type`` (the latents themselves for "latent")."""
+        if output_type == "latent":
+            return latents
+        if self.vae is None:  # pixel space: the denoised sample is the image
+            decoded = latents.float()
+        else:
+            latents = latents / self.vae.config.scaling_factor
+            shift = getattr(self.vae.config, "shift_factor", None)
+            if shift is not None:
+                latents = latents + shift
+            decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        decoded = (decoded / 2 + 0.5).clamp(0, 1)
+        return self.image_processor.postprocess(decoded, output_type=output_type,
+                                                do_denormalize=[False] * decoded.shape[0])
 
     @torch.no_grad()
     def __call__(
@@ -231,59 +298,13 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise ValueError(f"guidance_rescale must be a number in [0, 1] (0 turns it off), got {guidance_rescale!r}")
         scheduler, pass_variance = self._sampling_scheduler()
         device, dtype = self._execution_device, self.unet.dtype
-        do_cfg = guidance_scale > 1.0
-
-        lora_scale = (cross_attention_kwargs or {}).get("scale")
-        context = self._encode(prompts, num_images_per_prompt, device, lora_scale)
-        if do_cfg:  # unconditional first, as in StableDiffusionPipeline, so one unet pass covers both
-            context = torch.cat([self._encode(negatives, num_images_per_prompt, device, lora_scale), context])
-        context = context.to(dtype)
-
-        in_ch, f = self.unet.config.in_channels, self.vae_scale_factor
-        shape = (len(prompts) * num_images_per_prompt, in_ch, height // f, width // f)
+        context = self._context(prompts, negatives, num_images_per_prompt, guidance_scale > 1.0, device,
+                                cross_attention_kwargs)
+        f = self.vae_scale_factor
+        shape = (len(prompts) * num_images_per_prompt, self._latent_channels(), height // f, width // f)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
-
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        # Only stochastic schedulers accept a generator in step(); passing it to others would raise TypeError.
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        last = scheduler.timesteps[-1]
-        for t in self.progress_bar(scheduler.timesteps):
-            model_in = torch.cat([latents] * 2) if do_cfg else latents
-            model_in = scheduler.scale_model_input(model_in, t)
-            out = self.unet(model_in, t, encoder_hidden_states=context, cross_attention_kwargs=cross_attention_kwargs,
-                            return_dict=False)[0]
-            mean, var = out[:, :in_ch], out[:, in_ch:]  # var is empty without a learned variance
-            if do_cfg:
-                mean_uncond, mean_text = mean.chunk(2)
-                mean = mean_uncond + guidance_scale * (mean_text - mean_uncond)
-                var = var.chunk(2)[1]  # guidance applies to the mean only; keep the conditional variance
-                if guidance_rescale > 0:
-                    # Lin et al. 2024, sec. 3.4, as StableDiffusionPipeline applies it: bring the guided output's
-                    # std back towards the conditional one's, against the over-exposure of strong guidance
-                    # (worst at zero terminal SNR).
-                    mean = rescale_noise_cfg(mean, mean_text, guidance_rescale=guidance_rescale)
-            if pass_variance and t == last:
-                # The last step adds no noise (DDPM Algorithm 2; improved-diffusion's respaced chain). With
-                # respacing it ends at t > 0, where DDPMScheduler would add noise of the learned variance
-                # between 0 and β'; its lower end (-1) gives std 1e-10.
-                var = torch.full_like(var, -1.0)
-            model_out = torch.cat([mean, var], dim=1) if pass_variance else mean
-            latents = scheduler.step(model_out, t, latents, **step_kwargs, return_dict=False)[0]
-
-        if output_type == "latent":
-            images = latents
-        else:
-            if self.vae is None:  # pixel space: the denoised sample is the image
-                decoded = latents.float()
-            else:
-                latents = latents / self.vae.config.scaling_factor
-                shift = getattr(self.vae.config, "shift_factor", None)
-                if shift is not None:
-                    latents = latents + shift
-                decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
-            decoded = (decoded / 2 + 0.5).clamp(0, 1)
-            images = self.image_processor.postprocess(
-                decoded, output_type=output_type, do_denormalize=[False] * decoded.shape[0]
-            )
+        latents = self._denoise(latents, scheduler, pass_variance, context, num_inference_steps, guidance_scale,
+                                guidance_rescale, generator, cross_attention_kwargs)
+        images = self._decode(latents, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
