@@ -107,11 +107,14 @@ class BatchSource:
     cached posteriors {"mean", "std"} or {"pixels"}, with "captions" (b,)."""
 
     def __init__(self, split, sampler: GlobalBatchSampler, seed: int, streams: Streams, random_flip: bool,
-                 latents: dict | None = None, pixels: PixelItems | None = None, caption_offset: int = 0):
+                 latents: dict | None = None, pixels: PixelItems | None = None, caption_offset: int = 0,
+                 low_res: dict | None = None):
+        """``low_res``: a super-resolution stage's cache of low-resolution images, loaded beside the latents."""
         if (latents is None) == (pixels is None):
             raise ValueError("a batch source reads either cached latents or pixels")
         self.split, self.sampler, self.seed, self.streams = split, sampler, seed, streams
         self.random_flip, self.latents, self.pixels, self.caption_offset = random_flip, latents, pixels, caption_offset
+        self.low_res = low_res
 
     @property
     def batches_per_epoch(self) -> int:
@@ -135,7 +138,10 @@ class BatchSource:
         items, flips = plan.items[sl], plan.flips[sl]
         if self.latents is not None:
             mean, std = cached_posterior(self.latents, items, flips)
-            return {"mean": mean, "std": std, "captions": plan.captions[sl]}
+            out = {"mean": mean, "std": std, "captions": plan.captions[sl]}
+            if self.low_res is not None:
+                out["low_res"] = cached_posterior(self.low_res, items, flips)[0]
+            return out
         pixels = torch.stack([self.pixels[(i, f, s)] for i, f, s in
                               zip(items, flips.tolist(), plan.crop_seeds[sl].tolist())])
         return {"pixels": pixels, "captions": plan.captions[sl]}

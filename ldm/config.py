@@ -31,6 +31,7 @@ PretrainedSchedule = typing.Literal["keep", "config"]
 LatentPosterior = typing.Literal["sample", "mean"]
 SamplerName = typing.Literal["ddpm", "ddim", "dpm++"]  # the keys of ldm.schedulers.SAMPLERS
 OnNonfinite = typing.Literal["stop", "skip_step"]
+Stage = typing.Literal["base", "super_resolution"]
 
 
 @dataclass
@@ -205,9 +206,30 @@ class DreamBoothConfig:
 
 
 @dataclass
+class SuperResolutionConfig:
+    """A super-resolution stage of a cascade (``stage: super_resolution``): the U-Net sees, beside x_t, the
+    training image downsampled to ``low_resolution`` and noised (conditioning augmentation), and the noise level
+    as ``class_labels``. In latent space the low-resolution image sits at latent size, so data.resolution /
+    low_resolution must be the VAE's factor; in pixel space (model.vae: none) it is upsampled to
+    data.resolution, any integer factor."""
+
+    low_resolution: int = 32  # side of the conditioning image (area-downsampled from the training image)
+    # Augmentation level per training example, uniform over this inclusive range of steps of the 1000-step
+    # low-resolution DDPM schedule (noise level s: sqrt(ᾱ_s) x + sqrt(1 - ᾱ_s) ε); [0, 0] turns it off. The top
+    # is exported as the pipeline's max_noise_level.
+    noise_levels: list[int] = field(default_factory=lambda: [0, 350])
+    # Gaussian blur of the conditioning image before the noise (CDM's augmentation at high resolution), sigma in
+    # low-resolution pixels uniform over this range; [0, 0] turns it off. Training only.
+    blur_sigma: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    sample_noise_level: int = 0  # the augmentation level of validation samples
+
+
+@dataclass
 class LDMConfig:
     name: str = "ldm"
     output_dir: str = "runs"
+    # "base": text-to-image; "super_resolution": a cascade stage that upsamples a low-resolution image
+    stage: Stage = "base"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -215,6 +237,7 @@ class LDMConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
+    super_resolution: SuperResolutionConfig = field(default_factory=SuperResolutionConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -356,7 +379,8 @@ RUN_SETTINGS = ("name", "output_dir", "export_dir", "data.cache_dir", "data.data
                 "train.max_steps", "train.resume", "train.allow_config_change", "train.overwrite",
                 "train.checkpoint_every", "train.keep_last", "train.validate_every", "train.log_every",
                 "train.tensorboard", "train.num_workers", "train.score_num_images", "train.compile",
-                "train.gradient_checkpointing", "train.on_nonfinite", "sample")
+                "train.gradient_checkpointing", "train.on_nonfinite", "sample",
+                "super_resolution.sample_noise_level")
 
 
 _ABSENT = object()
@@ -544,6 +568,8 @@ def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -
         c.require(fc.base_dtype in ("fp32", tc.mixed_precision), "finetune.base_dtype",
                   f"{fc.base_dtype!r} needs train.mixed_precision={fc.base_dtype!r} (got {tc.mixed_precision!r}) so that "
                   f"inputs meet the base weights in that dtype; or fp32")
+    if cfg.stage == "super_resolution":
+        check_super_resolution(c)
     # DreamBooth
     prior = bool(db.class_prompt or db.class_prompts)
     if db.instance_data:
@@ -560,3 +586,27 @@ def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -
         c.at_least("dreambooth.class_inference_steps", 1)
         c.require(math.isfinite(db.class_guidance_scale) and db.class_guidance_scale >= 1,
                   "dreambooth.class_guidance_scale", "needs a finite number >= 1")
+
+
+def check_super_resolution(c: Checker) -> None:
+    """A super-resolution stage's settings, and what it does not combine with."""
+    cfg = c.cfg
+    sr, d = cfg.super_resolution, cfg.data
+    c.at_least("super_resolution.low_resolution", 1)
+    c.require(d.resolution % sr.low_resolution == 0 and d.resolution > sr.low_resolution,
+              "super_resolution.low_resolution", f"must divide data.resolution={d.resolution} and be smaller")
+    factor = d.resolution // sr.low_resolution
+    c.require(len(sr.noise_levels) == 2 and 0 <= sr.noise_levels[0] <= sr.noise_levels[1] <= 999,
+              "super_resolution.noise_levels", "needs [low, high] with 0 <= low <= high <= 999 (steps of the "
+              "1000-step low-resolution schedule); [0, 0] turns augmentation off")
+    c.require(len(sr.blur_sigma) == 2 and all(math.isfinite(v) for v in sr.blur_sigma)
+              and 0 <= sr.blur_sigma[0] <= sr.blur_sigma[1], "super_resolution.blur_sigma",
+              "needs [low, high] with 0 <= low <= high (low-resolution pixels); [0, 0] turns blur off")
+    c.require(0 <= sr.sample_noise_level <= 999, "super_resolution.sample_noise_level", "needs an int in [0, 999]")
+    c.require(not d.bucketing or d.bucket_step % factor == 0, "data.bucket_step",
+              f"must be a multiple of the upscaling factor {factor} (data.resolution / super_resolution.low_resolution)")
+    c.require(cfg.finetune.method == "full", "finetune.method", "a super-resolution stage trains all its weights: "
+              "use 'full'")
+    db = cfg.dreambooth
+    c.require(not (db.instance_data or db.class_prompt or db.class_prompts), "dreambooth.instance_data",
+              "DreamBooth is for text-to-image stages; unset dreambooth.* for stage=super_resolution")

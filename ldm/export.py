@@ -28,6 +28,12 @@ def export(cfg, comp, unet, text_encoder, run_dir: Path) -> dict[str, Path]:
             saved["pipeline"] = run_dir / "pipeline"
     else:
         pipe = make_pipeline(comp, unet.eval(), text_encoder.eval(), cfg.sample.scheduler)
+        if comp.upscale_factor is not None and pipe.vae is not None:
+            # diffusers' upscaler decodes with its fixed factor: carry the VAE with its latent space rescaled to it
+            # (an exact reparametrisation: the same scaled latents, the same images).
+            from pipelines import rescale_latent_space
+
+            pipe.register_modules(vae=rescale_latent_space(pipe.vae))
         atomic_save_dir(lambda d: pipe.save_pretrained(d, safe_serialization=True), run_dir / "pipeline")
         saved["pipeline"] = run_dir / "pipeline"
     return saved

@@ -3,6 +3,10 @@
     python -m ldm.generate --pipeline runs/demo/pipeline "a blue triangle at the top right" --out out.png
     python -m ldm.generate --pipeline /path/to/sd15 --lora runs/dreambooth-sd15/lora \
         "a photo of sks dog on the beach" --num-images 4 --out dog.png
+    python -m ldm.generate --pipeline runs/cascade-demo/cascade "a red circle at the top left" --noise-level 100
+
+A cascade folder (base + super-resolution stages, `pipelines.CascadePipeline`) draws at the last stage's size;
+``--steps``, ``--guidance-scale`` and ``--scheduler`` are its base's, ``--noise-level`` its stages'.
 
 Writes one grid PNG (one row per prompt) and each image beside it as ``<out stem>-<i>.png``.
 """
@@ -15,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines import CascadePipeline
+
 from .errors import user_errors
 from .lora import LORA_FILE
 from .run import atomic_save, make_grid
@@ -24,11 +30,18 @@ logger = logging.getLogger(__name__)
 
 
 def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm", variance: str | None = None):
-    """An LDMPipeline from a folder, with the adapters of ``lora`` (a folder or a .safetensors file), sampling
+    """An LDMPipeline from a folder, or a `CascadePipeline` from a cascade folder (one with cascade.json), with
+    the adapters of ``lora`` (a folder or a .safetensors file) on the (base) text-to-image model, sampling it
     with ``scheduler`` and, for a learned-variance model, ``variance`` (`with_variance`)."""
-    from pipelines import LDMPipeline
+    from pipelines import CascadePipeline, LDMPipeline
+    from pipelines.cascade import CASCADE_FILE
 
-    pipe = LDMPipeline.from_pretrained(pipeline)
+    cascade = None
+    if (Path(pipeline) / CASCADE_FILE).is_file():
+        cascade = CascadePipeline.from_pretrained(pipeline)
+        pipe = cascade.base
+    else:
+        pipe = LDMPipeline.from_pretrained(pipeline)
     pipe.scheduler = with_variance(sampling_scheduler(pipe.scheduler, scheduler), variance)
     if lora:
         path = Path(lora)
@@ -40,6 +53,7 @@ def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm
             pipe.load_lora_weights(str(path.parent), weight_name=path.name)
         else:
             raise FileNotFoundError(f"--lora {lora!r} does not exist")
+    pipe = cascade or pipe
     if torch.cuda.is_available():
         pipe = pipe.to("cuda")
     return pipe
@@ -59,6 +73,9 @@ def main(argv=None) -> None:
     parser.add_argument("--scheduler", default="ddpm", choices=list(SAMPLERS))
     parser.add_argument("--variance", default=None, choices=list(VARIANCES),
                         help="a learned-variance model's Σ: learned (default with ddpm), or a fixed one")
+    parser.add_argument("--noise-level", type=int, nargs="+", default=None,
+                        help="a cascade's augmentation level at sampling (0-999 of the low-resolution schedule), "
+                             "one for every super-resolution stage or one per stage (default: saved with it)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="samples.png")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
@@ -68,6 +85,10 @@ def main(argv=None) -> None:
         pipe = load_pipeline(args.pipeline, args.lora, args.scheduler, args.variance)
         pipe.set_progress_bar_config(disable=True)
         kwargs = {"cross_attention_kwargs": {"scale": args.lora_scale}} if args.lora else {}
+        if args.noise_level is not None:
+            if not isinstance(pipe, CascadePipeline):
+                raise ValueError(f"--noise-level is for cascades; {args.pipeline!r} holds no cascade.json")
+            kwargs["noise_level"] = args.noise_level[0] if len(args.noise_level) == 1 else args.noise_level
         images = []
         for prompt in args.prompts:
             gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]

@@ -30,6 +30,10 @@ class Components:
     # The schedule the starting U-Net was trained with (DreamBooth's class images are drawn with it): the
     # pretrained folder's, which differs from `scheduler` after diffusion.pretrained_schedule=config.
     base_scheduler: DDPMScheduler | None = None
+    # A super-resolution stage: the upscaling factor (data.resolution / super_resolution.low_resolution) and the
+    # top of its augmentation range; None for text-to-image.
+    upscale_factor: int | None = None
+    max_noise_level: int | None = None
 
     def __post_init__(self):
         self.base_scheduler = self.base_scheduler or self.scheduler
@@ -77,7 +81,28 @@ def build_components(cfg: LDMConfig, captions: list[str], accelerator=None, resu
     if unet.config.out_channels != expected_out:
         raise ValueError(f"the U-Net has {unet.config.out_channels} output channels but diffusion.learned_variance="
                          f"{cfg.diffusion.learned_variance} needs {expected_out}")
-    return Components(tokenizer, text_encoder, vae, unet, scheduler, train_text_encoder, base_scheduler)
+    sr = {}
+    if cfg.stage == "super_resolution":
+        sr = {"upscale_factor": cfg.data.resolution // cfg.super_resolution.low_resolution,
+              "max_noise_level": cfg.super_resolution.noise_levels[1]}
+        check_super_resolution_unet(unet, vae, sr["upscale_factor"], str(cfg.model.pretrained or "the new U-Net"))
+    return Components(tokenizer, text_encoder, vae, unet, scheduler, train_text_encoder, base_scheduler, **sr)
+
+
+def check_super_resolution_unet(unet, vae, upscale_factor: int, where: str) -> None:
+    """A super-resolution stage's U-Net takes latents + 3 image channels and a class embedding per noise level;
+    in latent space the VAE's factor is the upscaling factor."""
+    from .superres import NUM_NOISE_LEVELS
+
+    want = vae.config.latent_channels + 3
+    if unet.config.in_channels != want or (unet.config.num_class_embeds or 0) < NUM_NOISE_LEVELS:
+        raise ValueError(f"{where}: a super-resolution U-Net needs in_channels={want} (latents + the low-resolution "
+                         f"image) and num_class_embeds >= {NUM_NOISE_LEVELS}, got {unet.config.in_channels} and "
+                         f"{unet.config.num_class_embeds}")
+    if not is_pixel_space(vae) and vae_scale_factor(vae) != upscale_factor:
+        raise ValueError(f"a latent super-resolution stage puts the low-resolution image at latent size, so "
+                         f"data.resolution / super_resolution.low_resolution ({upscale_factor}) must be the VAE's "
+                         f"factor {vae_scale_factor(vae)}")
 
 
 def caption_tokenizer(cfg: LDMConfig, captions: list[str], accelerator=None, resume_from: Path | None = None):
@@ -114,8 +139,12 @@ def build_unet(cfg: LDMConfig, vae, cross_attention_dim: int) -> UNet2DCondition
     if cfg.data.resolution % f:
         raise ValueError(f"data.resolution={cfg.data.resolution} must be a multiple of the VAE's factor {f}")
     latent = vae.config.latent_channels
+    sr = cfg.stage == "super_resolution"  # the low-resolution image beside the latents, its noise level as a class
+    from .superres import NUM_NOISE_LEVELS
+
     return UNet2DConditionModel(
-        sample_size=cfg.data.resolution // f, in_channels=latent,
+        sample_size=cfg.data.resolution // f, in_channels=latent + (3 if sr else 0),
+        num_class_embeds=NUM_NOISE_LEVELS if sr else None,
         out_channels=latent * (2 if cfg.diffusion.learned_variance else 1),
         block_out_channels=list(u.block_out_channels), layers_per_block=u.layers_per_block,
         down_block_types=list(u.down_block_types), up_block_types=list(u.up_block_types),
@@ -130,5 +159,14 @@ def make_pipeline(comp: Components, unet, text_encoder, sampler: str = "ddpm", b
     from pipelines import LDMPipeline
 
     schedule = comp.base_scheduler if base else comp.scheduler
+    if comp.upscale_factor is not None:
+        from pipelines import SuperResolutionPipeline, low_res_scheduler
+
+        pixels = is_pixel_space(comp.vae)
+        return SuperResolutionPipeline(vae=None if pixels else comp.vae, text_encoder=text_encoder,
+                                       tokenizer=comp.tokenizer, unet=unet, low_res_scheduler=low_res_scheduler(),
+                                       scheduler=sampling_scheduler(schedule, sampler),
+                                       max_noise_level=comp.max_noise_level,
+                                       upscale_factor=comp.upscale_factor if pixels else None)
     return LDMPipeline(vae=None if is_pixel_space(comp.vae) else comp.vae, text_encoder=text_encoder, tokenizer=comp.tokenizer, unet=unet,
                        scheduler=sampling_scheduler(schedule, sampler))

@@ -147,14 +147,18 @@ class LatentDiffusionObjective:
         context = self.text(batch["captions"], draws["drop"][sl], device)  # (b, L, D)
         return z0, draws["t"][sl].to(device), draws["noise"][sl].to(device), context, draws["weights"][sl].to(device)
 
+    def network(self, unet, context):
+        """The denoiser (x_t, t) -> the U-Net's output under ``context`` (and a subclass's extra inputs)."""
+        return lambda x, t: unet(x, t, encoder_hidden_states=context).sample
+
     def __call__(self, unet, parts: list[tuple[dict, dict, slice]], device) -> tuple[dict, torch.Tensor]:
         """Named loss terms (b,) of the first part, ``prior_loss`` of the second, and the loss to minimise.
         Both parts go through one forward, as DDP wants."""
-        z0, t, noise, context, weights = (torch.cat(x) for x in zip(*(self.inputs(b, d, sl, device)
-                                                                      for b, d, sl in parts)))
+        z0, t, noise, context, weights, *extra = (torch.cat(x) for x in zip(*(self.inputs(b, d, sl, device)
+                                                                              for b, d, sl in parts)))
         d = self.d
-        all_terms = self.diffusion.training_losses(lambda x, tt: unet(x, tt, encoder_hidden_states=context).sample,
-                                                   z0, t, noise, snr_gamma=d.snr_gamma, vlb_weight=d.vlb_weight,
+        all_terms = self.diffusion.training_losses(self.network(unet, context, *extra), z0, t, noise,
+                                                   snr_gamma=d.snr_gamma, vlb_weight=d.vlb_weight,
                                                    loss_type=d.loss_type)
         if self.importance is not None:
             self.importance.update(self.gather(t), self.gather(all_terms["loss"].detach()))

@@ -28,6 +28,7 @@ from .engine import Engine
 from .export import export
 from .models import Components, build_components, make_pipeline
 from .objective import LatentDiffusionObjective, TextContext
+from .superres import SuperResolutionObjective, low_res_cache
 from .splits import Split, check_sizes, class_split, load_splits, report_bad_images, report_unseen
 from .text import tokenize
 from .validation import Validator, check_latent_scale
@@ -89,7 +90,8 @@ def build_run(cfg: LDMConfig) -> Run:
     comp = build_components(cfg, train_split.captions, acc, engine.resume_from)
     if not cfg.model.pretrained:  # the tokenizer learned from the captions is part of the run's state
         engine.checkpoint_files["tokenizer"] = cfg.run_dir / "tokenizer"
-    check_sizes(cfg, train_split, vae_scale_factor(comp.vae))
+    # sizes map to whole latents, and for a super-resolution stage to whole low-resolution pixels
+    check_sizes(cfg, train_split, max(vae_scale_factor(comp.vae), comp.upscale_factor or 1))
     comp.vae.requires_grad_(False).eval().to(engine.device)
     db = cfg.dreambooth
     classes = draw_class_images(cfg, comp, engine) if db.class_prompt or db.class_prompts else None
@@ -105,6 +107,7 @@ def build_run(cfg: LDMConfig) -> Run:
     if classes is not None:
         sources.append(batch_source(cfg, engine, comp, classes, CLASS_STREAMS, len(train_split.captions)))
     val_posterior = validation_posteriors(cfg, engine, comp, val_split)
+    val_low_res = low_res_images(cfg, engine, comp, val_split) if comp.upscale_factor else None
     latent_std = check_latent_scale(*val_posterior, *latent_scale_shift(comp.vae), warn=not is_pixel_space(comp.vae))
     empty_ids = tokenize(comp.tokenizer, [""])[0]
     text = text_cache(comp.text_encoder, input_ids, empty_ids, cfg.data.cache_dir, acc) \
@@ -114,17 +117,25 @@ def build_run(cfg: LDMConfig) -> Run:
     unet, text_encoder = prepare(cfg, engine, comp, groups)
     unet_u, te_u = acc.unwrap_model(unet), acc.unwrap_model(text_encoder)
     engine.track_ema([p for p in unet_u.parameters() if p.requires_grad], tc.ema_decay, tc.ema_warmup)
-    objective = LatentDiffusionObjective(
-        diffusion, cfg.diffusion, cfg.data.caption_dropout,
-        TextContext(input_ids, empty_ids, encoder=text_encoder if text is None else None, cache=text),
-        comp.vae, db.prior_loss_weight, gather=acc.gather)
+    text_context = TextContext(input_ids, empty_ids, encoder=text_encoder if text is None else None, cache=text)
+    if comp.upscale_factor:
+        sr = cfg.super_resolution
+        objective = SuperResolutionObjective(diffusion, cfg.diffusion, cfg.data.caption_dropout, text_context,
+                                             comp.vae, gather=acc.gather, factor=comp.upscale_factor,
+                                             noise_levels=sr.noise_levels, blur_sigma=sr.blur_sigma)
+    else:
+        objective = LatentDiffusionObjective(diffusion, cfg.diffusion, cfg.data.caption_dropout, text_context,
+                                             comp.vae, db.prior_loss_weight, gather=acc.gather)
     if objective.importance is not None:  # its loss history decides the next timesteps: resume needs it
         engine.state_objects["timestep_importance"] = objective.importance
     score_on = cfg.data.dataset if cfg.data.dataset in SCORED_DATASETS and not db.instance_data else None
+    if comp.upscale_factor:  # scored by `ldm.cascade_demo` at the end, on a base model's samples
+        score_on = None
     validate = Validator(engine, comp, diffusion, unet_u, te_u, val_posterior,
                          tokenize(comp.tokenizer, val_split.first_captions()),
                          cfg.sample.prompts or sorted(set(train_split.captions))[:8], score_on,
-                         micro_batch_size(cfg, acc.num_processes))
+                         micro_batch_size(cfg, acc.num_processes), objective=objective, low_res=val_low_res,
+                         low_res_captions=val_split.first_captions())
     unet.train()
     text_encoder.train(comp.train_text_encoder)
     step = forward_backward(engine, objective, sources, unet, text_encoder, comp.train_text_encoder)
@@ -189,6 +200,13 @@ def validation_posteriors(cfg: LDMConfig, engine, comp: Components, split: Split
     return mean, (torch.zeros_like(std) if cfg.diffusion.latent_posterior == "mean" else std)
 
 
+def low_res_images(cfg: LDMConfig, engine, comp: Components, split: Split) -> torch.Tensor:
+    """The low-resolution versions (V, 3, h, w) in [-1, 1] of a super-resolution stage's validation images."""
+    cache = low_res_cache(pixel_items(cfg, split, random_crop=False), split, comp.upscale_factor, cfg.data.cache_dir,
+                          engine.accelerator, flips=False, num_workers=cfg.train.num_workers)
+    return cached_posterior(cache, list(range(len(split))), torch.zeros(len(split), dtype=torch.bool))[0]
+
+
 def pixel_items(cfg: LDMConfig, split: Split, random_crop: bool) -> PixelItems:
     d = cfg.data
     return PixelItems(split, d.resolution, d.image_column, d.center_crop, random_crop, d.alpha_background)
@@ -199,9 +217,13 @@ def batch_source(cfg: LDMConfig, engine, comp: Components, split: Split, streams
     d = cfg.data
     sampler = GlobalBatchSampler(split.groups, len(split), cfg.train.batch_size, cfg.train.seed, drop_last=True)
     if d.cache_latents and not d.random_crop:
+        low_res = None
+        if comp.upscale_factor:  # a super-resolution stage's conditioning images, stored beside the latents
+            low_res = low_res_cache(pixel_items(cfg, split, random_crop=False), split, comp.upscale_factor,
+                                    d.cache_dir, engine.accelerator, d.random_flip, cfg.train.num_workers)
         return BatchSource(split, sampler, cfg.train.seed, streams, d.random_flip,
                            latents=posterior_cache(cfg, engine, comp, split, d.random_flip),
-                           caption_offset=caption_offset)
+                           caption_offset=caption_offset, low_res=low_res)
     if d.cache_latents:
         logger.info("data.random_crop=true: each step crops anew, so images are encoded every step (no latent cache)")
     return BatchSource(split, sampler, cfg.train.seed, streams, d.random_flip,

@@ -98,10 +98,6 @@ class SuperResolutionPipeline(LDMPipeline):
         upscale_factor: int | None = None,
     ):
         super(LDMPipeline, self).__init__()
-        if vae is not None and vae.config.scaling_factor != UPSCALER_SCALING_FACTOR:
-            logger.warning("the VAE's scaling_factor is %s; diffusers' StableDiffusionUpscalePipeline would decode "
-                           "this folder with %s (see rescale_latent_space)", vae.config.scaling_factor,
-                           UPSCALER_SCALING_FACTOR)
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               low_res_scheduler=low_res_scheduler, scheduler=scheduler)
         if vae is None and not (_is_int(upscale_factor) and upscale_factor >= 1):
@@ -116,6 +112,10 @@ class SuperResolutionPipeline(LDMPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, resample="bicubic")
 
     def save_pretrained(self, save_directory, **kwargs):
+        if self.vae is not None and self.vae.config.scaling_factor != UPSCALER_SCALING_FACTOR:
+            logger.warning("the VAE's scaling_factor is %s; diffusers' StableDiffusionUpscalePipeline will decode "
+                           "this folder with %s (save a VAE from rescale_latent_space to load it there)",
+                           self.vae.config.scaling_factor, UPSCALER_SCALING_FACTOR)
         super().save_pretrained(save_directory, **kwargs)
         if self.vae is not None:  # diffusers' upscaler takes no upscale_factor: keep its layout exactly
             path = os.path.join(save_directory, "model_index.json")

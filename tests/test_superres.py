@@ -147,3 +147,63 @@ def test_several_prompts_and_images_per_prompt_each_get_their_own_noise(tokenize
     alone = pipe("a blue square", image=low_res_image(batch=2)[1:], generator=torch.Generator().manual_seed(2),
                  num_inference_steps=2, noise_level=50, output_type="np").images
     assert np.abs(out[2] - alone[0]).max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- cascades
+def tiny_cascade(tokenizer_dir, stages=1):
+    from pipelines import CascadePipeline, LDMPipeline
+
+    base = LDMPipeline(**get_dummy_components(tokenizer_dir))  # 16 px
+    srs = [SuperResolutionPipeline(**sr_components(tokenizer_dir), max_noise_level=200) for _ in range(stages)]
+    cascade = CascadePipeline(base, srs, [{"noise_level": 50, "num_inference_steps": 2, "guidance_scale": 1.0}] * stages)
+    cascade.set_progress_bar_config(disable=True)
+    return cascade
+
+
+def test_cascade_chains_stages_and_round_trips_through_one_folder(tokenizer_dir, tmp_path):
+    from pipelines import CascadePipeline
+
+    cascade = tiny_cascade(tokenizer_dir, stages=2)
+    out = cascade([PROMPT, "a blue square"], negative_prompt="a red circle", num_inference_steps=2, guidance_scale=2.0,
+                  num_images_per_prompt=2, generator=torch.Generator().manual_seed(0), output_type="np",
+                  return_intermediates=True)
+    assert out.images.shape == (4, 64, 64, 3)  # 16 px base, two ×2 stages
+    assert [im.size for im in (out.intermediates[0][0], out.intermediates[1][0])] == [(16, 16), (32, 32)]
+    cascade.save_pretrained(tmp_path / "cascade")
+    loaded = CascadePipeline.from_pretrained(tmp_path / "cascade")
+    loaded.set_progress_bar_config(disable=True)
+    again = loaded([PROMPT, "a blue square"], negative_prompt="a red circle", num_inference_steps=2, guidance_scale=2.0,
+                   num_images_per_prompt=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert np.abs(again.images - out.images).max() < 1e-5, np.abs(again.images - out.images).max()
+    assert loaded.stage_defaults[1]["noise_level"] == 50
+    # one generator for the chain: the same seed gives the same images, another seed others
+    other = loaded(PROMPT, num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="np")
+    assert np.abs(other.images[0] - out.images[0]).max() > 1e-3
+
+
+def test_cascade_noise_level_per_stage_and_its_errors(tokenizer_dir):
+    cascade = tiny_cascade(tokenizer_dir, stages=2)
+    kw = {"num_inference_steps": 1, "output_type": "np"}
+    a = cascade(PROMPT, noise_level=[0, 0], generator=torch.Generator().manual_seed(0), **kw).images
+    b = cascade(PROMPT, noise_level=[0, 300], generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.abs(a - b).max() > 1e-3
+    with pytest.raises(ValueError, match="noise_level needs one value per stage \\(2\\), got 3"):
+        cascade(PROMPT, noise_level=[0, 1, 2], **kw)
+    with pytest.raises(ValueError, match="at least one super-resolution stage"):
+        type(cascade)(cascade.base, [])
+
+
+def test_generate_draws_with_a_cascade_folder(tokenizer_dir, tmp_path):
+    from ldm.generate import main
+
+    tiny_cascade(tokenizer_dir).save_pretrained(tmp_path / "cascade")
+    main(["--pipeline", str(tmp_path / "cascade"), PROMPT, "--num-images", "2", "--steps", "2", "--noise-level", "30",
+          "--out", str(tmp_path / "out.png")])
+    import PIL.Image
+
+    assert PIL.Image.open(tmp_path / "out-1.png").size == (32, 32)
+    with pytest.raises(SystemExit):  # --noise-level on a plain pipeline folder is a user error
+        cascade = tiny_cascade(tokenizer_dir)
+        cascade.base.save_pretrained(tmp_path / "base")
+        main(["--pipeline", str(tmp_path / "base"), PROMPT, "--steps", "1", "--noise-level", "3",
+              "--out", str(tmp_path / "x.png")])

@@ -1,0 +1,139 @@
+"""Training a super-resolution stage with train_ldm.py: latent and pixel space, the cache and the per-step path,
+conditioning augmentation, the export that diffusers' upscaler loads, and the config checks."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionUpscalePipeline
+
+from ldm.config import check_config
+from ldm.run import read_metrics
+from ldm.superres import SuperResolutionObjective, downsample, gaussian_blur
+from ldm.train import train
+from pipelines import SuperResolutionPipeline
+
+SR = ["stage=super_resolution", "super_resolution.low_resolution=8", "super_resolution.noise_levels=[0,300]"]
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def low_res_of(pipe_dir, captions):
+    from ldm.builtin_data import real_images
+    from ldm.metrics import to_tensor
+
+    return downsample(to_tensor(real_images("shapes", captions, seed=3)), 4)  # 32 px shapes -> 8 px, in [0, 1]
+
+
+def test_latent_stage_trains_and_its_export_draws_the_same_in_diffusers_upscaler(tiny_cfg):
+    cfg = tiny_cfg(*SR, "train.max_steps=40")
+    result = train(cfg)
+    val = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "val_mse" in r]
+    assert val[-1]["val_mse"] < 0.9 * val[0]["val_mse"], val
+    assert result["steps"] == 40 and (cfg.run_dir / "samples" / "step-40.png").is_file()
+    folder = cfg.run_dir / "pipeline"
+    ours = SuperResolutionPipeline.from_pretrained(folder)
+    assert ours.unet.config.in_channels == 4 + 3 and ours.config.max_noise_level == 300
+    assert ours.vae.config.scaling_factor == 0.08333  # rescaled for diffusers' upscaler
+    theirs = StableDiffusionUpscalePipeline.from_pretrained(folder)
+    low = low_res_of(folder, ["a red circle at the top left"])
+    kw = {"image": low, "num_inference_steps": 4, "guidance_scale": 2.0, "noise_level": 100, "output_type": "np"}
+    for p in (ours, theirs):
+        p.set_progress_bar_config(disable=True)
+    a = ours("a red circle at the top left", generator=torch.Generator().manual_seed(0), **kw).images
+    b = theirs("a red circle at the top left", generator=torch.Generator().manual_seed(0), **kw).images
+    assert a.shape == (1, 32, 32, 3)
+    assert np.abs(a - b).max() <= 2e-3
+
+
+def test_per_step_low_res_from_pixels_equals_the_cached_one(tiny_cfg):
+    # Random crops of 32 px images at 32 px are the images themselves: the run that derives the low-resolution
+    # image from pixels every step must train exactly as the one that reads it from the cache.
+    runs = []
+    for extra in ([], ["data.random_crop=true"]):
+        cfg = tiny_cfg(*SR, "train.max_steps=6", "train.log_every=2", f"name=crop{len(extra)}", *extra)
+        train(cfg)
+        runs.append([r["loss"] for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "loss" in r and "epoch" in r])
+    assert len(runs[0]) == 3
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5)
+
+
+def test_pixel_stage_with_learned_variance_and_blur_trains_and_loads(tiny_cfg):
+    cfg = tiny_cfg("stage=super_resolution", "super_resolution.low_resolution=8", "model.vae=none",
+                   "data.resolution=16", "diffusion.learned_variance=true", "super_resolution.blur_sigma=[0,1]",
+                   "model.unet.down_block_types=[DownBlock2D,CrossAttnDownBlock2D]",
+                   "model.unet.up_block_types=[CrossAttnUpBlock2D,UpBlock2D]", "train.max_steps=20")
+    train(cfg)
+    pipe = SuperResolutionPipeline.from_pretrained(cfg.run_dir / "pipeline")
+    assert pipe.vae is None and pipe.upscale_factor == 2 and pipe.unet.config.out_channels == 6
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red circle at the top left", image=torch.rand(1, 3, 8, 8), num_inference_steps=3,
+               guidance_scale=1.0, noise_level=50, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (1, 16, 16, 3) and np.isfinite(out).all()
+
+
+def test_augmentation_draws_levels_in_range_and_keeps_the_base_draws(tiny_cfg):
+    from ldm.batches import Plan
+    from ldm.diffusion import GaussianDiffusion
+    from ldm.objective import LatentDiffusionObjective
+    from diffusers import DDPMScheduler
+
+    class _VAE:
+        config = type("C", (), {"latent_channels": 4, "block_out_channels": [1, 1, 1], "scaling_factor": 1.0,
+                                "shift_factor": None})()
+
+    diffusion = GaussianDiffusion.from_scheduler_config(DDPMScheduler(num_train_timesteps=100).config)
+    cfg = tiny_cfg()
+    plan = Plan(list(range(64)), (32, 32), torch.zeros(64, dtype=torch.long), torch.zeros(64, dtype=torch.bool),
+                torch.zeros(64, dtype=torch.long), 12345)
+    base = LatentDiffusionObjective(diffusion, cfg.diffusion, 0.1, None, _VAE()).draw(plan)
+    sr = SuperResolutionObjective(diffusion, cfg.diffusion, 0.1, None, _VAE(), factor=4, noise_levels=(20, 60),
+                                  blur_sigma=(0.0, 0.5)).draw(plan)
+    for key in base:
+        torch.testing.assert_close(sr[key], base[key])
+    assert sr["levels"].min() >= 20 and sr["levels"].max() <= 60 and len(set(sr["levels"].tolist())) > 10
+    assert sr["aug_noise"].shape == (64, 3, 8, 8) and 0 <= sr["blur"].min() and sr["blur"].max() <= 0.5
+    # the augmentation is the low-resolution schedule's q(x_s | x_0), at latent size
+    obj = SuperResolutionObjective(diffusion, cfg.diffusion, 0.1, None, _VAE(), factor=4, noise_levels=(0, 999),
+                                   blur_sigma=(0.0, 0.0))
+    low = torch.rand(2, 3, 8, 8) * 2 - 1
+    noise = torch.randn(2, 3, 8, 8)
+    out = obj.augment(low, torch.tensor([0, 999]), noise)
+    a = obj.low_res_scheduler.alphas_cumprod.double()
+    torch.testing.assert_close(out[1].double(), a[999].sqrt() * low[1].double() + (1 - a[999]).sqrt() * noise[1].double(),
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_gaussian_blur_per_image():
+    x = torch.rand(3, 2, 20, 20, dtype=torch.float64)
+    y = gaussian_blur(x, torch.tensor([0.0, 1.0, 2.0]))
+    torch.testing.assert_close(y[0], x[0])  # sigma 0: unchanged
+    assert y[2].std() < y[1].std() < x[1].std()
+    # interior pixels match a direct 2-D Gaussian of sigma 1 (radius 6: the batch's largest sigma sets it)
+    k = torch.arange(-6, 7, dtype=torch.float64)
+    g = torch.exp(-k ** 2 / 2)
+    g2 = (g[:, None] * g[None]) / (g.sum() ** 2)
+    ref = torch.nn.functional.conv2d(x[1:2].transpose(0, 1), g2[None, None]).transpose(0, 1)
+    torch.testing.assert_close(y[1:2, :, 6:-6, 6:-6], ref)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["super_resolution.low_resolution=7"], "must divide data.resolution=32"),
+    (["super_resolution.noise_levels=[10,5]"], "super_resolution.noise_levels"),
+    (["super_resolution.noise_levels=[0,1000]"], "super_resolution.noise_levels"),
+    (["super_resolution.blur_sigma=[-1,0]"], "super_resolution.blur_sigma"),
+])
+def test_bad_super_resolution_settings_are_refused(tiny_cfg, extra, message):
+    with pytest.raises(ValueError, match=message.replace("[", "\\[")):
+        check_config(tiny_cfg("stage=super_resolution", "super_resolution.low_resolution=8", *extra))
+
+
+def test_latent_stage_needs_the_vae_factor_as_upscaling_factor(tiny_cfg):
+    cfg = tiny_cfg("stage=super_resolution", "super_resolution.low_resolution=16")  # ×2 with a ×4 VAE
+    with pytest.raises(ValueError, match="must be the VAE's factor 4"):
+        train(cfg)
