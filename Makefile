@@ -14,7 +14,7 @@ LAUNCH    := $(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo lora-demo variance-study test test-slow vae clean
+.PHONY: install demo lora-demo cascade-demo variance-study test test-slow vae clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,13 @@ demo: $(STAMP)
 lora-demo: $(STAMP)
 	test -f runs/demo/pipeline/model_index.json || $(MAKE) demo
 	$(BIN)/python -m ldm.lora_demo --base runs/demo/pipeline --concept orange --out runs/lora-orange
+
+# A cascade: the demo's 32 px model, then a super-resolution stage to 128 px trained with and without conditioning
+# augmentation, scored at 128 px at augmentation levels 0/100/250/500: runs/cascade-demo/results.json, grid.png and
+# the cascade folder runs/cascade-demo/cascade. Runs `make demo` first when its pipeline is missing.
+cascade-demo: $(STAMP)
+	test -f runs/demo/pipeline/model_index.json || $(MAKE) demo
+	$(BIN)/python -m ldm.cascade_demo --base runs/demo/pipeline --out runs/cascade-demo
 
 # Fixed vs learned variance vs the bound alone, same budget and seed, sampled at 10-250 steps with DDPM and
 # DDIM, scored and bounded: runs/variance-study/results.json and quality_vs_steps.png (README "Learned variance").

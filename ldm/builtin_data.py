@@ -262,9 +262,12 @@ def read_shape(image, with_new: bool = False) -> dict:
     sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
     blob = labels == (1 + int(np.argmax(sizes)))
     # Soft coverage counts anti-aliased edge pixels fractionally, so the area is close to the true
-    # one even for small shapes; the bounding box is where coverage passes one half.
+    # one even for small shapes; the bounding box is where coverage passes one half. The fringe taken in
+    # is one pixel at the 32 px the datasets are drawn at, and as wide in image terms at any other size
+    # (a 128 px image read as its 32 px version is).
     peak = np.percentile(bright[blob], 90)
-    coverage = np.clip(bright / peak, 0.0, 1.0) * ndimage.binary_dilation(blob, iterations=1)
+    fringe = max(1, round(res / 32))
+    coverage = np.clip(bright / peak, 0.0, 1.0) * ndimage.binary_dilation(blob, iterations=fringe)
     ys, xs = np.nonzero(coverage > 0.5)
     if len(ys) == 0:
         ys, xs = np.nonzero(blob)
@@ -347,22 +350,24 @@ def digit_label(caption: str) -> int:
     return int(last)
 
 
-def real_images(name: str, captions: list[str], seed: int, part: str = "heldout") -> list[Image.Image]:
+def real_images(name: str, captions: list[str], seed: int, part: str = "heldout", resolution: int = 32
+                ) -> list[Image.Image]:
     """One real image per caption, drawn from ``seed``: for ``shapes`` a new drawing of the caption (size and
     jitter as in the dataset), for ``digits`` a real digit of that label from ``part`` ("train" or "heldout"
-    half). The reference that generated images are compared with."""
+    half); at ``resolution`` (the same draws at any resolution). The reference that generated images are
+    compared with."""
     rng = np.random.default_rng(seed)
     if name == "shapes":
         out = []
         for cap in captions:
             c = parse_shapes_caption(cap, with_new=True)
             size, jitter = float(rng.choice(SIZES)), tuple(rng.uniform(-0.04, 0.04, size=2))
-            out.append(draw_shape(c["colour"], c["shape"], c["position"], size, jitter))
+            out.append(draw_shape(c["colour"], c["shape"], c["position"], size, jitter, resolution))
         return out
     if name == "digits":
         train, heldout = _digits_split()
         x, y = train if part == "train" else heldout
-        return [digit_image(x[rng.choice(np.flatnonzero(y == digit_label(cap)))]) for cap in captions]
+        return [digit_image(x[rng.choice(np.flatnonzero(y == digit_label(cap)))], resolution) for cap in captions]
     raise ValueError(f"no real images for {name!r}; valid: {SCORED_DATASETS}")
 
 

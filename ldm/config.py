@@ -66,6 +66,8 @@ class DataConfig:
     validation_split_name: str = "validation"
     validation_fraction: float = 0.0
     validation_num_images: int = 64
+    # Train on this many images of the source, drawn once with train.seed (diffusers' --max_train_samples); None: all.
+    max_train_samples: int | None = None
 
 
 @dataclass
@@ -100,6 +102,10 @@ class ModelConfig:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     # None: trained when built from scratch, frozen when it comes from `pretrained`.
     train_text_encoder: bool | None = None
+    # Encode and decode in overlapping tiles of the VAE's own sample_size (diffusers' enable_tiling), for images
+    # larger than the VAE was trained on: the shipped 32 px VAE reconstructs 128 px shapes at 35.6 dB in tiles,
+    # 13.6 dB whole. Super-resolution stages only (their exported pipeline records it).
+    vae_tiling: bool = False
 
 
 @dataclass
@@ -505,6 +511,7 @@ def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -
     c.at_least("data.bucket_max_ratio", 1)
     c.within("data.validation_fraction", 0, 1)
     c.at_least("data.validation_num_images", 1)
+    c.at_least("data.max_train_samples", 1, optional=True)
     for key in ("data.dataset", "data.image_column", "data.caption_column", "data.cache_dir"):
         c.require(bool(c.get(key)), key, "must not be empty")
     # model
@@ -570,6 +577,8 @@ def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -
                   f"inputs meet the base weights in that dtype; or fp32")
     if cfg.stage == "super_resolution":
         check_super_resolution(c)
+    c.require(not cfg.model.vae_tiling or (cfg.stage == "super_resolution" and cfg.model.vae != "none"),
+              "model.vae_tiling", "is for latent super-resolution stages (stage=super_resolution with a VAE)")
     # DreamBooth
     prior = bool(db.class_prompt or db.class_prompts)
     if db.instance_data:

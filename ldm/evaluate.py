@@ -70,11 +70,12 @@ def generate_for_prompts(pipe, base_prompts: list[str], per_prompt: int, seed_of
 
 def distribution_scores(dataset: str, images: list, prompts: list[str]) -> dict:
     """Fréchet distance to real images of the same prompts (and its real-vs-real floor), and diversity per
-    prompt (and the real images'), as the module's docstring says."""
+    prompt (and the real images'), as the module's docstring says; real images at the generated images' size."""
     base = list(dict.fromkeys(prompts))
+    res = images[0].size[0]
     reference = to_tensor(real_images(dataset, [p for p in base for _ in range(REFERENCE_PER_PROMPT)],
-                                      REFERENCE_SEED, "heldout"))
-    real = to_tensor(real_images(dataset, prompts, FLOOR_SEED, "train"))
+                                      REFERENCE_SEED, "heldout", res))
+    real = to_tensor(real_images(dataset, prompts, FLOOR_SEED, "train", res))
     generated = to_tensor(images)
     return {"frechet_distance": image_frechet_distance(generated, reference),
             "frechet_distance_floor": image_frechet_distance(real, reference),

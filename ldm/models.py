@@ -81,6 +81,8 @@ def build_components(cfg: LDMConfig, captions: list[str], accelerator=None, resu
     if unet.config.out_channels != expected_out:
         raise ValueError(f"the U-Net has {unet.config.out_channels} output channels but diffusion.learned_variance="
                          f"{cfg.diffusion.learned_variance} needs {expected_out}")
+    if cfg.model.vae_tiling:
+        vae.enable_tiling()  # tiles of its own sample_size, overlapping by a quarter
     sr = {}
     if cfg.stage == "super_resolution":
         sr = {"upscale_factor": cfg.data.resolution // cfg.super_resolution.low_resolution,
@@ -167,6 +169,7 @@ def make_pipeline(comp: Components, unet, text_encoder, sampler: str = "ddpm", b
                                        tokenizer=comp.tokenizer, unet=unet, low_res_scheduler=low_res_scheduler(),
                                        scheduler=sampling_scheduler(schedule, sampler),
                                        max_noise_level=comp.max_noise_level,
-                                       upscale_factor=comp.upscale_factor if pixels else None)
+                                       upscale_factor=comp.upscale_factor if pixels else None,
+                                       vae_tiling=bool(getattr(comp.vae, "use_tiling", False)))
     return LDMPipeline(vae=None if is_pixel_space(comp.vae) else comp.vae, text_encoder=text_encoder, tokenizer=comp.tokenizer, unet=unet,
                        scheduler=sampling_scheduler(schedule, sampler))

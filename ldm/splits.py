@@ -90,6 +90,8 @@ def load_splits(cfg) -> tuple[Split, Split, bool]:
         train_ds, val_ds = parts["train"], parts["test"]
     if val_ds is None:
         val_ds, heldout = train_ds, False
+    if d.max_train_samples is not None and len(train_ds) > d.max_train_samples and not cfg.dreambooth.instance_data:
+        train_ds = train_ds.shuffle(seed=cfg.train.seed).select(range(d.max_train_samples))
     if len(val_ds) > d.validation_num_images:
         val_ds = val_ds.shuffle(seed=0).select(range(d.validation_num_images))
     train = make_split(cfg, train_ds, source, bucketing=d.bucketing)

@@ -117,15 +117,8 @@ def build_run(cfg: LDMConfig) -> Run:
     unet, text_encoder = prepare(cfg, engine, comp, groups)
     unet_u, te_u = acc.unwrap_model(unet), acc.unwrap_model(text_encoder)
     engine.track_ema([p for p in unet_u.parameters() if p.requires_grad], tc.ema_decay, tc.ema_warmup)
-    text_context = TextContext(input_ids, empty_ids, encoder=text_encoder if text is None else None, cache=text)
-    if comp.upscale_factor:
-        sr = cfg.super_resolution
-        objective = SuperResolutionObjective(diffusion, cfg.diffusion, cfg.data.caption_dropout, text_context,
-                                             comp.vae, gather=acc.gather, factor=comp.upscale_factor,
-                                             noise_levels=sr.noise_levels, blur_sigma=sr.blur_sigma)
-    else:
-        objective = LatentDiffusionObjective(diffusion, cfg.diffusion, cfg.data.caption_dropout, text_context,
-                                             comp.vae, db.prior_loss_weight, gather=acc.gather)
+    objective = make_objective(cfg, comp, diffusion, TextContext(
+        input_ids, empty_ids, encoder=text_encoder if text is None else None, cache=text), acc.gather)
     if objective.importance is not None:  # its loss history decides the next timesteps: resume needs it
         engine.state_objects["timestep_importance"] = objective.importance
     score_on = cfg.data.dataset if cfg.data.dataset in SCORED_DATASETS and not db.instance_data else None
@@ -264,6 +257,17 @@ def make_optimizer(params: list[dict], tc, device: torch.device) -> torch.optim.
         raise ImportError("train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes); "
                           "use train.optimizer=adamw without it") from e
     return bnb.optim.AdamW8bit(params, **kwargs)
+
+
+def make_objective(cfg: LDMConfig, comp: Components, diffusion, text: TextContext, gather):
+    """Latent (or pixel) diffusion under text context, or a super-resolution stage's objective."""
+    if comp.upscale_factor:
+        sr = cfg.super_resolution
+        return SuperResolutionObjective(diffusion, cfg.diffusion, cfg.data.caption_dropout, text, comp.vae,
+                                        gather=gather, factor=comp.upscale_factor, noise_levels=sr.noise_levels,
+                                        blur_sigma=sr.blur_sigma)
+    return LatentDiffusionObjective(diffusion, cfg.diffusion, cfg.data.caption_dropout, text, comp.vae,
+                                    cfg.dreambooth.prior_loss_weight, gather=gather)
 
 
 def micro_batch_size(cfg: LDMConfig, num_processes: int) -> int:

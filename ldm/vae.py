@@ -88,4 +88,5 @@ def encoder_fingerprint(vae) -> str:
     if is_pixel_space(vae):
         return Fingerprint().value(["pixels-v1"]).hexdigest()
     used = {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
-    return Fingerprint().tensors(used).value([vae.config.latent_channels, "encoder-v1"]).hexdigest()
+    tiles = ["tiled", vae.tile_sample_min_size, vae.tile_overlap_factor] if getattr(vae, "use_tiling", False) else []
+    return Fingerprint().tensors(used).value([vae.config.latent_channels, "encoder-v1", *tiles]).hexdigest()

@@ -79,6 +79,12 @@ class CascadePipeline:
     @classmethod
     def from_stages(cls, base_path, stage_paths: list, stage_defaults: list[dict] | None = None) -> "CascadePipeline":
         """A cascade of separately trained pipeline folders (a base, then super-resolution stages)."""
+        if not (Path(base_path) / "model_index.json").is_file():
+            raise FileNotFoundError(f"{str(base_path)!r} is not a pipeline folder (no model_index.json)")
+        for p in stage_paths:
+            if not (Path(p) / "low_res_scheduler").is_dir():
+                raise ValueError(f"{str(p)!r} is not a super-resolution pipeline folder (no low_res_scheduler/); "
+                                 f"train one with stage=super_resolution")
         return cls(LDMPipeline.from_pretrained(base_path),
                    [SuperResolutionPipeline.from_pretrained(p) for p in stage_paths], stage_defaults)
 

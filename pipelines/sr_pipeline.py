@@ -77,7 +77,8 @@ class SuperResolutionPipeline(LDMPipeline):
     Same components, call arguments, random draws and folder layout as diffusers'
     ``StableDiffusionUpscalePipeline`` (a folder saved here loads there and draws the same image, and one of
     its folders loads here), plus what `LDMPipeline` adds: learned-variance U-Nets, ``guidance_rescale``,
-    per-image generators, and pixel-space stages (``vae=None``, which diffusers cannot load). ``noise_level``
+    per-image generators, pixel-space stages (``vae=None``, which diffusers cannot load), and ``vae_tiling``
+    (recorded in the folder; in diffusers call ``pipe.enable_vae_tiling()`` for the same images). ``noise_level``
     above ``max_noise_level`` (the top of the training range) is allowed with a warning. With
     ``num_images_per_prompt > 1`` each image gets its own augmentation noise (diffusers shares one).
     """
@@ -96,6 +97,7 @@ class SuperResolutionPipeline(LDMPipeline):
         scheduler: KarrasDiffusionSchedulers,
         max_noise_level: int = 350,
         upscale_factor: int | None = None,
+        vae_tiling: bool = False,
     ):
         super(LDMPipeline, self).__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -104,7 +106,10 @@ class SuperResolutionPipeline(LDMPipeline):
             raise ValueError(f"a pixel-space stage (vae=None) needs upscale_factor, a positive int; got "
                              f"{upscale_factor!r}")
         self.register_to_config(max_noise_level=max_noise_level,
-                                upscale_factor=None if vae is not None else upscale_factor)
+                                upscale_factor=None if vae is not None else upscale_factor,
+                                vae_tiling=bool(vae_tiling and vae is not None))
+        if self.config.vae_tiling:  # a stage trained on latents encoded in tiles decodes in tiles too
+            vae.enable_tiling()
         from .ldm_pipeline import vae_scale_factor
 
         self.vae_scale_factor = vae_scale_factor(self.vae)
@@ -122,6 +127,8 @@ class SuperResolutionPipeline(LDMPipeline):
             with open(path, encoding="utf-8") as f:
                 index = json.load(f)
             index.pop("upscale_factor", None)
+            if not index.get("vae_tiling"):
+                index.pop("vae_tiling", None)
             index.pop("requires_safety_checker", None)
             index["watermarker"] = [None, None]
             with open(path + ".tmp", "w", encoding="utf-8") as f:

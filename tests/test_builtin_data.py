@@ -86,3 +86,29 @@ def test_real_images_are_read_back_as_their_captions():
     assert DigitsScorer().score(real_images("digits", caps, seed=1, part="train"), caps)["digit_accuracy"] >= 0.95
     with pytest.raises(ValueError, match="no real images"):
         real_images("varied", caps, seed=1)
+
+
+@pytest.mark.parametrize("resolution", [64, 128])
+def test_the_shapes_scorer_reads_any_resolution(resolution):
+    # A cascade is scored at its last stage's size: the same drawings at 64 or 128 px read back as at 32 px.
+    from ldm.builtin_data import real_images, shapes_eval_prompts
+
+    caps = [p for p in shapes_eval_prompts() for _ in range(3)]
+    images = real_images("shapes", caps, seed=1, resolution=resolution)
+    assert images[0].size == (resolution, resolution)
+    assert score_shapes(images, caps)["all_accuracy"] >= 0.97
+
+
+def test_the_shapes_scorer_reads_an_enlarged_image_as_the_original():
+    # Soft-edged shapes (as a model draws them), enlarged 4x without interpolation, hold the same shape: the
+    # fill ratio must not depend on the resolution it is read at.
+    from PIL import ImageFilter
+
+    from ldm.builtin_data import read_shape, real_images, shapes_eval_prompts
+
+    caps = shapes_eval_prompts()
+    for im in real_images("shapes", caps, seed=2):
+        soft = im.filter(ImageFilter.GaussianBlur(0.7))
+        small, big = read_shape(soft), read_shape(soft.resize((128, 128), Image.Resampling.NEAREST))
+        assert abs(small["fill"] - big["fill"]) < 0.02, (small, big)
+        assert small["shape"] == big["shape"] and small["position"] == big["position"]

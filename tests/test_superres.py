@@ -207,3 +207,19 @@ def test_generate_draws_with_a_cascade_folder(tokenizer_dir, tmp_path):
         cascade.base.save_pretrained(tmp_path / "base")
         main(["--pipeline", str(tmp_path / "base"), PROMPT, "--steps", "1", "--noise-level", "3",
               "--out", str(tmp_path / "x.png")])
+
+
+def test_cascade_folder_assembled_from_trained_stages(tokenizer_dir, tmp_path):
+    from ldm.cascade import main
+    from pipelines import CascadePipeline
+
+    cascade = tiny_cascade(tokenizer_dir)
+    cascade.base.save_pretrained(tmp_path / "base")
+    cascade.stages[0].save_pretrained(tmp_path / "sr")
+    main(["--base", str(tmp_path / "base"), "--stage", str(tmp_path / "sr"), "--stage", str(tmp_path / "sr"),
+          "--noise-level", "10", "70", "--steps", "3", "--out", str(tmp_path / "c")])
+    loaded = CascadePipeline.from_pretrained(tmp_path / "c")
+    assert [d["noise_level"] for d in loaded.stage_defaults] == [10, 70]
+    assert [d["num_inference_steps"] for d in loaded.stage_defaults] == [3, 3]
+    with pytest.raises(SystemExit):  # a text-to-image folder given as a stage: a user error, not a traceback
+        main(["--base", str(tmp_path / "base"), "--stage", str(tmp_path / "base"), "--out", str(tmp_path / "d")])

@@ -137,3 +137,29 @@ def test_latent_stage_needs_the_vae_factor_as_upscaling_factor(tiny_cfg):
     cfg = tiny_cfg("stage=super_resolution", "super_resolution.low_resolution=16")  # ×2 with a ×4 VAE
     with pytest.raises(ValueError, match="must be the VAE's factor 4"):
         train(cfg)
+
+
+def test_vae_tiling_is_for_latent_super_resolution_stages_and_keys_the_cache(tiny_cfg):
+    from ldm.vae import encoder_fingerprint, load_vae
+
+    with pytest.raises(ValueError, match="model.vae_tiling"):
+        check_config(tiny_cfg("model.vae_tiling=true"))
+    with pytest.raises(ValueError, match="model.vae_tiling"):
+        check_config(tiny_cfg(*SR, "model.vae=none", "model.vae_tiling=true"))
+    check_config(tiny_cfg(*SR, "model.vae_tiling=true"))
+    vae = load_vae(tiny_cfg().model.vae)
+    plain = encoder_fingerprint(vae)
+    vae.enable_tiling()
+    assert encoder_fingerprint(vae) != plain  # tiled latents differ: they get a cache of their own
+
+
+def test_max_train_samples_draws_a_fixed_subset(tiny_cfg):
+    from ldm.splits import load_splits
+
+    full, _, _ = load_splits(tiny_cfg())
+    a, _, _ = load_splits(tiny_cfg("data.max_train_samples=20"))
+    b, _, _ = load_splits(tiny_cfg("data.max_train_samples=20"))
+    assert len(full) == 96 and len(a) == 20
+    assert a.captions == b.captions and a.fingerprint != full.fingerprint
+    with pytest.raises(ValueError, match="data.max_train_samples=0"):
+        check_config(tiny_cfg("data.max_train_samples=0"))
