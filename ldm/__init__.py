@@ -1,14 +1,16 @@
 """Latent diffusion: train, fine-tune and run text-to-image models (VAE + CLIP text encoder + U-Net)."""
 
-__all__ = ["LDMPipeline", "GaussianDiffusion"]
+__all__ = ["LDMPipeline", "SuperResolutionPipeline", "CascadePipeline", "GaussianDiffusion"]
+
+_PIPELINES = ("LDMPipeline", "SuperResolutionPipeline", "CascadePipeline")
 
 
 def __getattr__(name):
     # Imported lazily so that `import ldm` stays light and `from ldm import LDMPipeline` works.
-    if name == "LDMPipeline":
-        from pipelines import LDMPipeline
+    if name in _PIPELINES:
+        import pipelines
 
-        return LDMPipeline
+        return getattr(pipelines, name)
     if name == "GaussianDiffusion":
         from .diffusion import GaussianDiffusion
 
