@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from pipelines.files import replace_dir  # noqa: F401  (ldm.cache and ldm.checkpoint import it from here)
+
 logger = logging.getLogger(__name__)
 
 
@@ -145,19 +147,6 @@ def atomic_save_dir(write_fn, path: str | Path) -> None:
         replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replace_dir(tmp: Path, path: Path) -> None:
-    """Move the complete folder ``tmp`` to ``path``; an existing ``path`` is set aside first and removed only
-    once the new one is in place."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def format_summary(title: str, rows: dict) -> str:

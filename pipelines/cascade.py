@@ -10,7 +10,6 @@ sampling defaults), ``base/`` (an `LDMPipeline` folder) and ``stage_1/``, ``stag
 """
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .files import replace_dir
 from .ldm_pipeline import LDMPipeline, _is_int
 from .sr_pipeline import SuperResolutionPipeline
 
@@ -100,14 +100,7 @@ class CascadePipeline:
                 stage.save_pretrained(tmp / f"stage_{i}")
                 spec["stages"].append({"folder": f"stage_{i}", **d})
             (tmp / CASCADE_FILE).write_text(json.dumps(spec, indent=2) + "\n")
-            if target.exists():
-                old = target.with_name(f".{target.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
+            replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -8,24 +8,9 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from transformers import CLIPTokenizer
 
 from pipelines import SuperResolutionPipeline, low_res_scheduler, rescale_latent_space
-from tests.test_pipeline import get_dummy_components, write_tiny_clip_vocab
+from tests.test_pipeline import get_dummy_components, single_thread, tokenizer_dir  # noqa: F401  (fixtures)
 
 PROMPT = "a red circle"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny_clip_tokenizer")
-    write_tiny_clip_vocab(directory)
-    return directory
 
 
 def sr_components(tokenizer_dir, scaling_factor=0.08333, vae=True, out_channels=4, scheduler=None):
