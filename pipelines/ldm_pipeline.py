@@ -118,7 +118,8 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if self.vae is not None:  # a pixel-space pipeline decodes nothing
             self.vae.disable_slicing()
 
-    def _check_inputs(self, prompt, negative_prompt, height, width, steps, guidance_scale, n, output_type, generator):
+    def _check_inputs(self, prompt, negative_prompt, height, width, steps, guidance_scale, n, output_type, generator,
+                      guidance_rescale=0.0):
         if isinstance(prompt, str):
             prompt = [prompt]
         elif not (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt)):
@@ -142,6 +143,9 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 not (guidance_scale >= 1 and math.isfinite(guidance_scale)):
             raise ValueError(f"guidance_scale must be a finite number >= 1.0 (1.0 disables guidance), "
                              f"got {guidance_scale!r}")
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) or \
+                not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be a number in [0, 1] (0 turns it off), got {guidance_rescale!r}")
         if not (_is_int(n) and n > 0):
             raise ValueError(f"num_images_per_prompt must be a positive int, got {n!r}")
         if len(prompt) * n > self.max_images_per_call:
@@ -291,11 +295,8 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         width = default_w * self.vae_scale_factor if width is None else width
         prompts, negatives = self._check_inputs(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-            num_images_per_prompt, output_type, generator,
+            num_images_per_prompt, output_type, generator, guidance_rescale,
         )
-        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) or \
-                not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must be a number in [0, 1] (0 turns it off), got {guidance_rescale!r}")
         scheduler, pass_variance = self._sampling_scheduler()
         device, dtype = self._execution_device, self.unet.dtype
         context = self._context(prompts, negatives, num_images_per_prompt, guidance_scale > 1.0, device,

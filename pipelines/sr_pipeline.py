@@ -21,7 +21,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
 
-from .ldm_pipeline import LDMPipeline, _is_int
+from .ldm_pipeline import LDMPipeline, _is_int, vae_scale_factor
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +110,6 @@ class SuperResolutionPipeline(LDMPipeline):
                                 vae_tiling=bool(vae_tiling and vae is not None))
         if self.config.vae_tiling:  # a stage trained on latents encoded in tiles decodes in tiles too
             vae.enable_tiling()
-        from .ldm_pipeline import vae_scale_factor
-
         self.vae_scale_factor = vae_scale_factor(self.vae)
         self.upscale_factor = self.vae_scale_factor if vae is not None else upscale_factor
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, resample="bicubic")
@@ -181,7 +179,8 @@ class SuperResolutionPipeline(LDMPipeline):
         f = self.upscale_factor
         height, width = low.shape[2] * f, low.shape[3] * f
         prompts, negatives = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps,
-                                                guidance_scale, num_images_per_prompt, output_type, generator)
+                                                guidance_scale, num_images_per_prompt, output_type, generator,
+                                                guidance_rescale)
         top = self.low_res_scheduler.config.num_train_timesteps - 1
         if not (_is_int(noise_level) and 0 <= noise_level <= top):
             raise ValueError(f"noise_level must be an int in [0, {top}] (a step of low_res_scheduler), "
@@ -189,9 +188,6 @@ class SuperResolutionPipeline(LDMPipeline):
         if noise_level > self.config.max_noise_level:
             logger.warning("noise_level=%d is above this stage's max_noise_level=%d (the top of its training range)",
                            noise_level, self.config.max_noise_level)
-        if not (isinstance(guidance_rescale, (int, float)) and not isinstance(guidance_rescale, bool)
-                and 0.0 <= guidance_rescale <= 1.0):
-            raise ValueError(f"guidance_rescale must be a number in [0, 1] (0 turns it off), got {guidance_rescale!r}")
         scheduler, pass_variance = self._sampling_scheduler()
         device, dtype = self._execution_device, self.unet.dtype
         do_cfg = guidance_scale > 1.0

@@ -119,6 +119,8 @@ def test_bad_images_are_refused_with_the_reason(tokenizer_dir):
         pipe([PROMPT, PROMPT], image=low_res_image(batch=3), num_inference_steps=1)
     with pytest.raises(ValueError, match="3 channels"):
         ours(pipe, image=torch.rand(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="guidance_rescale must be a number in \\[0, 1\\]"):
+        ours(pipe, guidance_rescale=2.0)
 
 
 def test_several_prompts_and_images_per_prompt_each_get_their_own_noise(tokenizer_dir):
