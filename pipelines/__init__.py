@@ -1,8 +1,16 @@
-"""Inference pipelines."""
-
-from .cascade import CascadeOutput, CascadePipeline
-from .ldm_pipeline import LDMPipeline, vae_scale_factor
-from .sr_pipeline import SuperResolutionPipeline, low_res_scheduler, rescale_latent_space
+"""Inference pipelines. Imported lazily, so that `pipelines.files` needs neither diffusers nor transformers."""
 
 __all__ = ["CascadeOutput", "CascadePipeline", "LDMPipeline", "SuperResolutionPipeline", "low_res_scheduler",
            "rescale_latent_space", "vae_scale_factor"]
+
+_WHERE = {"CascadeOutput": "cascade", "CascadePipeline": "cascade", "LDMPipeline": "ldm_pipeline",
+          "vae_scale_factor": "ldm_pipeline", "SuperResolutionPipeline": "sr_pipeline",
+          "low_res_scheduler": "sr_pipeline", "rescale_latent_space": "sr_pipeline"}
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
