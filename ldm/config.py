@@ -228,6 +228,10 @@ class SuperResolutionConfig:
     # low-resolution pixels uniform over this range; [0, 0] turns it off. Training only.
     blur_sigma: list[float] = field(default_factory=lambda: [0.0, 0.0])
     sample_noise_level: int = 0  # the augmentation level of validation samples
+    # Train on random square crops of this side (pixels of the high-resolution image) cut from the cached latents
+    # and low-resolution images at matching places, as CDM and Imagen train their SR stages; sampling stays at
+    # full size (the U-Net is convolutional). null: whole images. A step then costs about (crop / resolution)².
+    train_crop: int | None = None
 
 
 @dataclass
@@ -612,6 +616,12 @@ def check_super_resolution(c: Checker) -> None:
               and 0 <= sr.blur_sigma[0] <= sr.blur_sigma[1], "super_resolution.blur_sigma",
               "needs [low, high] with 0 <= low <= high (low-resolution pixels); [0, 0] turns blur off")
     c.require(0 <= sr.sample_noise_level <= 999, "super_resolution.sample_noise_level", "needs an int in [0, 999]")
+    if sr.train_crop is not None:
+        multiple = factor * 2 ** (len(cfg.model.unet.block_out_channels) - 1)
+        c.require(0 < sr.train_crop <= d.resolution and sr.train_crop % multiple == 0, "super_resolution.train_crop",
+                  f"must be at most data.resolution={d.resolution} and a multiple of {multiple} (the upscaling factor "
+                  f"{factor} times the U-Net's downsampling 2^(len(model.unet.block_out_channels) - 1)); null trains "
+                  "on whole images")
     c.require(not d.bucketing or d.bucket_step % factor == 0, "data.bucket_step",
               f"must be a multiple of the upscaling factor {factor} (data.resolution / super_resolution.low_resolution)")
     c.require(cfg.finetune.method == "full", "finetune.method", "a super-resolution stage trains all its weights: "

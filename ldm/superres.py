@@ -7,10 +7,15 @@ example, a blur sigma and a noise level are drawn (conditioning augmentation); t
 blurred, then noised by the low-resolution schedule at that level (`pipelines.low_res_scheduler`, as diffusers'
 upscaler does at sampling), and concatenated to x_t at latent size (latent stages) or upsampled to the image
 size (pixel stages); the level goes to the U-Net as ``class_labels``.
+
+With ``super_resolution.train_crop`` a step trains on random crops (as CDM and Imagen train their SR stages): the
+crop is cut from the cached latents and the low-resolution image at the same place (corners on the grid where
+both start), so the cache holds whole images and a step costs about (crop / resolution)² of a whole one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -68,13 +73,23 @@ class SuperResolutionObjective(LatentDiffusionObjective):
     learned variance and the bound, min-SNR weighting, timestep sampling, offset noise, the posterior mean or a
     sample, caption dropout."""
 
-    def __init__(self, *args, factor: int, noise_levels: tuple[int, int], blur_sigma: tuple[float, float], **kwargs):
+    def __init__(self, *args, factor: int, noise_levels: tuple[int, int], blur_sigma: tuple[float, float],
+                 crop: int | None = None, **kwargs):
+        """``crop``: train on random crops of this side (pixels; module docstring), or whole images."""
         super().__init__(*args, **kwargs)
         self.sr_factor, self.noise_levels, self.blur_sigma = factor, tuple(noise_levels), tuple(blur_sigma)
+        self.crop = crop
         self.low_res_scheduler = low_res_scheduler()
 
+    def crop_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        return size if self.crop is None else (min(self.crop, size[0]), min(self.crop, size[1]))
+
     def draw(self, plan) -> dict:
-        """The base draws, and per example the augmentation level (B,), its noise (B, 3, h, w) and a blur sigma."""
+        """The base draws (at the crop's size), and per example the augmentation level (B,), its noise
+        (B, 3, h, w), a blur sigma and, when cropping, the crop's top-left corner (B, 2) in pixels, on the grid
+        where latent and low-resolution pixels both start."""
+        full = plan.size
+        plan = dataclasses.replace(plan, size=self.crop_size(full))
         draws = super().draw(plan)
         g = torch.Generator().manual_seed((plan.draws_seed + SR_DRAWS_SALT) % (2**63 - 1))
         n, (h, w) = len(plan), plan.size
@@ -83,7 +98,24 @@ class SuperResolutionObjective(LatentDiffusionObjective):
         draws["aug_noise"] = torch.randn((n, IMAGE_CHANNELS, h // self.sr_factor, w // self.sr_factor), generator=g)
         a, b = self.blur_sigma
         draws["blur"] = a + (b - a) * torch.rand(n, generator=g)
+        if self.crop is not None:
+            step = math.lcm(self.factor, self.sr_factor)
+            rows = torch.randint(0, (full[0] - h) // step + 1, (n,), generator=g)
+            cols = torch.randint(0, (full[1] - w) // step + 1, (n,), generator=g)
+            draws["corner"] = torch.stack([rows, cols], 1) * step
         return draws
+
+    def cut(self, batch: dict, corners: torch.Tensor) -> dict:
+        """The crops of a loaded batch: each image's latents, low-resolution image or pixels cut at its corner."""
+        scale = {"mean": self.factor, "std": self.factor, "low_res": self.sr_factor, "pixels": 1}
+        out = dict(batch)
+        for key, f in scale.items():
+            if key in batch:
+                x = batch[key]
+                h, w = (s // f for s in self.crop_size((x.shape[-2] * f, x.shape[-1] * f)))
+                out[key] = torch.stack([x[i, :, r // f:r // f + h, c // f:c // f + w]
+                                        for i, (r, c) in enumerate(corners.tolist())])
+        return out
 
     def augment(self, low: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor,
                 blur: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,6 +127,8 @@ class SuperResolutionObjective(LatentDiffusionObjective):
         return condition_image(noised, size)
 
     def inputs(self, batch: dict, draws: dict, sl: slice, device) -> tuple:
+        if "corner" in draws:
+            batch = self.cut(batch, draws["corner"][sl])
         base = super().inputs(batch, draws, sl, device)
         low = batch["low_res"] if "low_res" in batch else downsample(batch["pixels"].float(), self.sr_factor)
         cond = self.augment(low.to(device), draws["levels"][sl], draws["aug_noise"][sl], draws["blur"][sl])

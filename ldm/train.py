@@ -265,7 +265,7 @@ def make_objective(cfg: LDMConfig, comp: Components, diffusion, text: TextContex
         sr = cfg.super_resolution
         return SuperResolutionObjective(diffusion, cfg.diffusion, cfg.data.caption_dropout, text, comp.vae,
                                         gather=gather, factor=comp.upscale_factor, noise_levels=sr.noise_levels,
-                                        blur_sigma=sr.blur_sigma)
+                                        blur_sigma=sr.blur_sigma, crop=sr.train_crop)
     return LatentDiffusionObjective(diffusion, cfg.diffusion, cfg.data.caption_dropout, text, comp.vae,
                                     cfg.dreambooth.prior_loss_weight, gather=gather)
 

@@ -1,6 +1,8 @@
 """Training a super-resolution stage with train_ldm.py: latent and pixel space, the cache and the per-step path,
 conditioning augmentation, the export that diffusers' upscaler loads, and the config checks."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -109,6 +111,57 @@ def test_augmentation_draws_levels_in_range_and_keeps_the_base_draws(tiny_cfg):
                                atol=1e-6, rtol=1e-5)
 
 
+def test_training_crops_cut_latents_and_low_res_at_the_same_place(tiny_cfg):
+    from ldm.batches import Plan
+    from ldm.diffusion import GaussianDiffusion
+    from ldm.objective import LatentDiffusionObjective
+    from diffusers import DDPMScheduler
+
+    class _VAE:  # latent factor 4 (three resolutions), or none (pixels)
+        def __init__(self, levels):
+            self.config = type("C", (), {"latent_channels": 3, "block_out_channels": [1] * levels,
+                                         "scaling_factor": 1.0, "shift_factor": None})()
+
+    diffusion = GaussianDiffusion.from_scheduler_config(DDPMScheduler(num_train_timesteps=100).config)
+    cfg = tiny_cfg()
+    plan = Plan(list(range(64)), (32, 32), torch.zeros(64, dtype=torch.long), torch.zeros(64, dtype=torch.bool),
+                torch.zeros(64, dtype=torch.long), 12345)
+    pixels = torch.rand(64, 3, 32, 32)
+    for levels, factor in ((3, 4), (1, 2)):  # latent stage (VAE factor 4 = upscaling), pixel stage ×2
+        obj = SuperResolutionObjective(diffusion, cfg.diffusion, 0.1, None, _VAE(levels), factor=factor,
+                                       noise_levels=(0, 60), blur_sigma=(0.0, 0.0), crop=16)
+        draws = obj.draw(plan)
+        # the base draws are those of a whole-image plan of the crop's size
+        small = LatentDiffusionObjective(diffusion, cfg.diffusion, 0.1, None, _VAE(levels)).draw(
+            dataclasses.replace(plan, size=(16, 16)))
+        for key in small:
+            torch.testing.assert_close(draws[key], small[key])
+        corners = draws["corner"]
+        assert corners.shape == (64, 2) and corners.min() >= 0 and corners.max() <= 16
+        assert (corners % max(obj.factor, factor) == 0).all() and len(set(map(tuple, corners.tolist()))) > 10
+        assert draws["aug_noise"].shape == (64, 3, 16 // factor, 16 // factor)
+        # "latents" that are block means of the pixels: every crop must be the block means of the pixel crop
+        cut = obj.cut({"mean": downsample(pixels, obj.factor), "std": torch.zeros(64, 3, 32 // obj.factor, 32 // obj.factor),
+                       "low_res": downsample(pixels, factor), "pixels": pixels, "captions": plan.captions}, corners)
+        crops = torch.stack([pixels[i, :, r:r + 16, c:c + 16] for i, (r, c) in enumerate(corners.tolist())])
+        torch.testing.assert_close(cut["pixels"], crops)
+        torch.testing.assert_close(cut["mean"], downsample(crops, obj.factor))
+        torch.testing.assert_close(cut["low_res"], downsample(crops, factor))
+        assert cut["std"].shape == (64, 3, 16 // obj.factor, 16 // obj.factor)
+
+
+def test_stage_trained_on_crops_learns_and_samples_whole_images(tiny_cfg):
+    cfg = tiny_cfg(*SR, "super_resolution.train_crop=16", "train.max_steps=40")
+    train(cfg)
+    val = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "val_mse" in r]
+    assert val[-1]["val_mse"] < 0.9 * val[0]["val_mse"], val  # the validation loss is on whole images
+    pipe = SuperResolutionPipeline.from_pretrained(cfg.run_dir / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red circle at the top left", image=low_res_of(None, ["a red circle at the top left"]),
+               num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+
+
 def test_gaussian_blur_per_image():
     x = torch.rand(3, 2, 20, 20, dtype=torch.float64)
     y = gaussian_blur(x, torch.tensor([0.0, 1.0, 2.0]))
@@ -127,6 +180,8 @@ def test_gaussian_blur_per_image():
     (["super_resolution.noise_levels=[10,5]"], "super_resolution.noise_levels"),
     (["super_resolution.noise_levels=[0,1000]"], "super_resolution.noise_levels"),
     (["super_resolution.blur_sigma=[-1,0]"], "super_resolution.blur_sigma"),
+    (["super_resolution.train_crop=12"], "super_resolution.train_crop=12 .*a multiple of 8"),
+    (["super_resolution.train_crop=64"], "must be at most data.resolution=32"),
 ])
 def test_bad_super_resolution_settings_are_refused(tiny_cfg, extra, message):
     with pytest.raises(ValueError, match=message.replace("[", "\\[")):
