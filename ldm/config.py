@@ -32,6 +32,7 @@ LatentPosterior = typing.Literal["sample", "mean"]
 SamplerName = typing.Literal["ddpm", "ddim", "dpm++"]  # the keys of ldm.schedulers.SAMPLERS
 OnNonfinite = typing.Literal["stop", "skip_step"]
 Stage = typing.Literal["base", "super_resolution"]
+CompileMode = typing.Literal["auto", "regional", "full"]
 
 
 @dataclass
@@ -155,7 +156,11 @@ class TrainConfig:
     lr_schedule: LRSchedule = "cosine"  # after warm-up
     max_grad_norm: float = 1.0  # 0 turns clipping off
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
-    compile: bool = False  # torch.compile the U-Net in place (pays on GPUs after a one-off compile)
+    # torch.compile the U-Net in place: "regional" (each repeated block once: a short warm-up), "full" (one graph
+    # for the whole U-Net; also true), false; "auto": regional on CUDA, off on CPU (where it pays only for runs
+    # long enough to repay minutes of compilation).
+    compile: bool | CompileMode = "auto"
+    channels_last: bool | typing.Literal["auto"] = "auto"  # NHWC U-Net weights; "auto": on CUDA only
     mixed_precision: MixedPrecision = "no"  # handed to Accelerate; fp16 uses loss scaling
     ema_decay: float | None = None  # EMA of the U-Net (diffusers EMAModel); None = off
     ema_warmup: bool = True  # decay ramps up as 1 - (1 + step)^(-2/3) until ema_decay
@@ -389,7 +394,7 @@ RUN_SETTINGS = ("name", "output_dir", "export_dir", "data.cache_dir", "data.data
                 "train.max_steps", "train.resume", "train.allow_config_change", "train.overwrite",
                 "train.checkpoint_every", "train.keep_last", "train.validate_every", "train.log_every",
                 "train.tensorboard", "train.num_workers", "train.score_num_images", "train.compile",
-                "train.gradient_checkpointing", "train.on_nonfinite", "sample",
+                "train.channels_last", "train.gradient_checkpointing", "train.on_nonfinite", "sample",
                 "super_resolution.sample_noise_level")
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.fast import compile_model, set_channels_last
+
 from .batches import CLASS_STREAMS, TRAIN_STREAMS, BatchSource, PixelItems, rank_slice
 from .builtin_data import SCORED_DATASETS
 from .cache import cached_posterior, latent_cache, text_cache
@@ -232,8 +234,11 @@ def prepare(cfg: LDMConfig, engine, comp: Components, groups: list[dict]):
         if comp.train_text_encoder:  # transformers 5 renamed the method
             (getattr(text_encoder, "activation_checkpointing_enable", None)
              or text_encoder.gradient_checkpointing_enable)()
-    if tc.compile:  # in place: parameter names, checkpoints and exports are unchanged
-        unet.compile()
+    how, channels_last = fast_path(tc, engine.device)
+    if channels_last:
+        set_channels_last(unet, True)
+    if how:  # in place: parameter names, checkpoints and exports are unchanged
+        compile_model(unet, how)
     optimizer = make_optimizer(groups, tc, engine.device)
     if comp.train_text_encoder:
         unet, text_encoder, optimizer = acc.prepare(unet, text_encoder, optimizer)
@@ -243,6 +248,13 @@ def prepare(cfg: LDMConfig, engine, comp: Components, groups: list[dict]):
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     engine.optimize_with(optimizer, trainable, tc.max_grad_norm, tc.lr_schedule, tc.warmup_steps)
     return unet, text_encoder
+
+
+def fast_path(tc, device: torch.device) -> tuple[str | None, bool]:
+    """(how to compile the U-Net or None, channels-last or not) for ``train.compile`` / ``train.channels_last``."""
+    cuda = device.type == "cuda"
+    how = {"auto": "regional" if cuda else None, True: "full", False: None}.get(tc.compile, tc.compile)
+    return how, cuda if tc.channels_last == "auto" else tc.channels_last
 
 
 def make_optimizer(params: list[dict], tc, device: torch.device) -> torch.optim.Optimizer:

@@ -62,6 +62,8 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     model_cpu_offload_seq = "text_encoder->unet->vae"
     saved_class_name = SAVED_CLASS_NAME
     max_images_per_call = 512  # a bound on prompts x num_images_per_prompt: one batch holds them all
+    _fused_qkv = False  # enable_fast's switches in force
+    _cuda_graphs = False
     _optional_components = ["vae"]
 
     def __init__(
@@ -100,6 +102,67 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         except BaseException:
             os.unlink(tmp_path)
             raise
+
+    # ---- speed ----------------------------------------------------------------------------------------
+
+    def enable_fast(self, compile: str | None = "regional", mode: str | None = None,
+                    channels_last: bool | None = None, fuse_qkv: bool = True):
+        """Sample faster; outputs equal the eager pipeline's up to float rounding. Undo with `disable_fast`.
+
+        - ``compile``: ``"regional"`` compiles each repeated block of the U-Net and the VAE decoder (resnets,
+          transformer blocks, resampling) once per shape and reuses it across instances, for a short warm-up;
+          ``"full"`` compiles the whole U-Net as one graph (``fullgraph=True``) and the VAE decoder, the
+          fastest warm step for the longest warm-up; None compiles nothing. The first call at a new size or
+          batch pays the compile.
+        - ``mode``: ``torch.compile``'s mode; None picks ``"reduce-overhead"`` (CUDA graphs over the U-Net) for
+          ``"full"`` on CUDA, the default mode otherwise.
+        - ``channels_last``: NHWC convolutions; None turns it on for CUDA only (slower on CPU).
+        - ``fuse_qkv``: one projection for the query, key and value of self-attention (and key, value of
+          cross-attention), as diffusers' ``fuse_qkv_projections``; skipped while LoRA adapters are loaded.
+          Loading LoRA weights later unfuses them first.
+        Classifier-free guidance already runs both halves in one U-Net pass and the text is encoded once per call.
+        """
+        from .fast import compile_model, set_channels_last
+
+        self.disable_fast()
+        cuda = self.unet.device.type == "cuda"
+        set_channels_last(self.unet, cuda if channels_last is None else channels_last)
+        if fuse_qkv:
+            if getattr(self.unet, "peft_config", None):
+                logger.info("enable_fast: LoRA adapters are loaded, so the attention projections stay unfused")
+            else:
+                self.unet.fuse_qkv_projections()
+                self._fused_qkv = True
+        if compile is not None:
+            kwargs = {"mode": mode or ("reduce-overhead" if compile == "full" and cuda else None)}
+            if compile == "full":
+                kwargs["fullgraph"] = True
+            compile_model(self.unet, compile, **kwargs)
+            self._cuda_graphs = kwargs["mode"] == "reduce-overhead"
+            if self.vae is not None:
+                compile_model(self.vae.decoder, "regional", mode=mode if compile == "regional" else None)
+        return self
+
+    def disable_fast(self):
+        """Back to eager sampling in the default layout, with unfused projections."""
+        from .fast import set_channels_last, uncompile
+
+        for model in (self.unet, getattr(self.vae, "decoder", None)):
+            if model is not None:
+                uncompile(model)
+        set_channels_last(self.unet, False)
+        self._cuda_graphs = False
+        if self._fused_qkv:
+            self.unet.unfuse_qkv_projections()
+            self._fused_qkv = False
+        return self
+
+    def load_lora_weights(self, *args, **kwargs):
+        if self._fused_qkv:  # the adapters attach to the separate projections
+            logger.info("load_lora_weights: unfusing the attention projections that enable_fast fused")
+            self.unet.unfuse_qkv_projections()
+            self._fused_qkv = False
+        return super().load_lora_weights(*args, **kwargs)
 
     # Decoding large images with modest memory: tiles (overlapping, blended) or one image at a time.
     def enable_vae_tiling(self):
@@ -236,8 +299,12 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         for t in self.progress_bar(scheduler.timesteps):
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in, extra = self._unet_extra(scheduler.scale_model_input(model_in, t))
+            if self._cuda_graphs:  # a new replay: the previous step's outputs were consumed
+                torch.compiler.cudagraph_mark_step_begin()
             out = self.unet(model_in, t, encoder_hidden_states=context, cross_attention_kwargs=cross_attention_kwargs,
                             return_dict=False, **extra)[0]
+            if self._cuda_graphs:  # the graph's output buffer is overwritten by the next replay
+                out = out.clone()
             mean, var = out[:, :ch], out[:, ch:]  # var is empty without a learned variance
             if do_cfg:
                 mean_uncond, mean_text = mean.chunk(2)

@@ -1,9 +1,11 @@
-"""Shared fixtures: one tiny VAE folder and one 96-image shapes folder per test session, and a config maker."""
+"""Shared fixtures: one tiny VAE folder and one 96-image shapes folder per test session, a config maker, and one
+intra-op thread for tiny models."""
 
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # Tests build every component in code; never reach out to the Hugging Face Hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -37,3 +39,12 @@ def tiny_cfg(tmp_path, tiny_vae_dir, data_dir):
             "train.tensorboard=false", *extra])
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on one intra-op thread: with 2 (often shared) cores, threads spin-wait on each other."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -70,6 +70,22 @@ def test_only_adapters_train_and_both_pipelines_load_them(tmp_path, base):
     assert np.abs(a - plain).max() > 1e-3  # the adapters change the images
 
 
+def test_lora_trains_the_same_with_the_unet_compiled_by_blocks(tmp_path, base, monkeypatch):
+    # aot_eager: dynamo's capture and the forward/backward split around peft's layers, without code generation
+    import ldm.train
+    from pipelines.fast import compile_model
+
+    monkeypatch.setattr(ldm.train, "compile_model", lambda m, how: compile_model(m, how, backend="aot_eager"))
+    runs = []
+    for name, extra in (("eager", "train.compile=false"), ("regional", "train.compile=regional")):
+        cfg = _cfg(tmp_path, base, f"name={name}", extra, "train.log_every=1")
+        train(cfg)
+        runs.append(([r["loss"] for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "epoch" in r],
+                     load_file(cfg.run_dir / "lora" / LORA_FILE)))
+    np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-4)
+    assert runs[1][1].keys() == runs[0][1].keys()  # no compiled-module prefixes in the exported names
+
+
 def test_text_encoder_adapters_train_and_export(tmp_path, base):
     cfg = _cfg(tmp_path, base, "finetune.lora_text_encoder=true", "train.checkpoint_every=6")
     train(cfg)

@@ -17,12 +17,7 @@ from pipelines import SuperResolutionPipeline
 SR = ["stage=super_resolution", "super_resolution.low_resolution=8", "super_resolution.noise_levels=[0,300]"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def low_res_of(pipe_dir, captions):
