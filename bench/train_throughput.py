@@ -18,9 +18,16 @@ mixed precision and number of steps, one after the other in this process:
   ``--num-workers`` sets its DataLoader workers (and ours' for the one-off caching): 0 for cpu-tiny, where a
   worker would take one of the two cores the step uses; 4 for sd15, as one would run the example on a GPU host.
 
-The ratio printed and saved is ours / diffusers-style (above 1: ours trains more images per second).
+- **diffusers tuned**: diffusers' components trained the way one tunes that loop by hand (what
+  ``shared/bench/diffusers_baseline.py`` measured on an H100 as 108 img/s at batch 16): latents and caption
+  embeddings computed once up front and kept on the device, fused AdamW, the whole U-Net ``torch.compile``d
+  (on CUDA; ``--tuned-compile``), autocast, no loss read back in the loop.
 
-    OMP_NUM_THREADS=2 python bench/train_throughput.py --preset cpu-tiny          # about a minute on 2 cores
+The ratios printed and saved are ours / diffusers-style and ours / diffusers tuned (above 1: ours trains more
+images per second), with each side's warm-up seconds (its first ``--warmup`` steps, compilation included).
+``--compile`` and ``--channels-last`` set ours' switches (default: the trainer's "auto").
+
+    OMP_NUM_THREADS=2 python bench/train_throughput.py --preset cpu-tiny          # about two minutes on 2 cores
     python bench/train_throughput.py --preset sd15 --out sd15.json                # on one GPU
 
 ``sd15`` builds Stable Diffusion 1.5's U-Net (860M parameters), an SD-architecture VAE and a CLIP-L-size text
@@ -149,7 +156,7 @@ def make_config(args: argparse.Namespace, tmp: Path, dataset: str, vae: str, log
         f"train.num_workers={args.num_workers}", "train.gradient_accumulation_steps=1",
         "train.checkpoint_every=0", "train.validate_every=0", "train.score_num_images=0",
         "train.tensorboard=false", "train.ema_decay=null", "train.gradient_checkpointing=false",
-        f"train.compile={str(args.compile).lower()}",
+        f"train.compile={args.compile}", f"train.channels_last={args.channels_last}",
         f"sample.prompts=[{first_caption}]", "sample.seeds=[0]", "sample.num_inference_steps=2",
     ])
 
@@ -199,8 +206,11 @@ def run_ours(cfg: LDMConfig, warmup: int) -> dict:
     ends = [r["step"] for r in rows]
     loop_s = sum((end - begin) * cfg.train.batch_size / r["images_per_s"]
                  for begin, end, r in zip([0, *ends[:-1]], ends, rows))
+    warm_s = sum((end - begin) * cfg.train.batch_size / r["images_per_s"]
+                 for begin, end, r in zip([0, *ends[:-1]], ends, rows) if end <= warmup)
     return {
         "images_per_s": round(float(np.mean(timed)), 2),
+        "warmup_steps_s": round(warm_s, 2),  # the warm-up steps (compilation included)
         "window_images_per_s": [round(v, 2) for v in timed],
         "final_loss": result.get("final_loss"),
         "train_wall_s": round(wall, 2),
@@ -240,6 +250,16 @@ class ExampleImages(torch.utils.data.Dataset):
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, r, r)
         caption = captions_of(row[self.caption_column])[0]
         return {"pixel_values": (pixels - 0.5) / 0.5, "input_ids": tokenize(self.tokenizer, [caption])[0]}
+
+
+def update(accelerator, loss: torch.Tensor, unet, optimizer, lr_scheduler, max_grad_norm: float) -> None:
+    """The example's update: backward, gradient clipping, optimizer and schedule step, zeroed gradients."""
+    accelerator.backward(loss)
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(unet.parameters(), max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def run_diffusers_style(cfg: LDMConfig, warmup: int, num_workers: int) -> dict:
@@ -283,12 +303,7 @@ def run_diffusers_style(cfg: LDMConfig, warmup: int, num_workers: int) -> dict:
         pred = unet(noisy, t, context, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
         value = accelerator.gather(loss.repeat(len(latents))).mean().item()  # the example logs every step
-        accelerator.backward(loss)
-        if tc.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        update(accelerator, loss, unet, optimizer, lr_scheduler, tc.max_grad_norm)
         return value
 
     def sync() -> None:
@@ -318,7 +333,91 @@ def run_diffusers_style(cfg: LDMConfig, warmup: int, num_workers: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. The comparison
+# 4. Diffusers tuned by hand: cached inputs, fused AdamW, the whole U-Net compiled
+# ----------------------------------------------------------------------------------------------
+
+def run_diffusers_tuned(cfg: LDMConfig, warmup: int, compile_unet: bool) -> dict:
+    """Images/s of diffusers' components trained as one would tune the example by hand (as
+    ``shared/bench/diffusers_baseline.py`` measured it): every image's latents and caption embedding computed
+    once up front and kept on the device, fused AdamW, ``torch.compile`` of the whole U-Net (``compile_unet``),
+    autocast, the loss never read back during the loop. Same components, data, batch and schedule as ours."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    tc = cfg.train
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision)
+    device = accelerator.device
+    set_seed(tc.seed)
+    train_split, _, _ = load_splits(cfg)
+    comp = build_components(cfg, train_split.captions)
+    vae, text_encoder, unet, noise_scheduler = comp.vae, comp.text_encoder, comp.unet, comp.scheduler
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
+    vae.requires_grad_(False).to(device, dtype=weight_dtype)
+    text_encoder.requires_grad_(False).to(device, dtype=weight_dtype)
+    data = ExampleImages(train_split.ds, cfg.data.image_column, cfg.data.caption_column, cfg.data.resolution,
+                         comp.tokenizer)
+    t0 = time.time()
+    latents, contexts = [], []
+    with torch.no_grad():
+        for b in torch.utils.data.DataLoader(data, batch_size=tc.batch_size):
+            latents.append(vae.encode(b["pixel_values"].to(device, weight_dtype)).latent_dist.sample()
+                           * vae.config.scaling_factor)
+            contexts.append(text_encoder(b["input_ids"].to(device), return_dict=False)[0])
+    latents, contexts = torch.cat(latents), torch.cat(contexts)
+    cache_s = time.time() - t0
+    vae.to("cpu"), text_encoder.to("cpu")
+    unet.train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
+                                  weight_decay=tc.weight_decay, fused=device.type in ("cuda", "cpu"))
+    lr_scheduler = get_scheduler(LR_SCHEDULES[tc.lr_schedule], optimizer, num_warmup_steps=tc.warmup_steps,
+                                 num_training_steps=tc.max_steps)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    model = torch.compile(unet) if compile_unet else unet
+    num_t, n, batch = noise_scheduler.config.num_train_timesteps, len(latents), tc.batch_size
+    alphas = noise_scheduler.alphas_cumprod.to(device)
+
+    def step(i: int) -> torch.Tensor:
+        idx = torch.randint(0, n, (batch,), device=device)
+        z0, context = latents[idx].float(), contexts[idx]
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, num_t, (batch,), device=device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        with accelerator.autocast():
+            pred = model(noisy, t, context, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise)
+        update(accelerator, loss, unet, optimizer, lr_scheduler, tc.max_grad_norm)
+        return loss.detach()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    every, rates, losses = tc.log_every, [], []
+    t_start = t_window = time.time()
+    warmup_s = None
+    for done in range(1, tc.max_steps + 1):
+        losses.append(step(done))
+        if done % every == 0 or done == warmup:
+            sync()
+            now = time.time()
+            if done == warmup:
+                warmup_s = now - t_start
+            if done % every == 0:
+                if done - every >= warmup:
+                    rates.append(every * batch / (now - t_window))
+                t_window = now
+    accelerator.free_memory()
+    if not rates:
+        raise RuntimeError(f"no timed window after the {warmup} warm-up steps (log_every={every})")
+    return {"images_per_s": round(float(np.mean(rates)), 2), "window_images_per_s": [round(v, 2) for v in rates],
+            "final_loss": round(float(losses[-1]), 5), "compiled": compile_unet, "cache_s": round(cache_s, 2),
+            "warmup_steps_s": round(warmup_s, 2) if warmup_s is not None else None}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The comparison
 # ----------------------------------------------------------------------------------------------
 
 def device_name() -> str:
@@ -345,9 +444,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, help="image side in pixels")
     p.add_argument("--num-images", type=int, help="generate this many shapes images into a temporary folder "
                                                   "(default for cpu-tiny: the built-in 6000-image dataset)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile ours' U-Net (train.compile=true); the diffusers-style loop stays eager, "
-                        "as the example runs by default")
+    p.add_argument("--compile", choices=["auto", "regional", "full", "false"], default="auto",
+                   help="ours' train.compile (auto: regional on CUDA, off on CPU); the diffusers-style loop stays "
+                        "eager, as the example runs by default")
+    p.add_argument("--channels-last", choices=["auto", "true", "false"], default="auto",
+                   help="ours' train.channels_last (auto: on CUDA only)")
+    p.add_argument("--tuned-compile", choices=["auto", "true", "false"], default="auto",
+                   help="torch.compile the tuned diffusers loop's U-Net (auto: on CUDA, where its baseline did)")
+    p.add_argument("--sides", default="ours,diffusers-style,diffusers-tuned",
+                   help="comma list of the sides to run")
     p.add_argument("--out", type=Path, default=Path("results.json"))
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -372,23 +477,37 @@ def main(argv: list[str] | None = None) -> dict:
         vae = str(make_sd_vae(tmp / "vae")) if preset["sd_vae"] else "builtin"
         cfg = make_config(args, tmp, dataset, vae, log_every)
 
-        ours = run_ours(cfg, args.warmup)
-        release_memory()
-        theirs = run_diffusers_style(cfg, args.warmup, args.num_workers)
-        release_memory()
+        sides = {}
+        for side in args.sides.split(","):
+            if side == "ours":
+                sides[side] = run_ours(cfg, args.warmup)
+            elif side == "diffusers-style":
+                sides[side] = run_diffusers_style(cfg, args.warmup, args.num_workers)
+            elif side == "diffusers-tuned":
+                compiled = torch.cuda.is_available() if args.tuned_compile == "auto" else args.tuned_compile == "true"
+                sides[side] = run_diffusers_tuned(cfg, args.warmup, compiled)
+            else:
+                raise SystemExit(f"--sides: {side!r} is not one of ours, diffusers-style, diffusers-tuned")
+            release_memory()
 
-    ratio = ours["images_per_s"] / theirs["images_per_s"]
+    rate = {k: v["images_per_s"] for k, v in sides.items()}
     results = {
         "device": device_name(), "torch": torch.__version__, "preset": args.preset,
         "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "log_every": log_every,
         "mixed_precision": args.mixed_precision, "resolution": args.resolution, "compile": args.compile,
+        "channels_last": args.channels_last,
         "dataset": "shapes (built-in)" if args.num_images is None else f"shapes, {args.num_images} images generated",
         "num_workers": args.num_workers,
-        "ours_images_per_s": ours["images_per_s"], "diffusers_style_images_per_s": theirs["images_per_s"],
-        "ratio": round(ratio, 3),
-        "ours_setup_and_cache_s": ours["setup_and_cache_s"], "ours_outside_loop_s": ours["outside_loop_s"],
-        "ours": ours, "diffusers_style": theirs,
+        **{f"{k.replace('-', '_')}_images_per_s": v for k, v in rate.items()},
     }
+    if "ours" in rate and "diffusers-style" in rate:
+        results["ratio"] = round(rate["ours"] / rate["diffusers-style"], 3)
+    if "ours" in rate and "diffusers-tuned" in rate:
+        results["ratio_vs_tuned"] = round(rate["ours"] / rate["diffusers-tuned"], 3)
+    if "ours" in sides:
+        results["ours_setup_and_cache_s"] = sides["ours"]["setup_and_cache_s"]
+        results["ours_outside_loop_s"] = sides["ours"]["outside_loop_s"]
+    results.update({k.replace("-", "_"): v for k, v in sides.items()})
     print(format_table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
@@ -396,20 +515,29 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def format_table(r: dict) -> str:
-    cache = r["ours_setup_and_cache_s"]
+    names = {"ours": "ours (cached)", "diffusers_style": "diffusers-style", "diffusers_tuned": "diffusers tuned"}
     lines = [
         f"training throughput, {r['preset']}: {r['device']}, torch {r['torch']}, batch {r['batch_size']}, "
-        f"{r['mixed_precision']} precision, {r['warmup']} + {r['steps']} steps, {r['resolution']} px"
-        + (", ours compiled" if r.get("compile") else ""),
-        f"{'side':<18}{'images/s':>10}",
-        f"{'ours (cached)':<18}{r['ours_images_per_s']:>10.2f}",
-        f"{'diffusers-style':<18}{r['diffusers_style_images_per_s']:>10.2f}",
-        f"ratio = ours / diffusers-style = {r['ratio']:.2f}",
-        f"ours, one-off: {cache:.1f} s from start to caches written" if cache is not None else "",
-        f"ours, one-off: {r['ours_outside_loop_s']:.1f} s outside the training loop in all "
-        f"(caches, start/end validation, export)",
+        f"{r['mixed_precision']} precision, {r['warmup']} + {r['steps']} steps, {r['resolution']} px, "
+        f"ours compile={r['compile']} channels_last={r['channels_last']}",
+        f"{'side':<18}{'images/s':>10}{'warm-up s':>11}",
     ]
-    return "\n".join(line for line in lines if line)
+    for key, name in names.items():
+        if key in r:
+            side = r[key]
+            warm = side.get("warmup_steps_s")
+            lines.append(f"{name:<18}{side['images_per_s']:>10.2f}{warm if warm is not None else float('nan'):>11.1f}"
+                         + (" (compiled)" if side.get("compiled") else ""))
+    if "ratio" in r:
+        lines.append(f"ratio = ours / diffusers-style = {r['ratio']:.2f}")
+    if "ratio_vs_tuned" in r:
+        lines.append(f"ratio = ours / diffusers tuned = {r['ratio_vs_tuned']:.2f}")
+    if r.get("ours_setup_and_cache_s") is not None:
+        lines.append(f"ours, one-off: {r['ours_setup_and_cache_s']:.1f} s from start to caches written")
+    if "ours_outside_loop_s" in r:
+        lines.append(f"ours, one-off: {r['ours_outside_loop_s']:.1f} s outside the training loop in all "
+                     f"(caches, start/end validation, export)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,30 @@ def test_cpu_tiny_smoke(tmp_path):
     assert results == json.loads(json.dumps(returned))
     assert results["preset"] == "cpu-tiny" and results["batch_size"] == 4 and results["steps"] == 2
     assert results["ours_images_per_s"] > 0
-    assert results["diffusers_style_images_per_s"] > 0
+    assert results["diffusers_style_images_per_s"] > 0 and results["diffusers_tuned_images_per_s"] > 0
     assert math.isfinite(results["ratio"]) and results["ratio"] > 0
+    assert math.isfinite(results["ratio_vs_tuned"]) and results["ratio_vs_tuned"] > 0
+    assert results["diffusers_tuned"]["compiled"] is False  # auto: compiled on CUDA only
+    assert results["ours"]["warmup_steps_s"] > 0 and results["diffusers_tuned"]["warmup_steps_s"] > 0
+    assert len(results["diffusers_tuned"]["window_images_per_s"]) == 2
     assert len(results["ours"]["window_images_per_s"]) == 2  # log_every=1: one row per timed step
     assert len(results["diffusers_style"]["window_images_per_s"]) == 2
     assert results["ours_setup_and_cache_s"] is not None and results["ours_setup_and_cache_s"] > 0
+
+
+def test_sample_latency_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("sample_latency", BENCH.with_name("sample_latency.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "sample.json"
+    returned = bench.main(["--preset", "cpu-tiny", "--steps", "2", "--batches", "1,2", "--reps", "1",
+                           "--sides", "ours-eager,diffusers-eager", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results == json.loads(json.dumps(returned))
+    for side in ("ours-eager", "diffusers-eager"):
+        row = results["sides"][side]
+        assert row["batch_1"]["warm_s"] > 0 and row["batch_2"]["images_per_s"] > 0 and row["batch_2"]["cold_s"] > 0
+    # the same folder, scheduler, seed and prompts: diffusers draws our images
+    assert results["sides"]["diffusers-eager"]["max_abs_diff_to_first_side"] < 2e-3
+    assert set(results["ratios"]) == {f"diffusers-eager/ours-eager batch {b} {k}" for b in (1, 2)
+                                      for k in ("warm", "cold")}
