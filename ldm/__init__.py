@@ -1,8 +1,8 @@
 """Latent diffusion: train, fine-tune and run text-to-image models (VAE + CLIP text encoder + U-Net)."""
 
-__all__ = ["LDMPipeline", "SuperResolutionPipeline", "CascadePipeline", "GaussianDiffusion"]
+_PIPELINES = ("LDMPipeline", "LDMImg2ImgPipeline", "LDMInpaintPipeline", "SuperResolutionPipeline", "CascadePipeline")
 
-_PIPELINES = ("LDMPipeline", "SuperResolutionPipeline", "CascadePipeline")
+__all__ = [*_PIPELINES, "GaussianDiffusion"]
 
 
 def __getattr__(name):

@@ -5,6 +5,11 @@
         "a photo of sks dog on the beach" --num-images 4 --out dog.png
     python -m ldm.generate --pipeline runs/cascade-demo/cascade "a red circle at the top left" --noise-level 100
 
+    python -m ldm.generate --pipeline runs/demo/pipeline "a blue circle at the top left" --image in.png \
+        --strength 0.6                                  # image-to-image
+    python -m ldm.generate --pipeline runs/demo/pipeline "a blue circle at the top left" --image in.png \
+        --mask mask.png                                 # inpainting: white pixels of the mask drawn anew
+
 A cascade folder (base + super-resolution stages, `pipelines.CascadePipeline`) draws at the last stage's size;
 ``--steps``, ``--guidance-scale`` and ``--scheduler`` are its base's, ``--noise-level`` its stages'.
 
@@ -59,6 +64,23 @@ def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm
     return pipe
 
 
+def from_image(pipe, args) -> tuple:
+    """The image-to-image or inpainting pipeline sharing ``pipe``'s components, and its call arguments."""
+    from PIL import Image
+
+    from pipelines import CascadePipeline, LDMImg2ImgPipeline, LDMInpaintPipeline
+
+    if isinstance(pipe, CascadePipeline):
+        raise ValueError("--image is for text-to-image pipelines, not cascades")
+    image = Image.open(args.image).convert("RGB")
+    if args.mask:
+        extra = {"image": image, "mask_image": Image.open(args.mask).convert("L"),
+                 "strength": 1.0 if args.strength is None else args.strength}
+        return LDMInpaintPipeline.from_pipe(pipe), extra
+    extra = {"image": image, "strength": 0.8 if args.strength is None else args.strength}
+    return LDMImg2ImgPipeline.from_pipe(pipe), extra
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("prompts", nargs="+")
@@ -76,6 +98,11 @@ def main(argv=None) -> None:
     parser.add_argument("--noise-level", type=int, nargs="+", default=None,
                         help="a cascade's augmentation level at sampling (0-999 of the low-resolution schedule), "
                              "one for every super-resolution stage or one per stage (default: saved with it)")
+    parser.add_argument("--image", default=None, help="an input image: image-to-image, or inpainting with --mask")
+    parser.add_argument("--mask", default=None, help="with --image: a mask image (white: draw anew, black: keep)")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="with --image: how far to noise it, 0 (keep) to 1 (pure noise); default 0.8 for "
+                             "image-to-image, 1.0 for inpainting")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="samples.png")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
@@ -89,6 +116,11 @@ def main(argv=None) -> None:
             if not isinstance(pipe, CascadePipeline):
                 raise ValueError(f"--noise-level is for cascades; {args.pipeline!r} holds no cascade.json")
             kwargs["noise_level"] = args.noise_level[0] if len(args.noise_level) == 1 else args.noise_level
+        if args.mask and not args.image:
+            raise ValueError("--mask needs --image (the image to inpaint)")
+        if args.image:
+            pipe, extra = from_image(pipe, args)
+            kwargs.update(extra)
         images = []
         for prompt in args.prompts:
             gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]

@@ -1,11 +1,12 @@
 """Inference pipelines. Imported lazily, so that `pipelines.files` needs neither diffusers nor transformers."""
 
-__all__ = ["CascadeOutput", "CascadePipeline", "LDMPipeline", "SuperResolutionPipeline", "low_res_scheduler",
-           "rescale_latent_space", "vae_scale_factor"]
+__all__ = ["CascadeOutput", "CascadePipeline", "LDMImg2ImgPipeline", "LDMInpaintPipeline", "LDMPipeline",
+           "SuperResolutionPipeline", "low_res_scheduler", "rescale_latent_space", "vae_scale_factor"]
 
 _WHERE = {"CascadeOutput": "cascade", "CascadePipeline": "cascade", "LDMPipeline": "ldm_pipeline",
           "vae_scale_factor": "ldm_pipeline", "SuperResolutionPipeline": "sr_pipeline",
-          "low_res_scheduler": "sr_pipeline", "rescale_latent_space": "sr_pipeline"}
+          "low_res_scheduler": "sr_pipeline", "rescale_latent_space": "sr_pipeline",
+          "LDMImg2ImgPipeline": "img2img", "LDMInpaintPipeline": "img2img"}
 
 
 def __getattr__(name):

@@ -288,15 +288,20 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return model_in, {}
 
     def _denoise(self, latents, scheduler, pass_variance, context, num_inference_steps, guidance_scale,
-                 guidance_rescale, generator, cross_attention_kwargs):
-        """The sampling loop from pure noise ``latents`` to the denoised latents."""
+                 guidance_rescale, generator, cross_attention_kwargs, start=0, after_step=None):
+        """The sampling loop from ``latents`` (pure noise, or noised to the step at index ``start`` of the
+        schedule: image-to-image) to the denoised latents; ``after_step(i, latents)`` may change the latents
+        after step i (inpainting)."""
         do_cfg = guidance_scale > 1.0
         ch = latents.shape[1]
         scheduler.set_timesteps(num_inference_steps, device=latents.device)
+        timesteps = scheduler.timesteps[start:]
+        if start and hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
         # Only stochastic schedulers accept a generator in step(); passing it to others would raise TypeError.
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         last = scheduler.timesteps[-1]
-        for t in self.progress_bar(scheduler.timesteps):
+        for i, t in enumerate(self.progress_bar(timesteps)):
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in, extra = self._unet_extra(scheduler.scale_model_input(model_in, t))
             if self._cuda_graphs:  # a new replay: the previous step's outputs were consumed
@@ -322,6 +327,8 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 var = torch.full_like(var, -1.0)
             model_out = torch.cat([mean, var], dim=1) if pass_variance else mean
             latents = scheduler.step(model_out, t, latents, **step_kwargs, return_dict=False)[0]
+            if after_step is not None:
+                latents = after_step(i, latents)
         return latents
 
     def _decode(self, latents, output_type):
