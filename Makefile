@@ -14,7 +14,7 @@ LAUNCH    := $(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo lora-demo cascade-demo variance-study test test-slow vae clean
+.PHONY: install demo lora-demo cascade-demo variance-study app test test-slow vae clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -50,6 +50,10 @@ cascade-demo: $(STAMP)
 # DDIM, scored and bounded: runs/variance-study/results.json and quality_vs_steps.png (README "Learned variance").
 variance-study: $(STAMP)
 	$(BIN)/python -m ldm.studies.variance --out runs/variance-study
+
+# The web page on http://127.0.0.1:7860: draw with any pipeline under runs/ and watch runs (ldm/app.py).
+app: $(STAMP)
+	$(BIN)/python -m ldm.app --runs-dir runs
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -106,7 +106,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     # ---- speed ----------------------------------------------------------------------------------------
 
     def enable_fast(self, compile: str | None = "regional", mode: str | None = None,
-                    channels_last: bool | None = None, fuse_qkv: bool = True):
+                    channels_last: bool | None = None, fuse_qkv: bool = True, backend: str = "inductor"):
         """Sample faster; outputs equal the eager pipeline's up to float rounding. Undo with `disable_fast`.
 
         - ``compile``: ``"regional"`` compiles each repeated block of the U-Net and the VAE decoder (resnets,
@@ -120,6 +120,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         - ``fuse_qkv``: one projection for the query, key and value of self-attention (and key, value of
           cross-attention), as diffusers' ``fuse_qkv_projections``; skipped while LoRA adapters are loaded.
           Loading LoRA weights later unfuses them first.
+        - ``backend``: ``torch.compile``'s backend.
         Classifier-free guidance already runs both halves in one U-Net pass and the text is encoded once per call.
         """
         from .fast import compile_model, set_channels_last
@@ -134,13 +135,14 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 self.unet.fuse_qkv_projections()
                 self._fused_qkv = True
         if compile is not None:
-            kwargs = {"mode": mode or ("reduce-overhead" if compile == "full" and cuda else None)}
+            kwargs = {"mode": mode or ("reduce-overhead" if compile == "full" and cuda else None), "backend": backend}
             if compile == "full":
                 kwargs["fullgraph"] = True
             compile_model(self.unet, compile, **kwargs)
             self._cuda_graphs = kwargs["mode"] == "reduce-overhead"
             if self.vae is not None:
-                compile_model(self.vae.decoder, "regional", mode=mode if compile == "regional" else None)
+                compile_model(self.vae.decoder, "regional", mode=mode if compile == "regional" else None,
+                              backend=backend)
         return self
 
     def disable_fast(self):

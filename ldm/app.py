@@ -1,0 +1,367 @@
+"""A local web page to draw with a model and watch training runs (Gradio).
+
+    python -m ldm.app                        # http://127.0.0.1:7860, runs found under ./runs
+    python -m ldm.app --runs-dir /data/runs --port 8000
+
+- **Draw**: a pipeline folder (any run's ``pipeline/`` under the runs folder, or a path), optionally a LoRA file
+  and scale; prompt, negative prompt, steps, guidance, scheduler, seed, size, number of images; text-to-image,
+  image-to-image (upload) or inpainting (upload, then paint the region to draw anew). Every image is written as
+  a PNG whose text chunk holds its settings (``parameters``, as AUTOMATIC1111 writes them), and the settings are
+  shown beside the gallery.
+- **Runs**: every run under the runs folder with its summary, its curves (loss, validation loss, scores) drawn
+  from ``metrics.jsonl``, and its sample grids with a slider over the steps; while a run is going the page
+  refreshes them every few seconds.
+
+It binds to 127.0.0.1 and has no authentication: before exposing it (``--host 0.0.0.0``), put it behind a
+reverse proxy that authenticates, or pass ``--auth user:password``. Anyone who can reach the page can read the
+runs folder and make the machine sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+logger = logging.getLogger(__name__)
+
+MODES = ("text-to-image", "image-to-image", "inpainting")
+CURVE_KEYS = ("loss", "val_loss", "val_mse")
+SCORE_SUFFIX = "_accuracy"
+REFRESH_S = 5.0  # how often the Runs tab re-reads a run that is still going
+
+
+# ---- what the page reads from disk ------------------------------------------------------------------------
+
+def find_runs(runs_dir: Path) -> list[str]:
+    """Names of the runs under ``runs_dir``: folders with a metrics.jsonl, newest first."""
+    runs = [p.parent for p in Path(runs_dir).glob("*/metrics.jsonl")]
+    return [p.name for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+def find_pipelines(runs_dir: Path) -> list[str]:
+    """Pipeline folders under ``runs_dir`` (a run's ``pipeline/``, or a cascade's or demo's folder)."""
+    found = {str(p.parent) for p in Path(runs_dir).glob("*/pipeline/model_index.json")}
+    found |= {str(p.parent) for p in Path(runs_dir).glob("*/model_index.json")}
+    return sorted(found)
+
+
+def read_rows(run: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl; a partly written last line (a run still going) is left out."""
+    rows = []
+    path = run / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def summary(run: Path, rows: list[dict]) -> str:
+    """Markdown: the run's state, its last numbers and its end-of-run summary when it has one."""
+    if not rows:
+        return f"**{run.name}**: no metrics yet"
+    final = next((r for r in reversed(rows) if "final_loss" in r), None)
+    steps = [r["step"] for r in rows if "step" in r]
+    age = time.time() - (run / "metrics.jsonl").stat().st_mtime
+    state = "finished" if final else ("running" if age < 120 else f"stopped (last write {age / 60:.0f} min ago)")
+    lines = [f"**{run.name}**: {state}, step {max(steps) if steps else 0}"]
+    shown = final or rows[-1]
+    for key, value in shown.items():
+        if isinstance(value, float):
+            value = f"{value:.5g}"
+        lines.append(f"- {key}: {value}")
+    return "\n".join(lines)
+
+
+def curves_figure(rows: list[dict]):
+    """A matplotlib figure: the loss terms and validation losses against step (log scale), and the built-in
+    scores on a second axis when the run has them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = sorted({k for r in rows for k in r if k.endswith(SCORE_SUFFIX)})
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(10 if scores else 6, 3.6), squeeze=False)
+    ax = axes[0][0]
+    for key in CURVE_KEYS:
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "final_loss" not in r]
+        if pts:
+            ax.plot(*zip(*pts), label=key, marker="o" if key != "loss" else None, markersize=3)
+    ax.set_xlabel("step"), ax.set_title("losses")
+    if any(line.get_ydata().min() > 0 for line in ax.get_lines()):
+        ax.set_yscale("log")
+    ax.legend(loc="best", fontsize=8)
+    if scores:
+        ax2 = axes[0][1]
+        for key in scores:
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax2.plot(*zip(*pts), label=key.removesuffix(SCORE_SUFFIX), marker="o", markersize=3)
+        ax2.set_ylim(0, 1.02), ax2.set_xlabel("step"), ax2.set_title("built-in scores")
+        ax2.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def sample_grids(run: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the run's validation grids (``samples/step-N.png``), by step."""
+    grids = []
+    for p in (run / "samples").glob("step-*.png"):
+        m = re.fullmatch(r"step-(\d+)\.png", p.name)
+        if m:
+            grids.append((int(m.group(1)), p))
+    return sorted(grids)
+
+
+# ---- drawing ------------------------------------------------------------------------------------------
+
+def png_parameters(settings: dict) -> str:
+    """AUTOMATIC1111's ``parameters`` text: the prompt, the negative prompt, then ``key: value`` pairs."""
+    rest = {k: v for k, v in settings.items() if k not in ("prompt", "negative_prompt")}
+    return (f"{settings['prompt']}\nNegative prompt: {settings.get('negative_prompt', '')}\n"
+            + ", ".join(f"{k}: {v}" for k, v in rest.items()))
+
+
+def save_with_settings(image: Image.Image, path: Path, settings: dict) -> Path:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", png_parameters(settings))
+    info.add_text("settings", json.dumps(settings))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    image.save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)
+    return path
+
+
+def editor_image_and_mask(value) -> tuple[Image.Image | None, Image.Image | None]:
+    """The uploaded image (RGB) and the painted mask (L, white where painted) of an ImageEditor value."""
+    if not value:
+        return None, None
+    background = value.get("background") if isinstance(value, dict) else value
+    if background is None:
+        return None, None
+    image = Image.fromarray(np.asarray(background)[..., :3].astype(np.uint8), "RGB")
+    mask = np.zeros(image.size[::-1], bool)
+    for layer in (value.get("layers") or []) if isinstance(value, dict) else []:
+        layer = np.asarray(layer)
+        if layer.ndim == 3 and layer.shape[-1] == 4 and layer.shape[:2] == mask.shape:
+            mask |= layer[..., 3] > 0
+    return image, Image.fromarray(mask.astype(np.uint8) * 255, "L") if mask.any() else None
+
+
+class Drawer:
+    """Loads pipelines on demand (the last one stays loaded) and draws with them."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir, self.key, self.pipe = Path(out_dir), None, None
+
+    def load(self, folder: str, lora: str | None, scheduler: str):
+        from .generate import load_pipeline
+
+        folder = (folder or "").strip()
+        if not folder:
+            raise ValueError("choose a pipeline folder (a run's pipeline/ or any path)")
+        if not (Path(folder) / "model_index.json").is_file():
+            raise ValueError(f"{folder!r} is not a pipeline folder (it has no model_index.json)")
+        key = (folder, lora or None, scheduler)
+        if key != self.key:
+            self.pipe, self.key = None, None
+            self.pipe = load_pipeline(folder, lora or None, scheduler)
+            self.key = key
+        return self.pipe
+
+    def draw(self, folder, lora, lora_scale, mode, prompt, negative, steps, guidance, scheduler, seed, size,
+             num_images, strength, editor) -> tuple[list, str]:
+        import torch
+
+        from pipelines import CascadePipeline, LDMImg2ImgPipeline, LDMInpaintPipeline
+
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {list(MODES)}")
+        if not (prompt or "").strip():
+            raise ValueError("write a prompt")
+        pipe = self.load(folder, lora, scheduler)
+        n, steps, seed = int(num_images), int(steps), int(seed)
+        kwargs = {"num_inference_steps": steps, "guidance_scale": float(guidance),
+                  "negative_prompt": negative or None,
+                  "generator": [torch.Generator().manual_seed(seed + i) for i in range(n)]}
+        if lora:
+            kwargs["cross_attention_kwargs"] = {"scale": float(lora_scale)}
+        settings = {"prompt": prompt, "negative_prompt": negative or "", "mode": mode, "steps": steps,
+                    "guidance": float(guidance), "scheduler": scheduler, "pipeline": folder,
+                    **({"lora": lora, "lora_scale": float(lora_scale)} if lora else {})}
+        if mode == "text-to-image":
+            if not isinstance(pipe, CascadePipeline):
+                kwargs["height"] = kwargs["width"] = int(size)
+                settings["size"] = int(size)
+            run = pipe
+        else:
+            if isinstance(pipe, CascadePipeline):
+                raise ValueError(f"{mode} needs a text-to-image pipeline, not a cascade")
+            image, mask = editor_image_and_mask(editor)
+            if image is None:
+                raise ValueError(f"{mode} needs an image: upload one in the editor")
+            kwargs["image"], kwargs["strength"] = image, float(strength)
+            settings.update(strength=float(strength), size=f"{image.width}x{image.height}")
+            if mode == "inpainting":
+                if mask is None:
+                    raise ValueError("inpainting needs a mask: paint over the region to draw anew")
+                kwargs["mask_image"] = mask
+                run = LDMInpaintPipeline.from_pipe(pipe)
+            else:
+                run = LDMImg2ImgPipeline.from_pipe(pipe)
+            run.set_progress_bar_config(disable=True)
+        images = run([prompt] * n, **kwargs).images
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        paths = []
+        for i, im in enumerate(images):
+            paths.append(str(save_with_settings(im, self.out_dir / f"{stamp}-{seed + i}.png",
+                                                {**settings, "seed": seed + i})))
+        return paths, png_parameters({**settings, "seed": f"{seed}..{seed + n - 1}"})
+
+
+# ---- the page -------------------------------------------------------------------------------------------
+
+def build_app(runs_dir: Path, out_dir: Path | None = None):
+    import gradio as gr
+
+    from .schedulers import SAMPLERS
+
+    runs_dir = Path(runs_dir)
+    drawer = Drawer(out_dir or runs_dir / "app-images")
+    runs_dir = runs_dir.resolve()
+
+    def user_error(fn):
+        """Errors as a message on the page, never a stack trace."""
+        def wrapped(*args):
+            try:
+                return fn(*args)
+            except gr.Error:
+                raise
+            except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+                logger.info("page error: %s", e)
+                raise gr.Error(str(e)) from None
+        return wrapped
+
+    with gr.Blocks(title="latent diffusion") as app:
+        gr.Markdown("# Latent diffusion: draw and watch runs")
+        with gr.Tab("Draw", id="draw"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    pipelines = find_pipelines(runs_dir)
+                    folder = gr.Dropdown(pipelines, value=pipelines[0] if pipelines else None, allow_custom_value=True,
+                                         label="pipeline folder", elem_id="pipeline")
+                    with gr.Row():
+                        lora = gr.Textbox(label="LoRA (folder or .safetensors, optional)", elem_id="lora")
+                        lora_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale")
+                    mode = gr.Radio(list(MODES), value=MODES[0], label="mode", elem_id="mode")
+                    prompt = gr.Textbox(label="prompt", value="a red circle at the top left", elem_id="prompt")
+                    negative = gr.Textbox(label="negative prompt", elem_id="negative")
+                    with gr.Row():
+                        steps = gr.Slider(1, 250, value=30, step=1, label="steps", elem_id="steps")
+                        guidance = gr.Slider(1, 15, value=1.5, step=0.1, label="guidance")
+                    with gr.Row():
+                        scheduler = gr.Dropdown(list(SAMPLERS), value="dpm++", label="scheduler")
+                        seed = gr.Number(value=0, precision=0, label="seed")
+                    with gr.Row():
+                        size = gr.Slider(8, 1024, value=32, step=8, label="size (text-to-image)")
+                        num_images = gr.Slider(1, 16, value=4, step=1, label="images", elem_id="images")
+                    strength = gr.Slider(0, 1, value=0.8, step=0.05, label="strength (image-to-image, inpainting)")
+                    editor = gr.ImageEditor(label="image (upload; for inpainting paint the region to redraw)",
+                                            type="numpy", brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                                            elem_id="editor")
+                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Column(scale=1):
+                    gallery = gr.Gallery(label="images", columns=4, elem_id="gallery", format="png")
+                    info = gr.Textbox(label="settings (also in each PNG's text chunk)", lines=4, elem_id="settings")
+            go.click(user_error(drawer.draw), [folder, lora, lora_scale, mode, prompt, negative, steps, guidance,
+                                               scheduler, seed, size, num_images, strength, editor],
+                     [gallery, info])
+
+        with gr.Tab("Runs", id="runs"):
+            runs = find_runs(runs_dir)
+            with gr.Row():
+                run = gr.Dropdown(runs, value=runs[0] if runs else None, label="run", elem_id="run")
+                refresh = gr.Button("Refresh list")
+            about = gr.Markdown(elem_id="summary")
+            plot = gr.Plot(label="curves", elem_id="curves")
+            grid_step = gr.Slider(0, 1, value=0, step=1, label="sample grid at step", elem_id="grid-step")
+            grid = gr.Image(label="samples", type="filepath", elem_id="grid")
+
+            def show(name):
+                if not name:
+                    return "no run selected", None, gr.update(), None
+                path = runs_dir / name
+                if not (path / "metrics.jsonl").is_file():
+                    raise ValueError(f"{name!r} is not a run under {runs_dir} (no metrics.jsonl)")
+                rows = read_rows(path)
+                grids = sample_grids(path)
+                steps_ = [s for s, _ in grids]
+                lo = steps_[0] if steps_ else 0
+                slider = gr.update(minimum=lo, maximum=max(steps_[-1] if steps_ else 0, lo + 1),  # needs max > min
+                                   step=(steps_[1] - steps_[0]) if len(steps_) > 1 else 1,
+                                   value=steps_[-1] if steps_ else 0)
+                return summary(path, rows), curves_figure(rows), slider, str(grids[-1][1]) if grids else None
+
+            def pick_grid(name, step):
+                grids = sample_grids(runs_dir / name) if name else []
+                if not grids:
+                    return None
+                return str(min(grids, key=lambda g: abs(g[0] - step))[1])
+
+            def tick(name):
+                path = runs_dir / (name or "")
+                if not name or not (path / "metrics.jsonl").is_file():
+                    return gr.update(), gr.update(), gr.update(), gr.update()
+                rows = read_rows(path)
+                if any("final_loss" in r for r in rows) and time.time() - (path / "metrics.jsonl").stat().st_mtime > 60:
+                    return gr.update(), gr.update(), gr.update(), gr.update()  # finished: nothing moves
+                return show(name)
+
+            outputs = [about, plot, grid_step, grid]
+            run.change(user_error(show), [run], outputs)
+            grid_step.release(user_error(pick_grid), [run, grid_step], [grid])
+            refresh.click(lambda: gr.update(choices=find_runs(runs_dir)), None, [run])
+            gr.Timer(REFRESH_S).tick(user_error(tick), [run], outputs)
+            app.load(user_error(show), [run], outputs)
+    return app
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs-dir", default="runs", help="where runs (and their pipeline folders) are found")
+    parser.add_argument("--out-dir", default=None, help="where drawn images go (default: <runs-dir>/app-images)")
+    parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only (see the docstring)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--auth", default=None, help="user:password required to open the page")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    serve(Path(args.runs_dir), Path(args.out_dir) if args.out_dir else None, args.host, args.port, auth)
+
+
+def serve(runs_dir: Path, out_dir: Path | None = None, host: str = "127.0.0.1", port: int = 7860, auth=None,
+          block: bool = True):
+    """Build the page and serve it; the runs folder (sample grids) and the images folder are the only files it
+    serves beyond Gradio's own. ``block=False`` returns the running app (``app.close()`` stops it)."""
+    out_dir = out_dir or Path(runs_dir) / "app-images"
+    app = build_app(runs_dir, out_dir)
+    app.queue().launch(server_name=host, server_port=port, auth=auth, show_error=False, quiet=not block,
+                       allowed_paths=[str(Path(runs_dir).resolve()), str(Path(out_dir).resolve())],
+                       prevent_thread_lock=not block)
+    return app
+
+
+if __name__ == "__main__":
+    main()
