@@ -98,6 +98,14 @@ def test_draw_inpaint_and_watch_a_run_in_chromium(runs_dir, tmp_path):
             assert len(list((tmp_path / "images").glob("*.png"))) == 4
             page.screenshot(path=str(tmp_path / "inpaint.png"), full_page=True)
 
+            # a folder that is not a pipeline: a message on the page, no stack trace
+            page.fill("#pipeline input", str(tmp_path))
+            page.press("#pipeline input", "Enter")
+            page.check("#mode input[value=text-to-image]")
+            page.click("#generate")
+            page.get_by_text("is not a pipeline folder").first.wait_for(timeout=60_000)
+            assert "Traceback" not in page.content()
+
             # runs: the tiny run's summary, its curves and a sample grid
             page.get_by_role("tab", name="Runs").click()
             page.wait_for_function("document.querySelector('#summary') && "
