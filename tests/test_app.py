@@ -75,9 +75,10 @@ def test_draw_inpaint_and_watch_a_run_in_chromium(runs_dir, tmp_path):
             page.fill("#images input[type=number]", "2")
             page.press("#images input[type=number]", "Enter")
             page.click("#generate")
-            page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2", timeout=120_000)
-            width = page.eval_on_selector("#gallery img", "img => img.complete ? img.naturalWidth : 0")
-            assert width > 0
+            # two images in the gallery, each loaded and not empty
+            page.wait_for_function("(() => { const a = [...document.querySelectorAll('#gallery img')];"
+                                   " return a.length >= 2 && a.every(i => i.complete && i.naturalWidth > 0); })()",
+                                   timeout=120_000)
             assert "a red circle at the top left" in page.input_value("#settings textarea")
             page.screenshot(path=str(tmp_path / "draw.png"), full_page=True)
             drawn = sorted((tmp_path / "images").glob("*.png"))
@@ -114,6 +115,11 @@ def test_draw_inpaint_and_watch_a_run_in_chromium(runs_dir, tmp_path):
             page.wait_for_function("(() => { const i = document.querySelector('#grid img');"
                                    " return i && i.complete && i.naturalWidth > 0; })()", timeout=60_000)
             page.screenshot(path=str(tmp_path / "runs.png"), full_page=True)
+            # a run that moves on: the tab shows its new step without a reload
+            with open(runs_dir / "tiny" / "metrics.jsonl", "a") as f:
+                f.write('{"step": 7, "epoch": 0, "loss": 0.9}\n')
+            page.wait_for_function("document.querySelector('#summary').innerText.includes('step 7')",
+                                   timeout=30_000)
             browser.close()
     finally:
         app.close()
