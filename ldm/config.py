@@ -24,6 +24,7 @@ Optimizer = typing.Literal["adamw", "adamw8bit"]
 LRSchedule = typing.Literal["constant", "cosine"]
 MixedPrecision = typing.Literal["no", "bf16", "fp16"]
 FinetuneMethod = typing.Literal["full", "lora"]
+LoraFormat = typing.Literal["diffusers", "kohya", "both"]
 BaseDtype = typing.Literal["fp32", "bf16", "fp16"]
 TimestepSampling = typing.Literal["uniform", "logit_normal", "importance"]
 LossType = typing.Literal["simple", "vlb"]
@@ -196,6 +197,9 @@ class FinetuneConfig:
     lora_conv: bool = False  # also the ResNet convolutions
     lora_text_encoder: bool = False  # adapters on the text encoder's attention too
     base_dtype: BaseDtype = "fp32"  # the frozen base's dtype (match train.mixed_precision)
+    # the exported adapters' layout: diffusers' (pytorch_lora_weights.safetensors), kohya-ss's for AUTOMATIC1111 /
+    # ComfyUI / Forge (lora_kohya.safetensors), or both; diffusers' load_lora_weights and ours read either
+    lora_format: LoraFormat = "diffusers"
     merged_export: bool = False  # also export a full pipeline with the adapters merged at merge_scale
     merge_scale: float = 1.0
 
@@ -395,6 +399,7 @@ RUN_SETTINGS = ("name", "output_dir", "export_dir", "data.cache_dir", "data.data
                 "train.checkpoint_every", "train.keep_last", "train.validate_every", "train.log_every",
                 "train.tensorboard", "train.num_workers", "train.score_num_images", "train.compile",
                 "train.channels_last", "train.gradient_checkpointing", "train.on_nonfinite", "sample",
+                "finetune.lora_format",
                 "super_resolution.sample_noise_level")
 
 

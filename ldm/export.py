@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .lora import LORA_FILE, merge_into, save_lora
+from .lora import lora_file, merge_into, save_lora
 from .models import make_pipeline
 from .run import atomic_save_dir
 from .schedulers import sampling_scheduler
@@ -16,8 +16,8 @@ def export(cfg, comp, unet, text_encoder, run_dir: Path) -> dict[str, Path]:
     """Write the run's model(s) from the unwrapped ``unet`` and ``text_encoder``; return {what: path}."""
     saved = {}
     if cfg.finetune.method == "lora":
-        atomic_save_dir(lambda d: save_lora(d, unet, text_encoder), run_dir / "lora")
-        saved["lora"] = run_dir / "lora" / LORA_FILE
+        atomic_save_dir(lambda d: save_lora(d, unet, text_encoder, cfg.finetune.lora_format), run_dir / "lora")
+        saved["lora"] = lora_file(run_dir / "lora")
         if cfg.finetune.merged_export:
             from pipelines import LDMPipeline
 

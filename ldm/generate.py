@@ -27,7 +27,7 @@ import torch
 from pipelines import CascadePipeline
 
 from .errors import user_errors
-from .lora import LORA_FILE
+from .lora import lora_file
 from .run import atomic_save, make_grid
 from .schedulers import SAMPLERS, VARIANCES, sampling_scheduler, with_variance
 
@@ -50,10 +50,8 @@ def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm
     pipe.scheduler = with_variance(sampling_scheduler(pipe.scheduler, scheduler), variance)
     if lora:
         path = Path(lora)
-        if path.is_dir():
-            if not (path / LORA_FILE).is_file():
-                raise FileNotFoundError(f"--lora {lora!r} holds no {LORA_FILE}")
-            pipe.load_lora_weights(str(path), weight_name=LORA_FILE)
+        if path.is_dir():  # a run's lora/ folder: diffusers' layout, else kohya's
+            pipe.load_lora_weights(str(path), weight_name=lora_file(path).name)
         elif path.is_file():
             pipe.load_lora_weights(str(path.parent), weight_name=path.name)
         else:
@@ -85,7 +83,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("prompts", nargs="+")
     parser.add_argument("--pipeline", required=True, help="a pipeline folder (ours or Stable Diffusion 1.x/2.x)")
-    parser.add_argument("--lora", default=None, help="a LoRA folder (runs/<name>/lora) or .safetensors file")
+    parser.add_argument("--lora", default=None, help="a LoRA folder (runs/<name>/lora) or .safetensors file, in "
+                                                     "diffusers' or kohya-ss's layout")
     parser.add_argument("--lora-scale", type=float, default=1.0)
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
     parser.add_argument("--steps", type=int, default=50)

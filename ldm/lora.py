@@ -2,8 +2,9 @@
 
 Only the adapter weights train; the base stays frozen and may be kept in bf16/fp16 while the adapters
 train in fp32. Adapters are exported as one ``pytorch_lora_weights.safetensors`` in the layout diffusers'
-``load_lora_weights`` reads, so ``LDMPipeline`` and diffusers' ``StableDiffusionPipeline`` both load it,
-and optionally merged into a full pipeline folder at a chosen scale.
+``load_lora_weights`` reads, so ``LDMPipeline`` and diffusers' ``StableDiffusionPipeline`` both load it, and/or
+(``finetune.lora_format``) as ``lora_kohya.safetensors`` in kohya-ss's layout for AUTOMATIC1111, ComfyUI and
+Forge; optionally merged into a full pipeline folder at a chosen scale.
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ import torch
 logger = logging.getLogger(__name__)
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+# The same adapters in kohya-ss's layout (lora_unet_*/lora_te_* with .lora_down/.lora_up/.alpha), which
+# AUTOMATIC1111, ComfyUI and Forge load and diffusers' load_lora_weights converts.
+KOHYA_FILE = "lora_kohya.safetensors"
+LORA_FORMATS = ("diffusers", "kohya", "both")
+# The down (A) and up (B) matrices as diffusers names them (U-Net; text encoder; peft) -> kohya-ss's names.
+KOHYA_ENDS = {".lora.down.weight": "lora_down.weight", ".lora.up.weight": "lora_up.weight",
+              ".lora_linear_layer.down.weight": "lora_down.weight", ".lora_linear_layer.up.weight": "lora_up.weight",
+              ".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight"}
 # diffusers' attention (to_q/k/v/out.0), its feed-forward (ff.net.0.proj, ff.net.2), and the ResNet convs.
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 UNET_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
@@ -73,20 +82,64 @@ def lora_state_dicts(unet, text_encoder) -> tuple[dict, dict | None]:
     return unet_sd, te_sd
 
 
-def save_lora(folder: str | Path, unet, text_encoder) -> Path:
-    """Write ``folder/pytorch_lora_weights.safetensors`` (U-Net and, when adapted, text-encoder layers)."""
-    from diffusers import StableDiffusionPipeline
+def to_kohya(layers: dict, prefix: str, alpha: float) -> dict:
+    """Adapter weights named as diffusers saves them (``<module>.lora.down.weight`` / ``.lora.up.weight`` and the
+    other spellings of `KOHYA_ENDS`) -> kohya-ss's names: ``<prefix><module with dots as underscores>.lora_down.weight`` / ``.lora_up.weight``, and
+    one ``.alpha`` per module (its scale is alpha / rank, as peft's)."""
+    out = {}
+    for key, weight in layers.items():
+        for suffix, end in KOHYA_ENDS.items():
+            if key.endswith(suffix):
+                name = prefix + key.removesuffix(suffix).replace(".", "_")
+                break
+        else:
+            raise ValueError(f"unexpected adapter weight {key!r} (expected one ending in {list(KOHYA_ENDS)})")
+        out[f"{name}.{end}"] = weight.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
 
+
+def save_lora(folder: str | Path, unet, text_encoder, lora_format: str = "diffusers") -> list[Path]:
+    """Write the adapters (U-Net and, when adapted, text-encoder layers) into ``folder``: diffusers' layout
+    (``pytorch_lora_weights.safetensors``), kohya-ss's (``lora_kohya.safetensors``) or both."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    if lora_format not in LORA_FORMATS:
+        raise ValueError(f"finetune.lora_format={lora_format!r} is not one of {list(LORA_FORMATS)}")
     unet_sd, te_sd = lora_state_dicts(unet, text_encoder)
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
-                                              safe_serialization=True)
-    return Path(folder) / LORA_FILE
+    written = []
+    if lora_format in ("diffusers", "both"):
+        # the adapters' configs go into the file's metadata: without them diffusers loads alpha = rank (scale 1)
+        # whatever lora_alpha trained with
+        meta = {"unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
+        if te_sd:
+            meta["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
+                                                  safe_serialization=True, **meta)
+        written.append(Path(folder) / LORA_FILE)
+    if lora_format in ("kohya", "both"):
+        kohya = to_kohya(unet_sd, "lora_unet_", unet.peft_config["default"].lora_alpha)
+        if te_sd:  # kohya names the text encoder's modules from CLIPTextModel's root: text_model.encoder...
+            te_sd = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in te_sd.items()}
+            kohya.update(to_kohya(te_sd, "lora_te_", text_encoder.peft_config["default"].lora_alpha))
+        save_file(kohya, str(Path(folder) / KOHYA_FILE), metadata={"format": "pt"})
+        written.append(Path(folder) / KOHYA_FILE)
+    return written
+
+
+def lora_file(folder: str | Path) -> Path:
+    """The adapters file of a LoRA folder: diffusers' layout if there, else kohya's."""
+    for name in (LORA_FILE, KOHYA_FILE):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    raise FileNotFoundError(f"{str(folder)!r} holds neither {LORA_FILE} nor {KOHYA_FILE}")
 
 
 def merge_into(pipe, lora_dir: str | Path, scale: float = 1.0):
     """Load the adapters of ``lora_dir`` into ``pipe``, fuse them at ``scale`` and drop the adapter modules,
     leaving a plain pipeline whose weights include the update."""
-    pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE)
+    pipe.load_lora_weights(str(lora_dir), weight_name=lora_file(lora_dir).name)
     pipe.fuse_lora(lora_scale=scale)
     pipe.unload_lora_weights()
     return pipe

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from ldm.builtin_data import generate_shapes
 from ldm.config import LDMConfig, load_config
-from ldm.lora import LORA_FILE, merge_into
+from ldm.lora import KOHYA_FILE, LORA_FILE, merge_into
 from ldm.run import read_metrics
 from ldm.train import train
 from pipelines import LDMPipeline
@@ -84,6 +84,35 @@ def test_lora_trains_the_same_with_the_unet_compiled_by_blocks(tmp_path, base, m
                      load_file(cfg.run_dir / "lora" / LORA_FILE)))
     np.testing.assert_allclose(runs[1][0], runs[0][0], rtol=1e-4)
     assert runs[1][1].keys() == runs[0][1].keys()  # no compiled-module prefixes in the exported names
+
+
+def test_kohya_layout_loads_in_diffusers_and_ours_and_draws_the_same(tmp_path, base):
+    cfg = _cfg(tmp_path, base, "finetune.lora_format=both", "finetune.lora_alpha=8", "finetune.lora_text_encoder=true")
+    train(cfg)
+    folder = cfg.run_dir / "lora"
+    kohya = load_file(folder / KOHYA_FILE)
+    assert kohya and all(k.startswith(("lora_unet_", "lora_te_")) for k in kohya)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in kohya)
+    downs = [k for k in kohya if k.endswith(".lora_down.weight")]
+    assert len(downs) == len([k for k in kohya if k.endswith(".alpha")]) == len(load_file(folder / LORA_FILE)) // 2
+    assert all(float(kohya[k]) == 8.0 for k in kohya if k.endswith(".alpha"))  # scale 8 / rank 4 = 2
+    reference = StableDiffusionPipeline.from_pretrained(base["sd"])
+    reference.load_lora_weights(str(folder), weight_name=LORA_FILE)
+    # the diffusers-layout file carries the adapters' config: they load at the trained scale alpha / rank = 2
+    scales = {v for m in [*reference.unet.modules(), *reference.text_encoder.modules()]
+              for v in (getattr(m, "scaling", None) or {}).values()}
+    assert scales == {2.0}
+    want = _images(reference)
+    for cls in (StableDiffusionPipeline, LDMPipeline):
+        pipe = cls.from_pretrained(base["sd"])
+        pipe.load_lora_weights(str(folder), weight_name=KOHYA_FILE)  # diffusers converts kohya's names
+        np.testing.assert_allclose(_images(pipe), want, atol=1e-5)
+    assert np.abs(want - _images(LDMPipeline.from_pretrained(base["sd"]))).max() > 1e-3
+    # a folder with the kohya file alone: the generate CLI (and merging) find it
+    only = _cfg(tmp_path, base, "name=kohya-only", "finetune.lora_format=kohya", "finetune.merged_export=true")
+    result = train(only)
+    assert sorted(p.name for p in (only.run_dir / "lora").iterdir()) == [KOHYA_FILE]
+    assert (only.run_dir / "pipeline" / "model_index.json").is_file() and result
 
 
 def test_text_encoder_adapters_train_and_export(tmp_path, base):
