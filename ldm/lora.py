@@ -21,10 +21,6 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 # AUTOMATIC1111, ComfyUI and Forge load and diffusers' load_lora_weights converts.
 KOHYA_FILE = "lora_kohya.safetensors"
 LORA_FORMATS = ("diffusers", "kohya", "both")
-# The down (A) and up (B) matrices as diffusers names them (U-Net; text encoder; peft) -> kohya-ss's names.
-KOHYA_ENDS = {".lora.down.weight": "lora_down.weight", ".lora.up.weight": "lora_up.weight",
-              ".lora_linear_layer.down.weight": "lora_down.weight", ".lora_linear_layer.up.weight": "lora_up.weight",
-              ".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight"}
 # diffusers' attention (to_q/k/v/out.0), its feed-forward (ff.net.0.proj, ff.net.2), and the ResNet convs.
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 UNET_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
@@ -82,23 +78,6 @@ def lora_state_dicts(unet, text_encoder) -> tuple[dict, dict | None]:
     return unet_sd, te_sd
 
 
-def to_kohya(layers: dict, prefix: str, alpha: float) -> dict:
-    """Adapter weights named as diffusers saves them (``<module>.lora.down.weight`` / ``.lora.up.weight`` and the
-    other spellings of `KOHYA_ENDS`) -> kohya-ss's names: ``<prefix><module with dots as underscores>.lora_down.weight`` / ``.lora_up.weight``, and
-    one ``.alpha`` per module (its scale is alpha / rank, as peft's)."""
-    out = {}
-    for key, weight in layers.items():
-        for suffix, end in KOHYA_ENDS.items():
-            if key.endswith(suffix):
-                name = prefix + key.removesuffix(suffix).replace(".", "_")
-                break
-        else:
-            raise ValueError(f"unexpected adapter weight {key!r} (expected one ending in {list(KOHYA_ENDS)})")
-        out[f"{name}.{end}"] = weight.contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(alpha))
-    return out
-
-
 def save_lora(folder: str | Path, unet, text_encoder, lora_format: str = "diffusers") -> list[Path]:
     """Write the adapters (U-Net and, when adapted, text-encoder layers) into ``folder``: diffusers' layout
     (``pytorch_lora_weights.safetensors``), kohya-ss's (``lora_kohya.safetensors``) or both."""
@@ -119,10 +98,23 @@ def save_lora(folder: str | Path, unet, text_encoder, lora_format: str = "diffus
                                                   safe_serialization=True, **meta)
         written.append(Path(folder) / LORA_FILE)
     if lora_format in ("kohya", "both"):
-        kohya = to_kohya(unet_sd, "lora_unet_", unet.peft_config["default"].lora_alpha)
-        if te_sd:  # kohya names the text encoder's modules from CLIPTextModel's root: text_model.encoder...
-            te_sd = {(k if k.startswith("text_model.") else f"text_model.{k}"): v for k, v in te_sd.items()}
-            kohya.update(to_kohya(te_sd, "lora_te_", text_encoder.peft_config["default"].lora_alpha))
+        from diffusers.utils import convert_state_dict_to_kohya
+        from peft.utils import get_peft_model_state_dict
+
+        peft_sd = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+        alphas = {"lora_unet_": unet.peft_config["default"].lora_alpha}
+        if te_sd:
+            # kohya names the text encoder's modules from CLIPTextModel's root (text_model.encoder...)
+            peft_sd.update({f"text_encoder.{'' if k.startswith('text_model.') else 'text_model.'}{k}": v
+                            for k, v in get_peft_model_state_dict(text_encoder).items()})
+            alphas["lora_te_"] = text_encoder.peft_config["default"].lora_alpha
+        # diffusers' converter names the modules as kohya-ss does, but with SDXL's first-text-encoder prefix
+        # (lora_te1_; SD 1.x files use lora_te_) and alpha = rank whatever lora_alpha trained with: both mended here
+        kohya = {k.replace("lora_te1_", "lora_te_", 1): v.contiguous()
+                 for k, v in convert_state_dict_to_kohya(peft_sd).items()}
+        for key in kohya:
+            if key.endswith(".alpha"):
+                kohya[key] = torch.tensor(float(next(a for p, a in alphas.items() if key.startswith(p))))
         save_file(kohya, str(Path(folder) / KOHYA_FILE), metadata={"format": "pt"})
         written.append(Path(folder) / KOHYA_FILE)
     return written
