@@ -262,34 +262,48 @@ def update(accelerator, loss: torch.Tensor, unet, optimizer, lr_scheduler, max_g
     optimizer.zero_grad(set_to_none=True)
 
 
-def run_diffusers_style(cfg: LDMConfig, warmup: int, num_workers: int) -> dict:
-    """Images/s of the example's step on the components ``train(cfg)`` builds, over windows of
-    ``cfg.train.log_every`` steps after ``warmup`` steps."""
+def example_setup(cfg: LDMConfig) -> tuple:
+    """(accelerator, components, the example's dataset, the frozen models' dtype) as the example sets them up,
+    on the components ``train(cfg)`` builds: the same images, captions, architectures and tokenizer as ours;
+    VAE and text encoder frozen in the mixed-precision dtype, the U-Net in training mode."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
 
     tc = cfg.train
     accelerator = Accelerator(mixed_precision=tc.mixed_precision)
-    device = accelerator.device
     set_seed(tc.seed)
-    train_split, _, _ = load_splits(cfg)  # the same images and captions as ours
-    comp = build_components(cfg, train_split.captions)  # the same architectures and tokenizer
-    vae, text_encoder, unet, noise_scheduler = comp.vae, comp.text_encoder, comp.unet, comp.scheduler
+    train_split, _, _ = load_splits(cfg)
+    comp = build_components(cfg, train_split.captions)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
-    vae.requires_grad_(False).to(device, dtype=weight_dtype)  # frozen models in the half dtype, as the example
-    text_encoder.requires_grad_(False).to(device, dtype=weight_dtype)
-    unet.train()
-
+    comp.vae.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+    comp.text_encoder.requires_grad_(False).to(accelerator.device, dtype=weight_dtype)
+    comp.unet.train()
     data = ExampleImages(train_split.ds, cfg.data.image_column, cfg.data.caption_column, cfg.data.resolution,
                          comp.tokenizer)
+    return accelerator, comp, data, weight_dtype
+
+
+def example_optimizer(unet, tc, fused) -> tuple:
+    """AdamW with ours' settings and ours' learning-rate schedule, so the losses compare."""
+    from diffusers.optimization import get_scheduler
+
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
+                                  weight_decay=tc.weight_decay, fused=fused)
+    return optimizer, get_scheduler(LR_SCHEDULES[tc.lr_schedule], optimizer, num_warmup_steps=tc.warmup_steps,
+                                    num_training_steps=tc.max_steps)
+
+
+def run_diffusers_style(cfg: LDMConfig, warmup: int, num_workers: int) -> dict:
+    """Images/s of the example's step on the components ``train(cfg)`` builds, over windows of
+    ``cfg.train.log_every`` steps after ``warmup`` steps."""
+    tc = cfg.train
+    accelerator, comp, data, weight_dtype = example_setup(cfg)
+    device = accelerator.device
+    vae, text_encoder, unet, noise_scheduler = comp.vae, comp.text_encoder, comp.unet, comp.scheduler
     batch = tc.batch_size // accelerator.num_processes
     loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True, drop_last=True,
                                          num_workers=num_workers, persistent_workers=num_workers > 0)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
-                                  weight_decay=tc.weight_decay, fused=device.type == "cuda" or None)
-    lr_scheduler = get_scheduler(LR_SCHEDULES[tc.lr_schedule], optimizer, num_warmup_steps=tc.warmup_steps,
-                                 num_training_steps=tc.max_steps)  # ours' schedule, so the losses compare
+    optimizer, lr_scheduler = example_optimizer(unet, tc, fused=device.type == "cuda" or None)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     scaling = vae.config.scaling_factor
     num_t = noise_scheduler.config.num_train_timesteps
@@ -341,22 +355,10 @@ def run_diffusers_tuned(cfg: LDMConfig, warmup: int, compile_unet: bool) -> dict
     ``shared/bench/diffusers_baseline.py`` measured it): every image's latents and caption embedding computed
     once up front and kept on the device, fused AdamW, ``torch.compile`` of the whole U-Net (``compile_unet``),
     autocast, the loss never read back during the loop. Same components, data, batch and schedule as ours."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-
     tc = cfg.train
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision)
+    accelerator, comp, data, weight_dtype = example_setup(cfg)
     device = accelerator.device
-    set_seed(tc.seed)
-    train_split, _, _ = load_splits(cfg)
-    comp = build_components(cfg, train_split.captions)
     vae, text_encoder, unet, noise_scheduler = comp.vae, comp.text_encoder, comp.unet, comp.scheduler
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
-    vae.requires_grad_(False).to(device, dtype=weight_dtype)
-    text_encoder.requires_grad_(False).to(device, dtype=weight_dtype)
-    data = ExampleImages(train_split.ds, cfg.data.image_column, cfg.data.caption_column, cfg.data.resolution,
-                         comp.tokenizer)
     t0 = time.time()
     latents, contexts = [], []
     with torch.no_grad():
@@ -367,11 +369,7 @@ def run_diffusers_tuned(cfg: LDMConfig, warmup: int, compile_unet: bool) -> dict
     latents, contexts = torch.cat(latents), torch.cat(contexts)
     cache_s = time.time() - t0
     vae.to("cpu"), text_encoder.to("cpu")
-    unet.train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=tc.learning_rate, betas=(tc.adam_beta1, tc.adam_beta2),
-                                  weight_decay=tc.weight_decay, fused=device.type in ("cuda", "cpu"))
-    lr_scheduler = get_scheduler(LR_SCHEDULES[tc.lr_schedule], optimizer, num_warmup_steps=tc.warmup_steps,
-                                 num_training_steps=tc.max_steps)
+    optimizer, lr_scheduler = example_optimizer(unet, tc, fused=device.type in ("cuda", "cpu"))
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     model = torch.compile(unet) if compile_unet else unet
     num_t, n, batch = noise_scheduler.config.num_train_timesteps, len(latents), tc.batch_size
