@@ -55,10 +55,15 @@ def test_compiled_channels_last_training_follows_the_eager_losses(tiny_cfg, monk
     # inductor, the default backend, generates and compiles the kernels (two minutes on a cold cache)
     import ldm.train
 
-    monkeypatch.setattr(ldm.train, "compile_model",
-                        lambda model, how: compile_model(model, how, backend=backend))
+    compiled = []  # (how, blocks compiled, U-Net in channels-last) of every compilation the trainer asks for
+
+    def record(model, how):
+        channels_last = model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        compiled.append((how, compile_model(model, how, backend=backend), channels_last))
+
+    monkeypatch.setattr(ldm.train, "compile_model", record)
     for options in ([], ["train.gradient_checkpointing=true"])[:2 if backend == "inductor" else 1]:
-        losses = []
+        losses, compiled[:] = [], []
         for extra in (["train.compile=false", "train.channels_last=false"],
                       ["train.compile=regional", "train.channels_last=true"]):
             cfg = tiny_cfg("train.max_steps=6", "train.log_every=1", f"name={extra[0][-5:]}{len(options)}",
@@ -68,6 +73,8 @@ def test_compiled_channels_last_training_follows_the_eager_losses(tiny_cfg, monk
                            if "loss" in r and "epoch" in r])
         assert len(losses[0]) == 6
         np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+        # the second run really was compiled block by block, in channels-last; the first not at all
+        assert len(compiled) == 1 and compiled[0][0] == "regional" and compiled[0][1] >= 8 and compiled[0][2]
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])

@@ -145,9 +145,18 @@ def test_training_crops_cut_latents_and_low_res_at_the_same_place(tiny_cfg):
         assert cut["std"].shape == (64, 3, 16 // obj.factor, 16 // obj.factor)
 
 
-def test_stage_trained_on_crops_learns_and_samples_whole_images(tiny_cfg):
+def test_stage_trained_on_crops_learns_and_samples_whole_images(tiny_cfg, monkeypatch):
+    sizes = set()  # the latent sizes the U-Net is trained on
+    network = SuperResolutionObjective.network
+
+    def recording(self, unet, context, cond, levels):
+        sizes.add(tuple(cond.shape[-2:]))
+        return network(self, unet, context, cond, levels)
+
+    monkeypatch.setattr(SuperResolutionObjective, "network", recording)
     cfg = tiny_cfg(*SR, "super_resolution.train_crop=16", "train.max_steps=40")
     train(cfg)
+    assert (4, 4) in sizes  # 16 px crops of the 32 px images: 4x4 latents (validation runs whole: 8x8)
     val = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "val_mse" in r]
     assert val[-1]["val_mse"] < 0.9 * val[0]["val_mse"], val  # the validation loss is on whole images
     pipe = SuperResolutionPipeline.from_pretrained(cfg.run_dir / "pipeline")
