@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .lora import lora_file, merge_into, save_lora
-from .models import make_pipeline
+from .models import make_pipeline, pretrained_folder
 from .run import atomic_save_dir
 from .schedulers import sampling_scheduler
 
@@ -21,7 +21,7 @@ def export(cfg, comp, unet, text_encoder, run_dir: Path) -> dict[str, Path]:
         if cfg.finetune.merged_export:
             from pipelines import LDMPipeline
 
-            merged = merge_into(LDMPipeline.from_pretrained(cfg.model.pretrained), run_dir / "lora",
+            merged = merge_into(LDMPipeline.from_pretrained(pretrained_folder(cfg)), run_dir / "lora",
                                 cfg.finetune.merge_scale)
             merged.scheduler = sampling_scheduler(comp.scheduler, cfg.sample.scheduler)
             atomic_save_dir(lambda d: merged.save_pretrained(d, safe_serialization=True), run_dir / "pipeline")
@@ -37,3 +37,48 @@ def export(cfg, comp, unet, text_encoder, run_dir: Path) -> dict[str, Path]:
         atomic_save_dir(lambda d: pipe.save_pretrained(d, safe_serialization=True), run_dir / "pipeline")
         saved["pipeline"] = run_dir / "pipeline"
     return saved
+
+
+def load_for_export(folder: str | Path):
+    """The pipeline of ``folder``: an LDMPipeline, or a SuperResolutionPipeline for a super-resolution stage's."""
+    import json
+
+    from pipelines import LDMPipeline, SuperResolutionPipeline
+
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"--pipeline {str(folder)!r} is not a pipeline folder (no model_index.json)")
+    sr = "low_res_scheduler" in json.loads(index.read_text(encoding="utf-8"))
+    return (SuperResolutionPipeline if sr else LDMPipeline).from_pretrained(folder)
+
+
+def main(argv=None) -> None:
+    """``python -m ldm.export single-file --pipeline runs/demo/pipeline --out demo.safetensors [--dtype fp16]``:
+    one .safetensors file in Stable Diffusion's original layout (AUTOMATIC1111, ComfyUI, diffusers'
+    ``from_single_file``), with ``demo.config/`` beside it (`pipelines.single_file`)."""
+    import argparse
+    import logging
+
+    from .errors import user_errors
+
+    parser = argparse.ArgumentParser(prog="python -m ldm.export",
+                                     description="Export a pipeline folder in another format.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    single = commands.add_parser("single-file", help="one .safetensors file in Stable Diffusion's original layout")
+    single.add_argument("--pipeline", required=True, help="a pipeline folder (runs/<name>/pipeline)")
+    single.add_argument("--out", required=True, help="the file to write, ending in .safetensors")
+    single.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"],
+                        help="store the weights in this precision (default: as they are)")
+    single.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    args = parser.parse_args(argv)
+    with user_errors(args.debug):
+        from pipelines.single_file import config_dir, to_single_file
+
+        logging.basicConfig(level=logging.INFO)
+        out = to_single_file(load_for_export(args.pipeline), args.out, args.dtype)
+        print(f"wrote {out} and its config folder {config_dir(out)} (diffusers: StableDiffusionPipeline."
+              f"from_single_file({str(out)!r}, config={str(config_dir(out))!r}, local_files_only=True))")
+
+
+if __name__ == "__main__":
+    main()

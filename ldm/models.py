@@ -3,6 +3,8 @@ config or loaded from a pretrained pipeline folder, and the pipeline that sample
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import shutil
 from dataclasses import dataclass
@@ -41,17 +43,14 @@ class Components:
 
 def build_components(cfg: LDMConfig, captions: list[str], accelerator=None, resume_from: Path | None = None
                      ) -> Components:
-    """The run's networks: from ``model.pretrained`` (a diffusers pipeline folder, whose schedule, prediction
-    type, tokenizer, text encoder and VAE are kept), else new ones sized by the config with a tokenizer learned
-    from ``captions`` (see `caption_tokenizer`). Built in this order so that a seed gives the same initial
-    weights."""
+    """The run's networks: from ``model.pretrained`` (a diffusers pipeline folder or a single file, see
+    `pretrained_folder`; its schedule, prediction type, tokenizer, text encoder and VAE are kept), else new ones
+    sized by the config with a tokenizer learned from ``captions`` (see `caption_tokenizer`). Built in this order
+    so that a seed gives the same initial weights."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     if cfg.model.pretrained:
-        root = Path(cfg.model.pretrained)
-        if not (root / "model_index.json").is_file():
-            raise FileNotFoundError(f"model.pretrained={str(root)!r} is not a diffusers pipeline folder "
-                                    f"(no model_index.json)")
+        root = pretrained_folder(cfg, accelerator)
         base_scheduler = load_noise_scheduler(root / "scheduler")
         if cfg.diffusion.pretrained_schedule == "config":
             scheduler = make_noise_scheduler(cfg.diffusion, pixels=not (root / "vae").is_dir())
@@ -89,6 +88,35 @@ def build_components(cfg: LDMConfig, captions: list[str], accelerator=None, resu
               "max_noise_level": cfg.super_resolution.noise_levels[1]}
         check_super_resolution_unet(unet, vae, sr["upscale_factor"], str(cfg.model.pretrained or "the new U-Net"))
     return Components(tokenizer, text_encoder, vae, unet, scheduler, train_text_encoder, base_scheduler, **sr)
+
+
+def pretrained_folder(cfg: LDMConfig, accelerator=None) -> Path | None:
+    """The diffusers pipeline folder ``model.pretrained`` names (None when unset): the folder itself, or for a
+    single ``.safetensors`` file in Stable Diffusion's original layout (`pipelines.single_file`) a folder made
+    from it once, ``<data.cache_dir>/../single-file/<stem>-<hash of its path, size and time>``, and reused while
+    the file is unchanged. The file's configs come from its metadata or its ``<stem>.config`` folder. With an
+    ``accelerator`` the main process makes the folder while the others wait."""
+    if not cfg.model.pretrained:
+        return None
+    path = Path(cfg.model.pretrained)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"model.pretrained={str(path)!r} is a file but not .safetensors: give a diffusers "
+                             f"pipeline folder or a single .safetensors file in Stable Diffusion's layout")
+        from pipelines.single_file import materialize
+
+        stat = path.stat()
+        digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        folder = Path(cfg.data.cache_dir).parent / "single-file" / f"{path.stem}-{digest}"
+        with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+            if not (folder / "model_index.json").is_file():
+                logger.info("model.pretrained=%s: writing it as a pipeline folder %s", path, folder)
+                materialize(path, folder)
+        return folder
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"model.pretrained={str(path)!r} is not a diffusers pipeline folder (no "
+                                f"model_index.json) nor a single .safetensors file")
+    return path
 
 
 def check_super_resolution_unet(unet, vae, upscale_factor: int, where: str) -> None:

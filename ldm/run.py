@@ -7,15 +7,13 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from pipelines.files import replace_dir  # noqa: F401  (ldm.cache and ldm.checkpoint import it from here)
+from pipelines.files import atomic_save, atomic_save_dir, replace_dir  # noqa: F401  (the trainer imports them from here)
 
 logger = logging.getLogger(__name__)
 
@@ -113,40 +111,6 @@ def make_grid(images: list[Image.Image], ncols: int | None = None, pad: int = 2)
     for i, im in enumerate(images):
         grid.paste(im.convert("RGB"), (pad + (i % ncols) * (w + pad), pad + (i // ncols) * (h + pad)))
     return grid
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_save(write_fn, path: str | Path) -> None:
-    """Call ``write_fn(tmp_path)`` then rename into ``path``, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_save_dir(write_fn, path: str | Path) -> None:
-    """Call ``write_fn(tmp_dir)`` then swap the folder into ``path``; the old folder survives a failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp."))
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the usual permissions
-        replace_dir(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def format_summary(title: str, rows: dict) -> str:

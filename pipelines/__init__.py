@@ -1,12 +1,14 @@
 """Inference pipelines. Imported lazily, so that `pipelines.files` needs neither diffusers nor transformers."""
 
 __all__ = ["CascadeOutput", "CascadePipeline", "LDMImg2ImgPipeline", "LDMInpaintPipeline", "LDMPipeline",
-           "SuperResolutionPipeline", "low_res_scheduler", "rescale_latent_space", "vae_scale_factor"]
+           "SuperResolutionPipeline", "from_single_file", "low_res_scheduler", "rescale_latent_space",
+           "to_single_file", "vae_scale_factor"]
 
 _WHERE = {"CascadeOutput": "cascade", "CascadePipeline": "cascade", "LDMPipeline": "ldm_pipeline",
           "vae_scale_factor": "ldm_pipeline", "SuperResolutionPipeline": "sr_pipeline",
           "low_res_scheduler": "sr_pipeline", "rescale_latent_space": "sr_pipeline",
-          "LDMImg2ImgPipeline": "img2img", "LDMInpaintPipeline": "img2img"}
+          "LDMImg2ImgPipeline": "img2img", "LDMInpaintPipeline": "img2img", "to_single_file": "single_file",
+          "from_single_file": "single_file"}
 
 
 def __getattr__(name):

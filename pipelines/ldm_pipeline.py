@@ -103,6 +103,17 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             os.unlink(tmp_path)
             raise
 
+    @classmethod
+    def from_single_file(cls, path, config=None, **kwargs):
+        """A pipeline from one ``.safetensors`` file in Stable Diffusion's original layout (AUTOMATIC1111's, or
+        `pipelines.to_single_file`'s), read by diffusers' own converter. ``config``: a diffusers folder with the
+        architecture's configs (the ``<stem>.config`` folder written beside the file, or a Stable Diffusion 1.x
+        folder for a file made elsewhere); None reads the configs kept in the file's metadata, else that folder.
+        ``kwargs`` go to diffusers' ``from_single_file`` (e.g. ``torch_dtype``)."""
+        from .original_layout import load_components
+
+        return cls(**load_components(path, config, **kwargs))
+
     # ---- speed ----------------------------------------------------------------------------------------
 
     def enable_fast(self, compile: str | None = "regional", mode: str | None = None,

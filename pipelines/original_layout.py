@@ -1,0 +1,344 @@
+"""Stable Diffusion's original single-file layout (CompVis' latent-diffusion names, as AUTOMATIC1111, ComfyUI and
+diffusers' ``from_single_file`` read them): the names of a pipeline's weights in it, writing a pipeline into one
+``.safetensors`` file, and reading the components back through diffusers' own single-file loader.
+
+One file holds three models under three prefixes:
+
+- ``model.diffusion_model.``: the U-Net as ``openaimodel.UNetModel`` names it. ``input_blocks.0.0`` is
+  ``conv_in``; then per level, ``layers_per_block`` entries of [resnet, attention] and, below the last level, one
+  entry holding the downsampler (``.0.op``); ``middle_block`` is [resnet, attention, resnet]; ``output_blocks``
+  hold ``layers_per_block + 1`` entries per level of [resnet, attention, upsampler (``.conv``)];
+  ``time_embed.{0,2}`` and ``out.{0,2}``. Resnets call their layers ``in_layers`` / ``emb_layers`` /
+  ``out_layers`` / ``skip_connection``; the spatial transformers keep diffusers' names.
+- ``first_stage_model.``: the VAE, ``encoder.down.N.block.M`` (``downsample``), ``mid.block_1`` / ``attn_1`` /
+  ``block_2`` with its attention's q, k, v and proj_out as 1×1 convolutions, and ``decoder.up.N`` numbered from
+  the highest resolution, the reverse of diffusers' order.
+- ``cond_stage_model.transformer.``: the CLIP text encoder with transformers' names (Stable Diffusion 1.x).
+
+The file's metadata keeps, besides ``format``, every file of the pipeline's config folder (model_index.json, each
+model's config, the scheduler's, the tokenizer's files) under ``config/<path>``: a small learned tokenizer and
+an unusual architecture rebuild from the file alone.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .files import atomic_save, atomic_save_dir
+
+UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+CONFIG_KEY = "config/"  # metadata entries holding the config folder's files
+CONFIG_SUFFIX = ".config"  # the folder written beside model.safetensors: model.config/
+
+# diffusers' layer names -> the original's, inside one block (openaimodel.ResBlock's Sequentials; the VAE's
+# ResnetBlock keeps norm1/conv1/norm2/conv2; its AttnBlock has 1x1 convolutions q, k, v, proj_out).
+UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+UNET_DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # block type -> has attention
+UNET_UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+UNET_MID = "UNetMidBlock2DCrossAttn"
+# U-Net settings whose weights the layout has no names for (or diffusers' converter does not read back), with
+# the only value it takes.
+UNET_PLAIN = {"class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None,
+              "time_cond_proj_dim": None, "time_embedding_type": "positional", "dual_cross_attention": False,
+              "attention_type": "default"}
+DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+# ---- names --------------------------------------------------------------------------------------------------
+
+def unet_blocks(config) -> dict[str, tuple[str, dict]]:
+    """{diffusers module: (original module, layer renames)} for a U-Net ``config``."""
+    check_unet(config)
+    n, down, up = config.layers_per_block, config.down_block_types, config.up_block_types
+    blocks = {"time_embedding.linear_1": ("time_embed.0", {}), "time_embedding.linear_2": ("time_embed.2", {}),
+              "conv_in": ("input_blocks.0.0", {}), "conv_norm_out": ("out.0", {}), "conv_out": ("out.2", {})}
+    k = 1  # input_blocks.0 is conv_in
+    for i, kind in enumerate(down):
+        for j in range(n):
+            blocks[f"down_blocks.{i}.resnets.{j}"] = (f"input_blocks.{k}.0", UNET_RESNET)
+            if UNET_DOWN[kind]:
+                blocks[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{k}.1", {})
+            k += 1
+        if i < len(down) - 1:  # every level but the lowest halves the size, in an entry of its own
+            blocks[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{k}.0.op", {})
+            k += 1
+    blocks.update({"mid_block.resnets.0": ("middle_block.0", UNET_RESNET),
+                   "mid_block.attentions.0": ("middle_block.1", {}),
+                   "mid_block.resnets.1": ("middle_block.2", UNET_RESNET)})
+    k = 0
+    for i, kind in enumerate(up):
+        for j in range(n + 1):
+            blocks[f"up_blocks.{i}.resnets.{j}"] = (f"output_blocks.{k}.0", UNET_RESNET)
+            if UNET_UP[kind]:
+                blocks[f"up_blocks.{i}.attentions.{j}"] = (f"output_blocks.{k}.1", {})
+            if j == n and i < len(up) - 1:  # the upsampler follows the level's last resnet (and attention)
+                blocks[f"up_blocks.{i}.upsamplers.0.conv"] = (f"output_blocks.{k}.{1 + UNET_UP[kind]}.conv", {})
+            k += 1
+    return blocks
+
+
+def vae_blocks(config) -> dict[str, tuple[str, dict]]:
+    """{diffusers module: (original module, layer renames)} for an AutoencoderKL ``config``."""
+    check_vae(config)
+    n = config.layers_per_block
+    down, up = len(config.down_block_types), len(config.up_block_types)
+    blocks = {name: (name, {}) for name in ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in",
+                                            "decoder.conv_out", "quant_conv", "post_quant_conv")}
+    for part in ("encoder", "decoder"):
+        blocks[f"{part}.conv_norm_out"] = (f"{part}.norm_out", {})
+        blocks[f"{part}.mid_block.resnets.0"] = (f"{part}.mid.block_1", VAE_RESNET)
+        blocks[f"{part}.mid_block.attentions.0"] = (f"{part}.mid.attn_1", VAE_ATTENTION)
+        blocks[f"{part}.mid_block.resnets.1"] = (f"{part}.mid.block_2", VAE_RESNET)
+    for i in range(down):
+        for j in range(n):
+            blocks[f"encoder.down_blocks.{i}.resnets.{j}"] = (f"encoder.down.{i}.block.{j}", VAE_RESNET)
+        if i < down - 1:
+            blocks[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = (f"encoder.down.{i}.downsample.conv", {})
+    for i in range(up):
+        level = up - 1 - i  # the original numbers the decoder's levels from the highest resolution
+        for j in range(n + 1):
+            blocks[f"decoder.up_blocks.{i}.resnets.{j}"] = (f"decoder.up.{level}.block.{j}", VAE_RESNET)
+        if i < up - 1:
+            blocks[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = (f"decoder.up.{level}.upsample.conv", {})
+    return blocks
+
+
+def check_unet(config) -> None:
+    """Raise ValueError for a U-Net the original layout (as diffusers' converter reads it) cannot hold."""
+    if config.num_class_embeds is not None:
+        raise ValueError(f"the U-Net has class embeddings (num_class_embeds={config.num_class_embeds}, a "
+                         f"super-resolution stage?): Stable Diffusion's single-file layout holds text-to-image "
+                         f"U-Nets only; save it as a pipeline folder instead")
+    for key, plain in UNET_PLAIN.items():
+        if getattr(config, key, plain) != plain:
+            raise ValueError(f"unet {key}={getattr(config, key)!r}: the single-file layout holds only {key}={plain!r}")
+    if isinstance(config.layers_per_block, bool) or not isinstance(config.layers_per_block, int):
+        raise ValueError(f"unet layers_per_block={config.layers_per_block!r}: the single-file layout needs one int "
+                         f"for every level")
+    for key, known in (("down_block_types", UNET_DOWN), ("up_block_types", UNET_UP)):
+        bad = [t for t in getattr(config, key) if t not in known]
+        if bad:
+            raise ValueError(f"unet {key} holds {bad}: the single-file layout has names for {list(known)} only")
+    if config.mid_block_type != UNET_MID:
+        raise ValueError(f"unet mid_block_type={config.mid_block_type!r}: the single-file layout holds "
+                         f"{UNET_MID!r} only")
+
+
+def check_vae(config) -> None:
+    for key, known in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        bad = [t for t in getattr(config, key) if t != known]
+        if bad:
+            raise ValueError(f"vae {key} holds {bad}: the single-file layout has names for {known!r} only")
+
+
+def _rename(key: str, blocks: dict[str, tuple[str, dict]]) -> str | None:
+    """The original name of the weight ``key`` (module path + parameter), None where no block holds it."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):  # the longest module prefix that is a block
+        block = ".".join(parts[:cut])
+        if block in blocks:
+            target, renames = blocks[block]
+            layer, param = ".".join(parts[cut:-1]), parts[-1]
+            layer = renames.get(layer, layer)
+            return ".".join(p for p in (target, layer, param) if p)
+    return None
+
+
+def _plain_keys(model) -> set[str]:
+    """The weights a model of ``model``'s class and config has, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        if hasattr(model, "from_config"):  # diffusers
+            fresh = type(model).from_config(model.config)
+        else:  # transformers
+            fresh = type(model)(model.config)
+    return set(fresh.state_dict())
+
+
+def _check_plain(name: str, model, state: dict) -> None:
+    """LoRA adapters, fused projections or a compiled wrapper change the weight names: refuse them by name."""
+    plain = _plain_keys(model)
+    extra, missing = sorted(set(state) - plain), sorted(plain - set(state))
+    if extra or missing:
+        raise ValueError(f"the {name} holds weights its config does not build (unexpected {extra[:3]}, missing "
+                         f"{missing[:3]}): fuse or unload LoRA adapters and call disable_fast() before writing "
+                         f"a single file")
+
+
+def _mapped(name: str, model, prefix: str, blocks: dict) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    _check_plain(name, model, state)
+    out = {}
+    for key, value in state.items():
+        new = _rename(key, blocks)
+        if new is None:
+            raise ValueError(f"the {name}'s weight {key!r} has no place in the single-file layout")
+        out[prefix + new] = value
+    if len(out) != len(state):  # two weights under one name would lose one of them
+        raise ValueError(f"the {name}'s weights do not map one to one onto the single-file layout")
+    return out
+
+
+def layout_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
+    """The three models' weights under their original names (tensors shared with the models)."""
+    for name, model, want in (("unet", unet, "UNet2DConditionModel"), ("vae", vae, "AutoencoderKL"),
+                              ("text encoder", text_encoder, "CLIPTextModel")):
+        if type(model).__name__ != want:
+            raise ValueError(f"the {name} is a {type(model).__name__}: Stable Diffusion 1.x's single-file layout "
+                             f"holds a {want}")
+    state = _mapped("unet", unet, UNET_PREFIX, unet_blocks(unet.config))
+    vae_state = _mapped("vae", vae, VAE_PREFIX, vae_blocks(vae.config))
+    for key, value in vae_state.items():
+        if ".mid.attn_1." in key and key.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # the original's attention projections are 1x1 convolutions
+        state[key] = value
+    te_state = text_encoder.state_dict()
+    _check_plain("text encoder", text_encoder, te_state)
+    for key, value in te_state.items():
+        # transformers >= 5.6 dropped the `text_model.` level that the layout (and older versions) have
+        state[TEXT_PREFIX + (key if key.startswith("text_model.") else "text_model." + key)] = value
+    return state
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+
+def config_dir(path: str | Path) -> Path:
+    """The config folder beside a single file: ``model.safetensors`` -> ``model.config/``."""
+    path = Path(path)
+    return path.with_name(path.stem + CONFIG_SUFFIX)
+
+
+def write_configs(pipe, folder: Path) -> None:
+    """The pipeline's folder without weights: what diffusers' ``from_single_file(file, config=folder)`` reads.
+    model_index.json names StableDiffusionPipeline (or the pipeline's ``saved_class_name``) without a safety
+    checker, as LDMPipeline.save_pretrained writes it."""
+    import copy
+
+    pipe.save_config(folder)
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    index.update(_class_name=getattr(pipe, "saved_class_name", "StableDiffusionPipeline"),
+                 safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    pipe.unet.save_config(folder / "unet")
+    pipe.vae.save_config(folder / "vae")
+    te_config = copy.deepcopy(pipe.text_encoder.config)
+    te_config.architectures = [type(pipe.text_encoder).__name__]
+    te_config.save_pretrained(folder / "text_encoder")
+    pipe.scheduler.save_config(folder / "scheduler")
+    pipe.tokenizer.save_pretrained(folder / "tokenizer")
+
+
+def folder_metadata(folder: Path) -> dict[str, str]:
+    """Every file of ``folder`` as a metadata entry ``config/<relative path>`` (safetensors metadata is str)."""
+    return {CONFIG_KEY + p.relative_to(folder).as_posix(): p.read_text(encoding="utf-8")
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be a torch.dtype or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def to_single_file(pipe, out_path: str | Path, dtype=None) -> Path:
+    """Write ``pipe``'s U-Net, VAE and text encoder into one ``.safetensors`` file in the original layout, and
+    beside it ``<stem>.config/``, its config folder without weights; return the file's path. ``dtype`` (a
+    torch.dtype, "fp16", "bf16" or "fp32") converts the floating-point weights; None keeps theirs. Each is
+    written beside its target and moved in place complete: a failed write leaves the previous ones intact."""
+    from safetensors.torch import save_file
+
+    out_path, dtype = Path(out_path), resolve_dtype(dtype)
+    if out_path.suffix != ".safetensors":
+        raise ValueError(f"out_path must end in .safetensors, got {str(out_path)!r}")
+    if pipe.vae is None:
+        raise ValueError("the pipeline has no VAE (vae=None: a pixel-space model): Stable Diffusion's single-file "
+                         "layout holds latent diffusion models only; save it as a pipeline folder instead")
+    state = layout_state_dict(pipe.unet, pipe.vae, pipe.text_encoder)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    configs = config_dir(out_path)
+    # the config folder first: a file in place always has its configs (in its metadata and beside it)
+    atomic_save_dir(lambda d: write_configs(pipe, Path(d)), configs)
+    atomic_save(lambda p: save_file(state, p, metadata={"format": "pt", **folder_metadata(configs)}), out_path)
+    return out_path
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+
+def stored_configs(path: str | Path) -> dict[str, str]:
+    """{relative path: text} of the config folder kept in the file's metadata ({} when it keeps none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    files = {k[len(CONFIG_KEY):]: v for k, v in metadata.items() if k.startswith(CONFIG_KEY)}
+    return files if "model_index.json" in files else {}  # another tool's entries are no config folder
+
+
+def _write_folder(files: dict[str, str], folder: Path) -> None:
+    for name, text in files.items():
+        rel = Path(name)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ValueError(f"the file's metadata names a config file outside its folder: {name!r}")
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text, encoding="utf-8")
+
+
+def _scheduler(folder: Path):
+    """The scheduler model_index.json names, from ``folder``/scheduler (a diffusers scheduler class only)."""
+    import diffusers
+
+    _, name = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))["scheduler"]
+    cls = getattr(diffusers, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ValueError(f"{folder}/model_index.json names scheduler {name!r}, which is not a diffusers scheduler")
+    return cls.from_pretrained(folder, subfolder="scheduler")
+
+
+def _components_from(path: Path, folder: Path, **kwargs) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    # diffusers' own converter reads the weights. Its StableDiffusionPipeline would rewrite some scheduler
+    # settings (steps_offset, clip_sample), so the scheduler is read from the folder as saved.
+    sd = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                                  scheduler=None, safety_checker=None, feature_extractor=None,
+                                                  requires_safety_checker=False, **kwargs)
+    return {"vae": sd.vae, "text_encoder": sd.text_encoder, "tokenizer": sd.tokenizer, "unet": sd.unet,
+            "scheduler": _scheduler(folder)}
+
+
+def load_components(path: str | Path, config: str | Path | None = None, **kwargs) -> dict:
+    """The vae, text_encoder, tokenizer, unet and scheduler of a single file, read by diffusers'
+    ``StableDiffusionPipeline.from_single_file``. ``config`` is a diffusers folder holding the architecture's
+    configs (a ``<stem>.config`` folder, or a Stable Diffusion 1.x folder for a file made elsewhere); None uses
+    the configs kept in the file's metadata, else the ``<stem>.config`` folder beside it. ``kwargs`` go to
+    diffusers' loader (e.g. torch_dtype)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a file")
+    if config is not None:
+        if not (Path(config) / "model_index.json").is_file():
+            raise FileNotFoundError(f"config={str(config)!r} is not a diffusers folder (no model_index.json)")
+        return _components_from(path, Path(config), **kwargs)
+    files = stored_configs(path)
+    if files:
+        with tempfile.TemporaryDirectory(prefix="single-file-config.") as tmp:
+            _write_folder(files, Path(tmp))
+            return _components_from(path, Path(tmp), **kwargs)
+    if (config_dir(path) / "model_index.json").is_file():
+        return _components_from(path, config_dir(path), **kwargs)
+    raise ValueError(f"{str(path)!r} keeps no configs in its metadata and has no {config_dir(path).name} folder "
+                     f"beside it: pass config=<a diffusers folder of the same architecture> (e.g. a Stable "
+                     f"Diffusion 1.5 folder; its weights are not read), or copy such a folder to "
+                     f"{str(config_dir(path))!r}")
