@@ -108,13 +108,15 @@ class BatchSource:
 
     def __init__(self, split, sampler: GlobalBatchSampler, seed: int, streams: Streams, random_flip: bool,
                  latents: dict | None = None, pixels: PixelItems | None = None, caption_offset: int = 0,
-                 low_res: dict | None = None):
-        """``low_res``: a super-resolution stage's cache of low-resolution images, loaded beside the latents."""
+                 low_res: dict | None = None, masks=None):
+        """``low_res``: a super-resolution stage's cache of low-resolution images, loaded beside the latents.
+        ``masks``: the masked loss's masks, a cache at latent size beside cached latents, else `MaskItems` cut
+        as the pixels are."""
         if (latents is None) == (pixels is None):
             raise ValueError("a batch source reads either cached latents or pixels")
         self.split, self.sampler, self.seed, self.streams = split, sampler, seed, streams
         self.random_flip, self.latents, self.pixels, self.caption_offset = random_flip, latents, pixels, caption_offset
-        self.low_res = low_res
+        self.low_res, self.masks = low_res, masks
 
     @property
     def batches_per_epoch(self) -> int:
@@ -134,17 +136,22 @@ class BatchSource:
                     flip & self.random_flip, crop_seeds, step_seed(self.seed, step, self.streams.draws))
 
     def load(self, plan: Plan, sl: slice) -> dict:
-        """The slice ``sl`` of a planned batch: cached posteriors (b, C, h, w) or pixels (b, 3, H, W)."""
+        """The slice ``sl`` of a planned batch: cached posteriors (b, C, h, w) or pixels (b, 3, H, W), and the
+        masks (b, 1, h, w) at latent size or (b, 1, H, W) at pixel size."""
         items, flips = plan.items[sl], plan.flips[sl]
         if self.latents is not None:
             mean, std = cached_posterior(self.latents, items, flips)
             out = {"mean": mean, "std": std, "captions": plan.captions[sl]}
             if self.low_res is not None:
                 out["low_res"] = cached_posterior(self.low_res, items, flips)[0]
+            if self.masks is not None:
+                out["mask"] = cached_posterior(self.masks, items, flips)[0]
             return out
-        pixels = torch.stack([self.pixels[(i, f, s)] for i, f, s in
-                              zip(items, flips.tolist(), plan.crop_seeds[sl].tolist())])
-        return {"pixels": pixels, "captions": plan.captions[sl]}
+        keys = list(zip(items, flips.tolist(), plan.crop_seeds[sl].tolist()))
+        out = {"pixels": torch.stack([self.pixels[k] for k in keys]), "captions": plan.captions[sl]}
+        if self.masks is not None:
+            out["mask"] = torch.stack([self.masks[k] for k in keys])
+        return out
 
 
 class DatasetSource:

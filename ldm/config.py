@@ -33,6 +33,7 @@ LatentPosterior = typing.Literal["sample", "mean"]
 SamplerName = typing.Literal["ddpm", "ddim", "dpm++"]  # the keys of ldm.schedulers.SAMPLERS
 OnNonfinite = typing.Literal["stop", "skip_step"]
 Stage = typing.Literal["base", "super_resolution"]
+MaskSource = typing.Literal["none", "column", "file", "alpha"]
 CompileMode = typing.Literal["auto", "regional", "full"]
 
 
@@ -70,6 +71,12 @@ class DataConfig:
     validation_num_images: int = 64
     # Train on this many images of the source, drawn once with train.seed (diffusers' --max_train_samples); None: all.
     max_train_samples: int | None = None
+    # Masked loss (ldm.masks): which pixels of each image the loss trains on, from a column (mask_column), a
+    # <name>_mask.png beside each image (file) or the alpha channel (alpha); white trains, black does not. The
+    # unmasked area keeps weight mask_floor (0: ignored); each image's loss is normalised by its mask's weight.
+    mask_source: MaskSource = "none"
+    mask_column: str = "mask"
+    mask_floor: float = 0.0
 
 
 @dataclass
@@ -589,6 +596,9 @@ def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -
         c.require(fc.base_dtype in ("fp32", tc.mixed_precision), "finetune.base_dtype",
                   f"{fc.base_dtype!r} needs train.mixed_precision={fc.base_dtype!r} (got {tc.mixed_precision!r}) so that "
                   f"inputs meet the base weights in that dtype; or fp32")
+    if d.mask_source != "none":
+        c.within("data.mask_floor", 0, 1)
+        c.require(cfg.stage == "base", "data.mask_source", "a masked loss is for base models (stage=base)")
     if cfg.stage == "super_resolution":
         check_super_resolution(c)
     c.require(not cfg.model.vae_tiling or (cfg.stage == "super_resolution" and cfg.model.vae != "none"),

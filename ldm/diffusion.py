@@ -92,9 +92,14 @@ def discretized_gaussian_nll(x, mean, logvar, bins: int = 256) -> torch.Tensor:
     return -log_p
 
 
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over all but the batch dimension: (B, ...) -> (B,)."""
-    return x.flatten(1).mean(1)
+def mean_flat(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over all but the batch dimension: (B, ...) -> (B,). With ``weight`` (broadcastable to x, e.g.
+    (B, 1, h, w)), the weighted mean Σ w·x / Σ w per sample, so its scale does not depend on how much of the
+    sample the weight covers."""
+    if weight is None:
+        return x.flatten(1).mean(1)
+    w = weight.to(x.dtype).expand_as(x).flatten(1)
+    return (x.flatten(1) * w).sum(1) / w.sum(1).clamp_min(torch.finfo(x.dtype).tiny)
 
 
 LOSS_TYPES = ("simple", "vlb")
@@ -302,8 +307,9 @@ class GaussianDiffusion:
 
     # ---- losses ------------------------------------------------------------------------------
 
-    def vb_terms_bpd(self, model_output, x0, xt, t):
-        """L_{t} of the variational bound, per sample, in bits per dimension.
+    def vb_terms_bpd(self, model_output, x0, xt, t, weight=None):
+        """L_{t} of the variational bound, per sample, in bits per dimension (``weight``: per-element weights
+        of the mean over dimensions, see `mean_flat`).
 
         t > 0: KL(q(x_{t-1} | x_t, x_0) || p_θ(x_{t-1} | x_t))            (DDPM eq. 5, L_{t-1})
         t = 0: -log p_θ(x_0 | x_1): a continuous Gaussian density for latents, the discretized Gaussian of
@@ -311,9 +317,9 @@ class GaussianDiffusion:
         """
         true_mean, _, true_logvar = self.q_posterior_mean_variance(x0, xt, t)
         out = self.p_mean_variance(model_output, xt, t)
-        kl = mean_flat(normal_kl(true_mean, true_logvar, out["mean"], out["log_variance"])) / math.log(2.0)
+        kl = mean_flat(normal_kl(true_mean, true_logvar, out["mean"], out["log_variance"]), weight) / math.log(2.0)
         decoder = discretized_gaussian_nll if self.discrete_decoder else gaussian_nll
-        nll = mean_flat(decoder(x0, out["mean"], out["log_variance"])) / math.log(2.0)
+        nll = mean_flat(decoder(x0, out["mean"], out["log_variance"]), weight) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
     def snr_weights(self, t, snr_gamma: float) -> torch.Tensor:
@@ -341,13 +347,15 @@ class GaussianDiffusion:
         return torch.where(snr == 0, torch.ones_like(w), w).float()
 
     def training_losses(self, model: Callable, x0, t, noise=None, model_kwargs: dict | None = None,
-                        snr_gamma: float | None = None, vlb_weight: float = 0.001, loss_type: str = "simple") -> dict:
+                        snr_gamma: float | None = None, vlb_weight: float = 0.001, loss_type: str = "simple",
+                        weight: torch.Tensor | None = None) -> dict:
         """Loss terms for one batch: ``mse`` (L_simple), ``vb`` (when the variance is learned) and ``loss``.
 
         ``loss_type="simple"``: L_simple, and with learned variance the hybrid loss L_simple + λ L_vlb
         (Improved DDPM §3.1), where L_vlb = T · L_t is the single-timestep estimate of the full bound and the
         mean is detached inside it so that L_vlb only trains Σ_θ. ``loss_type="vlb"``: the bound alone trains
-        mean and variance (Sohl-Dickstein et al. 2015; Improved DDPM's L_vlb).
+        mean and variance (Sohl-Dickstein et al. 2015; Improved DDPM's L_vlb). ``weight`` (B, 1, h, w) weighs
+        every term per pixel (a masked loss), normalised per sample by its sum.
         """
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}")
@@ -358,16 +366,17 @@ class GaussianDiffusion:
         xt = self.q_sample(x0, t, noise)
         model_output = model(xt, t, **(model_kwargs or {}))
         mean_out, var_values = self.split_output(model_output, xt)
-        mse = mean_flat((mean_out.float() - self.training_target(x0, noise, t).float()) ** 2)
+        mse = mean_flat((mean_out.float() - self.training_target(x0, noise, t).float()) ** 2, weight)
         if snr_gamma is not None:
             mse = mse * self.snr_weights(t, snr_gamma)
         terms = {"mse": mse}
         if loss_type == "vlb":
-            terms["vb"] = self.vb_terms_bpd(model_output.float(), x0.float(), xt.float(), t) * self.num_timesteps
+            terms["vb"] = self.vb_terms_bpd(model_output.float(), x0.float(), xt.float(), t,
+                                            weight) * self.num_timesteps
             terms["loss"] = terms["vb"]
         elif self.learned_variance:
             frozen = torch.cat([mean_out.detach(), var_values], dim=1).float()
-            terms["vb"] = self.vb_terms_bpd(frozen, x0.float(), xt.float(), t) * self.num_timesteps
+            terms["vb"] = self.vb_terms_bpd(frozen, x0.float(), xt.float(), t, weight) * self.num_timesteps
             terms["loss"] = mse + vlb_weight * terms["vb"]
         else:
             terms["loss"] = mse

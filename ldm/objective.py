@@ -14,7 +14,7 @@ import torch
 
 from .config import TimestepSampling
 from .diffusion import GaussianDiffusion
-from .vae import encode, latent_scale_shift, scaled_sample, vae_scale_factor
+from .vae import downsample, encode, latent_scale_shift, scaled_sample, vae_scale_factor
 
 def sample_timesteps(n: int, num_timesteps: int, sampling: str, gen: torch.Generator, mean: float = 0.0,
                      std: float = 1.0) -> torch.Tensor:
@@ -103,14 +103,14 @@ class LatentDiffusionObjective:
     """
 
     def __init__(self, diffusion: GaussianDiffusion, dcfg, caption_dropout: float, text: TextContext, vae,
-                 prior_loss_weight: float = 1.0, gather=None):
+                 prior_loss_weight: float = 1.0, gather=None, mask_floor: float = 0.0):
         """``gather``: all-gathers a tensor across processes (``accelerator.gather``), so every process keeps
-        the same importance-sampling history."""
+        the same importance-sampling history. ``mask_floor``: the loss weight of pixels a mask leaves out."""
         self.diffusion, self.d, self.caption_dropout, self.text = diffusion, dcfg, caption_dropout, text
         self.importance = ImportanceSampler(diffusion.num_timesteps) if dcfg.timestep_sampling == "importance" \
             else None
         self.gather = gather or (lambda x: x)
-        self.vae, self.prior_loss_weight = vae, prior_loss_weight
+        self.vae, self.prior_loss_weight, self.mask_floor = vae, prior_loss_weight, mask_floor
         self.scale, self.shift = latent_scale_shift(vae)
         self.channels = vae.config.latent_channels
         self.factor = vae_scale_factor(vae)
@@ -147,6 +147,16 @@ class LatentDiffusionObjective:
         context = self.text(batch["captions"], draws["drop"][sl], device)  # (b, L, D)
         return z0, draws["t"][sl].to(device), draws["noise"][sl].to(device), context, draws["weights"][sl].to(device)
 
+    def loss_weight(self, batch: dict, size: tuple[int, int], device) -> torch.Tensor:
+        """Per-latent-pixel loss weights (b, 1, h, w) of a masked loss: floor + (1 - floor) * mask, the mask
+        area-averaged to latent size; ones for a batch without masks (DreamBooth's class images)."""
+        if "mask" not in batch:
+            return torch.ones(len(batch["captions"]), 1, *size, device=device)
+        mask = batch["mask"].to(device).float()
+        if mask.shape[-2:] != size:  # cut from pixels this step
+            mask = downsample(mask, self.factor)
+        return self.mask_floor + (1 - self.mask_floor) * mask
+
     def network(self, unet, context):
         """The denoiser (x_t, t) -> the U-Net's output under ``context`` (and a subclass's extra inputs)."""
         return lambda x, t: unet(x, t, encoder_hidden_states=context).sample
@@ -157,9 +167,12 @@ class LatentDiffusionObjective:
         z0, t, noise, context, weights, *extra = (torch.cat(x) for x in zip(*(self.inputs(b, d, sl, device)
                                                                               for b, d, sl in parts)))
         d = self.d
+        weight = None
+        if any("mask" in b for b, _, _ in parts):  # a masked loss
+            weight = torch.cat([self.loss_weight(b, z0.shape[-2:], device) for b, _, _ in parts])
         all_terms = self.diffusion.training_losses(self.network(unet, context, *extra), z0, t, noise,
                                                    snr_gamma=d.snr_gamma, vlb_weight=d.vlb_weight,
-                                                   loss_type=d.loss_type)
+                                                   loss_type=d.loss_type, weight=weight)
         if self.importance is not None:
             self.importance.update(self.gather(t), self.gather(all_terms["loss"].detach()))
             all_terms["loss"] = all_terms["loss"] * weights

@@ -26,14 +26,10 @@ from pipelines.sr_pipeline import IMAGE_CHANNELS, condition_image
 
 from .cache import Fingerprint, latent_cache
 from .objective import LatentDiffusionObjective
+from .vae import downsample
 
 NUM_NOISE_LEVELS = 1000  # steps of the low-resolution schedule: the U-Net's class embedding has one per level
 SR_DRAWS_SALT = 0x5E5  # the augmentation draws of a step come from their own generator: the base draws are unchanged
-
-
-def downsample(pixels: torch.Tensor, factor: int) -> torch.Tensor:
-    """Area average over ``factor`` x ``factor`` blocks: (B, C, H, W) -> (B, C, H / factor, W / factor)."""
-    return F.avg_pool2d(pixels, factor) if factor > 1 else pixels
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

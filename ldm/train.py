@@ -105,7 +105,7 @@ def build_run(cfg: LDMConfig) -> Run:
 
     # Caches and batch sources; DreamBooth's prior preservation is a second source mixed into every step.
     input_ids = tokenize(comp.tokenizer, train_split.captions + (classes.captions if classes else []))  # (N, L)
-    sources = [batch_source(cfg, engine, comp, train_split, TRAIN_STREAMS)]
+    sources = [batch_source(cfg, engine, comp, train_split, TRAIN_STREAMS, masked=cfg.data.mask_source != "none")]
     if classes is not None:
         sources.append(batch_source(cfg, engine, comp, classes, CLASS_STREAMS, len(train_split.captions)))
     val_posterior = validation_posteriors(cfg, engine, comp, val_split)
@@ -207,10 +207,22 @@ def pixel_items(cfg: LDMConfig, split: Split, random_crop: bool) -> PixelItems:
     return PixelItems(split, d.resolution, d.image_column, d.center_crop, random_crop, d.alpha_background)
 
 
-def batch_source(cfg: LDMConfig, engine, comp: Components, split: Split, streams, caption_offset: int = 0):
-    """The split's batches, read from its latent cache or, when each step crops anew, as pixels."""
+def batch_source(cfg: LDMConfig, engine, comp: Components, split: Split, streams, caption_offset: int = 0,
+                 masked: bool = False):
+    """The split's batches, read from its latent cache or, when each step crops anew, as pixels; with the
+    masked loss's masks when ``masked``."""
     d = cfg.data
     sampler = GlobalBatchSampler(split.groups, len(split), cfg.train.batch_size, cfg.train.seed, drop_last=True)
+    masks = None
+    if masked:
+        from .masks import MaskItems, mask_cache
+
+        cached = d.cache_latents and not d.random_crop
+        masks = MaskItems(split, d.resolution, d.image_column, d.center_crop, d.random_crop and not cached,
+                          d.mask_source, d.mask_column)
+        if cached:
+            masks = mask_cache(masks, split, vae_scale_factor(comp.vae), d.cache_dir, engine.accelerator,
+                               d.random_flip, cfg.train.num_workers)
     if d.cache_latents and not d.random_crop:
         low_res = None
         if comp.upscale_factor:  # a super-resolution stage's conditioning images, stored beside the latents
@@ -218,11 +230,11 @@ def batch_source(cfg: LDMConfig, engine, comp: Components, split: Split, streams
                                     d.cache_dir, engine.accelerator, d.random_flip, cfg.train.num_workers)
         return BatchSource(split, sampler, cfg.train.seed, streams, d.random_flip,
                            latents=posterior_cache(cfg, engine, comp, split, d.random_flip),
-                           caption_offset=caption_offset, low_res=low_res)
+                           caption_offset=caption_offset, low_res=low_res, masks=masks)
     if d.cache_latents:
         logger.info("data.random_crop=true: each step crops anew, so images are encoded every step (no latent cache)")
     return BatchSource(split, sampler, cfg.train.seed, streams, d.random_flip,
-                       pixels=pixel_items(cfg, split, d.random_crop), caption_offset=caption_offset)
+                       pixels=pixel_items(cfg, split, d.random_crop), caption_offset=caption_offset, masks=masks)
 
 
 def prepare(cfg: LDMConfig, engine, comp: Components, groups: list[dict]):
@@ -279,7 +291,7 @@ def make_objective(cfg: LDMConfig, comp: Components, diffusion, text: TextContex
                                         gather=gather, factor=comp.upscale_factor, noise_levels=sr.noise_levels,
                                         blur_sigma=sr.blur_sigma, crop=sr.train_crop)
     return LatentDiffusionObjective(diffusion, cfg.diffusion, cfg.data.caption_dropout, text, comp.vae,
-                                    cfg.dreambooth.prior_loss_weight, gather=gather)
+                                    cfg.dreambooth.prior_loss_weight, gather=gather, mask_floor=cfg.data.mask_floor)
 
 
 def micro_batch_size(cfg: LDMConfig, num_processes: int) -> int:

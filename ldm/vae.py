@@ -36,6 +36,11 @@ class PixelSpace(torch.nn.Module):
         return x
 
 
+def downsample(pixels: torch.Tensor, factor: int) -> torch.Tensor:
+    """Area average over ``factor`` x ``factor`` blocks: (B, C, H, W) -> (B, C, H / factor, W / factor)."""
+    return torch.nn.functional.avg_pool2d(pixels, factor) if factor > 1 else pixels
+
+
 def is_pixel_space(vae) -> bool:
     return vae is None or isinstance(vae, PixelSpace)
 
