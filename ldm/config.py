@@ -23,7 +23,7 @@ PredictionType = typing.Literal["epsilon", "v_prediction", "sample"]
 Optimizer = typing.Literal["adamw", "adamw8bit"]
 LRSchedule = typing.Literal["constant", "cosine"]
 MixedPrecision = typing.Literal["no", "bf16", "fp16"]
-FinetuneMethod = typing.Literal["full", "lora"]
+FinetuneMethod = typing.Literal["full", "lora", "textual_inversion"]
 LoraFormat = typing.Literal["diffusers", "kohya", "both"]
 BaseDtype = typing.Literal["fp32", "bf16", "fp16"]
 TimestepSampling = typing.Literal["uniform", "logit_normal", "importance"]
@@ -196,7 +196,9 @@ class SampleConfig:
 
 @dataclass
 class FinetuneConfig:
-    method: FinetuneMethod = "full"  # full (every U-Net weight) | lora (low-rank adapters only, through peft)
+    # full (every U-Net weight) | lora (low-rank adapters only, through peft) | textual_inversion (new token
+    # embeddings only: placeholder_token's num_vectors rows of the text encoder's embedding table)
+    method: FinetuneMethod = "full"
     lora_rank: int = 4
     lora_alpha: float | None = None  # None: equal to the rank (scale 1)
     lora_dropout: float = 0.0
@@ -209,6 +211,11 @@ class FinetuneConfig:
     lora_format: LoraFormat = "diffusers"
     merged_export: bool = False  # also export a full pipeline with the adapters merged at merge_scale
     merge_scale: float = 1.0
+    # textual inversion: the captions name the concept with placeholder_token (one word, not yet in the
+    # vocabulary); its vectors start from initializer_token's embedding (a word the tokenizer keeps whole)
+    placeholder_token: str = "<concept>"
+    initializer_token: str | None = None
+    num_vectors: int = 1
 
 
 @dataclass
@@ -599,6 +606,20 @@ def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -
     if d.mask_source != "none":
         c.within("data.mask_floor", 0, 1)
         c.require(cfg.stage == "base", "data.mask_source", "a masked loss is for base models (stage=base)")
+    if fc.method == "textual_inversion":
+        c.require(bool(cfg.model.pretrained), "finetune.method",
+                  "textual_inversion needs model.pretrained: the model whose vocabulary it extends")
+        c.require(bool(fc.placeholder_token) and not any(ch.isspace() for ch in fc.placeholder_token),
+                  "finetune.placeholder_token", "needs one word without spaces, e.g. '<my-concept>'")
+        c.require(bool(fc.initializer_token), "finetune.initializer_token",
+                  "needs a word the tokenizer keeps whole, close to the concept (e.g. 'red' for a new colour)")
+        c.at_least("finetune.num_vectors", 1)
+        c.require(not cfg.model.train_text_encoder, "model.train_text_encoder",
+                  "textual_inversion trains only the new embeddings: leave the text encoder frozen")
+        c.require(dif.pretrained_schedule == "keep", "diffusion.pretrained_schedule",
+                  "textual_inversion leaves the U-Net as it is, so it keeps the model's schedule: use 'keep'")
+        c.require(tc.ema_decay is None, "train.ema_decay",
+                  "the EMA averages U-Net weights, and textual_inversion trains none: leave it null")
     if cfg.stage == "super_resolution":
         check_super_resolution(c)
     c.require(not cfg.model.vae_tiling or (cfg.stage == "super_resolution" and cfg.model.vae != "none"),

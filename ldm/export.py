@@ -1,6 +1,7 @@
-"""What a diffusion run leaves behind: the pipeline folder (EMA weights when EMA is on), or under LoRA the
-adapters alone and, when asked, a pipeline with them merged in. Main process only; every folder is written
-beside its target and swapped in when complete."""
+"""What a diffusion run leaves behind: the pipeline folder (EMA weights when EMA is on), under LoRA the
+adapters alone and, when asked, a pipeline with them merged in, under textual inversion the new embeddings.
+Main process only; every folder is written beside its target and swapped in when complete. ``python -m
+ldm.export single-file`` writes a pipeline folder as one file in Stable Diffusion's original layout."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ from .schedulers import sampling_scheduler
 def export(cfg, comp, unet, text_encoder, run_dir: Path) -> dict[str, Path]:
     """Write the run's model(s) from the unwrapped ``unet`` and ``text_encoder``; return {what: path}."""
     saved = {}
-    if cfg.finetune.method == "lora":
+    fc = cfg.finetune
+    if fc.method == "textual_inversion":
+        from .textual_inversion import EMBEDS_FILE, learned_embeddings, save_embeddings
+
+        vectors = learned_embeddings(text_encoder, comp.tokenizer, fc)
+        atomic_save_dir(lambda d: save_embeddings(d, fc.placeholder_token, vectors), run_dir / "textual_inversion")
+        saved["textual_inversion"] = run_dir / "textual_inversion" / EMBEDS_FILE
+    elif cfg.finetune.method == "lora":
         atomic_save_dir(lambda d: save_lora(d, unet, text_encoder, cfg.finetune.lora_format), run_dir / "lora")
         saved["lora"] = lora_file(run_dir / "lora")
         if cfg.finetune.merged_export:

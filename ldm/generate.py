@@ -1,9 +1,12 @@
-"""Draw images from a pipeline folder, optionally with LoRA adapters, from the command line.
+"""Draw images from a pipeline folder or single file, optionally with LoRA adapters or textual-inversion
+embeddings, from the command line.
 
     python -m ldm.generate --pipeline runs/demo/pipeline "a blue triangle at the top right" --out out.png
     python -m ldm.generate --pipeline /path/to/sd15 --lora runs/dreambooth-sd15/lora \
         "a photo of sks dog on the beach" --num-images 4 --out dog.png
     python -m ldm.generate --pipeline runs/cascade-demo/cascade "a red circle at the top left" --noise-level 100
+    python -m ldm.generate --pipeline demo.safetensors --embedding runs/ti-orange/textual_inversion \
+        "an <orange> circle at the center"
 
     python -m ldm.generate --pipeline runs/demo/pipeline "a blue circle at the top left" --image in.png \
         --strength 0.6                                  # image-to-image
@@ -30,14 +33,17 @@ from .errors import user_errors
 from .lora import lora_file
 from .run import atomic_save, make_grid
 from .schedulers import SAMPLERS, VARIANCES, sampling_scheduler, with_variance
+from .textual_inversion import EMBEDS_FILE, load_embedding
 
 logger = logging.getLogger(__name__)
 
 
-def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm", variance: str | None = None):
-    """An LDMPipeline from a folder, or a `CascadePipeline` from a cascade folder (one with cascade.json), with
-    the adapters of ``lora`` (a folder or a .safetensors file) on the (base) text-to-image model, sampling it
-    with ``scheduler`` and, for a learned-variance model, ``variance`` (`with_variance`)."""
+def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm", variance: str | None = None,
+                  embeddings: list[str] = ()):
+    """An LDMPipeline from a folder or a single ``.safetensors`` file (`pipelines.single_file`), or a
+    `CascadePipeline` from a cascade folder (one with cascade.json), with the adapters of ``lora`` (a folder or
+    a .safetensors file) and the textual-inversion ``embeddings`` (folders or files) on the (base) text-to-image
+    model, sampling it with ``scheduler`` and, for a learned-variance model, ``variance`` (`with_variance`)."""
     from pipelines import CascadePipeline, LDMPipeline
     from pipelines.cascade import CASCADE_FILE
 
@@ -45,6 +51,8 @@ def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm
     if (Path(pipeline) / CASCADE_FILE).is_file():
         cascade = CascadePipeline.from_pretrained(pipeline)
         pipe = cascade.base
+    elif Path(pipeline).is_file():
+        pipe = LDMPipeline.from_single_file(pipeline)
     else:
         pipe = LDMPipeline.from_pretrained(pipeline)
     pipe.scheduler = with_variance(sampling_scheduler(pipe.scheduler, scheduler), variance)
@@ -56,6 +64,14 @@ def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm
             pipe.load_lora_weights(str(path.parent), weight_name=path.name)
         else:
             raise FileNotFoundError(f"--lora {lora!r} does not exist")
+    for embedding in embeddings:
+        path = Path(embedding)
+        if path.is_dir():  # a run's textual_inversion/ folder
+            path = path / EMBEDS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"--embedding {embedding!r} is neither a textual_inversion folder holding "
+                                    f"{EMBEDS_FILE} nor a file")
+        load_embedding(pipe, path)
     pipe = cascade or pipe
     if torch.cuda.is_available():
         pipe = pipe.to("cuda")
@@ -82,10 +98,14 @@ def from_image(pipe, args) -> tuple:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("prompts", nargs="+")
-    parser.add_argument("--pipeline", required=True, help="a pipeline folder (ours or Stable Diffusion 1.x/2.x)")
+    parser.add_argument("--pipeline", required=True, help="a pipeline folder (ours or Stable Diffusion 1.x/2.x), or "
+                        "a single .safetensors file written by `python -m ldm.export single-file`")
     parser.add_argument("--lora", default=None, help="a LoRA folder (runs/<name>/lora) or .safetensors file, in "
                                                      "diffusers' or kohya-ss's layout")
     parser.add_argument("--lora-scale", type=float, default=1.0)
+    parser.add_argument("--embedding", action="append", default=[],
+                        help="a textual-inversion embedding (runs/<name>/textual_inversion or a .safetensors file, "
+                             "diffusers' or AUTOMATIC1111's layout); repeatable")
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
@@ -108,7 +128,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     with user_errors(args.debug):
         logging.basicConfig(level=logging.INFO)
-        pipe = load_pipeline(args.pipeline, args.lora, args.scheduler, args.variance)
+        pipe = load_pipeline(args.pipeline, args.lora, args.scheduler, args.variance, args.embedding)
         pipe.set_progress_bar_config(disable=True)
         kwargs = {"cross_attention_kwargs": {"scale": args.lora_scale}} if args.lora else {}
         if args.noise_level is not None:

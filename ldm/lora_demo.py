@@ -1,8 +1,9 @@
-"""A scored LoRA demonstration: teach the built-in shapes model a colour (orange, teal) or a shape (star)
-it has never seen.
+"""A scored fine-tuning demonstration: teach the built-in shapes model a colour (orange, teal) or a shape
+(star) it has never seen, with LoRA or with textual inversion.
 
     python -m ldm.lora_demo --base runs/demo/pipeline --out runs/lora-orange
     python -m ldm.lora_demo --base runs/demo/pipeline --concept star --out runs/lora-star
+    python -m ldm.lora_demo --method textual_inversion --out runs/ti-orange
 
 1. Draw 32 images of the new concept ("an orange circle at the center", "a red star at the top left") for
    all but 3 of its pairs ((shape, position) for a colour, (colour, position) for a shape); those 3 pairs
@@ -13,6 +14,11 @@ it has never seen.
 3. Score from pixels with the built-in scorer (extended by the new colours and shapes): how often the base
    model and the adapted one draw the concept for the 3 held-out prompts, and both models' scores on the
    base model's own held-out prompts (forgetting).
+
+With ``--method textual_inversion`` (``configs/ldm/ti-orange.yaml``) the captions name the concept with a
+placeholder token (``<orange>``) whose embedding is the only thing learnt; there is no prior preservation
+(nothing the model knew changes: its weights and old embeddings stay bit for bit), and the base model is
+scored on the same prompts with the plain word.
 
 Writes ``metrics.json`` and one grid per evaluation into ``--out``.
 """
@@ -63,8 +69,10 @@ def concept_pairs(concept: str, seed: int = 7) -> tuple[list[tuple[str, str]], l
     return [x for i, x in enumerate(pairs) if i not in held], [x for i, x in enumerate(pairs) if i in held]
 
 
-def generate_concept(out_dir: str | Path, concept: str, num_images: int = 32, seed: int = 0) -> Path:
-    """At most 32 images of the concept, cycling over its training pairs with random sizes and jitter."""
+def generate_concept(out_dir: str | Path, concept: str, num_images: int = 32, seed: int = 0,
+                     word: str | None = None) -> Path:
+    """At most 32 images of the concept, cycling over its training pairs with random sizes and jitter; the
+    captions call it ``word`` (default: its name)."""
     if not 1 <= num_images <= 32:
         raise ValueError(f"num_images={num_images}: the demonstration uses between 1 and 32 images")
     train_pairs, _ = concept_pairs(concept)
@@ -76,10 +84,15 @@ def generate_concept(out_dir: str | Path, concept: str, num_images: int = 32, se
         words = caption.split(" at the ")[0].split()
         size, jitter = float(rng.choice(SIZES)), tuple(rng.uniform(-0.04, 0.04, size=2))
         images.append(draw_shape(words[1], words[2], pair[1], size, jitter))
-        records.append({"file_name": f"{i:05d}.png", "text": caption})
+        records.append({"file_name": f"{i:05d}.png", "text": name_concept(caption, concept, word)})
     out_dir = Path(out_dir)
     _write_folder(out_dir, records, images, {"name": concept, "num_images": num_images, "seed": seed})
     return out_dir
+
+
+def name_concept(caption: str, concept: str, word: str | None) -> str:
+    """The caption with the concept's word replaced by ``word`` (a placeholder token), when given."""
+    return caption if word is None else " ".join(word if w == concept else w for w in caption.split())
 
 
 def prior_prompts(n: int = 32, seed: int = 0) -> list[str]:
@@ -90,24 +103,32 @@ def prior_prompts(n: int = 32, seed: int = 0) -> list[str]:
     return [shapes_caption(*combos[i]) for i in sorted(idx)]
 
 
-def evaluate_prompts(pipe, prompts: list[str], per_prompt: int, out_png: Path, with_new: bool) -> dict:
+def evaluate_prompts(pipe, prompts: list[str], per_prompt: int, out_png: Path, with_new: bool,
+                     meant: list[str] | None = None) -> tuple[dict, list]:
+    """Draw ``per_prompt`` images of each prompt (a grid of them in ``out_png``) and score them against
+    ``meant`` (the same prompts with the concept's plain word, when the prompts name it by a placeholder
+    token); return (scores, images)."""
     from .evaluate import generate_for_prompts
 
     all_prompts, images = generate_for_prompts(pipe, prompts, per_prompt, num_inference_steps=50,
                                                guidance_scale=3.0)
     grid = make_grid(images, ncols=per_prompt)
     atomic_save(lambda p: grid.save(p, format="PNG"), out_png)
+    if meant is not None:
+        all_prompts = [m for m in meant for _ in range(per_prompt)]
     scores = score_shapes(images, all_prompts, with_new=with_new)
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}, images
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="runs/demo/pipeline", help="the shapes pipeline to adapt")
     parser.add_argument("--concept", default="orange", choices=CONCEPTS, help="the colour or shape to teach")
-    parser.add_argument("--out", default=None, help="default: runs/lora-<concept>")
+    parser.add_argument("--method", default="lora", choices=("lora", "textual_inversion"))
+    parser.add_argument("--out", default=None, help="default: runs/lora-<concept> (runs/ti-<concept>)")
     parser.add_argument("--num-images", type=int, default=32)
-    parser.add_argument("--config", default="configs/ldm/lora-orange.yaml")
+    parser.add_argument("--config", default=None,
+                        help="default: configs/ldm/lora-orange.yaml (configs/ldm/ti-orange.yaml)")
     parser.add_argument("--per-prompt", type=int, default=16, help="images per held-out prompt of the concept")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the LoRA config")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
@@ -122,17 +143,22 @@ def run(args) -> None:
 
     from .config import LDMConfig, load_config
     from .lora import LORA_FILE
+    from .textual_inversion import EMBEDS_FILE
     from .train import train
 
-    concept, kind = args.concept, concept_kind(args.concept)
-    out = Path(args.out or f"runs/lora-{concept}")
+    concept, kind, ti = args.concept, concept_kind(args.concept), args.method == "textual_inversion"
+    out = Path(args.out or f"runs/{'ti' if ti else 'lora'}-{concept}")
     if not (Path(args.base) / "model_index.json").is_file():
         raise FileNotFoundError(f"--base {args.base!r} is not a pipeline folder; run `make demo` first")
-    data = generate_concept(out / "data", concept, args.num_images)
-    cfg = load_config(LDMConfig, args.config, [
+    config = args.config or f"configs/ldm/{'ti' if ti else 'lora'}-orange.yaml"
+    placeholder = None
+    if ti:
+        placeholder = load_config(LDMConfig, config, list(args.overrides)).finetune.placeholder_token
+    data = generate_concept(out / "data", concept, args.num_images, word=placeholder)
+    cfg = load_config(LDMConfig, config, [
         f"model.pretrained={args.base}", f"data.dataset={data}", f"output_dir={out.parent}", f"name={out.name}",
-        f"dreambooth.class_data={out / 'prior_images'}", *args.overrides])
-    if not cfg.dreambooth.class_prompts and not cfg.dreambooth.class_prompt:
+        *([] if ti else [f"dreambooth.class_data={out / 'prior_images'}"]), *args.overrides])
+    if not ti and not cfg.dreambooth.class_prompts and not cfg.dreambooth.class_prompt:
         cfg.dreambooth.class_prompts = prior_prompts()
     train(cfg)
 
@@ -140,27 +166,40 @@ def run(args) -> None:
     new_prompts = [concept_caption(concept, pair) for pair in held]
     base = LDMPipeline.from_pretrained(args.base)
     adapted = LDMPipeline.from_pretrained(args.base)
-    adapted.load_lora_weights(str(cfg.run_dir / "lora"), weight_name=LORA_FILE)
-    result = {"base": args.base, "concept": concept, "lora": str(cfg.run_dir / "lora" / LORA_FILE),
+    if ti:
+        adapted.load_textual_inversion(str(cfg.run_dir / "textual_inversion" / EMBEDS_FILE))
+        weights = cfg.run_dir / "textual_inversion" / EMBEDS_FILE
+    else:
+        adapted.load_lora_weights(str(cfg.run_dir / "lora"), weight_name=LORA_FILE)
+        weights = cfg.run_dir / "lora" / LORA_FILE
+    name = "ti" if ti else "lora"
+    result = {"base": args.base, "concept": concept, "method": args.method, name: str(weights),
               "training_images": args.num_images,
               "heldout_new_prompts": new_prompts, "images_per_new_prompt": args.per_prompt,
               "original_prompts": shapes_eval_prompts(), "images_per_original_prompt": 6}
-    for name, pipe in (("base", base), ("lora", adapted)):
-        result[f"{name}_on_new_prompts"] = evaluate_prompts(pipe, new_prompts, args.per_prompt,
-                                                            out / f"{name}_new_prompts.png", with_new=True)
-        result[f"{name}_on_original_prompts"] = evaluate_prompts(pipe, shapes_eval_prompts(), 6,
-                                                                 out / f"{name}_original_prompts.png", with_new=False)
+    if ti:
+        result["placeholder_prompts"] = [name_concept(p, concept, placeholder) for p in new_prompts]
+    for who, pipe in (("base", base), (name, adapted)):
+        prompts = result["placeholder_prompts"] if who == "ti" else new_prompts
+        result[f"{who}_on_new_prompts"], _ = evaluate_prompts(pipe, prompts, args.per_prompt,
+                                                              out / f"{who}_new_prompts.png", with_new=True,
+                                                              meant=new_prompts)
+        if not ti:  # textual inversion changes nothing the original prompts use
+            result[f"{who}_on_original_prompts"], _ = evaluate_prompts(pipe, shapes_eval_prompts(), 6,
+                                                                       out / f"{who}_original_prompts.png",
+                                                                       with_new=False)
     atomic_save(lambda p: Path(p).write_text(json.dumps(result, indent=2)), out / "metrics.json")
     other = "shape" if kind == "colour" else "colour"
     rows = [(f"{concept} drawn (held-out {concept} prompts)", "new", f"{kind}_accuracy"),
             (f"{other} right (held-out {concept} prompts)", "new", f"{other}_accuracy"),
-            (f"position right (held-out {concept} prompts)", "new", "position_accuracy"),
-            ("colour right (original held-out prompts)", "original", "colour_accuracy"),
-            ("shape right (original held-out prompts)", "original", "shape_accuracy")]
-    print(f"{'':<44}{'base':>8}{'LoRA':>8}")
+            (f"position right (held-out {concept} prompts)", "new", "position_accuracy")]
+    if not ti:
+        rows += [("colour right (original held-out prompts)", "original", "colour_accuracy"),
+                 ("shape right (original held-out prompts)", "original", "shape_accuracy")]
+    print(f"{'':<44}{'base':>8}{'TI' if ti else 'LoRA':>8}")
     for label, which, key in rows:
         print(f"{label:<44}{result[f'base_on_{which}_prompts'][key]:>8.3f}"
-              f"{result[f'lora_on_{which}_prompts'][key]:>8.3f}")
+              f"{result[f'{name}_on_{which}_prompts'][key]:>8.3f}")
     print(f"wrote {out / 'metrics.json'} and grids in {out}")
 
 

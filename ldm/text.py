@@ -80,6 +80,12 @@ def build_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 64, num_hidd
 
 
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str]):
-    """(B, max_length) token ids, padded and truncated to the tokenizer's model_max_length."""
+    """(B, max_length) token ids, padded and truncated to the tokenizer's model_max_length; multi-vector
+    textual-inversion placeholders expanded as the pipelines expand them."""
+    added = tokenizer.added_tokens_encoder
+    if any(f"{t}_1" in added for t in added):
+        from .textual_inversion import expand_placeholders
+
+        captions = [expand_placeholders(c, tokenizer) for c in captions]
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids

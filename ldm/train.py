@@ -88,6 +88,10 @@ def build_run(cfg: LDMConfig) -> Run:
     acc, tc = engine.accelerator, cfg.train
     with acc.main_process_first():  # built-in data is generated once, by the main process
         train_split, val_split, heldout = load_splits(cfg)
+    if cfg.finetune.method == "textual_inversion":
+        from .textual_inversion import check_captions
+
+        check_captions(train_split.captions, cfg.finetune.placeholder_token)
     bad_report = report_bad_images(train_split.bad + val_split.bad, cfg.run_dir, acc.is_main_process)
     comp = build_components(cfg, train_split.captions, acc, engine.resume_from)
     if not cfg.model.pretrained:  # the tokenizer learned from the captions is part of the run's state
@@ -162,9 +166,17 @@ def draw_class_images(cfg: LDMConfig, comp: Components, engine) -> Split:
 
 
 def choose_trainable(cfg: LDMConfig, comp: Components) -> list[dict]:
-    """Parameter groups to optimise: LoRA adapters only (the base frozen, maybe in bf16/fp16), or the whole
-    U-Net and, when it trains, the text encoder at its own learning rate."""
+    """Parameter groups to optimise: LoRA adapters only (the base frozen, maybe in bf16/fp16), a textual
+    inversion's new embeddings only, or the whole U-Net and, when it trains, the text encoder at its own
+    learning rate."""
     tc = cfg.train
+    if cfg.finetune.method == "textual_inversion":
+        from .textual_inversion import add_placeholder
+
+        comp.train_text_encoder = True  # its embedding table trains: encoded every step, synchronised under DDP
+        comp.unet.requires_grad_(False)
+        return [{"params": add_placeholder(comp.tokenizer, comp.text_encoder, cfg.finetune), "lr": tc.learning_rate,
+                 "weight_decay": 0.0}]  # decay would move the frozen rows
     if cfg.finetune.method == "lora":
         from .lora import add_lora
 

@@ -9,7 +9,7 @@ import tempfile
 
 import torch
 from diffusers import AutoencoderKL, DDPMParallelScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
@@ -44,7 +44,7 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
     """Text-to-image latent diffusion pipeline.
 
     A CLIP text encoder turns the prompt into a context sequence, a conditional U-Net denoises random latents
@@ -53,7 +53,9 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     2 * in_channels``) are supported, and folders written by ``save_pretrained`` load with diffusers'
     ``StableDiffusionPipeline`` as well as with this class (which also loads Stable Diffusion 1.x folders).
     LoRA adapters in diffusers' layout load with ``load_lora_weights``; ``cross_attention_kwargs={"scale": s}``
-    runs them at scale s, as in ``StableDiffusionPipeline``.
+    runs them at scale s, as in ``StableDiffusionPipeline``. Textual-inversion embeddings (diffusers' or
+    AUTOMATIC1111's layout) load with ``load_textual_inversion``; prompts naming a multi-vector token are
+    expanded to all its vectors.
 
     With ``vae=None`` it is a pixel-space model (DDPM, trained with ``model.vae: none``): the U-Net denoises
     the image itself, and its saved folder holds no VAE (so it loads here, not in ``StableDiffusionPipeline``).
@@ -270,6 +272,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return scheduler.__class__.from_config(scheduler.config, variance_type=None), False
 
     def _encode(self, texts, n, device, lora_scale=None):
+        texts = self.maybe_convert_prompt(texts, self.tokenizer)  # multi-vector textual-inversion tokens
         ids = self.tokenizer(
             texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
             return_tensors="pt",

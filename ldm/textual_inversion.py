@@ -1,0 +1,122 @@
+"""Textual inversion (Gal et al. 2022): a new word learnt as embedding vectors, everything else frozen.
+
+The placeholder token (and, for ``num_vectors`` > 1, ``<token>_1`` … ``<token>_{n-1}``, diffusers' naming of
+multi-vector embeddings) is added to the tokenizer; its rows of the text encoder's embedding table start
+from the initializer token's and are the only weights that change: the gradients of every other row are
+masked to zero and the group has no weight decay, so AdamW leaves them bit for bit. A caption that names the
+placeholder is expanded to all its vectors, as diffusers' pipelines expand prompts.
+
+The export is ``learned_embeds.safetensors`` ({placeholder: (n, D)}, diffusers' layout, which
+``load_textual_inversion`` and ``LDMPipeline`` load) and ``<name>.safetensors`` ({"emb_params": (n, D)},
+AUTOMATIC1111's layout: the prompt names it by the file's stem).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+EMBEDS_FILE = "learned_embeds.safetensors"
+
+
+def vector_tokens(placeholder: str, num_vectors: int) -> list[str]:
+    """The tokens of a placeholder's vectors, named as diffusers names multi-vector embeddings."""
+    return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
+
+
+def expand_placeholders(text: str, tokenizer) -> str:
+    """``text`` with each multi-vector placeholder it names replaced by all its vector tokens (the rule
+    diffusers' ``maybe_convert_prompt`` applies to prompts, so training and sampling tokenise alike)."""
+    added = tokenizer.added_tokens_encoder
+    for token in set(tokenizer.tokenize(text)) & set(added):
+        extra, i = [], 1
+        while f"{token}_{i}" in added:
+            extra.append(f"{token}_{i}")
+            i += 1
+        if extra:
+            text = text.replace(token, " ".join([token, *extra]))
+    return text
+
+
+def add_placeholder(tokenizer, text_encoder, fc) -> list[torch.nn.Parameter]:
+    """Add ``fc.placeholder_token``'s vectors to the tokenizer and the text encoder, initialised from
+    ``fc.initializer_token``; freeze everything else. Returns the parameter to optimise (the embedding table,
+    whose other rows get zero gradients)."""
+    init = tokenizer.encode(fc.initializer_token, add_special_tokens=False)
+    if len(init) != 1:
+        raise ValueError(f"finetune.initializer_token={fc.initializer_token!r} is {len(init)} tokens for this "
+                         f"model's tokenizer ({tokenizer.tokenize(fc.initializer_token)}); pick a word it keeps "
+                         f"whole (one token)")
+    tokens = vector_tokens(fc.placeholder_token, fc.num_vectors)
+    # a word the tokenizer already keeps whole would lose its meaning in every other caption
+    taken = [t for t in tokens if t in tokenizer.get_vocab() or len(tokenizer.tokenize(t)) == 1]
+    if taken:
+        raise ValueError(f"finetune.placeholder_token={fc.placeholder_token!r}: {taken} already in the vocabulary; "
+                         f"pick a new word, e.g. '<{fc.placeholder_token.strip('<>')}-new>'")
+    tokenizer.add_tokens(tokens)
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the rows are set below
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[ids] = table[init[0]].clone()
+    text_encoder.requires_grad_(False)
+    table.requires_grad_(True)
+    keep = torch.zeros(table.shape[0], 1, dtype=table.dtype)
+    keep[ids] = 1
+    table.register_hook(lambda grad: grad * keep.to(grad.device, grad.dtype))
+    logger.info("textual inversion: %s (%d vector%s, ids %s) from %r; %d trainable values, all else frozen",
+                fc.placeholder_token, len(ids), "s" * (len(ids) > 1), ids, fc.initializer_token,
+                len(ids) * table.shape[1])
+    return [table]
+
+
+def check_captions(captions: list[str], placeholder: str) -> None:
+    """The captions must name the placeholder, or nothing is learnt."""
+    named = sum(placeholder in c for c in captions)
+    if not named:
+        raise ValueError(f"no caption names finetune.placeholder_token={placeholder!r}: write it in the captions "
+                         f"where the concept goes (e.g. 'a {placeholder} circle'); first caption: {captions[0]!r}")
+    if named < len(captions):
+        logger.warning("%d of %d captions name %s; the others train nothing", named, len(captions), placeholder)
+
+
+def learned_embeddings(text_encoder, tokenizer, fc) -> torch.Tensor:
+    """(num_vectors, D) float32 rows of the placeholder's vectors."""
+    ids = tokenizer.convert_tokens_to_ids(vector_tokens(fc.placeholder_token, fc.num_vectors))
+    return text_encoder.get_input_embeddings().weight[ids].detach().float().cpu()
+
+
+def a1111_name(placeholder: str) -> str:
+    """The placeholder as a file stem (AUTOMATIC1111 calls an embedding by its file's name)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "", placeholder) or "embedding"
+
+
+def save_embeddings(folder: str | Path, placeholder: str, vectors: torch.Tensor) -> list[Path]:
+    """Write the vectors into ``folder`` in diffusers' layout and in AUTOMATIC1111's; return both paths."""
+    from safetensors.torch import save_file
+
+    vectors = vectors.contiguous()
+    paths = [Path(folder) / EMBEDS_FILE, Path(folder) / f"{a1111_name(placeholder)}.safetensors"]
+    save_file({placeholder: vectors}, str(paths[0]), metadata={"format": "pt"})
+    save_file({"emb_params": vectors}, str(paths[1]), metadata={"format": "pt", "name": placeholder})
+    return paths
+
+
+def load_embedding(pipe, path: str | Path) -> None:
+    """Load a textual-inversion file into ``pipe`` (diffusers' ``load_textual_inversion``): diffusers' layout
+    names its token; AUTOMATIC1111's ({"emb_params": ...}) is called by the name in its metadata, else by the
+    file's stem, as AUTOMATIC1111 calls it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    token = None
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as f:
+            if list(f.keys()) == ["emb_params"]:
+                token = (f.metadata() or {}).get("name") or path.stem
+    pipe.load_textual_inversion(str(path), token=token)
