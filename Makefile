@@ -14,7 +14,7 @@ LAUNCH    := $(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo lora-demo cascade-demo variance-study app test test-slow vae clean
+.PHONY: install demo lora-demo ti-demo mask-demo cascade-demo variance-study app test test-slow vae clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,18 @@ demo: $(STAMP)
 lora-demo: $(STAMP)
 	test -f runs/demo/pipeline/model_index.json || $(MAKE) demo
 	$(BIN)/python -m ldm.lora_demo --base runs/demo/pipeline --concept orange --out runs/lora-orange
+
+# The same colour taught by textual inversion (only the embedding of a new token "<orange>" learns):
+# runs/ti-orange/metrics.json.
+ti-demo: $(STAMP)
+	test -f runs/demo/pipeline/model_index.json || $(MAKE) demo
+	$(BIN)/python -m ldm.lora_demo --method textual_inversion --base runs/demo/pipeline --out runs/ti-orange
+
+# Orange taught from images whose background is noise, with LoRA on every pixel and with a masked loss (the mask
+# covers the shape): runs/mask-demo/metrics.json and grid.png.
+mask-demo: $(STAMP)
+	test -f runs/demo/pipeline/model_index.json || $(MAKE) demo
+	$(BIN)/python -m ldm.mask_demo --base runs/demo/pipeline --out runs/mask-demo
 
 # A cascade: the demo's 32 px model, then a super-resolution stage to 128 px trained with and without conditioning
 # augmentation, scored at 128 px at augmentation levels 0/100/250/500: runs/cascade-demo/results.json, grid.png and

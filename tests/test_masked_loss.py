@@ -193,3 +193,19 @@ def test_masked_training_reads_cached_masks_that_follow_flips(tmp_path, tiny_cfg
     assert np.isfinite(result["final_loss"])
     with pytest.raises(ValueError, match="data.mask_floor"):
         train(tiny_cfg("data.mask_source=file", "data.mask_floor=1.5", "name=bad", data=data))
+
+
+def test_mask_demo_data_masks_the_shape_and_not_the_noise(tmp_path):
+    from ldm.mask_demo import NOISE_MAX, background_level, noisy_concept_data
+
+    data = noisy_concept_data(tmp_path / "noisy", num_images=4)
+    for i in range(4):
+        image = np.asarray(Image.open(data / f"{i:05d}.png"), np.float32)
+        mask = np.asarray(Image.open(mask_path(data / f"{i:05d}.png"))) > 0
+        assert 0.02 < mask.mean() < 0.6
+        inside = image[mask].reshape(-1, 3)
+        assert (np.abs(inside - [245, 140, 20]).max(1) < 3).mean() > 0.3  # the concept's orange, edges blended
+        assert image[~mask].max() <= NOISE_MAX and image[~mask].std() > 20  # noise outside
+    level = background_level([Image.open(data / f"{i:05d}.png") for i in range(4)])
+    assert 0.35 < level < 0.6  # the max of three uniform channels over [0, 140] / 255: 0.41 on average
+    assert background_level([Image.new("RGB", (32, 32))]) == 0.0
