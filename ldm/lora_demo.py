@@ -103,6 +103,20 @@ def prior_prompts(n: int = 32, seed: int = 0) -> list[str]:
     return [shapes_caption(*combos[i]) for i in sorted(idx)]
 
 
+def demo_config(config: str, base: str, data: Path, run_dir: Path, prior: Path | None, overrides=()):
+    """The fine-tuning config of a demonstration: ``config`` on the ``base`` pipeline and the generated
+    ``data``, run in ``run_dir``; with ``prior``, DreamBooth's prior preservation on the base model's drawings
+    of its own training prompts, kept in that folder."""
+    from .config import LDMConfig, load_config
+
+    cfg = load_config(LDMConfig, config, [
+        f"model.pretrained={base}", f"data.dataset={data}", f"output_dir={run_dir.parent}", f"name={run_dir.name}",
+        *([f"dreambooth.class_data={prior}"] if prior else []), *overrides])
+    if prior and not cfg.dreambooth.class_prompts and not cfg.dreambooth.class_prompt:
+        cfg.dreambooth.class_prompts = prior_prompts()
+    return cfg
+
+
 def evaluate_prompts(pipe, prompts: list[str], per_prompt: int, out_png: Path, with_new: bool,
                      meant: list[str] | None = None) -> tuple[dict, list]:
     """Draw ``per_prompt`` images of each prompt (a grid of them in ``out_png``) and score them against
@@ -155,11 +169,8 @@ def run(args) -> None:
     if ti:
         placeholder = load_config(LDMConfig, config, list(args.overrides)).finetune.placeholder_token
     data = generate_concept(out / "data", concept, args.num_images, word=placeholder)
-    cfg = load_config(LDMConfig, config, [
-        f"model.pretrained={args.base}", f"data.dataset={data}", f"output_dir={out.parent}", f"name={out.name}",
-        *([] if ti else [f"dreambooth.class_data={out / 'prior_images'}"]), *args.overrides])
-    if not ti and not cfg.dreambooth.class_prompts and not cfg.dreambooth.class_prompt:
-        cfg.dreambooth.class_prompts = prior_prompts()
+    cfg = demo_config(config, args.base, data, out, prior=None if ti else out / "prior_images",
+                      overrides=args.overrides)
     train(cfg)
 
     _, held = concept_pairs(concept)

@@ -26,7 +26,7 @@ from PIL import Image, ImageFilter
 
 from .builtin_data import NEW_COLOURS, SIZES, _write_folder, draw_shape
 from .errors import user_errors
-from .lora_demo import concept_caption, concept_pairs, evaluate_prompts, prior_prompts
+from .lora_demo import concept_caption, concept_pairs, demo_config, evaluate_prompts
 from .masks import mask_path
 from .run import atomic_save, make_grid
 
@@ -88,7 +88,6 @@ def run(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from pipelines import LDMPipeline
 
-    from .config import LDMConfig, load_config
     from .lora import LORA_FILE
     from .train import train
 
@@ -104,11 +103,7 @@ def run(args) -> None:
               "training_background_level": background_level(train_images)}
     pipes = {"base": LDMPipeline.from_pretrained(args.base)}
     for name, extra in (("every_pixel", []), ("masked", ["data.mask_source=file"])):
-        cfg = load_config(LDMConfig, args.config, [
-            f"model.pretrained={args.base}", f"data.dataset={data}", f"output_dir={out}", f"name={name}",
-            f"dreambooth.class_data={out / 'prior_images'}", *extra, *args.overrides])
-        if not cfg.dreambooth.class_prompts and not cfg.dreambooth.class_prompt:
-            cfg.dreambooth.class_prompts = prior_prompts()
+        cfg = demo_config(args.config, args.base, data, out / name, out / "prior_images", [*extra, *args.overrides])
         result[f"{name}_train"] = train(cfg)
         pipes[name] = LDMPipeline.from_pretrained(args.base)
         pipes[name].load_lora_weights(str(cfg.run_dir / "lora"), weight_name=LORA_FILE)

@@ -124,10 +124,13 @@ def _split(tiny_cfg, data, *extra):
     return cfg, load_splits(cfg)[0]
 
 
-@pytest.mark.parametrize("random_crop", [False, True])
-def test_masks_are_cut_and_flipped_as_their_images(tmp_path, tiny_cfg, random_crop):
+@pytest.mark.parametrize("random_crop, bucketing", [(False, False), (True, False), (False, True)])
+def test_masks_are_cut_and_flipped_as_their_images(tmp_path, tiny_cfg, random_crop, bucketing):
     data = _folder(tmp_path / "blocks")
-    cfg, split = _split(tiny_cfg, data, f"data.random_crop={str(random_crop).lower()}", "data.center_crop=false")
+    cfg, split = _split(tiny_cfg, data, f"data.random_crop={str(random_crop).lower()}", "data.center_crop=false",
+                        f"data.bucketing={str(bucketing).lower()}", "data.bucket_step=4")
+    if bucketing:  # 40x24 images go to a wide bucket, not the 16x16 square
+        assert split.sizes[0][1] > split.sizes[0][0]
     d = cfg.data
     pixels = PixelItems(split, d.resolution, d.image_column, d.center_crop, random_crop)
     masks = MaskItems(split, d.resolution, d.image_column, d.center_crop, random_crop, "file")
@@ -136,12 +139,12 @@ def test_masks_are_cut_and_flipped_as_their_images(tmp_path, tiny_cfg, random_cr
         for flip in (False, True):
             seed = random.Random(i).randint(0, 2**31 - 1)
             image, mask = pixels[(i, flip, seed)], masks[(i, flip, seed)]
-            assert mask.shape == (1, 16, 16)
+            assert mask.shape == (1, *split.sizes[i])
             torch.testing.assert_close(mask[0] * 2 - 1, image[0], atol=1.5 / 255, rtol=0)
     # a missing file: the image trains on every pixel, and it is counted
     mask_path(data / "0.png").unlink()
     masks = MaskItems(split, d.resolution, d.image_column, d.center_crop, random_crop, "file")
-    assert masks.unmasked == 1 and torch.equal(masks[(0, False, 0)], torch.ones(1, 16, 16))
+    assert masks.unmasked == 1 and torch.equal(masks[(0, False, 0)], torch.ones(1, *split.sizes[0]))
 
 
 def test_alpha_and_column_masks(tmp_path, tiny_cfg):
