@@ -198,8 +198,10 @@ def test_masked_training_reads_cached_masks_that_follow_flips(tmp_path, tiny_cfg
         train(tiny_cfg("data.mask_source=file", "data.mask_floor=1.5", "name=bad", data=data))
 
 
-def test_mask_demo_data_masks_the_shape_and_not_the_noise(tmp_path):
-    from ldm.mask_demo import NOISE_MAX, background_level, noisy_concept_data
+def test_mask_demo_data_masks_the_shape_and_not_the_noise(tmp_path, tiny_vae_dir):
+    from diffusers import AutoencoderKL
+
+    from ldm.mask_demo import NOISE_MAX, background_level, masked_targets, noisy_concept_data
 
     data = noisy_concept_data(tmp_path / "noisy", num_images=4)
     for i in range(4):
@@ -212,3 +214,7 @@ def test_mask_demo_data_masks_the_shape_and_not_the_noise(tmp_path):
     level = background_level([Image.open(data / f"{i:05d}.png") for i in range(4)])
     assert 0.35 < level < 0.6  # the max of three uniform channels over [0, 140] / 255: 0.41 on average
     assert background_level([Image.new("RGB", (32, 32))]) == 0.0
+    # the check of the masked loss's targets runs on any VAE and reads both decodes
+    check = masked_targets(AutoencoderKL.from_pretrained(tiny_vae_dir), num_images=4)
+    assert 0 < check["latent_pixels_masked_in"] < 1 and 0 <= check["of_which_wholly_inside"] <= 1
+    assert {"colour_read", "shape_read", "mean_rgb_inside"} <= check["clean"].keys() == check["masked_targets"].keys()
