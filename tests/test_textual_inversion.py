@@ -126,3 +126,22 @@ def test_textual_inversion_bad_settings(tmp_path, base):
         train(_cfg(tmp_path, base, "finetune.placeholder_token=circle", "name=b", f"data.dataset={words}"))
     with pytest.raises(ValueError, match="no caption names finetune.placeholder_token='<other>'"):
         train(_cfg(tmp_path, base, "finetune.placeholder_token=<other>", "name=c"))
+
+
+def test_textual_inversion_on_uncaptioned_photos_through_dreambooth_instance_data(tmp_path, base):
+    """A folder of images without captions, every one trained under the instance prompt naming the placeholder."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(4):
+        arr = np.full((32, 32, 3), 90, np.uint8)
+        arr[8 + i:20 + i, 10:22] = 255
+        Image.fromarray(arr).save(photos / f"{i}.png")
+    cfg = _cfg(tmp_path, base, f"dreambooth.instance_data={photos}", f"dreambooth.instance_prompt=a {TOKEN} blob",
+               "train.batch_size=4")
+    train(cfg)
+    learned = load_file(cfg.run_dir / "textual_inversion" / EMBEDS_FILE)[TOKEN]
+    blue = LDMPipeline.from_pretrained(base["sd"])
+    row = blue.text_encoder.get_input_embeddings().weight[blue.tokenizer.convert_tokens_to_ids("blue</w>")]
+    assert (learned[0] - row).abs().max() > 1e-3  # it trained from the initializer
