@@ -83,9 +83,9 @@ def tokenize(tokenizer: CLIPTokenizer, captions: list[str]):
     """(B, max_length) token ids, padded and truncated to the tokenizer's model_max_length; multi-vector
     textual-inversion placeholders expanded as the pipelines expand them."""
     added = tokenizer.added_tokens_encoder
-    if any(f"{t}_1" in added for t in added):
-        from .textual_inversion import expand_placeholders
+    if any(f"{t}_1" in added for t in added):  # diffusers' expansion, the one its pipelines apply to prompts
+        from diffusers.loaders import TextualInversionLoaderMixin
 
-        captions = [expand_placeholders(c, tokenizer) for c in captions]
+        captions = TextualInversionLoaderMixin().maybe_convert_prompt(list(captions), tokenizer)
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids

@@ -29,20 +29,6 @@ def vector_tokens(placeholder: str, num_vectors: int) -> list[str]:
     return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
 
 
-def expand_placeholders(text: str, tokenizer) -> str:
-    """``text`` with each multi-vector placeholder it names replaced by all its vector tokens (the rule
-    diffusers' ``maybe_convert_prompt`` applies to prompts, so training and sampling tokenise alike)."""
-    added = tokenizer.added_tokens_encoder
-    for token in set(tokenizer.tokenize(text)) & set(added):
-        extra, i = [], 1
-        while f"{token}_{i}" in added:
-            extra.append(f"{token}_{i}")
-            i += 1
-        if extra:
-            text = text.replace(token, " ".join([token, *extra]))
-    return text
-
-
 def add_placeholder(tokenizer, text_encoder, fc) -> list[torch.nn.Parameter]:
     """Add ``fc.placeholder_token``'s vectors to the tokenizer and the text encoder, initialised from
     ``fc.initializer_token``; freeze everything else. Returns the parameter to optimise (the embedding table,
