@@ -51,11 +51,19 @@ POSITIONS = {
     "center": (0.5, 0.5),
 }
 SIZES = (0.31, 0.375, 0.44)  # side of the shape's bounding box as a fraction of the image side
-# Fill ratio of the bounding box: square 1, circle pi/4, triangle 1/2. On the anti-aliased 32 px
-# training images the measured ranges are triangle 0.51-0.65, circle 0.73-0.88, square 0.93+;
-# the boundaries sit in the gaps.
-_SQUARE_MIN_FILL = 0.91
-_CIRCLE_MIN_FILL = 0.69
+# The shape is read off the pixels brighter than `_MASK_LEVEL` of the blob's peak by two measures that do not
+# depend on how bright its edges are: the triangles point up, so their centroid sits below the middle of their
+# height (by 1/6 of it; 0 for the others), and an upright square is sqrt(2) times as wide across its diagonals as
+# across its sides, where a disc is as wide every way. Ranges measured on 1,440 drawings (every (colour, shape,
+# position) eight times, two seeds), as drawn, at 128 px, blurred (Gaussian, radius 0.7 and 1 px), with their edge
+# pixels dimmed to 55 %, and passed through the shipped VAE: centroid offset triangles 0.063 and above, the others
+# 0.043 at most; diagonal / side width circles 1.131 at most, squares 1.257 and above. The boundaries sit in the
+# gaps. (The previous measure, the fill ratio of the bounding box, read 6 % of the VAE's reconstructions of real
+# squares as circles: their edge pixels come back darker.) Squares tilted by more than a few degrees read as circles:
+# no built-in data draws them.
+_MASK_LEVEL = 0.35
+_TRIANGLE_MIN_OFFSET = 0.055
+_SQUARE_MIN_ELONGATION = 1.2
 # A five-pointed star (inner radius 0.45 of the outer) covers ~0.56 of its convex hull; the three shapes above
 # cover 0.9 or more. Only read when new shapes are allowed (``with_new``).
 _STAR_MAX_SOLIDITY = 0.78
@@ -246,9 +254,11 @@ def parse_shapes_caption(caption: str, with_new: bool = False) -> dict:
 def read_shape(image, with_new: bool = False) -> dict:
     """Read colour, shape and position of the largest bright blob off the pixels.
 
-    Colour: nearest palette colour to the blob's mean (``with_new``: the new colours too); shape: fill
-    ratio of its bounding box (square 1, circle pi/4, triangle 1/2), and with ``with_new`` a star when the blob
-    covers little of its convex hull; position: nearest anchor to its centroid.
+    Colour: nearest palette colour to the blob's mean (``with_new``: the new colours too); shape: a triangle when
+    the centroid sits below the middle of the blob's height, else a square when it is much wider across its
+    diagonals than across its sides (its corners), else a circle, and with ``with_new`` a star
+    when the blob covers little of its convex hull; position: nearest anchor to its centroid. ``offset`` and
+    ``elongation`` are the two shape measures.
     """
     from scipy import ndimage
 
@@ -258,30 +268,51 @@ def read_shape(image, with_new: bool = False) -> dict:
     mask = bright > 100
     labels, n = ndimage.label(mask)
     if n == 0:
-        return {"colour": None, "shape": None, "position": None, "fill": 0.0}
-    sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
-    blob = labels == (1 + int(np.argmax(sizes)))
-    # Soft coverage counts anti-aliased edge pixels fractionally, so the area is close to the true
-    # one even for small shapes; the bounding box is where coverage passes one half. The fringe taken in
-    # is one pixel at the 32 px the datasets are drawn at, and as wide in image terms at any other size
-    # (a 128 px image read as its 32 px version is).
+        return {"colour": None, "shape": None, "position": None, "offset": 0.0, "elongation": 0.0}
+    blob = _largest(labels, mask, n)
+    # The blob with its soft edge: one pixel at the 32 px the datasets are drawn at, and as wide in image terms at
+    # any other size (a 128 px image read as its 32 px version is).
     peak = np.percentile(bright[blob], 90)
-    fringe = max(1, round(res / 32))
-    coverage = np.clip(bright / peak, 0.0, 1.0) * ndimage.binary_dilation(blob, iterations=fringe)
-    ys, xs = np.nonzero(coverage > 0.5)
-    if len(ys) == 0:
-        ys, xs = np.nonzero(blob)
-    fill = coverage.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    region = ndimage.binary_dilation(blob, iterations=max(1, round(res / 32)))
+    shape_mask = (bright > _MASK_LEVEL * peak) & region  # holds the blob: the level is below 100 of 255
+    shape_labels, n = ndimage.label(shape_mask)
+    shape_mask = _largest(shape_labels, shape_mask, n)
+    offset, elongation = _offset_and_elongation(shape_mask)
+    shape = "triangle" if offset >= _TRIANGLE_MIN_OFFSET else "square" if elongation >= _SQUARE_MIN_ELONGATION \
+        else "circle"
+    if with_new:
+        coverage = np.clip(bright / peak, 0.0, 1.0) * region
+        if _solidity(coverage) < _STAR_MAX_SOLIDITY:
+            shape = "star"
     ys, xs = np.nonzero(blob)
-    shape = "square" if fill >= _SQUARE_MIN_FILL else "circle" if fill >= _CIRCLE_MIN_FILL else "triangle"
-    if with_new and _solidity(coverage) < _STAR_MAX_SOLIDITY:
-        shape = "star"
     mean = arr[blob].mean(axis=0)
     colours = palette(with_new)
     colour = min(colours, key=lambda c: float(np.sum((mean - np.array(colours[c])) ** 2)))
     cx, cy = (xs.mean() + 0.5) / res, (ys.mean() + 0.5) / res
     position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
-    return {"colour": colour, "shape": shape, "position": position, "fill": float(fill)}
+    return {"colour": colour, "shape": shape, "position": position, "offset": offset, "elongation": elongation}
+
+
+def _largest(labels: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
+    from scipy import ndimage
+
+    sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
+    return labels == (1 + int(np.argmax(sizes)))
+
+
+def _offset_and_elongation(mask: np.ndarray) -> tuple[float, float]:
+    """(centroid below the middle of the height, as a fraction of it; mean width across the two diagonals over
+    mean width across the two axes) of a mask.
+
+    Widths are taken over the corners of the mask's pixels: an upright square is sqrt(2), a disc of any size
+    close to 1, an upright triangle 1.06."""
+    ys, xs = np.nonzero(mask)
+    top, height = ys.min(), ys.max() - ys.min() + 1
+    offset = ((ys.mean() + 0.5 - top) - height / 2) / height
+    corners = np.concatenate([np.stack([xs + dx, ys + dy], axis=1) for dx in (0, 1) for dy in (0, 1)])
+    proj = corners.astype(np.float64) @ np.array([[1.0, 0.0, 0.5 ** 0.5, 0.5 ** 0.5], [0.0, 1.0, 0.5 ** 0.5, -0.5 ** 0.5]])
+    widths = proj.max(axis=0) - proj.min(axis=0)  # across x, y and the two diagonals
+    return float(offset), float(widths[2:].sum() / widths[:2].sum())
 
 
 def _solidity(coverage: np.ndarray) -> float:
