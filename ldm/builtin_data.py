@@ -300,6 +300,15 @@ def _largest(labels: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
     return labels == (1 + int(np.argmax(sizes)))
 
 
+# Unit vectors (as columns) across which widths are measured: x, y and the two diagonals.
+_WIDTH_DIRECTIONS = np.array([[1.0, 0.0, 0.5 ** 0.5, 0.5 ** 0.5], [0.0, 1.0, 0.5 ** 0.5, -(0.5 ** 0.5)]])
+
+
+def _pixel_corners(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """(4N, 2) x, y of the four corners of each pixel: the outline of the pixels as squares, not points."""
+    return np.concatenate([np.stack([xs + dx, ys + dy], axis=1) for dx in (0, 1) for dy in (0, 1)])
+
+
 def _offset_and_elongation(mask: np.ndarray) -> tuple[float, float]:
     """(centroid below the middle of the height, as a fraction of it; mean width across the two diagonals over
     mean width across the two axes) of a mask.
@@ -309,9 +318,8 @@ def _offset_and_elongation(mask: np.ndarray) -> tuple[float, float]:
     ys, xs = np.nonzero(mask)
     top, height = ys.min(), ys.max() - ys.min() + 1
     offset = ((ys.mean() + 0.5 - top) - height / 2) / height
-    corners = np.concatenate([np.stack([xs + dx, ys + dy], axis=1) for dx in (0, 1) for dy in (0, 1)])
-    proj = corners.astype(np.float64) @ np.array([[1.0, 0.0, 0.5 ** 0.5, 0.5 ** 0.5], [0.0, 1.0, 0.5 ** 0.5, -0.5 ** 0.5]])
-    widths = proj.max(axis=0) - proj.min(axis=0)  # across x, y and the two diagonals
+    proj = _pixel_corners(ys, xs).astype(np.float64) @ _WIDTH_DIRECTIONS
+    widths = proj.max(axis=0) - proj.min(axis=0)
     return float(offset), float(widths[2:].sum() / widths[:2].sum())
 
 
@@ -320,9 +328,8 @@ def _solidity(coverage: np.ndarray) -> float:
     from scipy.spatial import ConvexHull, QhullError
 
     ys, xs = np.nonzero(coverage > 0.5)
-    corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
     try:
-        hull = ConvexHull(corners)
+        hull = ConvexHull(_pixel_corners(ys, xs))
     except QhullError:  # a line of pixels: no area to speak of
         return 1.0
     return float(coverage.sum() / hull.volume)  # in 2-D, `volume` is the area
