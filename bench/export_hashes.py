@@ -1,11 +1,15 @@
-"""Train five small configurations at a fixed seed on CPU and print the SHA-256 of every exported weight file.
+"""Train small configurations at a fixed seed on CPU and print the SHA-256 of every exported weight file.
 
     python bench/export_hashes.py --out runs/export-hashes [--only tiny,ema_accum_flip,...]
 
 A refactor of the training code must leave these hashes unchanged: run this before and after and compare
 (`diff` the two JSON files). The configurations cover the tiny preset; EMA + gradient accumulation + flips;
 the learned variance; DreamBooth with prior preservation + LoRA on a tiny Stable Diffusion folder built here;
-and the autoencoder with the PatchGAN switched on mid-run. Everything is built in code: nothing is downloaded.
+the autoencoder with the PatchGAN switched on mid-run; and, each a few steps, diffusion on pixels, the bound
+alone with importance-sampled timesteps, super-resolution stages (random crops with blur; whole images with
+flips), a masked loss (cached with flips; random crops encoded every step), textual inversion, and LoRA on the
+text encoder and convolutions exported in both layouts and merged. Everything is built in code: nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -24,6 +28,22 @@ LDM_RUNS = {
     "tiny": [],
     "ema_accum_flip": ["train.ema_decay=0.9", "train.gradient_accumulation_steps=2", "data.random_flip=true"],
     "learned_variance": ["diffusion.learned_variance=true", "diffusion.beta_schedule=squaredcos_cap_v2"],
+    "pixel_space": ["model.vae=none", "train.max_steps=12"],
+    "importance_vlb": ["diffusion.learned_variance=true", "diffusion.loss_type=vlb",
+                       "diffusion.timestep_sampling=importance", "diffusion.num_train_timesteps=10",
+                       "train.max_steps=20"],
+    "super_resolution_crop": ["stage=super_resolution", "super_resolution.low_resolution=8",
+                              "super_resolution.noise_levels=[0,100]", "super_resolution.blur_sigma=[0,0.5]",
+                              "super_resolution.train_crop=16", "diffusion.timestep_sampling=logit_normal",
+                              "train.max_steps=12"],
+    "super_resolution_flip": ["stage=super_resolution", "super_resolution.low_resolution=8",
+                              "super_resolution.noise_levels=[0,100]", "data.random_flip=true", "train.max_steps=12"],
+}
+# Runs on a folder of images with masks beside them (`masked_folder`).
+MASKED_RUNS = {
+    "masked": ["data.mask_source=file", "data.mask_floor=0.1", "data.random_flip=true", "train.max_steps=12"],
+    "masked_random_crop": ["data.mask_source=file", "data.random_crop=true", "data.center_crop=false",
+                           "train.max_steps=12"],
 }
 AUTOENCODER = ["--config", str(ROOT / "configs/autoencoder/builtin.yaml"), "export_dir=null", "train.max_steps=12",
                "train.batch_size=8", "train.disc_weight=0.5", "train.disc_start=6", "train.ema_decay=0.9",
@@ -41,7 +61,9 @@ def hashes(folder: Path) -> dict:
 
 
 def run(args: list[str], cwd: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # A fixed hash seed: the LoRA file's metadata holds peft's target modules as a set, whose order (hence the
+    # file's bytes, not its tensors) would change from process to process.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0"}
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{args} failed:\n{proc.stderr[-4000:]}")
@@ -88,6 +110,61 @@ def instance_images(folder: Path, n: int = 4) -> Path:
     return folder
 
 
+def masked_folder(folder: Path, n: int = 16) -> Path:
+    """Images 40x40 of coloured blocks with captions, each with a ``<name>_mask.png`` covering one block."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        arr = np.full((40, 40, 3), 60, np.uint8)
+        mask = np.zeros((40, 40), np.uint8)
+        for k in range(2):
+            y, x = rng.integers(0, 30, 2)
+            arr[y:y + 10, x:x + 10] = rng.integers(30, 255, 3)
+            if k == 0:
+                mask[y:y + 10, x:x + 10] = 255
+        Image.fromarray(arr).save(folder / f"{i}.png")
+        Image.fromarray(mask).save(folder / f"{i}_mask.png")
+        rows.append({"file_name": f"{i}.png", "text": f"blocks number {i % 4}"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def sd_runs(out: Path, common: list[str], only) -> dict:
+    """Fine-tuning runs on the tiny Stable Diffusion folder: DreamBooth + LoRA, textual inversion, LoRA merged."""
+    wanted = [name for name in ("dreambooth_lora", "textual_inversion", "lora_merged") if only is None or name in only]
+    if not wanted:
+        return {}
+    sd = tiny_sd_folder(out / "sd")
+    subject = instance_images(out / "subject")
+    base = ["train_ldm.py", *TINY, *common, f"model.pretrained={sd}", "train.learning_rate=0.01",
+            "train.batch_size=2", "data.caption_dropout=0.0", f"dreambooth.instance_data={subject}"]
+    runs = {
+        "dreambooth_lora": (["finetune.method=lora", "finetune.lora_rank=4", "train.max_steps=8",
+                             "dreambooth.instance_prompt=a photo of sks blob",
+                             "dreambooth.class_prompt=a red circle at the top left",
+                             f"dreambooth.class_data={out / 'class_images'}", "dreambooth.num_class_images=4",
+                             "dreambooth.class_inference_steps=2", "dreambooth.prior_loss_weight=0.5"], ["lora"]),
+        "textual_inversion": (["finetune.method=textual_inversion", "finetune.placeholder_token=<blob>",
+                               "finetune.initializer_token=a", "finetune.num_vectors=2", "train.max_steps=6",
+                               "dreambooth.instance_prompt=a photo of <blob>"], ["textual_inversion"]),
+        "lora_merged": (["finetune.method=lora", "finetune.lora_rank=2", "finetune.lora_alpha=4",
+                         "finetune.lora_text_encoder=true", "finetune.lora_conv=true", "finetune.lora_format=both",
+                         "finetune.merged_export=true", "finetune.merge_scale=0.5", "train.max_steps=6",
+                         "dreambooth.instance_prompt=a photo of sks blob"], ["lora", "pipeline"]),
+    }
+    result = {}
+    for name in wanted:
+        extra, folders = runs[name]
+        run([*base, f"name={name}", *extra], ROOT)
+        result[name] = {(f"{f}/{k}" if len(folders) > 1 else k): v for f in folders
+                        for k, v in hashes(out / name / f).items()}
+    return result
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/export-hashes")
@@ -102,16 +179,12 @@ def main(argv=None) -> None:
         if only is None or name in only:
             run(["train_ldm.py", *TINY, f"name={name}", *common, *extra], ROOT)
             result[name] = hashes(out / name / "pipeline")
-    if only is None or "dreambooth_lora" in only:
-        sd = tiny_sd_folder(out / "sd")
-        subject = instance_images(out / "subject")
-        run(["train_ldm.py", *TINY, "name=dreambooth_lora", *common, f"model.pretrained={sd}",
-             "finetune.method=lora", "finetune.lora_rank=4", "train.max_steps=8", "train.learning_rate=0.01",
-             "train.batch_size=2", "data.caption_dropout=0.0", f"dreambooth.instance_data={subject}",
-             "dreambooth.instance_prompt=a photo of sks blob", "dreambooth.class_prompt=a red circle at the top left",
-             f"dreambooth.class_data={out / 'class_images'}", "dreambooth.num_class_images=4",
-             "dreambooth.class_inference_steps=2", "dreambooth.prior_loss_weight=0.5"], ROOT)
-        result["dreambooth_lora"] = hashes(out / "dreambooth_lora" / "lora")
+    for name, extra in MASKED_RUNS.items():
+        if only is None or name in only:
+            data = masked_folder(out / "masked-data")
+            run(["train_ldm.py", *TINY, f"name={name}", *common, f"data.dataset={data}", *extra], ROOT)
+            result[name] = hashes(out / name / "pipeline")
+    result.update(sd_runs(out, common, only))
     if only is None or "autoencoder_gan" in only:
         run(["train_autoencoder.py", *AUTOENCODER, "name=autoencoder_gan", f"output_dir={out}",
              f"data.data_root={out / 'data'}"], ROOT)
