@@ -37,31 +37,31 @@ demo: $(STAMP)
 # into runs/lora-orange/metrics.json. Runs `make demo` first when its pipeline is missing.
 lora-demo: $(STAMP)
 	test -f runs/demo/pipeline/model_index.json || $(MAKE) demo
-	$(BIN)/python -m ldm.lora_demo --base runs/demo/pipeline --concept orange --out runs/lora-orange
+	$(BIN)/python -m demos.lora_demo --base runs/demo/pipeline --concept orange --out runs/lora-orange
 
 # The same colour taught by textual inversion (only the embedding of a new token "<orange>" learns):
 # runs/ti-orange/metrics.json.
 ti-demo: $(STAMP)
 	test -f runs/demo/pipeline/model_index.json || $(MAKE) demo
-	$(BIN)/python -m ldm.lora_demo --method textual_inversion --base runs/demo/pipeline --out runs/ti-orange
+	$(BIN)/python -m demos.lora_demo --method textual_inversion --base runs/demo/pipeline --out runs/ti-orange
 
 # Orange taught from images whose background is noise, with LoRA on every pixel and with a masked loss (the mask
 # covers the shape): runs/mask-demo/metrics.json and grid.png.
 mask-demo: $(STAMP)
 	test -f runs/demo/pipeline/model_index.json || $(MAKE) demo
-	$(BIN)/python -m ldm.mask_demo --base runs/demo/pipeline --out runs/mask-demo
+	$(BIN)/python -m demos.mask_demo --base runs/demo/pipeline --out runs/mask-demo
 
 # A cascade: the demo's 32 px model, then a super-resolution stage to 128 px trained with and without conditioning
 # augmentation, scored at 128 px at augmentation levels 0/100/250/500: runs/cascade-demo/results.json, grid.png and
 # the cascade folder runs/cascade-demo/cascade. Runs `make demo` first when its pipeline is missing.
 cascade-demo: $(STAMP)
 	test -f runs/demo/pipeline/model_index.json || $(MAKE) demo
-	$(BIN)/python -m ldm.cascade_demo --base runs/demo/pipeline --out runs/cascade-demo
+	$(BIN)/python -m demos.cascade_demo --base runs/demo/pipeline --out runs/cascade-demo
 
 # Fixed vs learned variance vs the bound alone, same budget and seed, sampled at 10-250 steps with DDPM and
 # DDIM, scored and bounded: runs/variance-study/results.json and quality_vs_steps.png (README "Learned variance").
 variance-study: $(STAMP)
-	$(BIN)/python -m ldm.studies.variance --out runs/variance-study
+	$(BIN)/python -m demos.variance_study --out runs/variance-study
 
 # The web page on http://127.0.0.1:7860: draw with any pipeline under runs/ and watch runs (ldm/app.py).
 app: $(STAMP)

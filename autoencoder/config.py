@@ -6,7 +6,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ldm.config import Checker, LRSchedule, MixedPrecision, OnNonfinite, check_train_basics
+from ldm.engine.config import Checker, LRSchedule, MixedPrecision, OnNonfinite, check_train_basics
 from pipelines import vae_scale_factor
 
 TrainPart = typing.Literal["both", "decoder"]

@@ -6,8 +6,9 @@ import logging
 
 import torch
 
-from ldm.builtin_data import BUILTIN_DATASETS
-from ldm.data import ImageCaptionDataset, load_source
+from ldm.data.builtin import BUILTIN_DATASETS
+from ldm.data.images import ImageCaptionDataset
+from ldm.data.sources import load_source
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ independently of any training split (shapes of any colour on black, grey and whi
 crops of photographs it never saw), each against its PSNR floor. Writes ``vae_eval.json`` and
 ``reconstructions.png`` (originals above reconstructions) into ``--out``.
 
-The Fréchet distance is measured in `ldm.metrics.FixedFeatures`: a small convolutional network whose
+The Fréchet distance is measured in `ldm.eval.metrics.FixedFeatures`: a small convolutional network whose
 weights are drawn from a fixed seed (no download), pooled to 96 features per image. It is comparable
 between runs of this project, not with published FID numbers.
 """
@@ -27,14 +27,16 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm.errors import user_errors
-from ldm.metrics import FixedFeatures, feature_stats, frechet_distance, to_tensor
-from ldm.run import atomic_save, make_grid
-from ldm.vae import load_vae
+from ldm.engine.errors import user_errors
+from ldm.eval.metrics import FixedFeatures, feature_stats, frechet_distance, to_tensor
+from pipelines.files import atomic_save
+from ldm.engine.records import make_grid
+from ldm.models.vae import load_vae
 
-from .config import AEDataConfig
-from .data import load_images
-from .metrics import latent_stats, psnr, ssim
+from autoencoder.config import AEDataConfig
+from autoencoder.data import load_images
+from autoencoder.metrics import latent_stats
+from ldm.eval.metrics import psnr, ssim
 
 logger = logging.getLogger(__name__)
 # PSNR (dB) a general-purpose VAE for this project should reach on each held-out set of the suite.
@@ -92,8 +94,8 @@ def evaluate(vae_spec: str, data: str, out: str | None = None, resolution: int =
 def suite_images(num_images: int = 128, resolution: int = 32, data_root: str = "data",
                  seed: int | None = None) -> dict[str, torch.Tensor]:
     """The held-out suite as (n, 3, H, W) tensors in [-1, 1]: the built-in held-out splits of shapes and digits,
-    then `ldm.builtin_images.generalisation_sets` (drawn from ``seed``, by default its own)."""
-    from ldm.builtin_images import HELDOUT_SEED, generalisation_sets
+    then `ldm.data.builtin_images.generalisation_sets` (drawn from ``seed``, by default its own)."""
+    from ldm.data.builtin_images import HELDOUT_SEED, generalisation_sets
 
     sets = {}
     for name in ("shapes", "digits"):

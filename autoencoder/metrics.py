@@ -1,10 +1,8 @@
-"""Reconstruction quality metrics on images in [0, 1], shape (B, C, H, W); per-image values (B,)."""
+"""Statistics of a VAE's latents (its reconstruction metrics, PSNR and SSIM, are `ldm.eval.metrics`')."""
 
 from __future__ import annotations
 
 import torch
-
-from ldm.metrics import PSNR_CAP_DB, frechet_distance, psnr, ssim  # re-exported: one definition for both stages
 
 
 def latent_stats(latents: torch.Tensor) -> dict:
@@ -13,5 +11,3 @@ def latent_stats(latents: torch.Tensor) -> dict:
     return {"channel_mean": per_channel.mean(1).tolist(), "channel_std": per_channel.std(1).tolist(),
             "std": float(latents.std()), "mean": float(latents.mean())}
 
-
-__all__ = ["psnr", "ssim", "latent_stats", "frechet_distance", "PSNR_CAP_DB"]

@@ -17,18 +17,20 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from ldm.batches import VAE_POSTERIOR_STREAM, DatasetSource, step_generator
-from ldm.data import GlobalBatchSampler
-from ldm.engine import Engine
-from ldm.run import atomic_save, atomic_save_dir
-from ldm.splits import report_bad_images
-from ldm.vae import load_vae, vae_scale_factor
+from ldm.data.batches import VAE_POSTERIOR_STREAM, DatasetSource, step_generator
+from ldm.data.batches import GlobalBatchSampler
+from ldm.engine.engine import Engine
+from pipelines.files import atomic_save, atomic_save_dir
+from ldm.data.splits import report_bad_images
+from ldm.models.vae import load_vae
+from pipelines import vae_scale_factor
 
-from .config import AutoencoderConfig, check_config
-from .data import image_datasets
-from .evaluate import reconstruct, reconstruction_grid
-from .losses import D_LOSSES, PatchDiscriminator, adaptive_weight, generator_loss, kl_loss, reconstruction_loss
-from .metrics import psnr as image_psnr
+from autoencoder.config import AutoencoderConfig, check_config
+from autoencoder.data import image_datasets
+from autoencoder.evaluate import reconstruct, reconstruction_grid
+from autoencoder.losses import (D_LOSSES, PatchDiscriminator, adaptive_weight, generator_loss, kl_loss,
+    reconstruction_loss)
+from ldm.eval.metrics import psnr as image_psnr
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +154,7 @@ def train(cfg: AutoencoderConfig) -> dict:
     engine.optimize_with(optimizer, trained, tc.max_grad_norm, tc.lr_schedule, tc.warmup_steps)
     lpips = None
     if tc.perceptual_weight > 0:
-        from .perceptual import LPIPS
+        from autoencoder.perceptual import LPIPS
 
         lpips = LPIPS.from_file(tc.lpips_path).to(engine.device)
     disc = disc_opt = None
@@ -205,6 +207,6 @@ def finish_vae(cfg: AutoencoderConfig, vae: AutoencoderKL, train_ds) -> tuple[di
 
 
 def main(argv=None) -> None:
-    from ldm.cli import run
+    from ldm.engine.cli import run
 
     run(AutoencoderConfig, train, "Train a KL autoencoder (the latent space of a latent diffusion model).", argv)

@@ -53,7 +53,14 @@ AUTOENCODER = ["--config", str(ROOT / "configs/autoencoder/builtin.yaml"), "expo
 
 
 def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """SHA-256 of a safetensors file with its JSON header's keys sorted: safetensors writes the header's
+    ``__metadata__`` in whatever order its hash map gives, which changes from process to process, so the raw
+    bytes of a file with two or more metadata entries (a LoRA file, an AUTOMATIC1111 embedding) differ between
+    identical runs. The tensors' bytes and every header value are hashed as written."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    return hashlib.sha256(json.dumps(header, sort_keys=True).encode() + data[8 + size:]).hexdigest()
 
 
 def hashes(folder: Path) -> dict:
@@ -61,8 +68,8 @@ def hashes(folder: Path) -> dict:
 
 
 def run(args: list[str], cwd: Path) -> None:
-    # A fixed hash seed: the LoRA file's metadata holds peft's target modules as a set, whose order (hence the
-    # file's bytes, not its tensors) would change from process to process.
+    # A fixed hash seed: the LoRA file's metadata holds peft's target modules as a set, whose order would
+    # change from process to process.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0"}
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -74,8 +81,8 @@ def tiny_sd_folder(root: Path) -> Path:
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from ldm.builtin_data import shapes_caption, shapes_combos
-    from ldm.text import build_text_encoder, build_tokenizer
+    from ldm.data.builtin import shapes_caption, shapes_combos
+    from ldm.models.text import build_text_encoder, build_tokenizer
 
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,

@@ -23,7 +23,8 @@ import time
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from ldm.config import LDMConfig, load_config
+from ldm.trainer.config import LDMConfig
+from ldm.engine.config import load_config
 
 
 def unet_from(preset: str, in_channels: int, size: int, extra_levels: list[int] | None = None):

@@ -76,7 +76,7 @@ def make_folder(folder: Path, preset: dict) -> Path:
     prompts; a DPM++ 2M scheduler)."""
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from ldm.text import build_text_encoder, build_tokenizer
+    from ldm.models.text import build_text_encoder, build_tokenizer
 
     torch.manual_seed(0)
     t = preset["text"]

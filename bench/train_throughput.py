@@ -3,7 +3,7 @@
 Both sides train the same U-Net architecture, with the same VAE, text encoder, tokenizer, data, global batch,
 mixed precision and number of steps, one after the other in this process:
 
-- **ours**: ``ldm.train.train(cfg)`` with a frozen text encoder. It encodes every image with the VAE once (the
+- **ours**: ``ldm.trainer.train.train(cfg)`` with a frozen text encoder. It encodes every image with the VAE once (the
   posterior mean and std, memory-mapped from ``data.cache_dir``) and every caption with the text encoder once,
   then each step draws z0 from the cached posterior and trains the U-Net alone. Its steady-state images/s is the
   mean of ``images_per_s`` over the metrics.jsonl rows after the first ``--warmup`` steps; the one-off cost of the
@@ -62,15 +62,16 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ldm.builtin_data import generate_shapes  # noqa: E402
-from ldm.config import LDMConfig, load_config  # noqa: E402
-from ldm.data import captions_of  # noqa: E402
-from ldm.run import read_metrics  # noqa: E402
-from ldm.text import tokenize  # noqa: E402
-from ldm.engine import LR_SCHEDULES  # noqa: E402
-from ldm.models import build_components  # noqa: E402
-from ldm.splits import load_splits  # noqa: E402
-from ldm.train import train  # noqa: E402
+from ldm.data.builtin import generate_shapes  # noqa: E402
+from ldm.trainer.config import LDMConfig
+from ldm.engine.config import load_config
+from ldm.data.sources import captions_of  # noqa: E402
+from ldm.engine.records import read_metrics  # noqa: E402
+from ldm.models.text import tokenize  # noqa: E402
+from ldm.engine.engine import LR_SCHEDULES  # noqa: E402
+from ldm.models.components import build_components  # noqa: E402
+from ldm.data.splits import load_splits  # noqa: E402
+from ldm.trainer.train import train  # noqa: E402
 
 SD15_UNET = [
     "model.unet.block_out_channels=[320, 640, 1280, 1280]",
@@ -166,7 +167,7 @@ def make_config(args: argparse.Namespace, tmp: Path, dataset: str, vae: str, log
 # ----------------------------------------------------------------------------------------------
 
 class _CacheTimes(logging.Handler):
-    """Collects when ``ldm.cache`` reports a cache built (or reused)."""
+    """Collects when ``ldm.data.cache`` reports a cache built (or reused)."""
 
     def __init__(self):
         super().__init__(logging.INFO)
@@ -179,7 +180,7 @@ class _CacheTimes(logging.Handler):
 
 @contextlib.contextmanager
 def cache_times():
-    log = logging.getLogger("ldm.cache")
+    log = logging.getLogger("ldm.data.cache")
     handler, level = _CacheTimes(), log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)

@@ -12,7 +12,7 @@ def __getattr__(name):
 
         return getattr(pipelines, name)
     if name == "GaussianDiffusion":
-        from .diffusion import GaussianDiffusion
+        from ldm.diffusion.gaussian import GaussianDiffusion
 
         return GaussianDiffusion
     raise AttributeError(f"module 'ldm' has no attribute {name!r}")

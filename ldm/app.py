@@ -167,7 +167,7 @@ class Drawer:
         self.out_dir, self.key, self.pipe = Path(out_dir), None, None
 
     def load(self, folder: str, lora: str | None, scheduler: str):
-        from .generate import load_pipeline
+        from ldm.generate import load_pipeline
 
         folder = (folder or "").strip()
         if not folder:
@@ -236,7 +236,7 @@ class Drawer:
 def build_app(runs_dir: Path, out_dir: Path | None = None):
     import gradio as gr
 
-    from .schedulers import SAMPLERS
+    from ldm.diffusion.schedulers import SAMPLERS
 
     runs_dir = Path(runs_dir)
     drawer = Drawer(out_dir or runs_dir / "app-images")

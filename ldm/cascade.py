@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .errors import user_errors
+from ldm.engine.errors import user_errors
 
 
 def main(argv=None) -> None:

@@ -29,11 +29,12 @@ import torch
 
 from pipelines import CascadePipeline
 
-from .errors import user_errors
-from .lora import lora_file
-from .run import atomic_save, make_grid
-from .schedulers import SAMPLERS, VARIANCES, sampling_scheduler, with_variance
-from .textual_inversion import EMBEDS_FILE, load_embedding
+from ldm.engine.errors import user_errors
+from ldm.methods.lora import lora_file
+from pipelines.files import atomic_save
+from ldm.engine.records import make_grid
+from ldm.diffusion.schedulers import SAMPLERS, VARIANCES, sampling_scheduler, with_variance
+from ldm.methods.textual_inversion import EMBEDS_FILE, load_embedding
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .files import replace_dir
-from .ldm_pipeline import LDMPipeline, _is_int
-from .sr_pipeline import SuperResolutionPipeline
+from pipelines.files import replace_dir
+from pipelines.ldm_pipeline import LDMPipeline, _is_int
+from pipelines.sr_pipeline import SuperResolutionPipeline
 
 CASCADE_FILE = "cascade.json"
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .ldm_pipeline import LDMPipeline
+from pipelines.ldm_pipeline import LDMPipeline
 
 
 def _as_batch(value, name: str, channels: int) -> torch.Tensor:

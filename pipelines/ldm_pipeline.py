@@ -112,7 +112,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
         architecture's configs (the ``<stem>.config`` folder written beside the file, or a Stable Diffusion 1.x
         folder for a file made elsewhere); None reads the configs kept in the file's metadata, else that folder.
         ``kwargs`` go to diffusers' ``from_single_file`` (e.g. ``torch_dtype``)."""
-        from .original_layout import load_components
+        from pipelines.original_layout import load_components
 
         return cls(**load_components(path, config, **kwargs))
 
@@ -136,7 +136,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
         - ``backend``: ``torch.compile``'s backend.
         Classifier-free guidance already runs both halves in one U-Net pass and the text is encoded once per call.
         """
-        from .fast import compile_model, set_channels_last
+        from pipelines.fast import compile_model, set_channels_last
 
         self.disable_fast()
         cuda = self.unet.device.type == "cuda"
@@ -160,7 +160,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
 
     def disable_fast(self):
         """Back to eager sampling in the default layout, with unfused projections."""
-        from .fast import set_channels_last, uncompile
+        from pipelines.fast import set_channels_last, uncompile
 
         for model in (self.unet, getattr(self.vae, "decoder", None)):
             if model is not None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_save, atomic_save_dir
+from pipelines.files import atomic_save, atomic_save_dir
 
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 CONFIG_KEY = "config/"  # metadata entries holding the config folder's files

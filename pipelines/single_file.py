@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .files import atomic_save_dir
-from .ldm_pipeline import LDMPipeline
-from .original_layout import config_dir, to_single_file
+from pipelines.files import atomic_save_dir
+from pipelines.ldm_pipeline import LDMPipeline
+from pipelines.original_layout import config_dir, to_single_file
 
 __all__ = ["config_dir", "from_single_file", "materialize", "to_single_file"]
 

@@ -21,7 +21,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
 
-from .ldm_pipeline import LDMPipeline, _is_int, vae_scale_factor
+from pipelines.ldm_pipeline import LDMPipeline, _is_int, vae_scale_factor
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,13 @@ UPSCALER_SCALING_FACTOR = 0.08333
 IMAGE_CHANNELS = 3
 
 
+NUM_NOISE_LEVELS = 1000  # steps of the low-resolution schedule: the U-Net's class embedding has one per level
+
+
 def low_res_scheduler() -> DDPMScheduler:
     """The schedule of the augmentation noise: DDPM's linear betas over 1000 steps, as Stable Diffusion's ×4
     upscaler and DeepFloyd IF use; noise level s gives sqrt(ᾱ_s) x + sqrt(1 - ᾱ_s) ε."""
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
+    return DDPMScheduler(num_train_timesteps=NUM_NOISE_LEVELS, beta_schedule="linear", beta_start=0.0001, beta_end=0.02)
 
 
 def condition_image(noised: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

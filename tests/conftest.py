@@ -22,7 +22,7 @@ def tiny_vae_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    from ldm.builtin_data import generate_shapes
+    from ldm.data.builtin import generate_shapes
 
     return generate_shapes(tmp_path_factory.mktemp("shapes"), num_images=96, seed=0)
 
@@ -30,7 +30,8 @@ def data_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_cfg(tmp_path, tiny_vae_dir, data_dir):
     """``tiny_cfg(*overrides)``: the tiny preset on the shared VAE and data, writing under this test's folder."""
-    from ldm.config import LDMConfig, load_config
+    from ldm.trainer.config import LDMConfig
+    from ldm.engine.config import load_config
 
     def make(*extra, data=None, vae=None):
         return load_config(LDMConfig, ROOT / "configs/ldm/tiny.yaml", [

@@ -1,9 +1,12 @@
-"""Tiny components shared by tests: an SD-architecture VAE and a Stable Diffusion 1.x pipeline folder."""
+"""Tiny components shared by tests: an SD-architecture VAE, a Stable Diffusion 1.x pipeline folder, and the
+components of a tiny pipeline over a byte-level CLIP tokenizer."""
 
+import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 
 def tiny_vae(path: Path) -> Path:
@@ -20,7 +23,7 @@ def sd_folder(root: Path, vae_dir: Path, captions: list[str], prediction_type: s
     """A tiny Stable Diffusion 1.x folder, as StableDiffusionPipeline saves it."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from ldm.text import build_text_encoder, build_tokenizer
+    from ldm.models.text import build_text_encoder, build_tokenizer
 
     torch.manual_seed(1)
     tok = build_tokenizer(captions, vocab_size=600, max_length=16)
@@ -36,3 +39,80 @@ def sd_folder(root: Path, vae_dir: Path, captions: list[str], prediction_type: s
                                    requires_safety_checker=False)
     pipe.save_pretrained(root, safe_serialization=True)
     return root
+
+
+# Whole words on top of the byte alphabet, with the BPE merges that build them.
+WORD_MERGES = ["r e", "re d</w>", "c i", "ci r", "cir c", "circ l", "circl e</w>"]
+
+
+def _byte_level_alphabet():
+    """The 256 printable characters GPT-2/CLIP byte-level BPE uses to stand for raw bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    codes = printable + [256 + i for i in range(len(extra))]
+    return [chr(c) for c in codes]
+
+
+def write_tiny_clip_vocab(directory):
+    """Write a tiny byte-level BPE vocab.json + merges.txt into `directory`."""
+    alphabet = _byte_level_alphabet()
+    tokens = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]
+    tokens += ["".join(m.split()) for m in WORD_MERGES]
+    directory = Path(directory)
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(WORD_MERGES) + "\n", encoding="utf-8")
+
+
+def get_dummy_components(tokenizer_dir, unet_out_channels=4, scheduler=None, vae_shift_factor=None):
+    # transformers 5 ignores vocab_file=/merges_file= kwargs in CLIPTokenizer(...) (it silently builds a
+    # 3-token vocab), so load through from_pretrained on the folder holding vocab.json + merges.txt.
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=16)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),  # scale factor 2: 8x8 latents <-> 16x16 images
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        shift_factor=vae_shift_factor,
+    )
+    text_config = CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=16,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=unet_out_channels,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    # steps_offset=1 / clip_sample=False: StableDiffusionPipeline.__init__ silently rewrites other values, which
+    # would make its samples differ from ours in the equivalence test.
+    if scheduler is None:
+        scheduler = DDPMScheduler(num_train_timesteps=100, steps_offset=1, clip_sample=False)
+    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
+
+
+def make_pipe(tokenizer_dir, **kwargs):
+    from pipelines import LDMPipeline
+
+    pipe = LDMPipeline(**get_dummy_components(tokenizer_dir, **kwargs))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

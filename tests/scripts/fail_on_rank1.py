@@ -2,10 +2,10 @@
 
 import sys
 
-import ldm.objective
-from ldm.cli import train_main
+import ldm.trainer.objective
+from ldm.trainer.train import train_main
 
-real = ldm.objective.LatentDiffusionObjective.__call__
+real = ldm.trainer.objective.LatentDiffusionObjective.__call__
 calls = {"n": 0}
 
 
@@ -18,5 +18,5 @@ def failing(self, unet, parts, device):
     return real(self, unet, parts, device)
 
 
-ldm.objective.LatentDiffusionObjective.__call__ = failing
+ldm.trainer.objective.LatentDiffusionObjective.__call__ = failing
 sys.exit(train_main())

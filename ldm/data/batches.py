@@ -1,0 +1,235 @@
+"""One batch source: a step number becomes the global batch of that step and each process's share of it.
+
+Data order, augmentation and every random draw are pure functions of (seed, step): the same on any number of
+processes and after a resume, so the step number is all the position a checkpoint needs. A `BatchSource` plans
+the global batch of a step (which images, which caption of each, flips, crop seeds) and loads any slice of it
+from the latent cache or, when images cannot be cached, as pixels. DreamBooth's class images are a second
+source mixed into the same step, with streams of their own.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ldm.data.cache import cached_posterior
+from ldm.data.images import ImageTransform
+
+
+class Streams(NamedTuple):
+    """The random streams of one source. A stream is a number only so that seeds stay the same from release to
+    release; code refers to it by name."""
+
+    draws: int  # the objective's draws: timesteps, diffusion noise, posterior noise, caption dropout
+    augment: int  # the source's choices: caption of each image, flip, crop seed
+
+
+TRAIN_STREAMS = Streams(draws=0, augment=1)
+CLASS_STREAMS = Streams(draws=2, augment=3)  # DreamBooth's class images
+VAE_POSTERIOR_STREAM = 0  # the autoencoder trainer's posterior noise
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A seed for the random draws of one step in one stream, the same in every process and after a resume."""
+    return (seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1)
+
+
+def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(step_seed(seed, step, stream))
+
+
+def step_batches(sampler: GlobalBatchSampler, start_step: int, max_steps: int):
+    """Yield (step, epoch, global batch indices) from ``start_step``: the epoch and the position in it follow
+    from the step because every epoch has ``len(sampler)`` batches."""
+    per_epoch = len(sampler)
+    step = start_step
+    while step < max_steps:
+        epoch, pos = divmod(step, per_epoch)
+        for batch in sampler.batches(epoch)[pos:]:
+            yield step, epoch, batch
+            step += 1
+            if step >= max_steps:
+                return
+
+
+def batch_at(sampler: GlobalBatchSampler, step: int) -> list[int]:
+    """The global batch ``sampler`` gives at ``step`` (epochs follow one another)."""
+    return sampler.batches(step // len(sampler))[step % len(sampler)]
+
+
+def rank_slice(micro_batch: int, rank: int, num_processes: int, per_process: int) -> slice:
+    """This process's share of micro-batch ``micro_batch`` of a global batch: micro-batches are laid out one
+    after the other, each split evenly over the processes."""
+    first = (micro_batch * num_processes + rank) * per_process
+    return slice(first, first + per_process)
+
+
+class PixelItems(torch.utils.data.Dataset):
+    """Images of a split for keys (index, flip, crop_seed), transformed to their bucket's size; the key decides
+    the flip, and the crop when ``random_crop``."""
+
+    def __init__(self, split, resolution: int, image_column: str, center_crop: bool, random_crop: bool,
+                 background=(255, 255, 255)):
+        self.split, self.column = split, image_column
+        self.transform = ImageTransform(resolution, center_crop, random_crop, background)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        i, flip, crop_seed = key
+        image = self.split.ds[int(i)][self.column]
+        return self.transform(image, size=self.split.sizes[int(i)], rng=random.Random(int(crop_seed)),
+                              flip=bool(flip))
+
+
+@dataclass
+class Plan:
+    """One source's share of a step's global batch, the same on every process."""
+
+    items: list[int]  # (B,) image indices, all of one bucket
+    size: tuple[int, int]  # (h, w) in pixels of that bucket
+    captions: torch.Tensor  # (B,) index into the source's caption list (with its offset)
+    flips: torch.Tensor  # (B,) bool
+    crop_seeds: torch.Tensor  # (B,)
+    draws_seed: int  # seed of the objective's draws for this step and source
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class BatchSource:
+    """A split's batches: ``plan(step)`` the global batch of a step, ``load(plan, sl)`` a slice of it as
+    cached posteriors {"mean", "std"} or {"pixels"}, with "captions" (b,)."""
+
+    def __init__(self, split, sampler: GlobalBatchSampler, seed: int, streams: Streams, random_flip: bool,
+                 latents: dict | None = None, pixels: PixelItems | None = None, caption_offset: int = 0,
+                 low_res: dict | None = None, masks=None):
+        """``low_res``: a super-resolution stage's cache of low-resolution images, loaded beside the latents.
+        ``masks``: the masked loss's masks, a cache at latent size beside cached latents, else `MaskItems` cut
+        as the pixels are."""
+        if (latents is None) == (pixels is None):
+            raise ValueError("a batch source reads either cached latents or pixels")
+        self.split, self.sampler, self.seed, self.streams = split, sampler, seed, streams
+        self.random_flip, self.latents, self.pixels, self.caption_offset = random_flip, latents, pixels, caption_offset
+        self.low_res, self.masks = low_res, masks
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.sampler)
+
+    def iterate(self, start: int, stop: int):
+        return step_batches(self.sampler, start, stop)
+
+    def plan(self, step: int, items: list[int] | None = None) -> Plan:
+        """The global batch of ``step`` (``items`` when the caller already drew them) and its per-image choices."""
+        items = batch_at(self.sampler, step) if items is None else items
+        g = step_generator(self.seed, step, self.streams.augment)
+        n = len(items)
+        caption_u, flip = torch.rand(n, generator=g), torch.rand(n, generator=g) < 0.5
+        crop_seeds = torch.randint(0, 2**31 - 1, (n,), generator=g)
+        return Plan(items, self.split.sizes[items[0]], self.split.caption_index(items, caption_u) + self.caption_offset,
+                    flip & self.random_flip, crop_seeds, step_seed(self.seed, step, self.streams.draws))
+
+    def load(self, plan: Plan, sl: slice) -> dict:
+        """The slice ``sl`` of a planned batch: cached posteriors (b, C, h, w) or pixels (b, 3, H, W), and the
+        masks (b, 1, h, w) at latent size or (b, 1, H, W) at pixel size."""
+        items, flips = plan.items[sl], plan.flips[sl]
+        if self.latents is not None:
+            mean, std = cached_posterior(self.latents, items, flips)
+            out = {"mean": mean, "std": std, "captions": plan.captions[sl]}
+            if self.low_res is not None:
+                out["low_res"] = cached_posterior(self.low_res, items, flips)[0]
+            if self.masks is not None:
+                out["mask"] = cached_posterior(self.masks, items, flips)[0]
+            return out
+        keys = list(zip(items, flips.tolist(), plan.crop_seeds[sl].tolist()))
+        out = {"pixels": torch.stack([self.pixels[k] for k in keys]), "captions": plan.captions[sl]}
+        if self.masks is not None:
+            out["mask"] = torch.stack([self.masks[k] for k in keys])
+        return out
+
+
+class DatasetSource:
+    """Batches of a map-style dataset (items are dicts of tensors): this process's share of every step's
+    global batch, loaded by a DataLoader so that workers read ahead. ``iterate`` yields (step, epoch,
+    {"data": the collated share, "global_size": images in the global batch})."""
+
+    def __init__(self, dataset, sampler: GlobalBatchSampler, rank: int, per_process: int, num_workers: int = 0):
+        self.dataset, self.sampler, self.num_workers = dataset, sampler, num_workers
+        self.lo, self.hi = rank * per_process, (rank + 1) * per_process
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.sampler)
+
+    def iterate(self, start: int, stop: int):
+        shares = _Shares(self.sampler, start, stop, self.lo, self.hi)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=shares, num_workers=self.num_workers)
+        for (step, epoch, batch), data in zip(step_batches(self.sampler, start, stop), loader):
+            yield step, epoch, {"data": data, "global_size": len(batch)}
+
+
+class _Shares:
+    """A DataLoader batch sampler: items lo..hi-1 of every global batch from step ``start`` to ``stop``."""
+
+    def __init__(self, sampler: GlobalBatchSampler, start: int, stop: int, lo: int, hi: int):
+        self.sampler, self.start, self.stop, self.lo, self.hi = sampler, start, stop, lo, hi
+
+    def __iter__(self):
+        for _, _, batch in step_batches(self.sampler, self.start, self.stop):
+            yield batch[self.lo:self.hi]
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+class GlobalBatchSampler:
+    """Batches of indices that never mix groups, as a pure function of (seed, epoch).
+
+    Each epoch: shuffle the items of every group, cut them into batches of ``batch_size`` (the
+    remainder dropped when ``drop_last``, else kept as a smaller batch), then shuffle all groups'
+    batches together. The same (seed, epoch) always gives the same batches, and every epoch has the
+    same number of them, so training resumes at (epoch, batch index) computed from the step alone.
+    """
+
+    def __init__(self, groups: Sequence[int] | None, num_items: int, batch_size: int, seed: int,
+                 drop_last: bool = True):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        if groups is not None and len(groups) != num_items:
+            raise ValueError(f"groups has {len(groups)} entries but num_items is {num_items}")
+        group_of = np.zeros(num_items, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+        self.members = [np.flatnonzero(group_of == g) for g in np.unique(group_of)]  # sorted item ids per group
+        self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+        self._last: tuple[int, list[list[int]]] | None = None  # (epoch, batches): asked for at every step
+        if len(self) == 0:
+            sizes = {int(group_of[m[0]]): len(m) for m in self.members}
+            raise ValueError(f"no group has a full batch of {batch_size}; items per group: {sizes}")
+
+    def __len__(self) -> int:
+        per_group = (len(m) // self.batch_size if self.drop_last else -(-len(m) // self.batch_size)
+                     for m in self.members)
+        return sum(per_group)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """All batches of ``epoch``, in order."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be non-negative, got {epoch}")
+        if self._last is not None and self._last[0] == epoch:
+            return self._last[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = []
+        for members in self.members:
+            shuffled = rng.permutation(members)
+            stop = len(shuffled) - len(shuffled) % self.batch_size if self.drop_last else len(shuffled)
+            batches += [shuffled[i:i + self.batch_size].tolist() for i in range(0, stop, self.batch_size)]
+        self._last = (epoch, [batches[i] for i in rng.permutation(len(batches))])
+        return self._last[1]

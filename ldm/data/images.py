@@ -1,0 +1,130 @@
+"""Image + caption data through `datasets`: read a source, transform images, group them into buckets.
+
+A source is anything `load_source` reads: a built-in dataset, an image folder (images + a
+``metadata.jsonl``/``metadata.csv`` with ``file_name`` and a caption column, `datasets`' ``imagefolder``
+layout), a ``save_to_disk`` folder, parquet/arrow files, or a Hub dataset id. Built-in datasets are
+generated into the image-folder layout, so the demo runs the user's data path.
+
+Training at several aspect ratios uses buckets: `make_buckets` lists (height, width) targets of about
+the same area, `nearest_bucket` assigns each image one, and `GlobalBatchSampler` draws batches that
+never mix buckets, as a pure function of (seed, epoch) so a run resumes from its step number alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ldm.data.sources import captions_of
+
+
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image transform
+# ----------------------------------------------------------------------------------------------
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """An RGB image that means what the file shows.
+
+    16-bit greyscale is scaled to 8 bits (PIL's ``convert("RGB")`` clips it, so mid-grey would become white);
+    32-bit integer greyscale likewise when its values exceed 255, and float greyscale is read as [0, 1].
+    Transparency (RGBA, LA, PA, or a palette or colour marked transparent) is composited over ``background``
+    instead of turning black or keeping the hidden colour.
+    """
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            top = 1.0
+        elif image.mode in _SIXTEEN_BIT_MODES or arr.max() > 255:
+            top = 65535.0
+        else:
+            top = 255.0
+        image = Image.fromarray(np.clip(np.round(arr / top * 255), 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class ImageTransform:
+    """Resize an image to cover a (height, width) target, crop it, maybe mirror it, map it to [-1, 1].
+
+    Any image mode is read as `to_rgb` says (transparency over ``background``). The crop is random when
+    ``random_crop`` (it wins over ``center_crop``), centred when ``center_crop``, else the top-left corner. A random crop's offset comes from the ``rng`` passed to each call (the `random`
+    module when None), so a seeded rng gives the same output; the caller decides the flip.
+    """
+
+    def __init__(self, resolution: int, center_crop: bool = True, random_crop: bool = False,
+                 background: Sequence[int] = (255, 255, 255)):
+        if resolution <= 0:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        self.resolution, self.center_crop = resolution, center_crop
+        self.random_crop, self.background = random_crop, tuple(background)
+
+    def __call__(self, image: Image.Image, size: tuple[int, int] | None = None, rng: random.Random | None = None,
+                 flip: bool = False) -> torch.Tensor:
+        """Return (3, height, width) float32 in [-1, 1], mirrored when ``flip``."""
+        th, tw = size if size is not None else (self.resolution, self.resolution)
+        if th <= 0 or tw <= 0:
+            raise ValueError(f"size must be a positive (height, width), got {size}")
+        rng = rng if rng is not None else random
+        image = to_rgb(image, self.background)
+        w, h = image.size
+        if (w, h) != (tw, th):  # scale so both sides cover the target, then crop the excess
+            scale = max(tw / w, th / h)
+            image = image.resize((max(tw, round(w * scale)), max(th, round(h * scale))), Image.Resampling.BICUBIC)
+        left, top = self._crop_offset(image.size, (th, tw), rng)
+        image = image.crop((left, top, left + tw, top + th))
+        if flip:
+            image = ImageOps.mirror(image)
+        arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+    def _crop_offset(self, image_size: tuple[int, int], target: tuple[int, int], rng) -> tuple[int, int]:
+        (w, h), (th, tw) = image_size, target
+        if self.random_crop:
+            return rng.randint(0, w - tw), rng.randint(0, h - th)
+        if self.center_crop:
+            return (w - tw) // 2, (h - th) // 2
+        return 0, 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch dataset
+# ----------------------------------------------------------------------------------------------
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Lazily transformed (image tensor, caption) pairs over a `datasets.Dataset`, square at ``resolution``.
+
+    Items hold "pixel_values" (3, H, W) and "caption" (the first caption when a row holds several), so
+    torch's default collate batches them whatever the caption column holds.
+    """
+
+    def __init__(self, ds, resolution: int, image_column: str = "image", caption_column: str = "text",
+                 center_crop: bool = True, background: Sequence[int] = (255, 255, 255)):
+        self.ds, self.transform = ds, ImageTransform(resolution, center_crop, background=background)
+        self.image_column, self.caption_column = image_column, caption_column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.ds[int(i)]
+        return {"pixel_values": self.transform(row[self.image_column]),
+                "caption": captions_of(row[self.caption_column])[0]}
+
+
+def downsample(pixels: torch.Tensor, factor: int) -> torch.Tensor:
+    """Area average over ``factor`` x ``factor`` blocks: (B, C, H, W) -> (B, C, H / factor, W / factor)."""
+    return torch.nn.functional.avg_pool2d(pixels, factor) if factor > 1 else pixels

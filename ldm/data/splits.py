@@ -1,0 +1,165 @@
+"""The diffusion trainer's data: the training, validation and DreamBooth class splits, read through
+`ldm.data.load_source`, with their captions flattened and their images assigned to aspect buckets."""
+
+from __future__ import annotations
+
+import logging
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldm.data.builtin import BUILTIN_DATASETS
+from ldm.data.cache import Fingerprint
+from ldm.data.sources import captions_of, drop_bad_images, image_sizes, instance_dataset, load_source
+from ldm.data.buckets import make_buckets, nearest_bucket
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    """One split of image + caption data with what training needs to index it."""
+
+    ds: object  # datasets.Dataset
+    captions: list[str]  # every caption of every image, flattened
+    caption_start: np.ndarray  # (N + 1,): image i owns captions[caption_start[i]:caption_start[i + 1]]
+    sizes: list[tuple[int, int]]  # (h, w) each image is cropped to
+    groups: list[int] | None  # bucket of each image (None: one square size)
+    buckets: list[tuple[int, int]]
+    fingerprint: str  # of the data and its transform, for cache keys
+    bad: list = field(default_factory=list)  # images skipped because they cannot be decoded
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def first_captions(self) -> list[str]:
+        return [self.captions[s] for s in self.caption_start[:-1]]
+
+    def caption_index(self, items: list[int], u: torch.Tensor) -> torch.Tensor:
+        """Index into ``captions`` of one caption per item, drawn by ``u`` ~ U[0, 1) (B,)."""
+        items = np.asarray(items)
+        lo, hi = self.caption_start[items], self.caption_start[items + 1]
+        return torch.from_numpy(lo + np.minimum((u.numpy() * (hi - lo)).astype(np.int64), hi - lo - 1))
+
+    def unseen_buckets(self, batch_size: int) -> dict[str, int]:
+        """Buckets with fewer images than a batch, "HxW" -> images: batches never mix buckets, so these images
+        are never trained on."""
+        if self.groups is None:
+            return {}
+        counts = np.bincount(self.groups, minlength=len(self.buckets))
+        return {f"{h}x{w}": int(n) for (h, w), n in zip(self.buckets, counts) if 0 < n < batch_size}
+
+
+def _load(cfg, source: str, split: str, bad: list | None = None):
+    d = cfg.data
+    return load_source(source, split=split, data_root=d.data_root, resolution=d.resolution,
+                       image_column=d.image_column, caption_column=d.caption_column,
+                       max_bad_fraction=d.max_bad_fraction, bad=bad)
+
+
+def load_splits(cfg) -> tuple[Split, Split, bool]:
+    """(training split, validation split, whether the validation images are held out of training).
+
+    Validation images come from ``data.validation_dataset``, a built-in dataset's held-out split, or a
+    ``data.validation_fraction`` of the training source; without any, a fixed subset of the training images
+    stands in (the summary says so). At most ``data.validation_num_images`` are used, drawn once with a fixed
+    seed. DreamBooth trains on ``dreambooth.instance_data`` under its prompt and validates on those images.
+    """
+    d = cfg.data
+    source, bad_train, bad_val = d.dataset, [], []
+    if cfg.dreambooth.instance_data:
+        source = cfg.dreambooth.instance_data
+        train_ds = instance_dataset(source, cfg.dreambooth.instance_prompt, d.image_column, d.caption_column)
+        train_ds = drop_bad_images(train_ds, d.image_column, source, d.max_bad_fraction, bad_train)
+    else:
+        train_ds = _load(cfg, d.dataset, d.split, bad_train)
+    val_ds, heldout = None, True
+    if cfg.dreambooth.instance_data:
+        pass  # a handful of subject images: validate on them
+    elif d.validation_dataset:
+        val_ds = _load(cfg, d.validation_dataset, d.validation_split_name, bad_val)
+    elif d.dataset in BUILTIN_DATASETS:
+        val_ds = _load(cfg, d.dataset, "heldout", bad_val)
+    elif d.validation_fraction > 0:
+        parts = train_ds.train_test_split(test_size=d.validation_fraction, seed=cfg.train.seed, shuffle=True)
+        train_ds, val_ds = parts["train"], parts["test"]
+    if val_ds is None:
+        val_ds, heldout = train_ds, False
+    if d.max_train_samples is not None and len(train_ds) > d.max_train_samples and not cfg.dreambooth.instance_data:
+        train_ds = train_ds.shuffle(seed=cfg.train.seed).select(range(d.max_train_samples))
+    if len(val_ds) > d.validation_num_images:
+        val_ds = val_ds.shuffle(seed=0).select(range(d.validation_num_images))
+    train = make_split(cfg, train_ds, source, bucketing=d.bucketing)
+    val = make_split(cfg, val_ds, d.validation_dataset or source, bucketing=False)
+    train.bad, val.bad = bad_train, bad_val
+    return train, val, heldout
+
+
+def class_split(cfg, folder: Path, prompts: list[str]) -> Split:
+    """DreamBooth's class images of ``prompts`` (from an image folder with metadata.jsonl, which may also hold
+    other prompts' images) as a split."""
+    ds = _load(cfg, str(folder), "train")
+    mine = [i for i, text in enumerate(ds[cfg.data.caption_column]) if text in prompts]
+    if len(mine) < len(ds):
+        ds = ds.select(mine)
+    return make_split(cfg, ds, str(folder), bucketing=cfg.data.bucketing)
+
+
+def make_split(cfg, ds, source: str, bucketing: bool) -> Split:
+    d = cfg.data
+    if len(ds) == 0:
+        raise ValueError(f"data source {source!r} has no images")
+    captions, start = [], [0]
+    for value in ds[d.caption_column]:
+        captions += captions_of(value)
+        start.append(len(captions))
+    if bucketing:
+        buckets = make_buckets(d.resolution, d.bucket_step, d.bucket_max_ratio)
+        groups = [nearest_bucket(w, h, buckets) for w, h in image_sizes(ds, d.image_column)]
+        sizes = [buckets[g] for g in groups]
+        counts = np.bincount(groups, minlength=len(buckets))
+        logger.info("aspect buckets (h x w): images %s",
+                    {f"{h}x{w}": int(n) for (h, w), n in zip(buckets, counts) if n})
+    else:
+        buckets, groups, sizes = [(d.resolution, d.resolution)], None, [(d.resolution, d.resolution)] * len(ds)
+    fp = Fingerprint().value([source, len(ds), getattr(ds, "_fingerprint", None), d.image_column,
+                              d.resolution, d.center_crop, bucketing, d.bucket_step, d.bucket_max_ratio,
+                              d.alpha_background])
+    if Path(source).exists():
+        fp.files(source)
+    return Split(ds, captions, np.asarray(start), sizes, groups, buckets, fp.hexdigest())
+
+
+def check_sizes(cfg, split: Split, vae_factor: int) -> None:
+    """Every training size must map to whole latents."""
+    d = cfg.data
+    if d.bucketing and d.bucket_step % vae_factor:
+        raise ValueError(f"data.bucket_step={d.bucket_step} must be a multiple of the VAE's factor {vae_factor}")
+    for h, w in split.buckets:
+        if h % vae_factor or w % vae_factor:
+            raise ValueError(f"image size {h}x{w} (data.resolution={d.resolution}) must be a multiple of the VAE's "
+                             f"factor {vae_factor}")
+
+
+def report_bad_images(bad: list[dict], run_dir: Path, is_main: bool) -> Path | None:
+    """Write the skipped images, one JSON object per line, to ``<run>/bad_images.jsonl``; return its path."""
+    if not bad:
+        return None
+    path = Path(run_dir) / "bad_images.jsonl"
+    if is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(b) + "\n" for b in bad))
+    return path
+
+
+def report_unseen(split: Split, batch_size: int) -> dict[str, int]:
+    """Log the buckets too small for one batch; return them ("HxW" -> images) for the summary."""
+    unseen = split.unseen_buckets(batch_size)
+    if unseen:
+        logger.warning("%d images are never trained on: their aspect buckets hold fewer than train.batch_size=%d "
+                       "images (bucket: images) %s; lower the batch size or data.bucket_max_ratio, or raise "
+                       "data.bucket_step", sum(unseen.values()), batch_size, unseen)
+    return unseen

@@ -1,0 +1,67 @@
+"""Run-folder conventions shared by both trainers: metrics as JSON lines, plots and grids as PNG,
+atomic writes, and the closing summary."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+
+
+logger = logging.getLogger(__name__)
+
+
+def warn_if_cpu_threads_capped(accelerator) -> None:
+    """`accelerate launch` sets OMP_NUM_THREADS=1 on CPU unless told otherwise, which can make a
+    single-process CPU run several times slower than it need be."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if accelerator.device.type == "cpu" and accelerator.num_processes == 1 and torch.get_num_threads() < cores:
+        logger.warning("training on CPU with %d of %d cores (OMP_NUM_THREADS=%s); pass "
+                       "`--num_cpu_threads_per_process %d` to accelerate launch to use them all",
+                       torch.get_num_threads(), cores, os.environ.get("OMP_NUM_THREADS"), cores)
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Let glibc's allocator keep the memory a CPU training step frees, for the next step to reuse.
+
+    By default it returns large blocks to the system and takes them back the next step, page by page: on the
+    shapes preset (2 cores) that is about 38,000 page faults and 0.11 s of system CPU time per step, against
+    none with freed memory kept; the step took 0.63 s against 0.66 s (mean of two runs of 40 steps each).
+    Changes nothing but speed and the process's resident size; a no-op (False) where the C library is not
+    glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    """An Accelerator that also forms a process group for several CPU processes.
+
+    On a machine without GPUs, `accelerate launch --multi_gpu --num_processes N` starts N processes, but
+    Accelerate only joins them (over gloo) when asked for the CPU; otherwise each would train alone and
+    all would write the same run folder.
+    """
+    from accelerate import Accelerator
+
+    from accelerate.state import AcceleratorState
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and AcceleratorState._shared_state:
+        # A second run in the same process (a notebook, the tests) may ask for another precision.
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=world > 1 and not torch.cuda.is_available())
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"{world} processes were launched but Accelerate joined {accelerator.num_processes}")
+    return accelerator

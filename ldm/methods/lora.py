@@ -1,0 +1,137 @@
+"""Low-rank adapters (LoRA, Hu et al. 2021) on the U-Net and the text encoder, through peft.
+
+Only the adapter weights train; the base stays frozen and may be kept in bf16/fp16 while the adapters
+train in fp32. Adapters are exported as one ``pytorch_lora_weights.safetensors`` in the layout diffusers'
+``load_lora_weights`` reads, so ``LDMPipeline`` and diffusers' ``StableDiffusionPipeline`` both load it, and/or
+(``finetune.lora_format``) as ``lora_kohya.safetensors`` in kohya-ss's layout for AUTOMATIC1111, ComfyUI and
+Forge; optionally merged into a full pipeline folder at a chosen scale.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+# The same adapters in kohya-ss's layout (lora_unet_*/lora_te_* with .lora_down/.lora_up/.alpha), which
+# AUTOMATIC1111, ComfyUI and Forge load and diffusers' load_lora_weights converts.
+KOHYA_FILE = "lora_kohya.safetensors"
+LORA_FORMATS = ("diffusers", "kohya", "both")
+# diffusers' attention (to_q/k/v/out.0), its feed-forward (ff.net.0.proj, ff.net.2), and the ResNet convs.
+UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+UNET_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
+UNET_CONV = ["conv1", "conv2", "conv_shortcut"]
+TEXT_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def unet_targets(fc) -> list[str]:
+    """Module names the U-Net's adapters attach to, from ``finetune.lora_*`` switches."""
+    return UNET_ATTENTION + (UNET_FEED_FORWARD if fc.lora_feed_forward else []) + (UNET_CONV if fc.lora_conv else [])
+
+
+def add_lora(unet, text_encoder, fc) -> list[torch.nn.Parameter]:
+    """Freeze the base models, attach adapters (the text encoder's only with ``lora_text_encoder``), cast
+    the base to ``finetune.base_dtype`` and the adapters to fp32; return the trainable parameters. The
+    settings were checked with the rest of the config (`ldm.trainer.config.check_config`)."""
+    from peft import LoraConfig
+
+    alpha = fc.lora_alpha if fc.lora_alpha is not None else fc.lora_rank
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    base = DTYPES[fc.base_dtype]
+    unet.to(dtype=base)
+    # Gaussian A and zero B: the adapted model starts exactly at the base model.
+    unet.add_adapter(LoraConfig(r=fc.lora_rank, lora_alpha=alpha, lora_dropout=fc.lora_dropout,
+                                init_lora_weights="gaussian", target_modules=unet_targets(fc)))
+    if fc.lora_text_encoder:
+        from peft import inject_adapter_in_model
+
+        text_encoder.to(dtype=base)
+        # peft directly: transformers 5's `add_adapter` insists on a newer peft than this one needs.
+        inject_adapter_in_model(LoraConfig(r=fc.lora_rank, lora_alpha=alpha, lora_dropout=fc.lora_dropout,
+                                           init_lora_weights="gaussian", target_modules=TEXT_ATTENTION), text_encoder)
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params([unet, text_encoder], dtype=torch.float32)  # adapters train in fp32 whatever the base
+    params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
+    n_base = sum(p.numel() for m in (unet, text_encoder) for p in m.parameters()) - sum(p.numel() for p in params)
+    logger.info("LoRA rank %d alpha %s on %s: %.2fM trainable of %.1fM parameters", fc.lora_rank, alpha,
+                "U-Net + text encoder" if fc.lora_text_encoder else "U-Net",
+                sum(p.numel() for p in params) / 1e6, n_base / 1e6)
+    return params
+
+
+def lora_state_dicts(unet, text_encoder) -> tuple[dict, dict | None]:
+    """The adapters' weights in diffusers' naming, ready for ``save_lora_weights``."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    te_sd = None
+    if getattr(text_encoder, "peft_config", None):
+        te_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
+    return unet_sd, te_sd
+
+
+def save_lora(folder: str | Path, unet, text_encoder, lora_format: str = "diffusers") -> list[Path]:
+    """Write the adapters (U-Net and, when adapted, text-encoder layers) into ``folder``: diffusers' layout
+    (``pytorch_lora_weights.safetensors``), kohya-ss's (``lora_kohya.safetensors``) or both."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    if lora_format not in LORA_FORMATS:
+        raise ValueError(f"finetune.lora_format={lora_format!r} is not one of {list(LORA_FORMATS)}")
+    unet_sd, te_sd = lora_state_dicts(unet, text_encoder)
+    written = []
+    if lora_format in ("diffusers", "both"):
+        # the adapters' configs go into the file's metadata: without them diffusers loads alpha = rank (scale 1)
+        # whatever lora_alpha trained with
+        meta = {"unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
+        if te_sd:
+            meta["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
+                                                  safe_serialization=True, **meta)
+        written.append(Path(folder) / LORA_FILE)
+    if lora_format in ("kohya", "both"):
+        from diffusers.utils import convert_state_dict_to_kohya
+        from peft.utils import get_peft_model_state_dict
+
+        peft_sd = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+        alphas = {"lora_unet_": unet.peft_config["default"].lora_alpha}
+        if te_sd:
+            # kohya names the text encoder's modules from CLIPTextModel's root (text_model.encoder...)
+            peft_sd.update({f"text_encoder.{'' if k.startswith('text_model.') else 'text_model.'}{k}": v
+                            for k, v in get_peft_model_state_dict(text_encoder).items()})
+            alphas["lora_te_"] = text_encoder.peft_config["default"].lora_alpha
+        # diffusers' converter names the modules as kohya-ss does, but with SDXL's first-text-encoder prefix
+        # (lora_te1_; SD 1.x files use lora_te_) and alpha = rank whatever lora_alpha trained with: both mended here
+        kohya = {k.replace("lora_te1_", "lora_te_", 1): v.contiguous()
+                 for k, v in convert_state_dict_to_kohya(peft_sd).items()}
+        for key in kohya:
+            if key.endswith(".alpha"):
+                kohya[key] = torch.tensor(float(next(a for p, a in alphas.items() if key.startswith(p))))
+        save_file(kohya, str(Path(folder) / KOHYA_FILE), metadata={"format": "pt"})
+        written.append(Path(folder) / KOHYA_FILE)
+    return written
+
+
+def lora_file(folder: str | Path) -> Path:
+    """The adapters file of a LoRA folder: diffusers' layout if there, else kohya's."""
+    for name in (LORA_FILE, KOHYA_FILE):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    raise FileNotFoundError(f"{str(folder)!r} holds neither {LORA_FILE} nor {KOHYA_FILE}")
+
+
+def merge_into(pipe, lora_dir: str | Path, scale: float = 1.0):
+    """Load the adapters of ``lora_dir`` into ``pipe``, fuse them at ``scale`` and drop the adapter modules,
+    leaving a plain pipeline whose weights include the update."""
+    pipe.load_lora_weights(str(lora_dir), weight_name=lora_file(lora_dir).name)
+    pipe.fuse_lora(lora_scale=scale)
+    pipe.unload_lora_weights()
+    return pipe

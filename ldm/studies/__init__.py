@@ -1,1 +1,0 @@
-"""Studies: one command each, training and scoring several models with the same budget and seed."""

@@ -1,0 +1,441 @@
+"""Typed configuration: defaults live in dataclasses, YAML presets and ``key=value`` overrides change them.
+
+    cfg = load_config(LDMConfig, "configs/ldm/shapes.yaml", ["train.max_steps=100", "name=quick"])
+
+Unknown keys are errors (a typo must not silently train with a default). The resolved config is
+written to the run folder and into every checkpoint by the trainers.
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+from ldm.diffusion.schedulers import SAMPLERS
+from ldm.engine.config import Checker, LRSchedule, MixedPrecision, OnNonfinite, check_train_basics
+
+
+
+BetaSchedule = typing.Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
+PredictionType = typing.Literal["epsilon", "v_prediction", "sample"]
+Optimizer = typing.Literal["adamw", "adamw8bit"]
+FinetuneMethod = typing.Literal["full", "lora", "textual_inversion"]
+LoraFormat = typing.Literal["diffusers", "kohya", "both"]
+BaseDtype = typing.Literal["fp32", "bf16", "fp16"]
+TimestepSampling = typing.Literal["uniform", "logit_normal", "importance"]
+LossType = typing.Literal["simple", "vlb"]
+PretrainedSchedule = typing.Literal["keep", "config"]
+LatentPosterior = typing.Literal["sample", "mean"]
+SamplerName = typing.Literal[tuple(SAMPLERS)]
+Stage = typing.Literal["base", "super_resolution"]
+MaskSource = typing.Literal["none", "column", "file", "alpha"]
+CompileMode = typing.Literal["auto", "regional", "full"]
+
+
+@dataclass
+class DataConfig:
+    # Where the images come from: a built-in name ("shapes", "digits"), an image folder with
+    # metadata.jsonl/csv, a `save_to_disk` folder, parquet/arrow file(s) or a glob, or a hub dataset id.
+    dataset: str = "shapes"
+    split: str = "train"
+    data_root: str = "data"  # where built-in datasets are generated
+    image_column: str = "image"
+    caption_column: str = "text"  # a string or a list of strings per image (one drawn per step)
+    resolution: int = 32  # side of the square images, or the area (resolution^2) of the buckets
+    center_crop: bool = True  # else top-left (or random with random_crop)
+    random_crop: bool = False  # a new crop every step: latents cannot be cached then
+    random_flip: bool = False  # horizontal flip with p=0.5; both orientations are cached
+    alpha_background: list[int] = field(default_factory=lambda: [255, 255, 255])  # RGB under transparent pixels
+    # Images that cannot be decoded are skipped and listed in <run>/bad_images.jsonl; more than this fraction of
+    # a source is an error naming them all.
+    max_bad_fraction: float = 0.01
+    caption_dropout: float = 0.1  # probability of an empty caption, for classifier-free guidance
+    # Aspect-ratio bucketing: images are grouped by the nearest (h, w) of area <= resolution^2 with sides
+    # in multiples of bucket_step; every batch comes from one bucket.
+    bucketing: bool = False
+    bucket_step: int = 64
+    bucket_max_ratio: float = 2.0
+    cache_latents: bool = True  # VAE posterior (mean, std) computed once, memory-mapped from cache_dir
+    cache_text: bool = True  # text embeddings computed once when the text encoder is frozen
+    cache_dir: str = ".cache/latents"
+    # Held-out images for the validation loss: a source like `dataset` (its `validation_split_name`
+    # split), else a fraction of `dataset` held out; built-in datasets use their held-out split.
+    validation_dataset: str | None = None
+    validation_split_name: str = "validation"
+    validation_fraction: float = 0.0
+    validation_num_images: int = 64
+    # Train on this many images of the source, drawn once with train.seed (diffusers' --max_train_samples); None: all.
+    max_train_samples: int | None = None
+    # Masked loss (ldm.data.masks): which pixels of each image the loss trains on, from a column (mask_column), a
+    # <name>_mask.png beside each image (file) or the alpha channel (alpha); white trains, black does not. The
+    # unmasked area keeps weight mask_floor (0: ignored); each image's loss is normalised by its mask's weight.
+    mask_source: MaskSource = "none"
+    mask_column: str = "mask"
+    mask_floor: float = 0.0
+
+
+@dataclass
+class UNetConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    # "cross" puts cross-attention in every block; the built-in presets use it at every level.
+    down_block_types: list[str] = field(default_factory=lambda: ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"])
+    up_block_types: list[str] = field(default_factory=lambda: ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+    norm_num_groups: int = 32
+
+
+@dataclass
+class TextEncoderConfig:
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 256
+    max_length: int = 16
+    vocab_size: int = 1000  # BPE vocabulary built from the training captions
+
+
+@dataclass
+class ModelConfig:
+    # A Stable Diffusion 1.x/2.x diffusers folder or a pipeline folder of ours: VAE, tokenizer and
+    # text encoder come from it and the text encoder is frozen. None trains from scratch.
+    pretrained: str | None = None
+    # "builtin" (shipped with the package), a diffusers AutoencoderKL folder, or "none": diffusion on pixels
+    vae: str = "builtin"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    # None: trained when built from scratch, frozen when it comes from `pretrained`.
+    train_text_encoder: bool | None = None
+    # Encode and decode in overlapping tiles of the VAE's own sample_size (diffusers' enable_tiling), for images
+    # larger than the VAE was trained on: the shipped 32 px VAE reconstructs 128 px shapes at 35.6 dB in tiles,
+    # 13.6 dB whole. Super-resolution stages only (their exported pipeline records it).
+    vae_tiling: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    # Fine-tuning (model.pretrained): "keep" trains with the model's own noise schedule and prediction type;
+    # "config" switches it to the settings below, e.g. to v-prediction at zero terminal SNR (README, "Prompts
+    # that set the layout"). From scratch the settings below are always used.
+    pretrained_schedule: PretrainedSchedule = "keep"
+    num_train_timesteps: int = 1000
+    beta_schedule: BetaSchedule = "linear"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    rescale_betas_zero_snr: bool = False
+    prediction_type: PredictionType = "epsilon"
+    learned_variance: bool = False  # Improved DDPM: U-Net outputs 2x channels, hybrid loss
+    vlb_weight: float = 0.001  # lambda in L_simple + lambda * L_vlb
+    # "simple": L_simple (L_hybrid with learned_variance). "vlb": the variational bound alone trains mean and
+    # variance (Sohl-Dickstein et al. 2015); needs learned_variance; pair it with timestep_sampling=importance.
+    loss_type: LossType = "simple"
+    snr_gamma: float | None = None  # min-SNR-gamma weighting of L_simple; None = unweighted
+    offset_noise: float = 0.0  # adds offset_noise * N(0, 1) per (image, channel) to the noise (Guttenberg 2023)
+    # Density of training timesteps: uniform, logit_normal (t/T = sigmoid(N(mean, std)), as SD3), or
+    # importance (Improved DDPM §3.3: p_t ∝ sqrt(E[L_t²]) over the last 10 losses of each t, uniform until
+    # every t has them; each loss weighted by 1 / (T p_t); the history is checkpointed).
+    timestep_sampling: TimestepSampling = "uniform"
+    timestep_mean: float = 0.0
+    timestep_std: float = 1.0
+    # The latent each step trains on: a fresh posterior sample z ~ q(z|x) (as Stable Diffusion's training does),
+    # or the posterior mean. Use "mean" when the VAE's posterior std is large against its latents' spread
+    # (README, "Training on the posterior mean"): the model then need not draw the encoder's noise.
+    latent_posterior: LatentPosterior = "sample"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 64  # global batch per optimizer step, split across processes and accumulation steps
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 2000
+    learning_rate: float = 1e-3
+    text_encoder_learning_rate: float | None = None  # None: same as learning_rate
+    optimizer: Optimizer = "adamw"  # adamw (fused on CUDA and CPU) | adamw8bit (needs bitsandbytes)
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_steps: int = 100
+    lr_schedule: LRSchedule = "cosine"  # after warm-up
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # torch.compile the U-Net in place: "regional" (each repeated block once: a short warm-up), "full" (one graph
+    # for the whole U-Net; also true), false; "auto": regional on CUDA, off on CPU (where it pays only for runs
+    # long enough to repay minutes of compilation).
+    compile: bool | CompileMode = "auto"
+    channels_last: bool | typing.Literal["auto"] = "auto"  # NHWC U-Net weights; "auto": on CUDA only
+    mixed_precision: MixedPrecision = "no"  # handed to Accelerate; fp16 uses loss scaling
+    ema_decay: float | None = None  # EMA of the U-Net (diffusers EMAModel); None = off
+    ema_warmup: bool = True  # decay ramps up as 1 - (1 + step)^(-2/3) until ema_decay
+    log_every: int = 25
+    validate_every: int = 0  # validation loss, sample grid and (built-in data) scores; 0: start and end only
+    score_num_images: int = 32  # images scored by the built-in scorer at each validation (0: off)
+    checkpoint_every: int = 0  # full training state every N steps and at the end; 0: none
+    keep_last: int | None = 2  # checkpoints kept (older ones are removed after a new one is complete)
+    resume: str | None = None  # "latest" or a checkpoint folder (a missing folder is an error)
+    allow_config_change: bool = False  # resume although the checkpoint's config differs (beyond run length)
+    overwrite: bool = False  # start afresh in a run folder that holds another run (its checkpoints are removed)
+    on_nonfinite: OnNonfinite = "stop"  # a NaN/inf loss or gradient: stop (save nothing after it) | skip_step
+    num_workers: int = 0  # data-loading workers when latents are not cached
+    tensorboard: bool = True  # also write metrics and grids to <run>/tensorboard
+
+
+@dataclass
+class SampleConfig:
+    prompts: list[str] = field(default_factory=list)  # empty: taken from the data's captions
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    num_inference_steps: int = 50
+    guidance_scale: float = 3.0
+    scheduler: SamplerName = "ddpm"  # a diffusers scheduler made from the training config (ldm.diffusion.schedulers)
+
+
+@dataclass
+class FinetuneConfig:
+    # full (every U-Net weight) | lora (low-rank adapters only, through peft) | textual_inversion (new token
+    # embeddings only: placeholder_token's num_vectors rows of the text encoder's embedding table)
+    method: FinetuneMethod = "full"
+    lora_rank: int = 4
+    lora_alpha: float | None = None  # None: equal to the rank (scale 1)
+    lora_dropout: float = 0.0
+    lora_feed_forward: bool = False  # attention projections always; also the transformer feed-forwards
+    lora_conv: bool = False  # also the ResNet convolutions
+    lora_text_encoder: bool = False  # adapters on the text encoder's attention too
+    base_dtype: BaseDtype = "fp32"  # the frozen base's dtype (match train.mixed_precision)
+    # the exported adapters' layout: diffusers' (pytorch_lora_weights.safetensors), kohya-ss's for AUTOMATIC1111 /
+    # ComfyUI / Forge (lora_kohya.safetensors), or both; diffusers' load_lora_weights and ours read either
+    lora_format: LoraFormat = "diffusers"
+    merged_export: bool = False  # also export a full pipeline with the adapters merged at merge_scale
+    merge_scale: float = 1.0
+    # textual inversion: the captions name the concept with placeholder_token (one word, not yet in the
+    # vocabulary); its vectors start from initializer_token's embedding (a word the tokenizer keeps whole)
+    placeholder_token: str = "<concept>"
+    initializer_token: str | None = None
+    num_vectors: int = 1
+
+
+@dataclass
+class DreamBoothConfig:
+    # A folder of images of the subject (captions not needed): every one is trained with instance_prompt.
+    instance_data: str | None = None
+    instance_prompt: str = ""
+    # Prior preservation: images of the class drawn by the base model (generated into class_data when it
+    # holds fewer than num_class_images, then reused), trained with class_prompt at prior_loss_weight.
+    class_prompt: str | None = None
+    class_prompts: list[str] = field(default_factory=list)  # several, drawn in turn (instead of class_prompt)
+    class_data: str | None = None
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    class_inference_steps: int = 50
+    class_guidance_scale: float = 3.0
+
+
+@dataclass
+class SuperResolutionConfig:
+    """A super-resolution stage of a cascade (``stage: super_resolution``): the U-Net sees, beside x_t, the
+    training image downsampled to ``low_resolution`` and noised (conditioning augmentation), and the noise level
+    as ``class_labels``. In latent space the low-resolution image sits at latent size, so data.resolution /
+    low_resolution must be the VAE's factor; in pixel space (model.vae: none) it is upsampled to
+    data.resolution, any integer factor."""
+
+    low_resolution: int = 32  # side of the conditioning image (area-downsampled from the training image)
+    # Augmentation level per training example, uniform over this inclusive range of steps of the 1000-step
+    # low-resolution DDPM schedule (noise level s: sqrt(ᾱ_s) x + sqrt(1 - ᾱ_s) ε); [0, 0] turns it off. The top
+    # is exported as the pipeline's max_noise_level.
+    noise_levels: list[int] = field(default_factory=lambda: [0, 350])
+    # Gaussian blur of the conditioning image before the noise (CDM's augmentation at high resolution), sigma in
+    # low-resolution pixels uniform over this range; [0, 0] turns it off. Training only.
+    blur_sigma: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    sample_noise_level: int = 0  # the augmentation level of validation samples
+    # Train on random square crops of this side (pixels of the high-resolution image) cut from the cached latents
+    # and low-resolution images at matching places, as CDM and Imagen train their SR stages; sampling stays at
+    # full size (the U-Net is convolutional). null: whole images. A step then costs about (crop / resolution)².
+    train_crop: int | None = None
+
+
+@dataclass
+class LDMConfig:
+    name: str = "ldm"
+    output_dir: str = "runs"
+    # "base": text-to-image; "super_resolution": a cascade stage that upsamples a low-resolution image
+    stage: Stage = "base"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
+    super_resolution: SuperResolutionConfig = field(default_factory=SuperResolutionConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -> None:
+    """Reject bad values of a diffusion run before any data is read or model built. ``strategy`` is how
+    Accelerate distributes the run ("no", "multi_gpu", "multi_cpu", "fsdp", "deepspeed", "deepspeed_zero3")."""
+    c = Checker(cfg)
+    check_train_basics(c)
+    tc, d, dif, s, fc, db = cfg.train, cfg.data, cfg.diffusion, cfg.sample, cfg.finetune, cfg.dreambooth
+    if strategy in ("fsdp", "deepspeed_zero3"):
+        raise ValueError(f"the {strategy} strategy shards the weights, and validation, sample grids and export run on "
+                         f"the main process with whole modules; use DDP (configs/accelerate/ddp.yaml) or DeepSpeed "
+                         f"ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml), which keep whole weights on every process")
+    c.at_least("train.gradient_accumulation_steps", 1)
+    if strategy == "deepspeed" and tc.gradient_accumulation_steps > 1:
+        raise ValueError(f"train.gradient_accumulation_steps={tc.gradient_accumulation_steps} is not supported under "
+                         f"DeepSpeed, whose engine accumulates by itself; use 1 and a larger per-GPU batch")
+    per = num_processes * tc.gradient_accumulation_steps
+    c.require(tc.batch_size % per == 0, "train.batch_size",
+              f"must divide by processes x accumulation steps ({num_processes} x {tc.gradient_accumulation_steps} = "
+              f"{per})")
+    c.positive("train.text_encoder_learning_rate", optional=True)
+    c.within("train.adam_beta1", 0, 1)
+    c.within("train.adam_beta2", 0, 1)
+    c.at_least("train.validate_every", 0)
+    c.at_least("train.score_num_images", 0)
+    # data
+    c.at_least("data.resolution", 1)
+    c.within("data.caption_dropout", 0, 1)
+    c.require(len(d.alpha_background) == 3 and all(0 <= v <= 255 for v in d.alpha_background),
+              "data.alpha_background", "needs three values in [0, 255] (RGB)")
+    c.within("data.max_bad_fraction", 0, 1, closed_high=True)
+    c.at_least("data.bucket_step", 1)
+    c.at_least("data.bucket_max_ratio", 1)
+    c.within("data.validation_fraction", 0, 1)
+    c.at_least("data.validation_num_images", 1)
+    c.at_least("data.max_train_samples", 1, optional=True)
+    for key in ("data.dataset", "data.image_column", "data.caption_column", "data.cache_dir"):
+        c.require(bool(c.get(key)), key, "must not be empty")
+    # model
+    u, te = cfg.model.unet, cfg.model.text_encoder
+    n = len(u.block_out_channels)
+    c.require(n >= 1 and all(ch >= 1 for ch in u.block_out_channels), "model.unet.block_out_channels",
+              "needs one positive channel count per level")
+    for key in ("model.unet.down_block_types", "model.unet.up_block_types"):
+        c.require(len(c.get(key)) == n, key, f"needs one block type per level ({n}, as block_out_channels)")
+    c.at_least("model.unet.layers_per_block", 1)
+    c.at_least("model.unet.attention_head_dim", 1)
+    c.at_least("model.unet.norm_num_groups", 1)
+    c.require(all(ch % u.norm_num_groups == 0 for ch in u.block_out_channels), "model.unet.norm_num_groups",
+              f"must divide every channel count {u.block_out_channels}")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        c.at_least(f"model.text_encoder.{key}", 1)
+    c.require(te.hidden_size % te.num_attention_heads == 0, "model.text_encoder.hidden_size",
+              f"must divide by num_attention_heads={te.num_attention_heads}")
+    c.at_least("model.text_encoder.max_length", 2)
+    c.at_least("model.text_encoder.vocab_size", 514)  # 2 x 256 byte symbols + 2 special tokens
+    # diffusion
+    c.at_least("diffusion.num_train_timesteps", 2)
+    c.within("diffusion.beta_start", 0, 1, closed_low=False)
+    c.within("diffusion.beta_end", 0, 1, closed_low=False, closed_high=True)
+    c.require(dif.beta_start < dif.beta_end or dif.beta_schedule == "squaredcos_cap_v2", "diffusion.beta_start",
+              f"must be below diffusion.beta_end={dif.beta_end}")
+    c.at_least("diffusion.vlb_weight", 0)
+    c.require(not (dif.loss_type == "vlb" and not dif.learned_variance and not cfg.model.pretrained),
+              "diffusion.loss_type", "'vlb' trains the variance as well: it needs diffusion.learned_variance=true")
+    c.positive("diffusion.snr_gamma", optional=True)
+    c.at_least("diffusion.offset_noise", 0)
+    c.require(math.isfinite(dif.timestep_mean), "diffusion.timestep_mean", "needs a finite number")
+    c.positive("diffusion.timestep_std")
+    # a pretrained model keeps its own schedule unless told to switch
+    own_schedule = not cfg.model.pretrained or dif.pretrained_schedule == "config"
+    c.require(not (cfg.model.pretrained and dif.pretrained_schedule == "config" and fc.method == "lora"
+                   and not fc.merged_export), "diffusion.pretrained_schedule",
+              "'config' with LoRA needs finetune.merged_export=true: a LoRA file carries no schedule, so loaded "
+              "on the base model it would be sampled with the base's")
+    c.require(not (own_schedule and dif.rescale_betas_zero_snr and dif.prediction_type == "epsilon"),
+              "diffusion.prediction_type", "a zero-terminal-SNR schedule (rescale_betas_zero_snr) needs v_prediction "
+              "or sample: at t=T-1 x_t holds no x_0, so ε cannot give it back")
+    # sampling
+    top = dif.num_train_timesteps if own_schedule else 10**9
+    c.require(1 <= s.num_inference_steps <= top, "sample.num_inference_steps",
+              f"needs an integer in [1, diffusion.num_train_timesteps={dif.num_train_timesteps}]" if own_schedule
+              else "needs an integer >= 1")
+    c.require(math.isfinite(s.guidance_scale) and s.guidance_scale >= 1, "sample.guidance_scale",
+              "needs a finite number >= 1 (1 turns guidance off)")
+    c.require(len(s.seeds) > 0 and all(0 <= x < 2**63 for x in s.seeds), "sample.seeds",
+              "needs at least one seed in [0, 2**63)")
+    c.require(all(p.strip() for p in s.prompts), "sample.prompts", "prompts must not be empty")
+    # fine-tuning
+    if fc.method == "lora":
+        c.require(bool(cfg.model.pretrained), "finetune.method",
+                  "lora needs model.pretrained: the model whose weights the adapters adapt")
+        c.at_least("finetune.lora_rank", 1)
+        c.positive("finetune.lora_alpha", optional=True)
+        c.within("finetune.lora_dropout", 0, 1)
+        c.require(math.isfinite(fc.merge_scale), "finetune.merge_scale", "needs a finite number")
+        c.require(fc.base_dtype in ("fp32", tc.mixed_precision), "finetune.base_dtype",
+                  f"{fc.base_dtype!r} needs train.mixed_precision={fc.base_dtype!r} (got {tc.mixed_precision!r}) so that "
+                  f"inputs meet the base weights in that dtype; or fp32")
+    if d.mask_source != "none":
+        c.within("data.mask_floor", 0, 1)
+        c.require(cfg.stage == "base", "data.mask_source", "a masked loss is for base models (stage=base)")
+    if fc.method == "textual_inversion":
+        c.require(bool(cfg.model.pretrained), "finetune.method",
+                  "textual_inversion needs model.pretrained: the model whose vocabulary it extends")
+        c.require(bool(fc.placeholder_token) and not any(ch.isspace() for ch in fc.placeholder_token),
+                  "finetune.placeholder_token", "needs one word without spaces, e.g. '<my-concept>'")
+        c.require(bool(fc.initializer_token), "finetune.initializer_token",
+                  "needs a word the tokenizer keeps whole, close to the concept (e.g. 'red' for a new colour)")
+        c.at_least("finetune.num_vectors", 1)
+        c.require(not cfg.model.train_text_encoder, "model.train_text_encoder",
+                  "textual_inversion trains only the new embeddings: leave the text encoder frozen")
+        c.require(dif.pretrained_schedule == "keep", "diffusion.pretrained_schedule",
+                  "textual_inversion leaves the U-Net as it is, so it keeps the model's schedule: use 'keep'")
+        c.require(tc.ema_decay is None, "train.ema_decay",
+                  "the EMA averages U-Net weights, and textual_inversion trains none: leave it null")
+    if cfg.stage == "super_resolution":
+        check_super_resolution(c)
+    c.require(not cfg.model.vae_tiling or (cfg.stage == "super_resolution" and cfg.model.vae != "none"),
+              "model.vae_tiling", "is for latent super-resolution stages (stage=super_resolution with a VAE)")
+    # DreamBooth
+    prior = bool(db.class_prompt or db.class_prompts)
+    if db.instance_data:
+        c.require(Path(db.instance_data).is_dir(), "dreambooth.instance_data", "needs an existing folder of images")
+        c.require(bool(db.instance_prompt), "dreambooth.instance_prompt",
+                  "dreambooth.instance_data needs the subject's prompt, e.g. 'a photo of sks dog'")
+    if prior:
+        c.require(bool(cfg.model.pretrained), "dreambooth.class_prompt",
+                  "prior preservation needs model.pretrained: class images are drawn by the base model")
+        c.require(not d.bucketing, "data.bucketing",
+                  "prior preservation trains both halves in one forward and needs data.bucketing=false")
+        c.at_least("dreambooth.num_class_images", 1)
+        c.at_least("dreambooth.prior_loss_weight", 0)
+        c.at_least("dreambooth.class_inference_steps", 1)
+        c.require(math.isfinite(db.class_guidance_scale) and db.class_guidance_scale >= 1,
+                  "dreambooth.class_guidance_scale", "needs a finite number >= 1")
+
+
+def check_super_resolution(c: Checker) -> None:
+    """A super-resolution stage's settings, and what it does not combine with."""
+    cfg = c.cfg
+    sr, d = cfg.super_resolution, cfg.data
+    c.at_least("super_resolution.low_resolution", 1)
+    c.require(d.resolution % sr.low_resolution == 0 and d.resolution > sr.low_resolution,
+              "super_resolution.low_resolution", f"must divide data.resolution={d.resolution} and be smaller")
+    factor = d.resolution // sr.low_resolution
+    c.require(len(sr.noise_levels) == 2 and 0 <= sr.noise_levels[0] <= sr.noise_levels[1] <= 999,
+              "super_resolution.noise_levels", "needs [low, high] with 0 <= low <= high <= 999 (steps of the "
+              "1000-step low-resolution schedule); [0, 0] turns augmentation off")
+    c.require(len(sr.blur_sigma) == 2 and all(math.isfinite(v) for v in sr.blur_sigma)
+              and 0 <= sr.blur_sigma[0] <= sr.blur_sigma[1], "super_resolution.blur_sigma",
+              "needs [low, high] with 0 <= low <= high (low-resolution pixels); [0, 0] turns blur off")
+    c.require(0 <= sr.sample_noise_level <= 999, "super_resolution.sample_noise_level", "needs an int in [0, 999]")
+    if sr.train_crop is not None:
+        multiple = factor * 2 ** (len(cfg.model.unet.block_out_channels) - 1)
+        c.require(0 < sr.train_crop <= d.resolution and sr.train_crop % multiple == 0, "super_resolution.train_crop",
+                  f"must be at most data.resolution={d.resolution} and a multiple of {multiple} (the upscaling factor "
+                  f"{factor} times the U-Net's downsampling 2^(len(model.unet.block_out_channels) - 1)); null trains "
+                  "on whole images")
+    c.require(not d.bucketing or d.bucket_step % factor == 0, "data.bucket_step",
+              f"must be a multiple of the upscaling factor {factor} (data.resolution / super_resolution.low_resolution)")
+    c.require(cfg.finetune.method == "full", "finetune.method", "a super-resolution stage trains all its weights: "
+              "use 'full'")
+    db = cfg.dreambooth
+    c.require(not (db.instance_data or db.class_prompt or db.class_prompts), "dreambooth.instance_data",
+              "DreamBooth is for text-to-image stages; unset dreambooth.* for stage=super_resolution")

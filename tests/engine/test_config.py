@@ -1,0 +1,100 @@
+"""Typed config: presets and key=value overrides, with clear errors for bad keys and values."""
+
+import pytest
+
+from autoencoder.config import AutoencoderConfig
+from ldm.trainer.config import LDMConfig
+from ldm.engine.config import load_config, save_config
+
+
+def test_preset_and_overrides(tmp_path):
+    cfg = load_config(LDMConfig, "configs/ldm/shapes.yaml",
+                      ["train.max_steps=7", "name=x", "sample.seeds=[5, 6]", "diffusion.snr_gamma=5"])
+    assert cfg.train.max_steps == 7 and cfg.name == "x" and cfg.sample.seeds == [5, 6]
+    assert cfg.diffusion.snr_gamma == 5.0 and cfg.data.dataset == "shapes"
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(LDMConfig, tmp_path / "c.yaml") == cfg
+
+
+def test_every_preset_loads():
+    from pathlib import Path
+
+    for preset in Path("configs/autoencoder").glob("*.yaml"):
+        load_config(AutoencoderConfig, preset)
+    presets = sorted(Path("configs/ldm").glob("*.yaml"))
+    assert {p.stem for p in presets} >= {"shapes", "digits", "tiny", "folder-256", "sd15-finetune-512"}
+    for preset in presets:
+        text = preset.read_text()
+        assert text.startswith("#"), f"{preset} should say what it is for and what hardware it was sized for"
+        load_config(LDMConfig, preset)
+
+
+def test_accelerate_configs_parse():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {}
+    for path in sorted(Path("configs/accelerate").glob("*.yaml")):
+        assert path.read_text().startswith("#"), f"{path} should say when to pick it"
+        kinds[path.stem] = str(load_config_from_file(str(path)).distributed_type)
+    assert kinds == {"cpu_2proc": "DistributedType.MULTI_GPU", "ddp": "DistributedType.MULTI_GPU",
+                     "deepspeed_zero2": "DistributedType.DEEPSPEED"}
+
+
+def test_sharded_strategies_are_refused_with_a_reason():
+    from autoencoder.config import check_config as check_autoencoder
+    from ldm.trainer.config import check_config
+
+    for strategy in ("fsdp", "deepspeed_zero3"):
+        with pytest.raises(ValueError, match=f"{strategy}.*use DDP"):
+            check_config(LDMConfig(), 1, strategy)
+        with pytest.raises(ValueError, match=f"{strategy}.*use DDP"):
+            check_autoencoder(AutoencoderConfig(), 1, strategy)
+    check_config(LDMConfig(), 2, "multi_gpu")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        check_config(load_config(LDMConfig, None, ["train.gradient_accumulation_steps=2"]), 1, "deepspeed")
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.max_step=3"], "unknown config key"),
+    (["train.max_steps=abc"], "train.max_steps"),
+    (["train.max_steps=true"], "train.max_steps"),
+    (["data.center_crop=3"], "data.center_crop"),
+    (["max_steps"], "key=value"),
+    (["diffusion.beta_schedule=cosine"], r"diffusion\.beta_schedule='cosine' is not one of \['linear'"),
+    (["sample.scheduler=euler"], r"sample\.scheduler='euler' is not one of \['ddpm', 'ddim', 'dpm\+\+'\]"),
+    (["train.mixed_precision=fp8"], "train.mixed_precision"),
+])
+def test_bad_overrides_raise(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(LDMConfig, None, override)
+
+
+def test_missing_preset_file():
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(LDMConfig, "nope.yaml")
+
+
+def test_overrides_are_read_by_their_field_type():
+    cfg = load_config(LDMConfig, None, ["train.mixed_precision=no", "train.learning_rate=1e-5", "name=123",
+                                        "train.ema_decay=1e-4", "train.resume=null", "model.pretrained=/x/y",
+                                        "sample.prompts=[a b, c d]", "train.keep_last=null"])
+    assert cfg.train.mixed_precision == "no"  # YAML alone would read `no` as false
+    assert cfg.train.learning_rate == 1e-5 and cfg.train.ema_decay == 1e-4  # YAML 1.1 reads 1e-5 as text
+    assert cfg.name == "123" and cfg.train.resume is None and cfg.model.pretrained == "/x/y"
+    assert cfg.sample.prompts == ["a b", "c d"] and cfg.train.keep_last is None
+
+
+def test_config_differences_leave_out_run_length_and_read_new_keys_as_defaults():
+    import dataclasses
+
+    from ldm.engine.config import config_differences
+
+    defaults = dataclasses.asdict(LDMConfig())
+    old = dataclasses.asdict(LDMConfig())
+    del old["data"]["max_bad_fraction"]  # a config written before the setting existed
+    new = dataclasses.asdict(load_config(LDMConfig, None, ["train.max_steps=9", "train.log_every=3"]))
+    assert config_differences(old, new, defaults) == []
+    changed = dataclasses.asdict(load_config(LDMConfig, None, ["data.max_bad_fraction=0.5", "train.seed=3"]))
+    assert config_differences(old, changed, defaults) == ["data.max_bad_fraction: 0.01 -> 0.5", "train.seed: 0 -> 3"]

@@ -1,0 +1,139 @@
+"""The objective, the batch source and the engine, tested by their effects: offset noise shifts each
+(image, channel)'s noise by a constant; logit-normal timesteps follow their density; two accumulated
+half-batches give the gradient of one full batch; the exported EMA weights are not the raw ones; a bucket
+smaller than the batch is reported."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ldm.data.batches import Plan
+from ldm.trainer.config import DiffusionConfig
+from ldm.diffusion.gaussian import GaussianDiffusion, make_betas
+from ldm.trainer.objective import LatentDiffusionObjective
+from ldm.diffusion.timesteps import sample_timesteps
+from ldm.trainer.train import build_run, train
+
+
+class _VAEConfig:
+    scaling_factor, shift_factor, latent_channels, block_out_channels = 1.0, None, 4, [8, 16, 16]
+
+
+class _VAE:
+    config = _VAEConfig()
+
+
+def _draws(offset_noise: float, n: int = 512) -> dict:
+    diffusion = GaussianDiffusion(make_betas("linear", 100))
+    objective = LatentDiffusionObjective(diffusion, DiffusionConfig(offset_noise=offset_noise), 0.1, None, _VAE())
+    plan = Plan(list(range(n)), (32, 32), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool),
+                torch.zeros(n, dtype=torch.long), draws_seed=123)
+    return objective.draw(plan)
+
+
+def test_offset_noise_shifts_each_channel_by_a_constant():
+    plain, offset = _draws(0.0), _draws(0.5)
+    # The same seed draws the same base noise; the offset adds one constant per (image, channel).
+    shift = offset["noise"] - plain["noise"]  # (n, 4, 8, 8)
+    per_channel = shift.mean(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(shift, per_channel.expand_as(shift), rtol=0, atol=1e-6)
+    assert abs(float(per_channel.std()) - 0.5) < 0.03  # 0.5 * N(0, 1): std 0.5 over 2048 draws
+    # So the per-(image, channel) noise mean spreads far more than white noise's 1/8.
+    assert abs(float(plain["noise"].mean(dim=(2, 3)).std()) - 1 / 8) < 0.01
+    assert float(offset["noise"].mean(dim=(2, 3)).std()) > 0.45
+    for key in ("t", "posterior", "drop"):
+        assert torch.equal(plain[key], offset[key])
+    assert 0.07 < float(plain["drop"].float().mean()) < 0.13  # caption dropout at 0.1
+
+
+class _ScaledVAEConfig(_VAEConfig):
+    scaling_factor, shift_factor = 0.5, 0.25
+
+
+class _ScaledVAE:
+    config = _ScaledVAEConfig()
+
+
+@pytest.mark.parametrize("posterior", ["sample", "mean"])
+def test_latent_posterior_picks_a_fresh_sample_or_the_mean(posterior):
+    diffusion = GaussianDiffusion(make_betas("linear", 100))
+    objective = LatentDiffusionObjective(diffusion, DiffusionConfig(latent_posterior=posterior), 0.0,
+                                         lambda captions, drop, device: torch.zeros(len(captions), 1, 1), _ScaledVAE())
+    n = 6
+    plan = Plan(list(range(n)), (32, 32), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool),
+                torch.zeros(n, dtype=torch.long), draws_seed=7)
+    draws = objective.draw(plan)
+    g = torch.Generator().manual_seed(1)
+    mean, std = torch.randn(n, 4, 8, 8, generator=g), torch.rand(n, 4, 8, 8, generator=g) + 0.1
+    z0, *_ = objective.inputs({"mean": mean, "std": std, "captions": ["a"] * n}, draws, slice(0, n), "cpu")
+    expected = mean + std * draws["posterior"] if posterior == "sample" else mean
+    torch.testing.assert_close(z0, (expected - 0.25) * 0.5)
+
+
+def test_logit_normal_timesteps_follow_their_density():
+    g = torch.Generator().manual_seed(0)
+    T, n, mean, std = 1000, 200_000, 0.5, 1.0
+    t = sample_timesteps(n, T, "logit_normal", g, mean, std)
+    # t = floor(T u) with logit(u) ~ N(mean, std²): P(t < k) = Φ((logit(k/T) - mean) / std).
+    edges = np.arange(0, T + 1, 50)
+    observed = np.histogram(t.numpy(), bins=edges)[0] / n
+
+    def cdf(k):
+        if k <= 0:
+            return 0.0
+        if k >= T:
+            return 1.0
+        z = (math.log(k / T / (1 - k / T)) - mean) / std
+        return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+    expected = np.diff([cdf(k) for k in edges])
+    assert np.abs(observed - expected).max() < 0.003, np.c_[observed, expected]
+    u = sample_timesteps(100_000, T, "uniform", g)
+    assert u.min() == 0 and u.max() == T - 1
+    assert np.abs(np.histogram(u.numpy(), bins=edges)[0] / 100_000 - 0.05).max() < 0.003
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        sample_timesteps(4, T, "cosine", g)
+
+
+def _grads_of_first_step(cfg) -> dict:
+    run = build_run(cfg)
+    _, _, batch = next(iter(run.sources[0].iterate(0, 1)))
+    terms = run.step(0, batch)
+    unet = run.engine.accelerator.unwrap_model(run.unet)
+    return {"terms": {k: float(v) for k, v in terms.items()},
+            "grads": {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}}
+
+
+def test_two_accumulated_half_batches_equal_one_full_batch(tiny_cfg):
+    """Same step, same global batch of 16: one forward of 16, or two of 8 whose gradients add up (with
+    gradient checkpointing on, which must not change them either)."""
+    full = _grads_of_first_step(tiny_cfg("name=full", "train.max_steps=1"))
+    halves = _grads_of_first_step(tiny_cfg("name=halves", "train.max_steps=1", "train.gradient_accumulation_steps=2",
+                                           "train.gradient_checkpointing=true"))
+    assert full["grads"].keys() == halves["grads"].keys() and len(full["grads"]) > 10
+    for name, g in full["grads"].items():
+        torch.testing.assert_close(halves["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert halves["terms"]["loss"] == pytest.approx(full["terms"]["loss"], rel=1e-5)
+
+
+def test_exported_ema_weights_are_not_the_raw_ones(tiny_cfg):
+    cfg = tiny_cfg("name=ema", "train.max_steps=4", "train.ema_decay=0.5", "train.ema_warmup=false",
+                   "train.checkpoint_every=4")
+    train(cfg)
+    raw = load_file(cfg.run_dir / "checkpoints" / "step-4" / "model.safetensors")  # the trained U-Net
+    exported = load_file(cfg.run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert raw.keys() == exported.keys()
+    moved = [k for k in raw if not torch.equal(raw[k], exported[k])]
+    assert len(moved) > len(raw) // 2, f"only {len(moved)} of {len(raw)} tensors differ"
+
+
+def test_buckets_smaller_than_a_batch_are_reported():
+    from ldm.data.splits import Split
+
+    split = Split(ds=list(range(21)), captions=[], caption_start=np.zeros(22), sizes=[], groups=[0] * 16 + [1] * 5,
+                  buckets=[(32, 32), (24, 40)], fingerprint="")
+    assert split.unseen_buckets(8) == {"24x40": 5}
+    assert split.unseen_buckets(4) == {}
