@@ -2,28 +2,14 @@
 
     python -m ldm.evaluate --pipeline runs/demo/pipeline --dataset shapes --num-images 96 --out runs/demo
 
-For ``shapes`` the prompts are the (colour, shape, position) combinations held out of training; for
-``digits`` the ten digits. Seeds start at ``--seed-offset`` (far from any seed the trainer uses).
-Writes ``samples.png`` (one row per prompt) and ``metrics.json`` into ``--out``.
+writes ``samples.png`` (one row per prompt) and ``metrics.json`` into ``--out``: the scorer's accuracies, the
+Fréchet distance to real images of the same prompts and its real-vs-real floor, and the diversity of each
+prompt's images (`ldm.eval.scoring`).
 
     python -m ldm.evaluate --nll --pipeline runs/demo/pipeline --dataset shapes [--nll-stride 10]
 
 reports instead the variational bound on the negative log-likelihood of held-out real images under their
-captions, in bits per dimension (``nll.json``): Σ_t L_t + L_T over the full chain, or with ``--nll-stride k``
-the terms t < k exactly and an unbiased stratified estimate of the rest from one timestep in every k
-(`GaussianDiffusion.nll_bpd`). A pixel model's t = 0 term is the discretized Gaussian of 8-bit images, so
-its number compares with published bits/dim; a latent model's is per dimension of its scaled latents (the
-posterior mean of each image).
-
-Beyond the scorer's accuracies (and, for shapes, the position confusion matrix), two measures that see
-what accuracy cannot, both against real images of the same prompts (`ldm.eval.scorers.real_images`):
-
-- ``frechet_distance``: generated images against a reference of `REFERENCE_PER_PROMPT` real images per
-  prompt, in `ldm.eval.metrics.FixedFeatures` with layout. ``frechet_distance_floor`` is the same distance for
-  as many other real images as were generated: what a perfect model would score at this sample size.
-- ``diversity``: the mean pairwise RMS pixel distance of the images of one prompt, averaged over prompts;
-  ``diversity_real`` is the same for the real images. A model that draws one image per prompt scores 0.
-"""
+captions, in bits per dimension (``nll.json``; `ldm.eval.likelihood`)."""
 
 from __future__ import annotations
 

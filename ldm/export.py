@@ -1,7 +1,9 @@
-"""What a diffusion run leaves behind: the pipeline folder (EMA weights when EMA is on), under LoRA the
-adapters alone and, when asked, a pipeline with them merged in, under textual inversion the new embeddings.
-Main process only; every folder is written beside its target and swapped in when complete. ``python -m
-ldm.export single-file`` writes a pipeline folder as one file in Stable Diffusion's original layout."""
+"""Write a pipeline folder in another format.
+
+    python -m ldm.export single-file --pipeline runs/demo/pipeline --out demo.safetensors [--dtype fp16]
+
+one ``.safetensors`` file in Stable Diffusion's original layout (AUTOMATIC1111, ComfyUI, diffusers'
+``from_single_file``), with ``demo.config/`` beside it (`pipelines.single_file`)."""
 
 from __future__ import annotations
 

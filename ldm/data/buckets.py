@@ -1,14 +1,5 @@
-"""Image + caption data through `datasets`: read a source, transform images, group them into buckets.
-
-A source is anything `load_source` reads: a built-in dataset, an image folder (images + a
-``metadata.jsonl``/``metadata.csv`` with ``file_name`` and a caption column, `datasets`' ``imagefolder``
-layout), a ``save_to_disk`` folder, parquet/arrow files, or a Hub dataset id. Built-in datasets are
-generated into the image-folder layout, so the demo runs the user's data path.
-
-Training at several aspect ratios uses buckets: `make_buckets` lists (height, width) targets of about
-the same area, `nearest_bucket` assigns each image one, and `GlobalBatchSampler` draws batches that
-never mix buckets, as a pure function of (seed, epoch) so a run resumes from its step number alone.
-"""
+"""Aspect-ratio buckets: `make_buckets` lists (height, width) targets of about the same area, and
+`nearest_bucket` assigns each image one. Batches never mix buckets (`ldm.data.batches.GlobalBatchSampler`)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Built-in datasets that need no network, and scorers that read their captions back off pixels.
+"""Built-in datasets that need no network (their scorers are `ldm.eval.scorers`).
 
-Both datasets are written as an image folder with a ``metadata.jsonl`` (``file_name``, ``text``),
-exactly the format a user's own data uses, so the demo runs the user's data path.
+All are written as an image folder with a ``metadata.jsonl`` (``file_name``, ``text``), exactly the format a
+user's own data uses, so the demo runs the user's data path.
 
 - ``shapes``: coloured circles, squares and triangles at five positions and three sizes on black,
   captioned "a red circle at the top left". Some (colour, shape, position) combinations are held
@@ -9,8 +9,7 @@ exactly the format a user's own data uses, so the demo runs the user's data path
 - ``digits``: scikit-learn's real handwritten digits (8x8, upsampled), captioned
   "a handwritten digit 7". Half of them are held out to train the scorer's classifier.
 - ``varied`` and ``photos``: diverse procedural drawings and crops of packaged photographs, for an
-  autoencoder that reconstructs more than the two sets above (`ldm.data.builtin_images`). They have no scorer.
-"""
+  autoencoder that reconstructs more than the two sets above (`ldm.data.builtin_images`). They have no scorer."""
 
 from __future__ import annotations
 

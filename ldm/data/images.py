@@ -1,14 +1,6 @@
-"""Image + caption data through `datasets`: read a source, transform images, group them into buckets.
-
-A source is anything `load_source` reads: a built-in dataset, an image folder (images + a
-``metadata.jsonl``/``metadata.csv`` with ``file_name`` and a caption column, `datasets`' ``imagefolder``
-layout), a ``save_to_disk`` folder, parquet/arrow files, or a Hub dataset id. Built-in datasets are
-generated into the image-folder layout, so the demo runs the user's data path.
-
-Training at several aspect ratios uses buckets: `make_buckets` lists (height, width) targets of about
-the same area, `nearest_bucket` assigns each image one, and `GlobalBatchSampler` draws batches that
-never mix buckets, as a pure function of (seed, epoch) so a run resumes from its step number alone.
-"""
+"""Images as tensors: `to_rgb` reads any mode as the file shows it, `ImageTransform` resizes, crops and
+mirrors to a (height, width) in [-1, 1], `ImageCaptionDataset` pairs the result with a caption, and
+`downsample` area-averages to a lower resolution."""
 
 from __future__ import annotations
 

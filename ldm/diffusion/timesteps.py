@@ -1,10 +1,4 @@
-"""Training objectives: what one step's batch costs, as named loss terms.
-
-An objective turns the inputs a `BatchSource` loads into the network's regression problem and scores the
-network on it. Everything random in it is drawn once per step for the whole global batch, from the step's
-seed, so a step is the same on any number of processes. A new model family (pixels, super-resolution) is a
-new objective with the same two methods, ``draw(plan)`` and ``__call__(model, parts)``.
-"""
+"""Training timesteps: how often each t of the schedule is trained on."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Run-folder conventions shared by both trainers: metrics as JSON lines, plots and grids as PNG,
-atomic writes, and the closing summary."""
+"""The process the engine runs in: an Accelerator that also joins CPU processes, the strategy it distributes
+with, and CPU settings that only change speed (threads, the allocator keeping freed memory)."""
 
 from __future__ import annotations
 

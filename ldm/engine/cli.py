@@ -1,5 +1,5 @@
-"""Command-line entry points: `--config PRESET.yaml` followed by `key=value` overrides; errors are reported
-as `ldm.engine.errors` says."""
+"""The command line of a trainer: ``--config PRESET.yaml`` followed by ``key=value`` overrides; errors are
+reported as `ldm.engine.errors` says."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
-"""Typed configuration: defaults live in dataclasses, YAML presets and ``key=value`` overrides change them.
+"""Typed configuration, for any trainer: defaults live in dataclasses, YAML presets and ``key=value`` overrides
+change them, and every value is checked once before any I/O.
 
     cfg = load_config(LDMConfig, "configs/ldm/shapes.yaml", ["train.max_steps=100", "name=quick"])
 
-Unknown keys are errors (a typo must not silently train with a default). The resolved config is
-written to the run folder and into every checkpoint by the trainers.
-"""
+Unknown keys are errors (a typo must not silently train with a default). The resolved config is written to the
+run folder and into every checkpoint by the engine; `config_differences` says what changed between two of them.
+`Checker` collects the value checks of one config, each failure naming the key, the value and what is valid."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Run-folder conventions shared by both trainers: metrics as JSON lines, plots and grids as PNG,
-atomic writes, and the closing summary."""
+"""What a run writes for people to read, for both trainers: metrics as JSON lines (and TensorBoard), curves and
+image grids as PNG, and the closing summary."""
 
 from __future__ import annotations
 

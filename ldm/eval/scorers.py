@@ -1,16 +1,9 @@
-"""Built-in datasets that need no network, and scorers that read their captions back off pixels.
+"""Scorers that read the built-in datasets' captions back off pixels, and the real images generated ones are
+compared with.
 
-Both datasets are written as an image folder with a ``metadata.jsonl`` (``file_name``, ``text``),
-exactly the format a user's own data uses, so the demo runs the user's data path.
-
-- ``shapes``: coloured circles, squares and triangles at five positions and three sizes on black,
-  captioned "a red circle at the top left". Some (colour, shape, position) combinations are held
-  out of training so that evaluation uses prompts the model never saw.
-- ``digits``: scikit-learn's real handwritten digits (8x8, upsampled), captioned
-  "a handwritten digit 7". Half of them are held out to train the scorer's classifier.
-- ``varied`` and ``photos``: diverse procedural drawings and crops of packaged photographs, for an
-  autoencoder that reconstructs more than the two sets above (`ldm.data.builtin_images`). They have no scorer.
-"""
+- ``shapes``: colour from the blob's mean, shape from its corners (`read_shape`), position from its centroid;
+  accuracies and the position confusion matrix (`score_shapes`).
+- ``digits``: an RBF-SVM trained on the held-out half of the real digits (`DigitsScorer`)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""Typed configuration: defaults live in dataclasses, YAML presets and ``key=value`` overrides change them.
-
-    cfg = load_config(LDMConfig, "configs/ldm/shapes.yaml", ["train.max_steps=100", "name=quick"])
-
-Unknown keys are errors (a typo must not silently train with a default). The resolved config is
-written to the run folder and into every checkpoint by the trainers.
-"""
+"""The diffusion trainer's settings: the sections of `LDMConfig` with their typed defaults, and `check_config`,
+which rejects bad values before any data is read or model built (the generic loading is `ldm.engine.config`'s)."""
 
 from __future__ import annotations
 
