@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from ldm.engine.config import Checker, LRSchedule, MixedPrecision, OnNonfinite, check_train_basics
+from ldm.engine.config import Checker, EngineSettings, RunConfig, check_engine_settings
 from pipelines import vae_scale_factor
 
 TrainPart = typing.Literal["both", "decoder"]
@@ -38,23 +37,18 @@ class AEModelConfig:
 
 
 @dataclass
-class AETrainConfig:
-    seed: int = 0
+class AETrainConfig(EngineSettings):
+    """The engine's settings (`EngineSettings`) with the autoencoder's defaults, and its losses."""
+
     batch_size: int = 32
     max_steps: int = 3000
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
-    lr_schedule: LRSchedule = "cosine"  # after warm-up
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    log_every: int = 50
     l1_weight: float = 1.0
     l2_weight: float = 1.0
     kl_weight: float = 1e-6
-    mixed_precision: MixedPrecision = "no"
-    log_every: int = 50
     scale_num_images: int = 2048  # images encoded to measure the latent scaling factor
     measure_shift: bool = False  # also store the latent mean as shift_factor (z = (z - shift) * scale)
-    ema_decay: float | None = None  # EMA of the autoencoder's weights (exported when on); None = off
     perceptual_weight: float = 0.0  # LPIPS term; needs lpips_path (a local file, nothing is downloaded)
     lpips_path: str | None = None
     # PatchGAN discriminator (off while disc_weight is 0), switched on from step disc_start; its term's
@@ -65,34 +59,23 @@ class AETrainConfig:
     disc_learning_rate: float | None = None  # None: same as learning_rate
     disc_channels: int = 64
     disc_layers: int = 3
-    checkpoint_every: int = 0  # full training state every N steps and at the end; 0: none
-    keep_last: int | None = 2  # checkpoints kept (older ones are removed after a new one is complete)
-    resume: str | None = None  # "latest" or a checkpoint folder (a missing folder is an error)
-    allow_config_change: bool = False  # resume although the checkpoint's config differs (beyond run length)
-    overwrite: bool = False  # start afresh in a run folder that holds another run (its checkpoints are removed)
-    on_nonfinite: OnNonfinite = "stop"  # a NaN/inf loss or gradient: stop (save nothing after it) | skip_step
-    num_workers: int = 0  # data-loading workers
-    tensorboard: bool = True  # also write metrics to <run>/tensorboard
 
 
 @dataclass
-class AutoencoderConfig:
+class AutoencoderConfig(RunConfig):
     name: str = "vae"
-    output_dir: str = "runs"
     export_dir: str | None = None  # also copy the final VAE folder here (e.g. the shipped location)
     data: AEDataConfig = field(default_factory=AEDataConfig)
     model: AEModelConfig = field(default_factory=AEModelConfig)
     train: AETrainConfig = field(default_factory=AETrainConfig)
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
+    RUN_SETTINGS = RunConfig.RUN_SETTINGS + ("export_dir", "data.data_root", "model.pretrained")
 
 
 def check_config(cfg: AutoencoderConfig, num_processes: int = 1, strategy: str = "no") -> None:
     """Reject bad values of an autoencoder run before any data is read or model built."""
     c = Checker(cfg)
-    check_train_basics(c)
+    check_engine_settings(c)
     tc, m = cfg.train, cfg.model
     if strategy in ("fsdp", "deepspeed_zero3"):
         raise ValueError(f"the {strategy} strategy shards the weights, and the latent scale, held-out metrics and "

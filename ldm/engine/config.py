@@ -13,13 +13,60 @@ import dataclasses
 import math
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-LRSchedule = typing.Literal["constant", "cosine"]
+LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}  # config name -> diffusers' name
+LRSchedule = typing.Literal[tuple(LR_SCHEDULES)]
 MixedPrecision = typing.Literal["no", "bf16", "fp16"]
 OnNonfinite = typing.Literal["stop", "skip_step"]
+
+
+@dataclass
+class EngineSettings:
+    """What the run engine (`ldm.engine.engine.Engine`) reads of a run: both trainers' ``train`` sections extend
+    this class with their own settings, and may give these other defaults."""
+
+    seed: int = 0
+    batch_size: int = 64  # global batch per optimizer step, split across processes and accumulation steps
+    max_steps: int = 2000
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    lr_schedule: LRSchedule = "cosine"  # after warm-up
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    mixed_precision: MixedPrecision = "no"  # handed to Accelerate; fp16 uses loss scaling
+    ema_decay: float | None = None  # EMA of the trained weights (diffusers EMAModel), exported when on; None = off
+    log_every: int = 25
+    checkpoint_every: int = 0  # full training state every N steps and at the end; 0: none
+    keep_last: int | None = 2  # checkpoints kept (older ones are removed after a new one is complete)
+    resume: str | None = None  # "latest" or a checkpoint folder (a missing folder is an error)
+    allow_config_change: bool = False  # resume although the checkpoint's config differs (beyond run length)
+    overwrite: bool = False  # start afresh in a run folder that holds another run (its checkpoints are removed)
+    on_nonfinite: OnNonfinite = "stop"  # a NaN/inf loss or gradient: stop (save nothing after it) | skip_step
+    num_workers: int = 0  # data-loading workers
+    tensorboard: bool = True  # also write metrics (and sample grids) to <run>/tensorboard
+
+
+@dataclass
+class RunConfig:
+    """A run's name and where its folder goes. Both trainers' configs extend it with their sections, one of them
+    ``train``, which extends `EngineSettings`."""
+
+    name: str = "run"
+    output_dir: str = "runs"
+    # Settings that may change between a checkpoint and its resumption: how long and how the run is executed and
+    # logged, not what it computes. A trainer's config adds its own.
+    RUN_SETTINGS: typing.ClassVar[tuple[str, ...]] = (
+        "name", "output_dir", "train.max_steps", "train.resume", "train.allow_config_change", "train.overwrite",
+        "train.checkpoint_every", "train.keep_last", "train.log_every", "train.tensorboard", "train.num_workers",
+        "train.on_nonfinite")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
 
 
 class Raw(str):
@@ -151,33 +198,24 @@ def save_config(cfg, path: str | Path) -> None:
     tmp.replace(path)
 
 
-# Settings that may change between a checkpoint and its resumption: how long and how the run is executed,
-# logged and sampled, not what it computes.
-RUN_SETTINGS = ("name", "output_dir", "export_dir", "data.cache_dir", "data.data_root", "model.pretrained",
-                "train.max_steps", "train.resume", "train.allow_config_change", "train.overwrite",
-                "train.checkpoint_every", "train.keep_last", "train.validate_every", "train.log_every",
-                "train.tensorboard", "train.num_workers", "train.score_num_images", "train.compile",
-                "train.channels_last", "train.gradient_checkpointing", "train.on_nonfinite", "sample",
-                "finetune.lora_format",
-                "super_resolution.sample_noise_level")
-
-
 _ABSENT = object()
 
 
-def config_differences(old: dict, new: dict, defaults: dict | None = None, prefix: str = "") -> list[str]:
-    """"key: old -> new" for every setting that differs, leaving out `RUN_SETTINGS`. A key the old config does
-    not have (written before the setting existed) counts as its default from ``defaults``."""
+def config_differences(old: dict, new: dict, defaults: dict | None = None, run_settings: tuple[str, ...] = (),
+                       prefix: str = "") -> list[str]:
+    """"key: old -> new" for every setting that differs, leaving out ``run_settings`` (a config class's
+    ``RUN_SETTINGS``). A key the old config does not have (written before the setting existed) counts as its
+    default from ``defaults``."""
     out, defaults = [], defaults or {}
     for key in sorted(set(old) | set(new)):
         name = prefix + key
-        if name in RUN_SETTINGS:
+        if name in run_settings:
             continue
         a, b, d = old.get(key, _ABSENT), new.get(key, _ABSENT), defaults.get(key, _ABSENT)
         if a is _ABSENT:
             a = d
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, d if isinstance(d, dict) else {}, name + ".")
+            out += config_differences(a, b, d if isinstance(d, dict) else {}, run_settings, name + ".")
         elif a != b:
             show = lambda v: "(absent)" if v is _ABSENT else repr(v)  # noqa: E731
             out.append(f"{name}: {show(a)} -> {show(b)}")
@@ -233,8 +271,8 @@ class Checker:
         self.require(0 <= v < 2**32, key, "needs an integer in [0, 2**32) (numpy's seed range)")
 
 
-def check_train_basics(c: Checker) -> None:
-    """The engine's settings, common to both trainers."""
+def check_engine_settings(c: Checker) -> None:
+    """The engine's settings (`EngineSettings`), common to both trainers."""
     c.seed("train.seed")
     c.at_least("train.batch_size", 1)
     c.at_least("train.max_steps", 1)

@@ -28,14 +28,12 @@ from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from ldm.engine.checkpoint import CheckpointManager, list_checkpoints, read_train_state, resolve_resume
-from ldm.engine.config import config_differences, save_config, to_yaml
+from ldm.engine.config import LR_SCHEDULES, config_differences, save_config, to_yaml
 from ldm.engine.errors import STOP_SIGNALS, NonFinite, Preempted
 from ldm.engine.records import MetricsWriter, format_summary, plot_curves
 from ldm.engine.accelerator import keep_freed_cpu_memory, make_accelerator, warn_if_cpu_threads_capped
 
 logger = logging.getLogger(__name__)
-
-LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine"}  # config name -> diffusers' name
 
 
 class Source(Protocol):
@@ -92,11 +90,11 @@ def strategy_name(accelerator) -> str:
 
 
 class Engine:
-    """Runs a trainer's steps with everything around them (see the module docstring). ``cfg.train`` must
-    have: seed, mixed_precision, max_steps, batch_size, log_every, checkpoint_every, keep_last, resume,
-    tensorboard, and may have validate_every."""
+    """Runs a trainer's steps with everything around them (see the module docstring). ``cfg`` is a
+    `RunConfig` whose ``train`` section is an `EngineSettings`; ``check(cfg, num_processes, strategy)`` rejects
+    its bad values; ``validate_every``: steps between two validations (0: at the start and the end only)."""
 
-    def __init__(self, cfg, check: Callable, title: str):
+    def __init__(self, cfg, check: Callable, title: str, validate_every: int = 0):
         self.cfg, self.tc, self.title, self.run_dir = cfg, cfg.train, title, cfg.run_dir
         self.accelerator = acc = make_accelerator(self.tc.mixed_precision)
         check(cfg, acc.num_processes, strategy_name(acc))  # before any I/O or model building
@@ -111,6 +109,8 @@ class Engine:
             keep_freed_cpu_memory()
         self.optimizer = self.lr_schedule = self.ema = self.metrics = self.ckpt = None
         self.clip_params, self.max_grad_norm, self.ema_params = [], 0.0, []
+        self.validate_every = validate_every
+        self.first_bad = None  # the first step whose loss or gradients were not finite (a device tensor)
         self.skipped_steps, self.nonfinite_skipped, self.start_step, self.step, self.last_row = 0, 0, 0, 0, {}
         self.train_time, self.paused, self.final_validation = 0.0, 0.0, {}
         self.checkpoint_files: dict = {}  # name -> folder copied into every checkpoint
@@ -129,7 +129,8 @@ class Engine:
 
         tc, now, defaults = self.tc, dataclasses.asdict(self.cfg), dataclasses.asdict(type(self.cfg)())
         if self.resume_from is not None:
-            diff = config_differences(yaml.safe_load(read_train_state(self.resume_from)["config"]), now, defaults)
+            diff = config_differences(yaml.safe_load(read_train_state(self.resume_from)["config"]), now, defaults,
+                                      self.cfg.RUN_SETTINGS)
             if diff and not tc.allow_config_change:
                 raise ValueError(f"train.resume: checkpoint {self.resume_from} was written with another config "
                                  f"({'; '.join(diff)}); resume with the same settings, or pass "
@@ -140,7 +141,7 @@ class Engine:
         saved = list_checkpoints(self.run_dir / "checkpoints")
         old_config = self.run_dir / "config.yaml"
         trained = (self.run_dir / "metrics.jsonl").is_file()  # a run that failed while setting up left no metrics
-        diff = config_differences(yaml.safe_load(old_config.read_text()) or {}, now, defaults) \
+        diff = config_differences(yaml.safe_load(old_config.read_text()) or {}, now, defaults, self.cfg.RUN_SETTINGS) \
             if old_config.is_file() and trained else []
         if (saved or diff) and not tc.overwrite:
             held = f"checkpoints up to {saved[-1].name}" if saved else "a run with another config"
@@ -202,7 +203,7 @@ class Engine:
         return bool(every) and (done % every == 0 or done == self.tc.max_steps)
 
     def needs_validate(self, done: int) -> bool:
-        every = getattr(self.tc, "validate_every", 0)
+        every = self.validate_every
         return bool(every) and done % every == 0 and done < self.tc.max_steps
 
     # ---- the run -----------------------------------------------------------------------------
@@ -211,7 +212,7 @@ class Engine:
             validate: Callable[[int], dict] | None = None) -> int:
         """Resume, then run ``train_step(step, batch) -> {name: tensor}`` (forward and backward of one global
         batch) for every step up to ``train.max_steps``; ``validate(step) -> row`` (main process's row) at the
-        start of a fresh run, every ``train.validate_every`` steps and at the end. Returns the last step.
+        start of a fresh run, every ``validate_every`` steps and at the end. Returns the last step.
 
         Raises `Preempted` after writing a checkpoint when the process is asked to stop (SIGTERM, SIGINT,
         SIGUSR1), and `NonFinite` (before anything non-finite is saved) when the loss or the gradients stop
@@ -276,7 +277,7 @@ class Engine:
         """Clip, step the optimizer and the LR schedule, zero the gradients, step the EMA. A non-finite loss or
         gradient norm marks the step (no host sync); under ``train.on_nonfinite=skip_step`` the update is
         skipped instead (one host sync per step)."""
-        acc, policy = self.accelerator, getattr(self.tc, "on_nonfinite", "stop")
+        acc, policy = self.accelerator, self.tc.on_nonfinite
         norm = None
         if self.max_grad_norm > 0 or policy == "skip_step":
             norm = acc.clip_grad_norm_(self.clip_params, self.max_grad_norm if self.max_grad_norm > 0 else math.inf)
@@ -305,7 +306,7 @@ class Engine:
     def check_finite(self, done: int, params: bool = True) -> None:
         """Under ``train.on_nonfinite=stop``: raise `NonFinite` if any step so far had a non-finite loss or
         gradient, or (``params``) a trained weight is non-finite. One host sync."""
-        if getattr(self.tc, "on_nonfinite", "stop") != "stop" or not hasattr(self, "first_bad"):
+        if self.tc.on_nonfinite != "stop" or self.first_bad is None:
             return
         flags = [self.first_bad.float()]
         if params and self.clip_params:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 from ldm.diffusion.schedulers import SAMPLERS
-from ldm.engine.config import Checker, LRSchedule, MixedPrecision, OnNonfinite, check_train_basics
+from ldm.engine.config import Checker, EngineSettings, RunConfig, check_engine_settings
 
 
 
@@ -142,40 +142,24 @@ class DiffusionConfig:
 
 
 @dataclass
-class TrainConfig:
-    seed: int = 0
-    batch_size: int = 64  # global batch per optimizer step, split across processes and accumulation steps
+class TrainConfig(EngineSettings):
+    """The engine's settings (`EngineSettings`: seed, batch size, steps, learning rate and schedule, precision,
+    EMA, logging, checkpoints, resume) and the diffusion trainer's own."""
+
     gradient_accumulation_steps: int = 1
-    max_steps: int = 2000
-    learning_rate: float = 1e-3
     text_encoder_learning_rate: float | None = None  # None: same as learning_rate
     optimizer: Optimizer = "adamw"  # adamw (fused on CUDA and CPU) | adamw8bit (needs bitsandbytes)
-    weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    warmup_steps: int = 100
-    lr_schedule: LRSchedule = "cosine"  # after warm-up
-    max_grad_norm: float = 1.0  # 0 turns clipping off
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     # torch.compile the U-Net in place: "regional" (each repeated block once: a short warm-up), "full" (one graph
     # for the whole U-Net; also true), false; "auto": regional on CUDA, off on CPU (where it pays only for runs
     # long enough to repay minutes of compilation).
     compile: bool | CompileMode = "auto"
     channels_last: bool | typing.Literal["auto"] = "auto"  # NHWC U-Net weights; "auto": on CUDA only
-    mixed_precision: MixedPrecision = "no"  # handed to Accelerate; fp16 uses loss scaling
-    ema_decay: float | None = None  # EMA of the U-Net (diffusers EMAModel); None = off
     ema_warmup: bool = True  # decay ramps up as 1 - (1 + step)^(-2/3) until ema_decay
-    log_every: int = 25
     validate_every: int = 0  # validation loss, sample grid and (built-in data) scores; 0: start and end only
     score_num_images: int = 32  # images scored by the built-in scorer at each validation (0: off)
-    checkpoint_every: int = 0  # full training state every N steps and at the end; 0: none
-    keep_last: int | None = 2  # checkpoints kept (older ones are removed after a new one is complete)
-    resume: str | None = None  # "latest" or a checkpoint folder (a missing folder is an error)
-    allow_config_change: bool = False  # resume although the checkpoint's config differs (beyond run length)
-    overwrite: bool = False  # start afresh in a run folder that holds another run (its checkpoints are removed)
-    on_nonfinite: OnNonfinite = "stop"  # a NaN/inf loss or gradient: stop (save nothing after it) | skip_step
-    num_workers: int = 0  # data-loading workers when latents are not cached
-    tensorboard: bool = True  # also write metrics and grids to <run>/tensorboard
 
 
 @dataclass
@@ -251,9 +235,8 @@ class SuperResolutionConfig:
 
 
 @dataclass
-class LDMConfig:
+class LDMConfig(RunConfig):
     name: str = "ldm"
-    output_dir: str = "runs"
     # "base": text-to-image; "super_resolution": a cascade stage that upsamples a low-resolution image
     stage: Stage = "base"
     data: DataConfig = field(default_factory=DataConfig)
@@ -265,16 +248,17 @@ class LDMConfig:
     dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
     super_resolution: SuperResolutionConfig = field(default_factory=SuperResolutionConfig)
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
+    RUN_SETTINGS = RunConfig.RUN_SETTINGS + (
+        "data.cache_dir", "data.data_root", "model.pretrained", "train.validate_every", "train.score_num_images",
+        "train.compile", "train.channels_last", "train.gradient_checkpointing", "sample", "finetune.lora_format",
+        "super_resolution.sample_noise_level")
 
 
 def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -> None:
     """Reject bad values of a diffusion run before any data is read or model built. ``strategy`` is how
     Accelerate distributes the run ("no", "multi_gpu", "multi_cpu", "fsdp", "deepspeed", "deepspeed_zero3")."""
     c = Checker(cfg)
-    check_train_basics(c)
+    check_engine_settings(c)
     tc, d, dif, s, fc, db = cfg.train, cfg.data, cfg.diffusion, cfg.sample, cfg.finetune, cfg.dreambooth
     if strategy in ("fsdp", "deepspeed_zero3"):
         raise ValueError(f"the {strategy} strategy shards the weights, and validation, sample grids and export run on "

@@ -86,7 +86,7 @@ class Run:
 def build_run(cfg: LDMConfig) -> Run:
     """Check the config, read the data, build the networks, draw DreamBooth's class images, choose what trains,
     build the caches and batch sources, prepare for Accelerate, and make the objective, step and validator."""
-    engine = Engine(cfg, check_config, "training")
+    engine = Engine(cfg, check_config, "training", cfg.train.validate_every)
     acc, tc = engine.accelerator, cfg.train
     with acc.main_process_first():  # built-in data is generated once, by the main process
         train_split, val_split, heldout = load_splits(cfg)

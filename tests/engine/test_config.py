@@ -95,6 +95,25 @@ def test_config_differences_leave_out_run_length_and_read_new_keys_as_defaults()
     old = dataclasses.asdict(LDMConfig())
     del old["data"]["max_bad_fraction"]  # a config written before the setting existed
     new = dataclasses.asdict(load_config(LDMConfig, None, ["train.max_steps=9", "train.log_every=3"]))
-    assert config_differences(old, new, defaults) == []
+    assert config_differences(old, new, defaults, LDMConfig.RUN_SETTINGS) == []
     changed = dataclasses.asdict(load_config(LDMConfig, None, ["data.max_bad_fraction=0.5", "train.seed=3"]))
-    assert config_differences(old, changed, defaults) == ["data.max_bad_fraction: 0.01 -> 0.5", "train.seed: 0 -> 3"]
+    assert config_differences(old, changed, defaults, LDMConfig.RUN_SETTINGS) == [
+        "data.max_bad_fraction: 0.01 -> 0.5", "train.seed: 0 -> 3"]
+
+
+def test_both_trainers_extend_the_engine_settings():
+    import dataclasses
+
+    from autoencoder.config import AETrainConfig
+    from ldm.engine.config import EngineSettings, RunConfig
+    from ldm.trainer.config import TrainConfig
+
+    engine_keys = {f.name for f in dataclasses.fields(EngineSettings)}
+    for config, train in ((LDMConfig, TrainConfig), (AutoencoderConfig, AETrainConfig)):
+        assert issubclass(config, RunConfig) and issubclass(train, EngineSettings)
+        assert engine_keys <= {f.name for f in dataclasses.fields(train)}
+        assert set(RunConfig.RUN_SETTINGS) <= set(config.RUN_SETTINGS)
+    # the autoencoder keeps its own defaults and has no setting it would not use
+    assert AETrainConfig().batch_size == 32 and TrainConfig().batch_size == 64
+    assert not hasattr(AETrainConfig(), "validate_every")
+    assert "export_dir" in AutoencoderConfig.RUN_SETTINGS and "export_dir" not in LDMConfig.RUN_SETTINGS

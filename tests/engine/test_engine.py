@@ -26,7 +26,7 @@ def test_cadence_throughput_and_summary(tmp_path, capsys):
     cfg = load_config(LDMConfig, None, [f"output_dir={tmp_path}", "name=e", "train.max_steps=6", "train.log_every=3",
                                         "train.validate_every=2", "train.checkpoint_every=3", "train.batch_size=64",
                                         "train.tensorboard=false", "train.warmup_steps=0"])
-    engine = Engine(cfg, lambda *args: None, "engine test")
+    engine = Engine(cfg, lambda *args: None, "engine test", cfg.train.validate_every)
     w = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([w], lr=0.1)
     engine.optimize_with(optimizer, [w], 0.0, "constant", 0)
