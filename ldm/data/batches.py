@@ -103,21 +103,43 @@ class Plan:
         return len(self.items)
 
 
+class CachedArrays:
+    """One per-image array of a split read from a cache laid out as the latents' (`ldm.data.cache.latent_cache`,
+    its "mean" the array), mirrored with its image: a mask at latent size, a low-resolution image."""
+
+    def __init__(self, cache: dict):
+        self.cache = cache
+
+    def load(self, items: list[int], flips: torch.Tensor, crop_seeds: torch.Tensor) -> torch.Tensor:
+        return cached_posterior(self.cache, items, flips)[0]
+
+
+class CutArrays:
+    """One per-image array cut each step exactly as its image: a dataset keyed (index, flip, crop seed), as
+    `PixelItems` is (a mask when images are cropped anew every step)."""
+
+    def __init__(self, items: torch.utils.data.Dataset):
+        self.items = items
+
+    def load(self, items: list[int], flips: torch.Tensor, crop_seeds: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.items[k] for k in zip(items, flips.tolist(), crop_seeds.tolist())])
+
+
 class BatchSource:
     """A split's batches: ``plan(step)`` the global batch of a step, ``load(plan, sl)`` a slice of it as
-    cached posteriors {"mean", "std"} or {"pixels"}, with "captions" (b,)."""
+    cached posteriors {"mean", "std"} or {"pixels"}, with "captions" (b,) and every extra per-image array by
+    its name."""
 
     def __init__(self, split, sampler: GlobalBatchSampler, seed: int, streams: Streams, random_flip: bool,
                  latents: dict | None = None, pixels: PixelItems | None = None, caption_offset: int = 0,
-                 low_res: dict | None = None, masks=None):
-        """``low_res``: a super-resolution stage's cache of low-resolution images, loaded beside the latents.
-        ``masks``: the masked loss's masks, a cache at latent size beside cached latents, else `MaskItems` cut
-        as the pixels are."""
+                 extras: dict | None = None):
+        """``extras``: name -> `CachedArrays` (beside cached latents) or `CutArrays` (beside pixels): the masked
+        loss's "mask", a super-resolution stage's "low_res"."""
         if (latents is None) == (pixels is None):
             raise ValueError("a batch source reads either cached latents or pixels")
         self.split, self.sampler, self.seed, self.streams = split, sampler, seed, streams
         self.random_flip, self.latents, self.pixels, self.caption_offset = random_flip, latents, pixels, caption_offset
-        self.low_res, self.masks = low_res, masks
+        self.extras = extras or {}
 
     @property
     def batches_per_epoch(self) -> int:
@@ -137,21 +159,17 @@ class BatchSource:
                     flip & self.random_flip, crop_seeds, step_seed(self.seed, step, self.streams.draws))
 
     def load(self, plan: Plan, sl: slice) -> dict:
-        """The slice ``sl`` of a planned batch: cached posteriors (b, C, h, w) or pixels (b, 3, H, W), and the
-        masks (b, 1, h, w) at latent size or (b, 1, H, W) at pixel size."""
-        items, flips = plan.items[sl], plan.flips[sl]
+        """The slice ``sl`` of a planned batch: cached posteriors (b, C, h, w) or pixels (b, 3, H, W), the captions
+        and the extra arrays (a mask (b, 1, h, w) at latent size when cached, (b, 1, H, W) when cut)."""
+        items, flips, crop_seeds = plan.items[sl], plan.flips[sl], plan.crop_seeds[sl]
         if self.latents is not None:
             mean, std = cached_posterior(self.latents, items, flips)
             out = {"mean": mean, "std": std, "captions": plan.captions[sl]}
-            if self.low_res is not None:
-                out["low_res"] = cached_posterior(self.low_res, items, flips)[0]
-            if self.masks is not None:
-                out["mask"] = cached_posterior(self.masks, items, flips)[0]
-            return out
-        keys = list(zip(items, flips.tolist(), plan.crop_seeds[sl].tolist()))
-        out = {"pixels": torch.stack([self.pixels[k] for k in keys]), "captions": plan.captions[sl]}
-        if self.masks is not None:
-            out["mask"] = torch.stack([self.masks[k] for k in keys])
+        else:
+            keys = list(zip(items, flips.tolist(), crop_seeds.tolist()))
+            out = {"pixels": torch.stack([self.pixels[k] for k in keys]), "captions": plan.captions[sl]}
+        for name, extra in self.extras.items():
+            out[name] = extra.load(items, flips, crop_seeds)
         return out
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 
 from ldm.diffusion.schedulers import SAMPLERS
+from ldm.diffusion.timesteps import TIMESTEP_SAMPLERS
 from ldm.engine.config import Checker, EngineSettings, RunConfig, check_engine_settings
 
 
@@ -20,7 +21,7 @@ Optimizer = typing.Literal["adamw", "adamw8bit"]
 FinetuneMethod = typing.Literal["full", "lora", "textual_inversion"]
 LoraFormat = typing.Literal["diffusers", "kohya", "both"]
 BaseDtype = typing.Literal["fp32", "bf16", "fp16"]
-TimestepSampling = typing.Literal["uniform", "logit_normal", "importance"]
+TimestepSampling = typing.Literal[tuple(TIMESTEP_SAMPLERS)]
 LossType = typing.Literal["simple", "vlb"]
 PretrainedSchedule = typing.Literal["keep", "config"]
 LatentPosterior = typing.Literal["sample", "mean"]

@@ -2,21 +2,62 @@
 
 An objective turns the inputs a `BatchSource` loads into the network's regression problem and scores the
 network on it. Everything random in it is drawn once per step for the whole global batch, from the step's
-seed, so a step is the same on any number of processes. A new model family (pixels, super-resolution) is a
-new objective with the same two methods, ``draw(plan)`` and ``__call__(model, parts)``.
+seed, so a step is the same on any number of processes. ``draw(plan)`` makes a step's draws, ``inputs(batch,
+draws, slice)`` one part's `ObjectiveInputs`, ``network(unet, inputs)`` the denoiser they condition, and
+``objective(unet, parts)`` the loss; a stage that conditions the U-Net on more than text (a super-resolution
+stage's low-resolution image) adds them to ``ObjectiveInputs.conditions`` and reads them in its ``network``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 
 import torch
 
-from ldm.diffusion.gaussian import GaussianDiffusion
-from ldm.diffusion.timesteps import ImportanceSampler, sample_timesteps
 from ldm.data.images import downsample
+from ldm.diffusion.gaussian import GaussianDiffusion
+from ldm.diffusion.timesteps import make_timestep_sampler
 from ldm.models.vae import encode, latent_scale_shift, scaled_sample
 from pipelines import vae_scale_factor
 
+
+@dataclass
+class ObjectiveInputs:
+    """What the network and the loss take of one part of a step (or of the validation images), b rows."""
+
+    latents: torch.Tensor  # z0 (b, C, h, w): clean latents (or pixels), scaled to unit variance
+    timesteps: torch.Tensor  # (b,)
+    noise: torch.Tensor  # (b, C, h, w)
+    context: torch.Tensor | None  # (b, L, D) text context; None until the caller encodes the captions
+    weights: torch.Tensor  # (b,) loss weight of each example (importance-sampled timesteps; ones otherwise)
+    pixel_weights: torch.Tensor | None = None  # (b, 1, h, w) loss weight of each latent pixel (a masked loss)
+    conditions: dict[str, torch.Tensor] = field(default_factory=dict)  # more network inputs, (b, ...) each
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    @classmethod
+    def cat(cls, parts: list[ObjectiveInputs]) -> ObjectiveInputs:
+        """The parts of one forward, one after the other (DreamBooth: the subject's images, then the class's). When
+        one part weighs its pixels, the others weigh every pixel 1."""
+        pixel_weights = None
+        if any(p.pixel_weights is not None for p in parts):
+            pixel_weights = torch.cat([p.pixel_weights if p.pixel_weights is not None else
+                                       torch.ones(len(p), 1, *p.latents.shape[-2:], device=p.latents.device)
+                                       for p in parts])
+        return cls(torch.cat([p.latents for p in parts]), torch.cat([p.timesteps for p in parts]),
+                   torch.cat([p.noise for p in parts]), torch.cat([p.context for p in parts]),
+                   torch.cat([p.weights for p in parts]), pixel_weights,
+                   {k: torch.cat([p.conditions[k] for p in parts]) for k in parts[0].conditions})
+
+    def rows(self, sl: slice, device) -> ObjectiveInputs:
+        """Rows ``sl`` on ``device``."""
+        def take(x):
+            return None if x is None else x[sl].to(device)
+
+        return ObjectiveInputs(take(self.latents), take(self.timesteps), take(self.noise), take(self.context),
+                               take(self.weights), take(self.pixel_weights),
+                               {k: take(v) for k, v in self.conditions.items()})
 
 
 class TextContext:
@@ -46,37 +87,33 @@ class LatentDiffusionObjective:
     """Denoising on VAE latents (Rombach et al. 2022) under text context.
 
     Per image: a fresh posterior sample z ~ q(z|x) from the cached (mean, std) (or its mean, with
-    ``latent_posterior="mean"``), shifted and scaled; a timestep (uniform, logit-normal, or importance-sampled
-    with its weight); noise, with offset noise when asked; caption dropout. The terms are Gaussian
-    diffusion's (``mse``, and ``vb`` for a learned variance, min-SNR weighted when asked); with a second
-    part (DreamBooth's class images) its mean loss is the prior-preservation term (Ruiz et al. 2023, eq. 2)
-    added at ``prior_loss_weight``.
+    ``latent_posterior="mean"``), shifted and scaled; a timestep from the run's `TimestepSampler` (uniform,
+    logit-normal, or importance-sampled with its weight); noise, with offset noise when asked; caption dropout.
+    The terms are Gaussian diffusion's (``mse``, and ``vb`` for a learned variance, min-SNR weighted when asked);
+    with a second part (DreamBooth's class images) its mean loss is the prior-preservation term (Ruiz et al.
+    2023, eq. 2) added at ``prior_loss_weight``.
     """
 
     def __init__(self, diffusion: GaussianDiffusion, dcfg, caption_dropout: float, text: TextContext, vae,
                  prior_loss_weight: float = 1.0, gather=None, mask_floor: float = 0.0):
-        """``gather``: all-gathers a tensor across processes (``accelerator.gather``), so every process keeps
-        the same importance-sampling history. ``mask_floor``: the loss weight of pixels a mask leaves out."""
+        """``dcfg``: the config's ``diffusion`` section. ``gather``: all-gathers a tensor across processes
+        (``accelerator.gather``), so every process keeps the same importance-sampling history. ``mask_floor``: the
+        loss weight of pixels a mask leaves out."""
         self.diffusion, self.d, self.caption_dropout, self.text = diffusion, dcfg, caption_dropout, text
-        self.importance = ImportanceSampler(diffusion.num_timesteps) if dcfg.timestep_sampling == "importance" \
-            else None
-        self.gather = gather or (lambda x: x)
+        self.timesteps = make_timestep_sampler(dcfg.timestep_sampling, diffusion.num_timesteps, dcfg.timestep_mean,
+                                               dcfg.timestep_std, gather)
         self.vae, self.prior_loss_weight, self.mask_floor = vae, prior_loss_weight, mask_floor
         self.scale, self.shift = latent_scale_shift(vae)
         self.channels = vae.config.latent_channels
         self.factor = vae_scale_factor(vae)
 
     def draw(self, plan) -> dict:
-        """The random draws of one source's global batch, from its step seed: timesteps (B,), diffusion noise
-        and posterior noise (B, C, h, w), and the caption-dropout mask (B,)."""
+        """The random draws of one source's global batch, from its step seed: timesteps and their loss weights
+        (B,), diffusion noise and posterior noise (B, C, h, w), and the caption-dropout mask (B,)."""
         g = torch.Generator().manual_seed(plan.draws_seed)
         n, (h, w), d = len(plan), plan.size, self.d
         shape = (n, self.channels, h // self.factor, w // self.factor)
-        if self.importance is not None:
-            t, weights = self.importance.sample(n, g)
-        else:
-            t = sample_timesteps(n, self.diffusion.num_timesteps, d.timestep_sampling, g, d.timestep_mean, d.timestep_std)
-            weights = torch.ones(n)
+        t, weights = self.timesteps.sample(n, g)
         noise = torch.randn(shape, generator=g)
         posterior = torch.randn(shape, generator=g)
         drop = torch.rand(n, generator=g) < self.caption_dropout
@@ -84,8 +121,8 @@ class LatentDiffusionObjective:
             noise = noise + d.offset_noise * torch.randn((n, self.channels, 1, 1), generator=g)
         return {"t": t, "noise": noise, "posterior": posterior, "drop": drop, "weights": weights}
 
-    def inputs(self, batch: dict, draws: dict, sl: slice, device) -> tuple:
-        """(z0, t, noise, context, weights) of the slice ``sl`` of a global batch that ``batch`` was loaded from."""
+    def inputs(self, batch: dict, draws: dict, sl: slice, device) -> ObjectiveInputs:
+        """The inputs of the slice ``sl`` of a global batch that ``batch`` was loaded from."""
         if "pixels" in batch:  # images that could not be cached (a new crop every step): encode them now
             mean, std = encode(self.vae, batch["pixels"])
         else:
@@ -96,37 +133,44 @@ class LatentDiffusionObjective:
             eps = torch.zeros_like(eps)
         z0 = scaled_sample(mean.to(device), std.to(device), eps, self.scale, self.shift)
         context = self.text(batch["captions"], draws["drop"][sl], device)  # (b, L, D)
-        return z0, draws["t"][sl].to(device), draws["noise"][sl].to(device), context, draws["weights"][sl].to(device)
+        return ObjectiveInputs(z0, draws["t"][sl].to(device), draws["noise"][sl].to(device), context,
+                               draws["weights"][sl].to(device), self.pixel_weights(batch, z0.shape[-2:], device))
 
-    def loss_weight(self, batch: dict, size: tuple[int, int], device) -> torch.Tensor:
+    def pixel_weights(self, batch: dict, size: tuple[int, int], device) -> torch.Tensor | None:
         """Per-latent-pixel loss weights (b, 1, h, w) of a masked loss: floor + (1 - floor) * mask, the mask
-        area-averaged to latent size; ones for a batch without masks (DreamBooth's class images)."""
+        area-averaged to latent size; None for a batch without masks."""
         if "mask" not in batch:
-            return torch.ones(len(batch["captions"]), 1, *size, device=device)
+            return None
         mask = batch["mask"].to(device).float()
         if mask.shape[-2:] != size:  # cut from pixels this step
             mask = downsample(mask, self.factor)
         return self.mask_floor + (1 - self.mask_floor) * mask
 
-    def network(self, unet, context):
-        """The denoiser (x_t, t) -> the U-Net's output under ``context`` (and a subclass's extra inputs)."""
-        return lambda x, t: unet(x, t, encoder_hidden_states=context).sample
+    def validation_inputs(self, mean: torch.Tensor, std: torch.Tensor, seed: int, arrays: dict) -> ObjectiveInputs:
+        """Fixed inputs for the validation loss of V images, the same at every validation: posterior samples of
+        ``mean``/``std`` (V, C, h, w), timesteps spread evenly over [0, T) and noise, all drawn from ``seed``;
+        ``arrays``: the images' other per-image arrays by name (a stage's conditions). The context is left to the
+        caller, which encodes the captions with the text encoder being trained."""
+        g = torch.Generator().manual_seed(seed)
+        z0 = scaled_sample(mean, std, torch.randn(mean.shape, generator=g), self.scale, self.shift)  # (V, C, h, w)
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.linspace(0, self.diffusion.num_timesteps - 1, len(z0)).round().long()
+        return ObjectiveInputs(z0, t, noise, None, torch.ones(len(z0)))
+
+    def network(self, unet, inputs: ObjectiveInputs):
+        """The denoiser (x_t, t) -> the U-Net's output under the inputs' context (and a stage's conditions)."""
+        return lambda x, t: unet(x, t, encoder_hidden_states=inputs.context).sample
 
     def __call__(self, unet, parts: list[tuple[dict, dict, slice]], device) -> tuple[dict, torch.Tensor]:
         """Named loss terms (b,) of the first part, ``prior_loss`` of the second, and the loss to minimise.
         Both parts go through one forward, as DDP wants."""
-        z0, t, noise, context, weights, *extra = (torch.cat(x) for x in zip(*(self.inputs(b, d, sl, device)
-                                                                              for b, d, sl in parts)))
+        inputs = ObjectiveInputs.cat([self.inputs(batch, draws, sl, device) for batch, draws, sl in parts])
         d = self.d
-        weight = None
-        if any("mask" in b for b, _, _ in parts):  # a masked loss
-            weight = torch.cat([self.loss_weight(b, z0.shape[-2:], device) for b, _, _ in parts])
-        all_terms = self.diffusion.training_losses(self.network(unet, context, *extra), z0, t, noise,
-                                                   snr_gamma=d.snr_gamma, vlb_weight=d.vlb_weight,
-                                                   loss_type=d.loss_type, weight=weight)
-        if self.importance is not None:
-            self.importance.update(self.gather(t), self.gather(all_terms["loss"].detach()))
-            all_terms["loss"] = all_terms["loss"] * weights
+        all_terms = self.diffusion.training_losses(self.network(unet, inputs), inputs.latents, inputs.timesteps,
+                                                   inputs.noise, snr_gamma=d.snr_gamma, vlb_weight=d.vlb_weight,
+                                                   loss_type=d.loss_type, weight=inputs.pixel_weights)
+        self.timesteps.update(inputs.timesteps, all_terms["loss"].detach())
+        all_terms["loss"] = all_terms["loss"] * inputs.weights
         n = len(parts[0][0]["captions"])
         terms = {key: v[:n] for key, v in all_terms.items()}
         loss = terms["loss"].mean()

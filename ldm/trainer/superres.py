@@ -25,7 +25,7 @@ from pipelines import low_res_scheduler
 from pipelines.sr_pipeline import IMAGE_CHANNELS, condition_image
 
 from ldm.data.cache import Fingerprint, latent_cache
-from ldm.trainer.objective import LatentDiffusionObjective
+from ldm.trainer.objective import LatentDiffusionObjective, ObjectiveInputs
 from ldm.data.images import downsample
 
 SR_DRAWS_SALT = 0x5E5  # the augmentation draws of a step come from their own generator: the base draws are unchanged
@@ -121,22 +121,30 @@ class SuperResolutionObjective(LatentDiffusionObjective):
         size = (low.shape[-2] * self.sr_factor // self.factor, low.shape[-1] * self.sr_factor // self.factor)
         return condition_image(noised, size)
 
-    def inputs(self, batch: dict, draws: dict, sl: slice, device) -> tuple:
+    def inputs(self, batch: dict, draws: dict, sl: slice, device) -> ObjectiveInputs:
+        """The base inputs, with the augmented low-resolution image (``image``) and its level (``noise_level``) as
+        conditions."""
         if "corner" in draws:
             batch = self.cut(batch, draws["corner"][sl])
-        base = super().inputs(batch, draws, sl, device)
+        inputs = super().inputs(batch, draws, sl, device)
         low = batch["low_res"] if "low_res" in batch else downsample(batch["pixels"].float(), self.sr_factor)
         cond = self.augment(low.to(device), draws["levels"][sl], draws["aug_noise"][sl], draws["blur"][sl])
-        return (*base, cond, draws["levels"][sl].to(device))
+        inputs.conditions.update(image=cond, noise_level=draws["levels"][sl].to(device))
+        return inputs
 
-    def network(self, unet, context, cond, levels):
-        return lambda x, t: unet(torch.cat([x, cond.to(x.dtype)], dim=1), t, encoder_hidden_states=context,
+    def network(self, unet, inputs: ObjectiveInputs):
+        cond, levels = inputs.conditions["image"], inputs.conditions["noise_level"]
+        return lambda x, t: unet(torch.cat([x, cond.to(x.dtype)], dim=1), t, encoder_hidden_states=inputs.context,
                                  class_labels=levels).sample
 
-    def validation_inputs(self, low: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fixed conditions for the validation loss of images whose low-resolution versions are ``low``
-        (V, 3, h, w): levels spread evenly over the training range, noise from ``seed``; no blur."""
+    def validation_inputs(self, mean: torch.Tensor, std: torch.Tensor, seed: int, arrays: dict) -> ObjectiveInputs:
+        """The base validation inputs, conditioned on the low-resolution images ``arrays["low_res"]`` (V, 3, h, w)
+        at levels spread evenly over the training range, their noise from ``seed``; no blur."""
+        inputs = super().validation_inputs(mean, std, seed, arrays)
+        low = arrays["low_res"]
         g = torch.Generator().manual_seed(seed + SR_DRAWS_SALT)
         lo, hi = self.noise_levels
         levels = torch.linspace(lo, hi, len(low)).round().long()
-        return self.augment(low.float(), levels, torch.randn(low.shape, generator=g)), levels
+        inputs.conditions.update(image=self.augment(low.float(), levels, torch.randn(low.shape, generator=g)),
+                                 noise_level=levels)
+        return inputs

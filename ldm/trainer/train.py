@@ -20,7 +20,7 @@ import torch
 
 from pipelines.fast import compile_model, set_channels_last
 
-from ldm.data.batches import CLASS_STREAMS, TRAIN_STREAMS, BatchSource, PixelItems, rank_slice
+from ldm.data.batches import CLASS_STREAMS, TRAIN_STREAMS, BatchSource, CachedArrays, CutArrays, PixelItems, rank_slice
 from ldm.eval.scorers import SCORED_DATASETS
 from ldm.data.cache import cached_posterior, latent_cache, text_cache
 from ldm.trainer.config import LDMConfig, check_config
@@ -34,7 +34,7 @@ from ldm.trainer.objective import LatentDiffusionObjective, TextContext
 from ldm.trainer.superres import SuperResolutionObjective, low_res_cache
 from ldm.data.splits import Split, check_sizes, class_split, load_splits, report_bad_images, report_unseen
 from ldm.models.text import tokenize
-from ldm.trainer.validation import Validator, check_latent_scale
+from ldm.trainer.validation import ValidationSet, Validator, check_latent_scale
 from ldm.models.vae import encode, encoder_fingerprint, is_pixel_space, latent_scale_shift
 from pipelines import vae_scale_factor
 
@@ -114,9 +114,8 @@ def build_run(cfg: LDMConfig) -> Run:
     sources = [batch_source(cfg, engine, comp, train_split, TRAIN_STREAMS, masked=cfg.data.mask_source != "none")]
     if classes is not None:
         sources.append(batch_source(cfg, engine, comp, classes, CLASS_STREAMS, len(train_split.captions)))
-    val_posterior = validation_posteriors(cfg, engine, comp, val_split)
-    val_low_res = low_res_images(cfg, engine, comp, val_split) if comp.upscale_factor else None
-    latent_std = check_latent_scale(*val_posterior, *latent_scale_shift(comp.vae), warn=not is_pixel_space(comp.vae))
+    val = validation_set(cfg, engine, comp, val_split)
+    latent_std = check_latent_scale(val.mean, val.std, *latent_scale_shift(comp.vae), warn=not is_pixel_space(comp.vae))
     empty_ids = tokenize(comp.tokenizer, [""])[0]
     text = text_cache(comp.text_encoder, input_ids, empty_ids, cfg.data.cache_dir, acc) \
         if cfg.data.cache_text and not comp.train_text_encoder else None
@@ -127,16 +126,14 @@ def build_run(cfg: LDMConfig) -> Run:
     engine.track_ema([p for p in unet_u.parameters() if p.requires_grad], tc.ema_decay, tc.ema_warmup)
     objective = make_objective(cfg, comp, diffusion, TextContext(
         input_ids, empty_ids, encoder=text_encoder if text is None else None, cache=text), acc.gather)
-    if objective.importance is not None:  # its loss history decides the next timesteps: resume needs it
-        engine.state_objects["timestep_importance"] = objective.importance
+    if objective.timesteps.checkpointed:  # its loss history decides the next timesteps: resume needs it
+        engine.state_objects["timestep_importance"] = objective.timesteps
     score_on = cfg.data.dataset if cfg.data.dataset in SCORED_DATASETS and not db.instance_data else None
     if comp.upscale_factor:  # scored by `demos.cascade_demo` at the end, on a base model's samples
         score_on = None
-    validate = Validator(engine, comp, diffusion, unet_u, te_u, val_posterior,
-                         tokenize(comp.tokenizer, val_split.first_captions()),
+    validate = Validator(engine, comp, objective, unet_u, te_u, val,
                          cfg.sample.prompts or sorted(set(train_split.captions))[:8], score_on,
-                         micro_batch_size(cfg, acc.num_processes), objective=objective, low_res=val_low_res,
-                         low_res_captions=val_split.first_captions())
+                         micro_batch_size(cfg, acc.num_processes))
     unet.train()
     text_encoder.train(comp.train_text_encoder)
     step = forward_backward(engine, objective, sources, unet, text_encoder, comp.train_text_encoder)
@@ -200,13 +197,18 @@ def posterior_cache(cfg: LDMConfig, engine, comp: Components, split: Split, flip
                         cfg.data.cache_dir, engine.accelerator, flips, cfg.train.num_workers)
 
 
-def validation_posteriors(cfg: LDMConfig, engine, comp: Components, split: Split) -> tuple:
-    """(mean, std) (V, C, h, w) of the validation images, from their cache; std is zero when training uses
-    the posterior mean, so the validation loss and the latent scale check see what training sees."""
+def validation_set(cfg: LDMConfig, engine, comp: Components, split: Split) -> ValidationSet:
+    """The validation images' posteriors (V, C, h, w), from their cache, their first captions, and (a
+    super-resolution stage) their low-resolution versions. The std is zero when training uses the posterior
+    mean, so the validation loss and the latent scale check see what training sees."""
     every = list(range(len(split)))
     mean, std = cached_posterior(posterior_cache(cfg, engine, comp, split, flips=False), every,
                                  torch.zeros(len(split), dtype=torch.bool))
-    return mean, (torch.zeros_like(std) if cfg.diffusion.latent_posterior == "mean" else std)
+    if cfg.diffusion.latent_posterior == "mean":
+        std = torch.zeros_like(std)
+    captions = split.first_captions()
+    arrays = {"low_res": low_res_images(cfg, engine, comp, split)} if comp.upscale_factor else {}
+    return ValidationSet(mean, std, tokenize(comp.tokenizer, captions), captions, arrays)
 
 
 def low_res_images(cfg: LDMConfig, engine, comp: Components, split: Split) -> torch.Tensor:
@@ -227,28 +229,33 @@ def batch_source(cfg: LDMConfig, engine, comp: Components, split: Split, streams
     masked loss's masks when ``masked``."""
     d = cfg.data
     sampler = GlobalBatchSampler(split.groups, len(split), cfg.train.batch_size, cfg.train.seed, drop_last=True)
-    masks = None
-    if masked:
-        from ldm.data.masks import MaskItems, mask_cache
-
-        cached = d.cache_latents and not d.random_crop
-        masks = MaskItems(split, d.resolution, d.image_column, d.center_crop, d.random_crop and not cached,
-                          d.mask_source, d.mask_column)
-        if cached:
-            masks = mask_cache(masks, split, vae_scale_factor(comp.vae), d.cache_dir, engine.accelerator,
-                               d.random_flip, cfg.train.num_workers)
-    if d.cache_latents and not d.random_crop:
-        low_res = None
+    cached = d.cache_latents and not d.random_crop
+    extras = {"mask": mask_arrays(cfg, engine, comp, split, cached)} if masked else {}
+    if cached:
         if comp.upscale_factor:  # a super-resolution stage's conditioning images, stored beside the latents
-            low_res = low_res_cache(pixel_items(cfg, split, random_crop=False), split, comp.upscale_factor,
-                                    d.cache_dir, engine.accelerator, d.random_flip, cfg.train.num_workers)
+            extras["low_res"] = CachedArrays(low_res_cache(pixel_items(cfg, split, random_crop=False), split,
+                                                           comp.upscale_factor, d.cache_dir, engine.accelerator,
+                                                           d.random_flip, cfg.train.num_workers))
         return BatchSource(split, sampler, cfg.train.seed, streams, d.random_flip,
                            latents=posterior_cache(cfg, engine, comp, split, d.random_flip),
-                           caption_offset=caption_offset, low_res=low_res, masks=masks)
+                           caption_offset=caption_offset, extras=extras)
     if d.cache_latents:
         logger.info("data.random_crop=true: each step crops anew, so images are encoded every step (no latent cache)")
     return BatchSource(split, sampler, cfg.train.seed, streams, d.random_flip,
-                       pixels=pixel_items(cfg, split, d.random_crop), caption_offset=caption_offset, masks=masks)
+                       pixels=pixel_items(cfg, split, d.random_crop), caption_offset=caption_offset, extras=extras)
+
+
+def mask_arrays(cfg: LDMConfig, engine, comp: Components, split: Split, cached: bool):
+    """The masked loss's masks: cached at latent size beside cached latents, else cut each step as the pixels."""
+    from ldm.data.masks import MaskItems, mask_cache
+
+    d = cfg.data
+    masks = MaskItems(split, d.resolution, d.image_column, d.center_crop, d.random_crop and not cached,
+                      d.mask_source, d.mask_column)
+    if not cached:
+        return CutArrays(masks)
+    return CachedArrays(mask_cache(masks, split, vae_scale_factor(comp.vae), d.cache_dir, engine.accelerator,
+                                   d.random_flip, cfg.train.num_workers))
 
 
 def prepare(cfg: LDMConfig, engine, comp: Components, groups: list[dict]):

@@ -8,6 +8,7 @@ config check for that reason.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -17,38 +18,29 @@ from ldm.eval.scoring import generate_for_prompts
 from ldm.models.components import make_pipeline
 from pipelines.files import atomic_save
 from ldm.engine.records import make_grid
-from ldm.models.vae import latent_scale_shift, scaled_sample
+from ldm.models.vae import scaled_sample
 
 logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def validation_loss(diffusion, unet, text_encoder, mean: torch.Tensor, std: torch.Tensor, input_ids: torch.Tensor,
-                    scale: float, shift: float, seed: int = 0, batch_size: int = 64, loss_type: str = "simple",
-                    network=None, extra: tuple = ()) -> dict:
-    """Unweighted loss terms on fixed images: posterior samples of ``mean``/``std`` (V, C, h, w), timesteps
-    spread over [0, T) and noise, all drawn from ``seed``; in micro-batches of ``batch_size`` images.
-    ``network(unet, context, *extra rows)`` makes the denoiser (the objective's; plain text conditioning when
-    None); ``extra`` holds per-image inputs (V, ...) beside the context, e.g. a super-resolution stage's."""
-    network = network or (lambda u, c: lambda x, tt: u(x, tt, encoder_hidden_states=c).sample)
-    g = torch.Generator().manual_seed(seed)
+def validation_loss(objective, unet, text_encoder, inputs, input_ids: torch.Tensor, batch_size: int = 64,
+                    loss_type: str = "simple") -> dict:
+    """Unweighted loss terms of the objective's fixed validation ``inputs`` (`validation_inputs`), the context of
+    each image encoded from its ``input_ids`` by ``text_encoder``; in micro-batches of ``batch_size`` images."""
     device = next(unet.parameters()).device
-    z0 = scaled_sample(mean, std, torch.randn(mean.shape, generator=g), scale, shift)  # (V, C, h, w)
-    noise = torch.randn(z0.shape, generator=g)
-    t = torch.linspace(0, diffusion.num_timesteps - 1, len(z0)).round().long()
     was_training = unet.training, text_encoder.training
     unet.eval(), text_encoder.eval()
     sums: dict[str, float] = {}
-    for s in range(0, len(z0), batch_size):
-        context = text_encoder(input_ids[s:s + batch_size].to(device))[0]
-        rows = [e[s:s + batch_size].to(device) for e in extra]
-        terms = diffusion.training_losses(network(unet, context, *rows),
-                                          z0[s:s + batch_size].to(device), t[s:s + batch_size].to(device),
-                                          noise[s:s + batch_size].to(device), loss_type=loss_type)
+    for s in range(0, len(inputs), batch_size):
+        rows = inputs.rows(slice(s, s + batch_size), device)
+        rows.context = text_encoder(input_ids[s:s + batch_size].to(device))[0]
+        terms = objective.diffusion.training_losses(objective.network(unet, rows), rows.latents, rows.timesteps,
+                                                    rows.noise, loss_type=loss_type)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.double().sum())
     unet.train(was_training[0]), text_encoder.train(was_training[1])
-    return {f"val_{k}": v / len(z0) for k, v in sums.items()}
+    return {f"val_{k}": v / len(inputs) for k, v in sums.items()}
 
 
 def check_latent_scale(mean: torch.Tensor, std: torch.Tensor, scale: float, shift: float,
@@ -100,25 +92,33 @@ def builtin_scores(pipe, dataset: str, num_images: int, num_inference_steps: int
     return {f"score_{k}": v for k, v in score(dataset, images, prompts).items() if k.endswith("_accuracy")}
 
 
+@dataclass
+class ValidationSet:
+    """The held-out images a run validates on: their posteriors, the first caption of each, and their other
+    per-image arrays by name (a super-resolution stage's low-resolution images)."""
+
+    mean: torch.Tensor  # (V, C, h, w)
+    std: torch.Tensor  # (V, C, h, w); zeros when training uses the posterior mean
+    input_ids: torch.Tensor  # (V, L)
+    captions: list[str]
+    arrays: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 class Validator:
     """``validator(step) -> row``: the held-out loss at every call; from step 1 on also the sample grid
     (``samples/step-N.png``, TensorBoard) and the built-in scores. With EMA on, the EMA weights are used."""
 
     GRID_IMAGES = 8  # a super-resolution stage's grid: this many validation images
 
-    def __init__(self, engine, comp, diffusion, unet, text_encoder, posterior: tuple[torch.Tensor, torch.Tensor],
-                 input_ids: torch.Tensor, prompts: list[str], score_dataset: str | None, batch_size: int,
-                 objective=None, low_res: torch.Tensor | None = None, low_res_captions: list[str] | None = None):
-        """A super-resolution stage passes its ``objective``, the validation images' ``low_res`` versions and
-        their captions: the loss is conditioned as in training, and the grid upscales the first images."""
-        self.engine, self.comp, self.diffusion = engine, comp, diffusion
-        self.unet, self.text_encoder = unet, text_encoder  # unwrapped
-        self.posterior, self.input_ids, self.prompts = posterior, input_ids, prompts
-        self.score_dataset, self.batch_size = score_dataset, batch_size
-        self.scale, self.shift = latent_scale_shift(comp.vae)
-        self.network = objective.network if objective is not None else None
-        self.low_res, self.low_res_captions = low_res, low_res_captions
-        self.extra = objective.validation_inputs(low_res, engine.cfg.train.seed) if low_res is not None else ()
+    def __init__(self, engine, comp, objective, unet, text_encoder, data: ValidationSet, prompts: list[str],
+                 score_dataset: str | None, batch_size: int):
+        """``unet``, ``text_encoder``: unwrapped; ``prompts``: the grid's; ``score_dataset``: the built-in dataset
+        whose scorer reads the samples, or None; ``batch_size``: images per forward."""
+        self.engine, self.comp, self.objective = engine, comp, objective
+        self.unet, self.text_encoder = unet, text_encoder
+        self.data, self.prompts, self.score_dataset, self.batch_size = data, prompts, score_dataset, batch_size
+        self.inputs = objective.validation_inputs(data.mean, data.std, engine.cfg.train.seed, data.arrays)
+        self.low_res = data.arrays.get("low_res")
 
     def __call__(self, step: int) -> dict:
         engine, cfg = self.engine, self.engine.cfg
@@ -126,16 +126,15 @@ class Validator:
             return {}
         s, tc = cfg.sample, cfg.train
         with engine.ema_weights(), engine.accelerator.autocast():
-            row = validation_loss(self.diffusion, self.unet, self.text_encoder, *self.posterior, self.input_ids,
-                                  self.scale, self.shift, tc.seed, self.batch_size, cfg.diffusion.loss_type,
-                                  self.network, self.extra)
+            row = validation_loss(self.objective, self.unet, self.text_encoder, self.inputs, self.data.input_ids,
+                                  self.batch_size, cfg.diffusion.loss_type)
             if step > 0:
                 unet_mode, te_mode = self.unet.training, self.text_encoder.training
                 self.unet.eval(), self.text_encoder.eval()
                 pipe = make_pipeline(self.comp, self.unet, self.text_encoder, s.scheduler)
                 if self.low_res is not None:
                     k = self.GRID_IMAGES
-                    grid = super_resolution_grid(pipe, self.low_res[:k], self.low_res_captions[:k], s.seeds[0],
+                    grid = super_resolution_grid(pipe, self.low_res[:k], self.data.captions[:k], s.seeds[0],
                                                  s.num_inference_steps, s.guidance_scale,
                                                  cfg.super_resolution.sample_noise_level)
                 else:

@@ -32,7 +32,7 @@ class _VAE:
 class _Pointwise(LatentDiffusionObjective):
     """The denoiser is a 1x1 convolution: each output pixel sees only its own input pixel."""
 
-    def network(self, unet, context):
+    def network(self, unet, inputs):
         return lambda x, t: unet(x)
 
 
@@ -88,8 +88,9 @@ def test_the_loss_is_the_mean_over_the_masked_in_pixels():
     plan = Plan(list(range(4)), (32, 32), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.bool),
                 torch.zeros(4, dtype=torch.long), draws_seed=5)
     draws = objective.draw(plan)
-    z0, t, noise, _, _ = objective.inputs({"mean": mirrored, "std": torch.full_like(mirrored, 0.1),
-                                           "captions": torch.zeros(4, dtype=torch.long)}, draws, slice(0, 4), "cpu")
+    inputs = objective.inputs({"mean": mirrored, "std": torch.full_like(mirrored, 0.1),
+                               "captions": torch.zeros(4, dtype=torch.long)}, draws, slice(0, 4), "cpu")
+    z0, t, noise = inputs.latents, inputs.timesteps, inputs.noise
     xt = diffusion.q_sample(z0, t, noise)
     err = (net(xt) - diffusion.training_target(z0, noise, t)) ** 2
     torch.testing.assert_close(masked["mse"], err[..., 4:].flatten(1).mean(1).detach(), rtol=1e-5, atol=1e-6)
@@ -187,8 +188,8 @@ def test_masked_training_reads_cached_masks_that_follow_flips(tmp_path, tiny_cfg
     for k, (i, flip) in enumerate(zip(plan.items[:4], plan.flips[:4].tolist())):
         expected = torch.nn.functional.avg_pool2d(masks[(i, flip, 0)][None], 4)[0]
         torch.testing.assert_close(batch["mask"][k], expected, atol=1e-6, rtol=0)
-    flipped = cached_posterior(source.masks, [0], torch.tensor([True]))[0]
-    plain = cached_posterior(source.masks, [0], torch.tensor([False]))[0]
+    flipped = cached_posterior(source.extras["mask"].cache, [0], torch.tensor([True]))[0]
+    plain = cached_posterior(source.extras["mask"].cache, [0], torch.tensor([False]))[0]
     torch.testing.assert_close(flipped, plain.flip(-1), atol=1e-6, rtol=0)
     assert float(plain.std()) > 0.05  # not a constant mask
     result = train(tiny_cfg("data.resolution=16", "data.mask_source=file", "train.max_steps=2",

@@ -14,7 +14,7 @@ from ldm.data.batches import Plan
 from ldm.trainer.config import DiffusionConfig
 from ldm.diffusion.gaussian import GaussianDiffusion, make_betas
 from ldm.trainer.objective import LatentDiffusionObjective
-from ldm.diffusion.timesteps import sample_timesteps
+from ldm.diffusion.timesteps import make_timestep_sampler
 from ldm.trainer.train import build_run, train
 
 
@@ -68,7 +68,7 @@ def test_latent_posterior_picks_a_fresh_sample_or_the_mean(posterior):
     draws = objective.draw(plan)
     g = torch.Generator().manual_seed(1)
     mean, std = torch.randn(n, 4, 8, 8, generator=g), torch.rand(n, 4, 8, 8, generator=g) + 0.1
-    z0, *_ = objective.inputs({"mean": mean, "std": std, "captions": ["a"] * n}, draws, slice(0, n), "cpu")
+    z0 = objective.inputs({"mean": mean, "std": std, "captions": ["a"] * n}, draws, slice(0, n), "cpu").latents
     expected = mean + std * draws["posterior"] if posterior == "sample" else mean
     torch.testing.assert_close(z0, (expected - 0.25) * 0.5)
 
@@ -76,7 +76,8 @@ def test_latent_posterior_picks_a_fresh_sample_or_the_mean(posterior):
 def test_logit_normal_timesteps_follow_their_density():
     g = torch.Generator().manual_seed(0)
     T, n, mean, std = 1000, 200_000, 0.5, 1.0
-    t = sample_timesteps(n, T, "logit_normal", g, mean, std)
+    t, weights = make_timestep_sampler("logit_normal", T, mean, std).sample(n, g)
+    assert torch.equal(weights, torch.ones(n))  # the density is the point: no reweighting
     # t = floor(T u) with logit(u) ~ N(mean, std²): P(t < k) = Φ((logit(k/T) - mean) / std).
     edges = np.arange(0, T + 1, 50)
     observed = np.histogram(t.numpy(), bins=edges)[0] / n
@@ -91,11 +92,12 @@ def test_logit_normal_timesteps_follow_their_density():
 
     expected = np.diff([cdf(k) for k in edges])
     assert np.abs(observed - expected).max() < 0.003, np.c_[observed, expected]
-    u = sample_timesteps(100_000, T, "uniform", g)
+    u, weights = make_timestep_sampler("uniform", T).sample(100_000, g)
+    assert torch.equal(weights, torch.ones(100_000))
     assert u.min() == 0 and u.max() == T - 1
     assert np.abs(np.histogram(u.numpy(), bins=edges)[0] / 100_000 - 0.05).max() < 0.003
     with pytest.raises(ValueError, match="timestep_sampling"):
-        sample_timesteps(4, T, "cosine", g)
+        make_timestep_sampler("cosine", T)
 
 
 def _grads_of_first_step(cfg) -> dict:
@@ -137,3 +139,51 @@ def test_buckets_smaller_than_a_batch_are_reported():
                   buckets=[(32, 32), (24, 40)], fingerprint="")
     assert split.unseen_buckets(8) == {"24x40": 5}
     assert split.unseen_buckets(4) == {}
+
+
+def test_every_timestep_sampler_has_one_interface():
+    from ldm.diffusion.timesteps import TIMESTEP_SAMPLERS
+
+    T = 10
+    for name in TIMESTEP_SAMPLERS:
+        sampler = make_timestep_sampler(name, T, mean=0.5, std=1.0)
+        t, weights = sampler.sample(32, torch.Generator().manual_seed(0))
+        assert t.shape == weights.shape == (32,) and t.dtype == torch.long and weights.dtype == torch.float32
+        assert int(t.min()) >= 0 and int(t.max()) < T
+        sampler.update(t, torch.rand(32))  # only a loss-aware sampler keeps what it is shown
+        assert sampler.checkpointed == hasattr(sampler, "state_dict")
+
+
+def test_a_batch_source_carries_extra_arrays_by_name():
+    """Any per-image array travels beside the latents under its name, sliced and mirrored with its image."""
+    from ldm.data.batches import TRAIN_STREAMS, BatchSource, CachedArrays, CutArrays, GlobalBatchSampler
+
+    class _Split:
+        sizes, groups = [(8, 8)] * 8, None
+
+        def __len__(self):
+            return 8
+
+        def caption_index(self, items, u):
+            return torch.as_tensor(items)
+
+    latents = {"rows": np.arange(8), "groups": np.zeros(8, dtype=np.int64),
+               "mean_0": np.arange(8 * 4 * 2 * 2, dtype=np.float32).reshape(8, 4, 2, 2)}
+    latents.update(std_0=np.zeros_like(latents["mean_0"]), mean_flip_0=-latents["mean_0"],
+                   std_flip_0=np.zeros_like(latents["mean_0"]))
+    depth = {**latents, "mean_0": latents["mean_0"][:, :1] + 1000, "mean_flip_0": -latents["mean_0"][:, :1] - 1000}
+    class _Labels(torch.utils.data.Dataset):  # keyed (index, flip, crop seed), as PixelItems and MaskItems are
+        def __getitem__(self, key):
+            return torch.full((1, 8, 8), float(key[0]))
+
+    cut = CutArrays(_Labels())
+    source = BatchSource(_Split(), GlobalBatchSampler(None, 8, 4, seed=0), 0, TRAIN_STREAMS, random_flip=True,
+                         latents=latents, extras={"depth": CachedArrays(depth), "label": cut})
+    plan = source.plan(0)
+    batch = source.load(plan, slice(1, 3))
+    items, flips = plan.items[1:3], plan.flips[1:3]
+    for k, (i, f) in enumerate(zip(items, flips.tolist())):
+        sign = -1 if f else 1
+        assert torch.equal(batch["depth"][k], sign * (torch.from_numpy(latents["mean_0"][i, :1]) + 1000))
+        assert torch.equal(batch["mean"][k], sign * torch.from_numpy(latents["mean_0"][i]))
+        assert torch.equal(batch["label"][k], torch.full((1, 8, 8), float(i)))

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from ldm.trainer.config import LDMConfig
 from ldm.engine.config import load_config
 from ldm.eval.likelihood import nll
-from ldm.diffusion.timesteps import ImportanceSampler
+from ldm.diffusion.timesteps import ImportanceTimesteps
 from ldm.engine.records import read_metrics
 from ldm.trainer.train import train
 from pipelines import LDMPipeline
@@ -58,7 +58,7 @@ def test_pixel_space_run_exports_a_pipeline_without_a_vae(tmp_path, data_dir):
 
 
 def test_importance_sampler_follows_the_second_moment_of_each_loss():
-    s = ImportanceSampler(4, history=2, uniform=0.0)
+    s = ImportanceTimesteps(4, history=2, uniform=0.0)
     g = torch.Generator().manual_seed(0)
     t, w = s.sample(8, g)
     assert torch.equal(w, torch.ones(8))  # uniform until every t has a full history
@@ -71,7 +71,7 @@ def test_importance_sampler_follows_the_second_moment_of_each_loss():
     freq = torch.bincount(t, minlength=4).double() / 20_000
     assert (freq - rms / rms.sum()).abs().max() < 0.02
     torch.testing.assert_close(w.double(), 1 / (4 * (rms / rms.sum())[t]), rtol=1e-6, atol=0)
-    other = ImportanceSampler(4, history=2)
+    other = ImportanceTimesteps(4, history=2)
     other.load_state_dict(s.state_dict())
     assert torch.equal(other.losses, s.losses) and torch.equal(other.counts, s.counts)
 

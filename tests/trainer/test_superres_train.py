@@ -149,9 +149,9 @@ def test_stage_trained_on_crops_learns_and_samples_whole_images(tiny_cfg, monkey
     sizes = set()  # the latent sizes the U-Net is trained on
     network = SuperResolutionObjective.network
 
-    def recording(self, unet, context, cond, levels):
-        sizes.add(tuple(cond.shape[-2:]))
-        return network(self, unet, context, cond, levels)
+    def recording(self, unet, inputs):
+        sizes.add(tuple(inputs.conditions["image"].shape[-2:]))
+        return network(self, unet, inputs)
 
     monkeypatch.setattr(SuperResolutionObjective, "network", recording)
     cfg = tiny_cfg(*SR, "super_resolution.train_crop=16", "train.max_steps=40")
