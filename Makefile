@@ -14,7 +14,7 @@ LAUNCH    := $(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo lora-demo ti-demo mask-demo cascade-demo variance-study app test test-slow vae clean
+.PHONY: install demo lora-demo ti-demo mask-demo cascade-demo variance-study app lint test test-slow vae clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -59,13 +59,17 @@ cascade-demo: $(STAMP)
 	$(BIN)/python -m demos.cascade_demo --base runs/demo/pipeline --out runs/cascade-demo
 
 # Fixed vs learned variance vs the bound alone, same budget and seed, sampled at 10-250 steps with DDPM and
-# DDIM, scored and bounded: runs/variance-study/results.json and quality_vs_steps.png (README "Learned variance").
+# DDIM, scored and bounded: runs/variance-study/results.json and quality_vs_steps.png (docs/results.md).
 variance-study: $(STAMP)
 	$(BIN)/python -m demos.variance_study --out runs/variance-study
 
 # The web page on http://127.0.0.1:7860: draw with any pipeline under runs/ and watch runs (ldm/app.py).
 app: $(STAMP)
 	$(BIN)/python -m ldm.app --runs-dir runs
+
+# ruff: pyflakes, import order, complexity and statement bounds (pyproject.toml [tool.ruff]).
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,6 +1,6 @@
 """Train a text-to-image latent diffusion model: `accelerate launch train_ldm.py --config configs/ldm/<preset>.yaml [key=value ...]`."""
 
-from ldm.trainer.train import train_main
+from ldm.trainer.train import main
 
 if __name__ == "__main__":
-    train_main()
+    main()

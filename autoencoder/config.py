@@ -6,7 +6,7 @@ import typing
 from dataclasses import dataclass, field
 
 from ldm.engine.config import Checker, EngineSettings, RunConfig, check_engine_settings
-from pipelines import vae_scale_factor
+from pipelines.latents import vae_scale_factor
 
 TrainPart = typing.Literal["both", "decoder"]
 DiscLoss = typing.Literal["hinge", "vanilla"]

@@ -27,16 +27,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm.engine.errors import user_errors
-from ldm.eval.metrics import FixedFeatures, feature_stats, frechet_distance, to_tensor
-from pipelines.files import atomic_save
-from ldm.engine.records import make_grid
-from ldm.models.vae import load_vae
-
 from autoencoder.config import AEDataConfig
 from autoencoder.data import load_images
 from autoencoder.metrics import latent_stats
-from ldm.eval.metrics import psnr, ssim
+from ldm.engine.errors import user_errors
+from ldm.engine.records import make_grid
+from ldm.eval.metrics import FixedFeatures, feature_stats, frechet_distance, psnr, ssim, to_tensor
+from ldm.models.vae import load_vae
+from pipelines.files import atomic_save
 
 logger = logging.getLogger(__name__)
 # PSNR (dB) a general-purpose VAE for this project should reach on each held-out set of the suite.

@@ -17,20 +17,24 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from ldm.data.batches import VAE_POSTERIOR_STREAM, DatasetSource, step_generator
-from ldm.data.batches import GlobalBatchSampler
-from ldm.engine.engine import Engine
-from pipelines.files import atomic_save, atomic_save_dir
-from ldm.data.splits import report_bad_images
-from ldm.models.vae import load_vae
-from pipelines import vae_scale_factor
-
 from autoencoder.config import AutoencoderConfig, check_config
 from autoencoder.data import image_datasets
 from autoencoder.evaluate import reconstruct, reconstruction_grid
-from autoencoder.losses import (D_LOSSES, PatchDiscriminator, adaptive_weight, generator_loss, kl_loss,
-    reconstruction_loss)
+from autoencoder.losses import (
+    D_LOSSES,
+    PatchDiscriminator,
+    adaptive_weight,
+    generator_loss,
+    kl_loss,
+    reconstruction_loss,
+)
+from ldm.data.batches import VAE_POSTERIOR_STREAM, DatasetSource, GlobalBatchSampler, step_generator
+from ldm.data.splits import report_bad_images
+from ldm.engine.engine import Engine
 from ldm.eval.metrics import psnr as image_psnr
+from ldm.models.vae import load_vae
+from pipelines.files import atomic_save, atomic_save_dir
+from pipelines.latents import vae_scale_factor
 
 logger = logging.getLogger(__name__)
 
@@ -210,3 +214,7 @@ def main(argv=None) -> None:
     from ldm.engine.cli import run
 
     run(AutoencoderConfig, train, "Train a KL autoencoder (the latent space of a latent diffusion model).", argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -23,8 +23,8 @@ import time
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from ldm.trainer.config import LDMConfig
 from ldm.engine.config import load_config
+from ldm.trainer.config import LDMConfig
 
 
 def unet_from(preset: str, in_channels: int, size: int, extra_levels: list[int] | None = None):

@@ -63,14 +63,13 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ldm.data.builtin import generate_shapes  # noqa: E402
-from ldm.trainer.config import LDMConfig
-from ldm.engine.config import load_config
 from ldm.data.sources import captions_of  # noqa: E402
-from ldm.engine.records import read_metrics  # noqa: E402
-from ldm.models.text import tokenize  # noqa: E402
-from ldm.engine.engine import LR_SCHEDULES  # noqa: E402
-from ldm.models.components import build_components  # noqa: E402
 from ldm.data.splits import load_splits  # noqa: E402
+from ldm.engine.config import LR_SCHEDULES, load_config  # noqa: E402
+from ldm.engine.records import read_metrics  # noqa: E402
+from ldm.models.components import build_components  # noqa: E402
+from ldm.models.text import tokenize  # noqa: E402
+from ldm.trainer.config import LDMConfig  # noqa: E402
 from ldm.trainer.train import train  # noqa: E402
 
 SD15_UNET = [

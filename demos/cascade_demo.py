@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ldm.eval.scorers import eval_prompts, real_images, score
 from ldm.engine.errors import user_errors
-from ldm.eval.scoring import distribution_scores, generate_for_prompts
-from ldm.eval.metrics import psnr, ssim, to_tensor
-from pipelines.files import atomic_save
 from ldm.engine.records import make_grid
+from ldm.eval.metrics import psnr, ssim, to_tensor
+from ldm.eval.scorers import eval_prompts, real_images, score
+from ldm.eval.scoring import distribution_scores, generate_for_prompts
+from pipelines.files import atomic_save
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ def bicubic(captions: list[str]) -> dict:
 
 def train_stage(config: str, out: Path, name: str, overrides: list[str], reuse: bool = False) -> Path:
     """Train a stage into ``out/name`` (again, unless ``reuse`` and its pipeline is there); its pipeline folder."""
-    from ldm.trainer.config import LDMConfig
     from ldm.engine.config import load_config
+    from ldm.trainer.config import LDMConfig
     from ldm.trainer.train import train
 
     cfg = load_config(LDMConfig, config, [f"output_dir={out}", f"name={name}", "train.overwrite=true", *overrides])
@@ -168,7 +168,7 @@ def main(argv=None) -> None:
     parser.add_argument("--grid-level", type=int, default=100, help="the augmentation level the grid shows")
     parser.add_argument("--cascade-level", type=int, default=0,
                         help="the augmentation level the saved cascade samples at (on this data level 0 gives the "
-                             "best shape accuracy: README, \"Cascades\")")
+                             "best shape accuracy: docs/results.md)")
     parser.add_argument("--per-prompt", type=int, default=6, help="base samples per held-out prompt")
     parser.add_argument("--real-images", type=int, default=32, help="real 32 px inputs for PSNR / SSIM")
     parser.add_argument("--base-steps", type=int, default=50)

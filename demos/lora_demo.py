@@ -32,12 +32,24 @@ from pathlib import Path
 
 import numpy as np
 
-from ldm.data.builtin import (COLOURS, NEW_COLOURS, NEW_SHAPES, POSITIONS, SHAPES, SIZES, _write_folder, draw_shape,
-    shapes_caption, shapes_combos, shapes_eval_prompts, shapes_heldout_combos)
-from ldm.eval.scorers import score_shapes
+from ldm.data.builtin import (
+    COLOURS,
+    NEW_COLOURS,
+    NEW_SHAPES,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    draw_shape,
+    shapes_caption,
+    shapes_combos,
+    shapes_eval_prompts,
+    shapes_heldout_combos,
+    write_folder,
+)
 from ldm.engine.errors import user_errors
-from pipelines.files import atomic_save
 from ldm.engine.records import make_grid
+from ldm.eval.scorers import score_shapes
+from pipelines.files import atomic_save
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +100,7 @@ def generate_concept(out_dir: str | Path, concept: str, num_images: int = 32, se
         images.append(draw_shape(words[1], words[2], pair[1], size, jitter))
         records.append({"file_name": f"{i:05d}.png", "text": name_concept(caption, concept, word)})
     out_dir = Path(out_dir)
-    _write_folder(out_dir, records, images, {"name": concept, "num_images": num_images, "seed": seed})
+    write_folder(out_dir, records, images, {"name": concept, "num_images": num_images, "seed": seed})
     return out_dir
 
 
@@ -109,8 +121,8 @@ def demo_config(config: str, base: str, data: Path, run_dir: Path, prior: Path |
     """The fine-tuning config of a demonstration: ``config`` on the ``base`` pipeline and the generated
     ``data``, run in ``run_dir``; with ``prior``, DreamBooth's prior preservation on the base model's drawings
     of its own training prompts, kept in that folder."""
-    from ldm.trainer.config import LDMConfig
     from ldm.engine.config import load_config
+    from ldm.trainer.config import LDMConfig
 
     cfg = load_config(LDMConfig, config, [
         f"model.pretrained={base}", f"data.dataset={data}", f"output_dir={run_dir.parent}", f"name={run_dir.name}",
@@ -156,13 +168,12 @@ def main(argv=None) -> None:
 
 def run(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from pipelines import LDMPipeline
-
-    from ldm.trainer.config import LDMConfig
     from ldm.engine.config import load_config
     from ldm.methods.lora import LORA_FILE
     from ldm.methods.textual_inversion import EMBEDS_FILE
+    from ldm.trainer.config import LDMConfig
     from ldm.trainer.train import train
+    from pipelines import LDMPipeline
 
     concept, kind, ti = args.concept, concept_kind(args.concept), args.method == "textual_inversion"
     out = Path(args.out or f"runs/{'ti' if ti else 'lora'}-{concept}")

@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from ldm.data.builtin import NEW_COLOURS, SIZES, _write_folder, draw_shape
-from ldm.engine.errors import user_errors
 from demos.lora_demo import concept_caption, concept_pairs, demo_config, evaluate_prompts
+from ldm.data.builtin import NEW_COLOURS, SIZES, draw_shape, write_folder
 from ldm.data.masks import mask_path
-from pipelines.files import atomic_save
+from ldm.engine.errors import user_errors
 from ldm.engine.records import make_grid
+from pipelines.files import atomic_save
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def noisy_concept_data(out_dir: str | Path, concept: str = "orange", num_images:
     draws = noisy_concept_draws(concept, num_images, seed)
     records = [{"file_name": f"{i:05d}.png", "text": caption} for i, (caption, *_) in enumerate(draws)]
     out_dir = Path(out_dir)
-    _write_folder(out_dir, records, [noisy for _, _, noisy, _ in draws],
+    write_folder(out_dir, records, [noisy for _, _, noisy, _ in draws],
                   {"name": f"{concept}-noisy", "num_images": num_images, "seed": seed})
     for rec, (*_, mask) in zip(records, draws):
         mask.save(mask_path(out_dir / rec["file_name"]))
@@ -79,10 +79,10 @@ def masked_targets(vae, concept: str = "orange", num_images: int = 32, seed: int
     targets in a black surrounding), decoded and read off the pixels, beside the clean latents decoded."""
     import torch
 
-    from ldm.eval.scorers import read_shape
     from ldm.data.images import downsample
+    from ldm.eval.scorers import read_shape
     from ldm.models.vae import encode
-    from pipelines import vae_scale_factor
+    from pipelines.latents import vae_scale_factor
 
     draws = noisy_concept_draws(concept, num_images, seed)
 
@@ -133,10 +133,9 @@ def main(argv=None) -> None:
 
 def run(args) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from pipelines import LDMPipeline
-
     from ldm.methods.lora import LORA_FILE
     from ldm.trainer.train import train
+    from pipelines import LDMPipeline
 
     out = Path(args.out)
     if not (Path(args.base) / "model_index.json").is_file():

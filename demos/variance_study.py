@@ -27,14 +27,13 @@ import logging
 import time
 from pathlib import Path
 
-
-from ldm.trainer.config import LDMConfig
 from ldm.engine.config import load_config
 from ldm.engine.errors import user_errors
-from ldm.eval.scoring import evaluate
 from ldm.eval.likelihood import nll
-from pipelines.files import atomic_save
+from ldm.eval.scoring import evaluate
+from ldm.trainer.config import LDMConfig
 from ldm.trainer.train import train
+from pipelines.files import atomic_save
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +56,8 @@ def model_config(name: str, out: Path, steps: int, preset: str, extra: list[str]
 def run_study(out: Path, steps: int = 250, sampling_steps=(10, 25, 50, 100, 250), num_images: int = 48,
               guidance_scale: float = 1.0, nll_images: int = 32, nll_stride: int = 50, check_images: int = 4,
               preset: str = "configs/ldm/shapes.yaml", models=tuple(MODELS), extra: list[str] = ()) -> dict:
-    from pipelines import LDMPipeline
-
     from ldm.eval.scorers import eval_prompts
+    from pipelines import LDMPipeline
 
     prompts = len(eval_prompts("shapes"))
     if num_images < 2 * prompts:
@@ -75,7 +73,8 @@ def run_study(out: Path, steps: int = 250, sampling_steps=(10, 25, 50, 100, 250)
         pipe.set_progress_bar_config(disable=True)
         for sampler in SAMPLERS:
             for n in sampling_steps:
-                r = evaluate(pipe, "shapes", num_images, None, n, guidance_scale, sampler, seed_offset=200_000)
+                r = evaluate(pipe, "shapes", num_images=num_images, num_inference_steps=n,
+                             guidance_scale=guidance_scale, scheduler=sampler, seed_offset=200_000)
                 records.append({"model": name, "sampler": sampler, "steps": n,
                                 **{k: r[k] for k in SCORES}, "sampling_time_s": r["sampling_time_s"]})
                 logger.info("%s %s %d: shape %.3f FD %.3f", name, sampler, n, r["shape_accuracy"],

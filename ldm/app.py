@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,8 @@ def curves_figure(rows: list[dict]):
         pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "final_loss" not in r]
         if pts:
             ax.plot(*zip(*pts), label=key, marker="o" if key != "loss" else None, markersize=3)
-    ax.set_xlabel("step"), ax.set_title("losses")
+    ax.set_xlabel("step")
+    ax.set_title("losses")
     if any(line.get_ydata().min() > 0 for line in ax.get_lines()):
         ax.set_yscale("log")
     ax.legend(loc="best", fontsize=8)
@@ -107,7 +109,9 @@ def curves_figure(rows: list[dict]):
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
             if pts:
                 ax2.plot(*zip(*pts), label=key.removesuffix(SCORE_SUFFIX), marker="o", markersize=3)
-        ax2.set_ylim(0, 1.02), ax2.set_xlabel("step"), ax2.set_title("built-in scores")
+        ax2.set_ylim(0, 1.02)
+        ax2.set_xlabel("step")
+        ax2.set_title("built-in scores")
         ax2.legend(loc="best", fontsize=8)
     fig.tight_layout()
     plt.close(fig)
@@ -160,6 +164,35 @@ def editor_image_and_mask(value) -> tuple[Image.Image | None, Image.Image | None
     return image, Image.fromarray(mask.astype(np.uint8) * 255, "L") if mask.any() else None
 
 
+@dataclass
+class DrawRequest:
+    """What the Draw tab asks for, in the order of its inputs."""
+
+    folder: str
+    lora: str | None
+    lora_scale: float
+    mode: str
+    prompt: str
+    negative: str
+    steps: int
+    guidance: float
+    scheduler: str
+    seed: int
+    size: int
+    num_images: int
+    strength: float
+    editor: object  # the ImageEditor's value
+
+    def settings(self) -> dict:
+        """What an image was drawn with, as its PNG records it."""
+        out = {"prompt": self.prompt, "negative_prompt": self.negative or "", "mode": self.mode,
+               "steps": int(self.steps), "guidance": float(self.guidance), "scheduler": self.scheduler,
+               "pipeline": self.folder}
+        if self.lora:
+            out.update(lora=self.lora, lora_scale=float(self.lora_scale))
+        return out
+
+
 class Drawer:
     """Loads pipelines on demand (the last one stays loaded) and draws with them."""
 
@@ -181,161 +214,191 @@ class Drawer:
             self.key = key
         return self.pipe
 
-    def draw(self, folder, lora, lora_scale, mode, prompt, negative, steps, guidance, scheduler, seed, size,
-             num_images, strength, editor) -> tuple[list, str]:
+    def draw(self, *values) -> tuple[list, str]:
+        """The Draw tab's button: ``values`` are its inputs (`DrawRequest`'s fields, in order). Returns the paths of
+        the images written and their settings as text."""
         import torch
 
+        request = DrawRequest(*values)
+        if request.mode not in MODES:
+            raise ValueError(f"mode {request.mode!r} is not one of {list(MODES)}")
+        if not (request.prompt or "").strip():
+            raise ValueError("write a prompt")
+        pipe = self.load(request.folder, request.lora, request.scheduler)
+        n, seed = int(request.num_images), int(request.seed)
+        kwargs = {"num_inference_steps": int(request.steps), "guidance_scale": float(request.guidance),
+                  "negative_prompt": request.negative or None,
+                  "generator": [torch.Generator().manual_seed(seed + i) for i in range(n)]}
+        if request.lora:
+            kwargs["cross_attention_kwargs"] = {"scale": float(request.lora_scale)}
+        settings = request.settings()
+        run = self.for_mode(pipe, request, kwargs, settings)
+        images = run([request.prompt] * n, **kwargs).images
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        paths = [str(save_with_settings(im, self.out_dir / f"{stamp}-{seed + i}.png", {**settings, "seed": seed + i}))
+                 for i, im in enumerate(images)]
+        return paths, png_parameters({**settings, "seed": f"{seed}..{seed + n - 1}"})
+
+    @staticmethod
+    def for_mode(pipe, request: DrawRequest, kwargs: dict, settings: dict):
+        """The pipeline that draws in the request's mode; its inputs go into ``kwargs`` and ``settings``."""
         from pipelines import CascadePipeline, LDMImg2ImgPipeline, LDMInpaintPipeline
 
-        if mode not in MODES:
-            raise ValueError(f"mode {mode!r} is not one of {list(MODES)}")
-        if not (prompt or "").strip():
-            raise ValueError("write a prompt")
-        pipe = self.load(folder, lora, scheduler)
-        n, steps, seed = int(num_images), int(steps), int(seed)
-        kwargs = {"num_inference_steps": steps, "guidance_scale": float(guidance),
-                  "negative_prompt": negative or None,
-                  "generator": [torch.Generator().manual_seed(seed + i) for i in range(n)]}
-        if lora:
-            kwargs["cross_attention_kwargs"] = {"scale": float(lora_scale)}
-        settings = {"prompt": prompt, "negative_prompt": negative or "", "mode": mode, "steps": steps,
-                    "guidance": float(guidance), "scheduler": scheduler, "pipeline": folder,
-                    **({"lora": lora, "lora_scale": float(lora_scale)} if lora else {})}
-        if mode == "text-to-image":
+        if request.mode == "text-to-image":
             if not isinstance(pipe, CascadePipeline):
-                kwargs["height"] = kwargs["width"] = int(size)
-                settings["size"] = int(size)
-            run = pipe
+                kwargs["height"] = kwargs["width"] = settings["size"] = int(request.size)
+            return pipe
+        if isinstance(pipe, CascadePipeline):
+            raise ValueError(f"{request.mode} needs a text-to-image pipeline, not a cascade")
+        image, mask = editor_image_and_mask(request.editor)
+        if image is None:
+            raise ValueError(f"{request.mode} needs an image: upload one in the editor")
+        kwargs["image"], kwargs["strength"] = image, float(request.strength)
+        settings.update(strength=float(request.strength), size=f"{image.width}x{image.height}")
+        if request.mode == "inpainting":
+            if mask is None:
+                raise ValueError("inpainting needs a mask: paint over the region to draw anew")
+            kwargs["mask_image"] = mask
+            run = LDMInpaintPipeline.from_pipe(pipe)
         else:
-            if isinstance(pipe, CascadePipeline):
-                raise ValueError(f"{mode} needs a text-to-image pipeline, not a cascade")
-            image, mask = editor_image_and_mask(editor)
-            if image is None:
-                raise ValueError(f"{mode} needs an image: upload one in the editor")
-            kwargs["image"], kwargs["strength"] = image, float(strength)
-            settings.update(strength=float(strength), size=f"{image.width}x{image.height}")
-            if mode == "inpainting":
-                if mask is None:
-                    raise ValueError("inpainting needs a mask: paint over the region to draw anew")
-                kwargs["mask_image"] = mask
-                run = LDMInpaintPipeline.from_pipe(pipe)
-            else:
-                run = LDMImg2ImgPipeline.from_pipe(pipe)
-            run.set_progress_bar_config(disable=True)
-        images = run([prompt] * n, **kwargs).images
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        paths = []
-        for i, im in enumerate(images):
-            paths.append(str(save_with_settings(im, self.out_dir / f"{stamp}-{seed + i}.png",
-                                                {**settings, "seed": seed + i})))
-        return paths, png_parameters({**settings, "seed": f"{seed}..{seed + n - 1}"})
+            run = LDMImg2ImgPipeline.from_pipe(pipe)
+        run.set_progress_bar_config(disable=True)
+        return run
 
 
 # ---- the page -------------------------------------------------------------------------------------------
 
-def build_app(runs_dir: Path, out_dir: Path | None = None):
+def page_errors(fn):
+    """``fn`` with its errors shown as a message on the page, never a stack trace."""
     import gradio as gr
 
-    from ldm.diffusion.schedulers import SAMPLERS
+    def wrapped(*args):
+        try:
+            return fn(*args)
+        except gr.Error:
+            raise
+        except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+            logger.info("page error: %s", e)
+            raise gr.Error(str(e)) from None
+    return wrapped
+
+
+def build_app(runs_dir: Path, out_dir: Path | None = None):
+    """The page: a Draw tab and a Runs tab over the runs under ``runs_dir``; drawn images go to ``out_dir``."""
+    import gradio as gr
 
     runs_dir = Path(runs_dir)
     drawer = Drawer(out_dir or runs_dir / "app-images")
     runs_dir = runs_dir.resolve()
-
-    def user_error(fn):
-        """Errors as a message on the page, never a stack trace."""
-        def wrapped(*args):
-            try:
-                return fn(*args)
-            except gr.Error:
-                raise
-            except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
-                logger.info("page error: %s", e)
-                raise gr.Error(str(e)) from None
-        return wrapped
-
     with gr.Blocks(title="latent diffusion") as app:
         gr.Markdown("# Latent diffusion: draw and watch runs")
         with gr.Tab("Draw", id="draw"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    pipelines = find_pipelines(runs_dir)
-                    folder = gr.Dropdown(pipelines, value=pipelines[0] if pipelines else None, allow_custom_value=True,
-                                         label="pipeline folder", elem_id="pipeline")
-                    with gr.Row():
-                        lora = gr.Textbox(label="LoRA (folder or .safetensors, optional)", elem_id="lora")
-                        lora_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale")
-                    mode = gr.Radio(list(MODES), value=MODES[0], label="mode", elem_id="mode")
-                    prompt = gr.Textbox(label="prompt", value="a red circle at the top left", elem_id="prompt")
-                    negative = gr.Textbox(label="negative prompt", elem_id="negative")
-                    with gr.Row():
-                        steps = gr.Slider(1, 250, value=30, step=1, label="steps", elem_id="steps")
-                        guidance = gr.Slider(1, 15, value=1.5, step=0.1, label="guidance")
-                    with gr.Row():
-                        scheduler = gr.Dropdown(list(SAMPLERS), value="dpm++", label="scheduler")
-                        seed = gr.Number(value=0, precision=0, label="seed")
-                    with gr.Row():
-                        size = gr.Slider(8, 1024, value=32, step=8, label="size (text-to-image)")
-                        num_images = gr.Slider(1, 16, value=4, step=1, label="images", elem_id="images")
-                    strength = gr.Slider(0, 1, value=0.8, step=0.05, label="strength (image-to-image, inpainting)")
-                    editor = gr.ImageEditor(label="image (upload; for inpainting paint the region to redraw)",
-                                            type="numpy", brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
-                                            elem_id="editor")
-                    go = gr.Button("Generate", variant="primary", elem_id="generate")
-                with gr.Column(scale=1):
-                    gallery = gr.Gallery(label="images", columns=4, elem_id="gallery", format="png")
-                    info = gr.Textbox(label="settings (also in each PNG's text chunk)", lines=4, elem_id="settings")
-            go.click(user_error(drawer.draw), [folder, lora, lora_scale, mode, prompt, negative, steps, guidance,
-                                               scheduler, seed, size, num_images, strength, editor],
-                     [gallery, info])
-
+            draw_tab(runs_dir, drawer)
         with gr.Tab("Runs", id="runs"):
-            runs = find_runs(runs_dir)
-            with gr.Row():
-                run = gr.Dropdown(runs, value=runs[0] if runs else None, label="run", elem_id="run")
-                refresh = gr.Button("Refresh list")
-            about = gr.Markdown(elem_id="summary")
-            plot = gr.Plot(label="curves", elem_id="curves")
-            grid_step = gr.Slider(0, 1, value=0, step=1, label="sample grid at step", elem_id="grid-step")
-            grid = gr.Image(label="samples", type="filepath", elem_id="grid")
-
-            def show(name):
-                if not name:
-                    return "no run selected", None, gr.update(), None
-                path = runs_dir / name
-                if not (path / "metrics.jsonl").is_file():
-                    raise ValueError(f"{name!r} is not a run under {runs_dir} (no metrics.jsonl)")
-                rows = read_rows(path)
-                grids = sample_grids(path)
-                steps_ = [s for s, _ in grids]
-                lo = steps_[0] if steps_ else 0
-                slider = gr.update(minimum=lo, maximum=max(steps_[-1] if steps_ else 0, lo + 1),  # needs max > min
-                                   step=(steps_[1] - steps_[0]) if len(steps_) > 1 else 1,
-                                   value=steps_[-1] if steps_ else 0)
-                return summary(path, rows), curves_figure(rows), slider, str(grids[-1][1]) if grids else None
-
-            def pick_grid(name, step):
-                grids = sample_grids(runs_dir / name) if name else []
-                if not grids:
-                    return None
-                return str(min(grids, key=lambda g: abs(g[0] - step))[1])
-
-            def tick(name):
-                path = runs_dir / (name or "")
-                if not name or not (path / "metrics.jsonl").is_file():
-                    return gr.update(), gr.update(), gr.update(), gr.update()
-                rows = read_rows(path)
-                if any("final_loss" in r for r in rows) and time.time() - (path / "metrics.jsonl").stat().st_mtime > 60:
-                    return gr.update(), gr.update(), gr.update(), gr.update()  # finished: nothing moves
-                return show(name)
-
-            outputs = [about, plot, grid_step, grid]
-            run.change(user_error(show), [run], outputs)
-            grid_step.release(user_error(pick_grid), [run, grid_step], [grid])
-            refresh.click(lambda: gr.update(choices=find_runs(runs_dir)), None, [run])
-            gr.Timer(REFRESH_S).tick(user_error(tick), [run], outputs)
-            app.load(user_error(show), [run], outputs)
+            runs_tab(app, RunsView(runs_dir))
     return app
+
+
+def draw_tab(runs_dir: Path, drawer: Drawer) -> None:
+    """The Draw tab: a pipeline, an optional LoRA, the prompt and settings, the image editor; the gallery."""
+    import gradio as gr
+
+    from ldm.diffusion.schedulers import SAMPLERS
+
+    with gr.Row():
+        with gr.Column(scale=1):
+            pipelines = find_pipelines(runs_dir)
+            folder = gr.Dropdown(pipelines, value=pipelines[0] if pipelines else None, allow_custom_value=True,
+                                 label="pipeline folder", elem_id="pipeline")
+            with gr.Row():
+                lora = gr.Textbox(label="LoRA (folder or .safetensors, optional)", elem_id="lora")
+                lora_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale")
+            mode = gr.Radio(list(MODES), value=MODES[0], label="mode", elem_id="mode")
+            prompt = gr.Textbox(label="prompt", value="a red circle at the top left", elem_id="prompt")
+            negative = gr.Textbox(label="negative prompt", elem_id="negative")
+            with gr.Row():
+                steps = gr.Slider(1, 250, value=30, step=1, label="steps", elem_id="steps")
+                guidance = gr.Slider(1, 15, value=1.5, step=0.1, label="guidance")
+            with gr.Row():
+                scheduler = gr.Dropdown(list(SAMPLERS), value="dpm++", label="scheduler")
+                seed = gr.Number(value=0, precision=0, label="seed")
+            with gr.Row():
+                size = gr.Slider(8, 1024, value=32, step=8, label="size (text-to-image)")
+                num_images = gr.Slider(1, 16, value=4, step=1, label="images", elem_id="images")
+            strength = gr.Slider(0, 1, value=0.8, step=0.05, label="strength (image-to-image, inpainting)")
+            editor = gr.ImageEditor(label="image (upload; for inpainting paint the region to redraw)",
+                                    type="numpy", brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                                    elem_id="editor")
+            go = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Column(scale=1):
+            gallery = gr.Gallery(label="images", columns=4, elem_id="gallery", format="png")
+            info = gr.Textbox(label="settings (also in each PNG's text chunk)", lines=4, elem_id="settings")
+    inputs = [folder, lora, lora_scale, mode, prompt, negative, steps, guidance, scheduler, seed, size, num_images,
+              strength, editor]  # in DrawRequest's order
+    go.click(page_errors(drawer.draw), inputs, [gallery, info])
+
+
+class RunsView:
+    """What the Runs tab shows of a run: its summary, curves and sample grids, refreshed while it goes on."""
+
+    def __init__(self, runs_dir: Path):
+        self.runs_dir = runs_dir
+
+    def show(self, name):
+        """(summary, curves, the grid slider's range, the last grid) of run ``name``."""
+        import gradio as gr
+
+        if not name:
+            return "no run selected", None, gr.update(), None
+        path = self.runs_dir / name
+        if not (path / "metrics.jsonl").is_file():
+            raise ValueError(f"{name!r} is not a run under {self.runs_dir} (no metrics.jsonl)")
+        rows = read_rows(path)
+        grids = sample_grids(path)
+        steps = [s for s, _ in grids]
+        lo = steps[0] if steps else 0
+        slider = gr.update(minimum=lo, maximum=max(steps[-1] if steps else 0, lo + 1),  # needs max > min
+                           step=(steps[1] - steps[0]) if len(steps) > 1 else 1, value=steps[-1] if steps else 0)
+        return summary(path, rows), curves_figure(rows), slider, str(grids[-1][1]) if grids else None
+
+    def pick_grid(self, name, step):
+        """The grid of the step nearest ``step``."""
+        grids = sample_grids(self.runs_dir / name) if name else []
+        if not grids:
+            return None
+        return str(min(grids, key=lambda g: abs(g[0] - step))[1])
+
+    def tick(self, name):
+        """`show` again while the run is going; nothing once it finished."""
+        import gradio as gr
+
+        path = self.runs_dir / (name or "")
+        if not name or not (path / "metrics.jsonl").is_file():
+            return gr.update(), gr.update(), gr.update(), gr.update()
+        rows = read_rows(path)
+        if any("final_loss" in r for r in rows) and time.time() - (path / "metrics.jsonl").stat().st_mtime > 60:
+            return gr.update(), gr.update(), gr.update(), gr.update()  # finished: nothing moves
+        return self.show(name)
+
+
+def runs_tab(app, view: RunsView) -> None:
+    """The Runs tab: a run, its summary and curves, and a slider over its sample grids."""
+    import gradio as gr
+
+    runs = find_runs(view.runs_dir)
+    with gr.Row():
+        run = gr.Dropdown(runs, value=runs[0] if runs else None, label="run", elem_id="run")
+        refresh = gr.Button("Refresh list")
+    about = gr.Markdown(elem_id="summary")
+    plot = gr.Plot(label="curves", elem_id="curves")
+    grid_step = gr.Slider(0, 1, value=0, step=1, label="sample grid at step", elem_id="grid-step")
+    grid = gr.Image(label="samples", type="filepath", elem_id="grid")
+    outputs = [about, plot, grid_step, grid]
+    run.change(page_errors(view.show), [run], outputs)
+    grid_step.release(page_errors(view.pick_grid), [run, grid_step], [grid])
+    refresh.click(lambda: gr.update(choices=find_runs(view.runs_dir)), None, [run])
+    gr.Timer(REFRESH_S).tick(page_errors(view.tick), [run], outputs)
+    app.load(page_errors(view.show), [run], outputs)
 
 
 def main(argv=None) -> None:

@@ -17,13 +17,11 @@ import argparse
 import json
 import logging
 
-
+from ldm.diffusion.schedulers import SAMPLERS, VARIANCES
+from ldm.engine.errors import user_errors
 from ldm.eval.likelihood import nll
 from ldm.eval.scorers import SCORED_DATASETS
 from ldm.eval.scoring import evaluate
-from ldm.engine.errors import user_errors
-from ldm.diffusion.schedulers import SAMPLERS, VARIANCES
-
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +58,9 @@ def main(argv=None) -> None:
             print(json.dumps(nll(args.pipeline, args.dataset, args.num_images or 32, args.nll_stride, out=args.out),
                              indent=2))
             return
-        result = evaluate(args.pipeline, args.dataset, args.num_images or 96, args.out, args.steps,
-                          args.guidance_scale, args.scheduler, args.seed_offset,
+        result = evaluate(args.pipeline, args.dataset, num_images=args.num_images or 96, out=args.out,
+                          num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                          scheduler=args.scheduler, seed_offset=args.seed_offset,
                           guidance_rescale=args.guidance_rescale, variance=args.variance)
         keys = [k for k in result if k.endswith("_accuracy")] + [
             "frechet_distance", "frechet_distance_floor", "diversity", "diversity_real", "num_images",

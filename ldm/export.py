@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 
-
-
 def load_for_export(folder: str | Path):
     """The pipeline of ``folder``: an LDMPipeline, or a SuperResolutionPipeline for a super-resolution stage's."""
     import json

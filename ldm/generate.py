@@ -27,14 +27,13 @@ from pathlib import Path
 
 import torch
 
-from pipelines import CascadePipeline
-
-from ldm.engine.errors import user_errors
-from ldm.methods.lora import lora_file
-from pipelines.files import atomic_save
-from ldm.engine.records import make_grid
 from ldm.diffusion.schedulers import SAMPLERS, VARIANCES, sampling_scheduler, with_variance
+from ldm.engine.errors import user_errors
+from ldm.engine.records import make_grid
+from ldm.methods.lora import lora_file
 from ldm.methods.textual_inversion import EMBEDS_FILE, load_embedding
+from pipelines import CascadePipeline
+from pipelines.files import atomic_save
 
 logger = logging.getLogger(__name__)
 

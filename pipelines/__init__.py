@@ -5,7 +5,7 @@ __all__ = ["CascadeOutput", "CascadePipeline", "LDMImg2ImgPipeline", "LDMInpaint
            "to_single_file", "vae_scale_factor"]
 
 _WHERE = {"CascadeOutput": "cascade", "CascadePipeline": "cascade", "LDMPipeline": "ldm_pipeline",
-          "vae_scale_factor": "ldm_pipeline", "SuperResolutionPipeline": "sr_pipeline",
+          "vae_scale_factor": "latents", "SuperResolutionPipeline": "sr_pipeline",
           "low_res_scheduler": "sr_pipeline", "rescale_latent_space": "sr_pipeline",
           "LDMImg2ImgPipeline": "img2img", "LDMInpaintPipeline": "img2img", "to_single_file": "single_file",
           "from_single_file": "single_file"}

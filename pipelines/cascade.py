@@ -161,8 +161,10 @@ class CascadePipeline:
         negatives = None
         if negative_prompt is not None:
             negatives = expand([negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt)
-        out = self.upscale(low, expand(list(prompts)), negatives, generator, noise_level, stage_num_inference_steps,
-                           stage_guidance_scale, output_type, return_intermediates, guidance_rescale)
+        out = self.upscale(low, expand(list(prompts)), negatives, generator=generator, noise_level=noise_level,
+                           num_inference_steps=stage_num_inference_steps, guidance_scale=stage_guidance_scale,
+                           output_type=output_type, return_intermediates=return_intermediates,
+                           guidance_rescale=guidance_rescale)
         if return_intermediates:
             out.intermediates = [_to_pil(low), *out.intermediates]
         return out

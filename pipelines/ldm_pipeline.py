@@ -6,17 +6,20 @@ import logging
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, DDPMParallelScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
-from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
+
+from pipelines.latents import latent_scale_shift, unscale_latents, vae_scale_factor
 
 logger = logging.getLogger(__name__)
 
@@ -31,17 +34,39 @@ VARIANCE_SPLITTING_SCHEDULERS = (DDPMScheduler, DDPMParallelScheduler)
 SAVED_CLASS_NAME = "StableDiffusionPipeline"
 
 
-def vae_scale_factor(vae) -> int:
-    """How many pixels one latent covers along a side: each VAE level after the first halves the size.
-    ``vae`` is an AutoencoderKL or anything with its config's ``block_out_channels``; None (a pixel-space
-    model) is 1."""
-    if vae is None:
-        return 1
-    return 2 ** (len(getattr(vae, "config", vae).block_out_channels) - 1)
-
-
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class Sampling:
+    """The settings of one call, checked by `LDMPipeline._sampling`."""
+
+    prompts: list[str]  # (B,)
+    negatives: list[str]  # (B,): "" where none was given
+    height: int
+    width: int
+    num_images_per_prompt: int = 1
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    generator: object = None  # a torch.Generator, one per image, or None
+    output_type: str = "pil"
+    cross_attention_kwargs: dict | None = None  # {"scale": s}: LoRA adapters at scale s
+
+    @property
+    def batch(self) -> int:
+        """Images drawn: each prompt's copies adjacent."""
+        return len(self.prompts) * self.num_images_per_prompt
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance: one U-Net pass over the negatives' and the prompts' contexts."""
+        return self.guidance_scale > 1.0
 
 
 class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
@@ -196,8 +221,8 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
         if self.vae is not None:  # a pixel-space pipeline decodes nothing
             self.vae.disable_slicing()
 
-    def _check_inputs(self, prompt, negative_prompt, height, width, steps, guidance_scale, n, output_type, generator,
-                      guidance_rescale=0.0):
+    def _sampling(self, prompt, negative_prompt, height, width, **settings) -> Sampling:
+        """The call's `Sampling`, every value checked (``settings``: its other fields by name)."""
         if isinstance(prompt, str):
             prompt = [prompt]
         elif not (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt)):
@@ -210,44 +235,53 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
             raise ValueError(
                 f"negative_prompt must have one entry per prompt ({len(prompt)}), got {len(negative_prompt)}"
             )
+        s = Sampling(prompt, negative_prompt, height, width, **settings)
+        self._check_size(s)
+        self._check_numbers(s)
+        self._check_output(s)
+        return s
+
+    def _check_size(self, s: Sampling) -> None:
         f = self.vae_scale_factor
-        for name, value in (("height", height), ("width", width)):
+        for name, value in (("height", s.height), ("width", s.width)):
             if not (_is_int(value) and value > 0 and value % f == 0):
                 raise ValueError(f"{name} must be a positive multiple of {f}, got {value!r}")
-        max_steps = self.scheduler.config.num_train_timesteps
+
+    def _check_numbers(self, s: Sampling) -> None:
+        max_steps, steps = self.scheduler.config.num_train_timesteps, s.num_inference_steps
         if not (_is_int(steps) and 0 < steps <= max_steps):
             raise ValueError(f"num_inference_steps must be an int in [1, {max_steps}], got {steps!r}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or \
-                not (guidance_scale >= 1 and math.isfinite(guidance_scale)):
+        if not (_is_number(s.guidance_scale) and s.guidance_scale >= 1 and math.isfinite(s.guidance_scale)):
             raise ValueError(f"guidance_scale must be a finite number >= 1.0 (1.0 disables guidance), "
-                             f"got {guidance_scale!r}")
-        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)) or \
-                not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must be a number in [0, 1] (0 turns it off), got {guidance_rescale!r}")
+                             f"got {s.guidance_scale!r}")
+        if not (_is_number(s.guidance_rescale) and 0.0 <= s.guidance_rescale <= 1.0):
+            raise ValueError(f"guidance_rescale must be a number in [0, 1] (0 turns it off), got {s.guidance_rescale!r}")
+        n = s.num_images_per_prompt
         if not (_is_int(n) and n > 0):
             raise ValueError(f"num_images_per_prompt must be a positive int, got {n!r}")
-        if len(prompt) * n > self.max_images_per_call:
-            raise ValueError(f"{len(prompt)} prompt(s) x num_images_per_prompt={n} = {len(prompt) * n} images in one "
+        if s.batch > self.max_images_per_call:
+            raise ValueError(f"{len(s.prompts)} prompt(s) x num_images_per_prompt={n} = {s.batch} images in one "
                              f"call; at most {self.max_images_per_call} (set pipe.max_images_per_call to allow more, "
                              f"or call several times)")
-        size = self.unet.config.sample_size
+        size, f = self.unet.config.sample_size, self.vae_scale_factor
         trained = [f * (size if _is_int(size) else size[i]) for i in range(2)]
-        for name, value, native in (("height", height, trained[0]), ("width", width, trained[1])):
+        for name, value, native in (("height", s.height, trained[0]), ("width", s.width, trained[1])):
             if not 0.5 <= value / native <= 2:
                 logger.warning("%s=%d is far from the %d the U-Net was built for; expect poor images", name, value,
                                native)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        total = len(prompt) * n
+
+    def _check_output(self, s: Sampling) -> None:
+        if s.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {s.output_type!r}")
+        generator = s.generator
         if isinstance(generator, list):
-            if len(generator) != total or not all(isinstance(g, torch.Generator) for g in generator):
+            if len(generator) != s.batch or not all(isinstance(g, torch.Generator) for g in generator):
                 raise ValueError(
-                    f"a generator list must hold one torch.Generator per image ({total} = prompts x "
+                    f"a generator list must hold one torch.Generator per image ({s.batch} = prompts x "
                     f"num_images_per_prompt), got {len(generator)} item(s)"
                 )
         elif generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be None, a torch.Generator or a list of them, got {generator!r}")
-        return prompt, negative_prompt
 
     def _sampling_scheduler(self):
         """Return the scheduler to sample with and whether it takes a [mean, variance] model output."""
@@ -290,52 +324,43 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
         """Channels of the latents the U-Net denoises (its input holds nothing else here)."""
         return self.unet.config.in_channels
 
-    def _context(self, prompts, negatives, n, do_cfg, device, cross_attention_kwargs):
+    def _context(self, s: Sampling, device):
         """Text context (B·n, L, D) of the prompts, with the negatives' first under guidance (one U-Net pass
         covers both, as in StableDiffusionPipeline)."""
-        lora_scale = (cross_attention_kwargs or {}).get("scale")
-        context = self._encode(prompts, n, device, lora_scale)
-        if do_cfg:
-            context = torch.cat([self._encode(negatives, n, device, lora_scale), context])
+        lora_scale = (s.cross_attention_kwargs or {}).get("scale")
+        context = self._encode(s.prompts, s.num_images_per_prompt, device, lora_scale)
+        if s.guided:
+            context = torch.cat([self._encode(s.negatives, s.num_images_per_prompt, device, lora_scale), context])
         return context.to(self.unet.dtype)
 
     def _unet_extra(self, model_in):
         """(model input, U-Net keyword arguments) for one step: nothing to add for text-to-image."""
         return model_in, {}
 
-    def _denoise(self, latents, scheduler, pass_variance, context, num_inference_steps, guidance_scale,
-                 guidance_rescale, generator, cross_attention_kwargs, start=0, after_step=None):
+    def _denoise(self, latents, scheduler, pass_variance, context, s: Sampling, start=0, after_step=None):
         """The sampling loop from ``latents`` (pure noise, or noised to the step at index ``start`` of the
         schedule: image-to-image) to the denoised latents; ``after_step(i, latents)`` may change the latents
         after step i (inpainting)."""
-        do_cfg = guidance_scale > 1.0
         ch = latents.shape[1]
-        scheduler.set_timesteps(num_inference_steps, device=latents.device)
+        scheduler.set_timesteps(s.num_inference_steps, device=latents.device)
         timesteps = scheduler.timesteps[start:]
         if start and hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start)
         # Only stochastic schedulers accept a generator in step(); passing it to others would raise TypeError.
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        step_kwargs = {"generator": s.generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         last = scheduler.timesteps[-1]
         for i, t in enumerate(self.progress_bar(timesteps)):
-            model_in = torch.cat([latents] * 2) if do_cfg else latents
+            model_in = torch.cat([latents] * 2) if s.guided else latents
             model_in, extra = self._unet_extra(scheduler.scale_model_input(model_in, t))
             if self._cuda_graphs:  # a new replay: the previous step's outputs were consumed
                 torch.compiler.cudagraph_mark_step_begin()
-            out = self.unet(model_in, t, encoder_hidden_states=context, cross_attention_kwargs=cross_attention_kwargs,
+            out = self.unet(model_in, t, encoder_hidden_states=context, cross_attention_kwargs=s.cross_attention_kwargs,
                             return_dict=False, **extra)[0]
             if self._cuda_graphs:  # the graph's output buffer is overwritten by the next replay
                 out = out.clone()
             mean, var = out[:, :ch], out[:, ch:]  # var is empty without a learned variance
-            if do_cfg:
-                mean_uncond, mean_text = mean.chunk(2)
-                mean = mean_uncond + guidance_scale * (mean_text - mean_uncond)
-                var = var.chunk(2)[1]  # guidance applies to the mean only; keep the conditional variance
-                if guidance_rescale > 0:
-                    # Lin et al. 2024, sec. 3.4, as StableDiffusionPipeline applies it: bring the guided output's
-                    # std back towards the conditional one's, against the over-exposure of strong guidance
-                    # (worst at zero terminal SNR).
-                    mean = rescale_noise_cfg(mean, mean_text, guidance_rescale=guidance_rescale)
+            if s.guided:
+                mean, var = self._guide(mean, var, s)
             if pass_variance and t == last:
                 # The last step adds no noise (DDPM Algorithm 2; improved-diffusion's respaced chain). With
                 # respacing it ends at t > 0, where DDPMScheduler would add noise of the learned variance
@@ -347,6 +372,19 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
                 latents = after_step(i, latents)
         return latents
 
+    @staticmethod
+    def _guide(mean, var, s: Sampling):
+        """Classifier-free guidance of the mean (the batch's first half unconditional); the conditional variance."""
+        mean_uncond, mean_text = mean.chunk(2)
+        mean = mean_uncond + s.guidance_scale * (mean_text - mean_uncond)
+        var = var.chunk(2)[1]  # guidance applies to the mean only; keep the conditional variance
+        if s.guidance_rescale > 0:
+            # Lin et al. 2024, sec. 3.4, as StableDiffusionPipeline applies it: bring the guided output's std back
+            # towards the conditional one's, against the over-exposure of strong guidance (worst at zero terminal
+            # SNR).
+            mean = rescale_noise_cfg(mean, mean_text, guidance_rescale=s.guidance_rescale)
+        return mean, var
+
     def _decode(self, latents, output_type):
         """Denoised latents -> images of ``output_type`` (the latents themselves for "latent")."""
         if output_type == "latent":
@@ -354,10 +392,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
         if self.vae is None:  # pixel space: the denoised sample is the image
             decoded = latents.float()
         else:
-            latents = latents / self.vae.config.scaling_factor
-            shift = getattr(self.vae.config, "shift_factor", None)
-            if shift is not None:
-                latents = latents + shift
+            latents = unscale_latents(latents, *latent_scale_shift(self.vae))
             decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
         decoded = (decoded / 2 + 0.5).clamp(0, 1)
         return self.image_processor.postprocess(decoded, output_type=output_type,
@@ -383,19 +418,17 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
         default_h, default_w = (size, size) if _is_int(size) else tuple(size)
         height = default_h * self.vae_scale_factor if height is None else height
         width = default_w * self.vae_scale_factor if width is None else width
-        prompts, negatives = self._check_inputs(
-            prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-            num_images_per_prompt, output_type, generator, guidance_rescale,
-        )
+        s = self._sampling(prompt, negative_prompt, height, width, num_images_per_prompt=num_images_per_prompt,
+                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                           guidance_rescale=guidance_rescale, generator=generator, output_type=output_type,
+                           cross_attention_kwargs=cross_attention_kwargs)
         scheduler, pass_variance = self._sampling_scheduler()
         device, dtype = self._execution_device, self.unet.dtype
-        context = self._context(prompts, negatives, num_images_per_prompt, guidance_scale > 1.0, device,
-                                cross_attention_kwargs)
+        context = self._context(s, device)
         f = self.vae_scale_factor
-        shape = (len(prompts) * num_images_per_prompt, self._latent_channels(), height // f, width // f)
+        shape = (s.batch, self._latent_channels(), height // f, width // f)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
-        latents = self._denoise(latents, scheduler, pass_variance, context, num_inference_steps, guidance_scale,
-                                guidance_rescale, generator, cross_attention_kwargs)
+        latents = self._denoise(latents, scheduler, pass_variance, context, s)
         images = self._decode(latents, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)

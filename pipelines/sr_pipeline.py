@@ -21,7 +21,8 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
 
-from pipelines.ldm_pipeline import LDMPipeline, _is_int, vae_scale_factor
+from pipelines.latents import latent_scale_shift, vae_scale_factor
+from pipelines.ldm_pipeline import LDMPipeline, _is_int
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,8 @@ def rescale_latent_space(vae: AutoencoderKL, scaling_factor: float = UPSCALER_SC
     if not (cfg.use_quant_conv and cfg.use_post_quant_conv):
         raise ValueError("rescaling a VAE's latent space needs its quant_conv and post_quant_conv "
                          f"(use_quant_conv={cfg.use_quant_conv}, use_post_quant_conv={cfg.use_post_quant_conv})")
-    shift = float(getattr(cfg, "shift_factor", None) or 0.0)
-    k = float(cfg.scaling_factor) / scaling_factor
+    scale, shift = latent_scale_shift(vae)
+    k = scale / scaling_factor
     out = copy.deepcopy(vae)
     c = cfg.latent_channels
     q, pq = out.quant_conv, out.post_quant_conv
@@ -161,6 +162,15 @@ class SuperResolutionPipeline(LDMPipeline):
             raise ValueError(f"got {len(pixels)} image(s) for {batch} prompt(s): give one image per prompt, or one")
         return pixels
 
+    def _check_noise_level(self, noise_level) -> None:
+        top = self.low_res_scheduler.config.num_train_timesteps - 1
+        if not (_is_int(noise_level) and 0 <= noise_level <= top):
+            raise ValueError(f"noise_level must be an int in [0, {top}] (a step of low_res_scheduler), "
+                             f"got {noise_level!r}")
+        if noise_level > self.config.max_noise_level:
+            logger.warning("noise_level=%d is above this stage's max_noise_level=%d (the top of its training range)",
+                           noise_level, self.config.max_noise_level)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -181,37 +191,29 @@ class SuperResolutionPipeline(LDMPipeline):
         low = self._low_res(image, len(prompt_list) if isinstance(prompt_list, list) else 1)
         f = self.upscale_factor
         height, width = low.shape[2] * f, low.shape[3] * f
-        prompts, negatives = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps,
-                                                guidance_scale, num_images_per_prompt, output_type, generator,
-                                                guidance_rescale)
-        top = self.low_res_scheduler.config.num_train_timesteps - 1
-        if not (_is_int(noise_level) and 0 <= noise_level <= top):
-            raise ValueError(f"noise_level must be an int in [0, {top}] (a step of low_res_scheduler), "
-                             f"got {noise_level!r}")
-        if noise_level > self.config.max_noise_level:
-            logger.warning("noise_level=%d is above this stage's max_noise_level=%d (the top of its training range)",
-                           noise_level, self.config.max_noise_level)
+        s = self._sampling(prompt, negative_prompt, height, width, num_images_per_prompt=num_images_per_prompt,
+                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                           guidance_rescale=guidance_rescale, generator=generator, output_type=output_type,
+                           cross_attention_kwargs=cross_attention_kwargs)
+        self._check_noise_level(noise_level)
         scheduler, pass_variance = self._sampling_scheduler()
         device, dtype = self._execution_device, self.unet.dtype
-        do_cfg = guidance_scale > 1.0
-        context = self._context(prompts, negatives, num_images_per_prompt, do_cfg, device, cross_attention_kwargs)
+        context = self._context(s, device)
 
         # Random draws in the order of StableDiffusionUpscalePipeline: the augmentation noise, then the latents.
-        n = num_images_per_prompt
-        low = low.to(device=device, dtype=context.dtype).repeat_interleave(n, dim=0)
+        low = low.to(device=device, dtype=context.dtype).repeat_interleave(num_images_per_prompt, dim=0)
         levels = torch.full((len(low),), noise_level, dtype=torch.long, device=device)
         noise = randn_tensor(low.shape, generator=generator, device=device, dtype=low.dtype)
         low = self.low_res_scheduler.add_noise(low, noise, levels)
         g = self.vae_scale_factor
         cond = condition_image(low, (height // g, width // g))
-        if do_cfg:
+        if s.guided:
             cond, levels = torch.cat([cond] * 2), torch.cat([levels] * 2)
         shape = (len(low), self._latent_channels(), height // g, width // g)
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
         self._cond = (cond, levels)
         try:
-            latents = self._denoise(latents, scheduler, pass_variance, context, num_inference_steps, guidance_scale,
-                                    guidance_rescale, generator, cross_attention_kwargs)
+            latents = self._denoise(latents, scheduler, pass_variance, context, s)
         finally:
             del self._cond
         images = self._decode(latents, output_type)

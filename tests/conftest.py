@@ -30,8 +30,8 @@ def data_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_cfg(tmp_path, tiny_vae_dir, data_dir):
     """``tiny_cfg(*overrides)``: the tiny preset on the shared VAE and data, writing under this test's folder."""
-    from ldm.trainer.config import LDMConfig
     from ldm.engine.config import load_config
+    from ldm.trainer.config import LDMConfig
 
     def make(*extra, data=None, vae=None):
         return load_config(LDMConfig, ROOT / "configs/ldm/tiny.yaml", [

@@ -62,6 +62,11 @@ def batch_at(sampler: GlobalBatchSampler, step: int) -> list[int]:
     return sampler.batches(step // len(sampler))[step % len(sampler)]
 
 
+def micro_batch_size(batch_size: int, num_processes: int, accumulation_steps: int) -> int:
+    """Images per process per forward: a global batch is split over the processes and the accumulation steps."""
+    return batch_size // (num_processes * accumulation_steps)
+
+
 def rank_slice(micro_batch: int, rank: int, num_processes: int, per_process: int) -> slice:
     """This process's share of micro-batch ``micro_batch`` of a global batch: micro-batches are laid out one
     after the other, each split evenly over the processes."""
@@ -77,6 +82,11 @@ class PixelItems(torch.utils.data.Dataset):
                  background=(255, 255, 255)):
         self.split, self.column = split, image_column
         self.transform = ImageTransform(resolution, center_crop, random_crop, background)
+
+    @classmethod
+    def for_split(cls, split, d, random_crop: bool = False) -> PixelItems:
+        """The items of ``split`` transformed as the config's ``data`` section ``d`` says."""
+        return cls(split, d.resolution, d.image_column, d.center_crop, random_crop, d.alpha_background)
 
     def __len__(self) -> int:
         return len(self.split)

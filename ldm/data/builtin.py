@@ -100,7 +100,7 @@ def draw_shape(colour: str, shape: str, position: str, size: float, jitter: tupl
     return img.resize((resolution, resolution), Image.Resampling.BOX)
 
 
-def _write_folder(out_dir: Path, records: list[dict], images: list[Image.Image], info: dict) -> None:
+def write_folder(out_dir: Path, records: list[dict], images: list[Image.Image], info: dict) -> None:
     """Write images + metadata.jsonl, then info.json last so a half-written folder is never reused."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for rec, img in zip(records, images):
@@ -130,7 +130,7 @@ def generate_shapes(out_dir: str | Path, num_images: int = 6000, seed: int = 0, 
         images.append(draw_shape(colour, shape, position, size, jitter, resolution))
         records.append({"file_name": f"{i:05d}.png", "text": shapes_caption(colour, shape, position),
                         "colour": colour, "shape": shape, "position": position})
-    _write_folder(out_dir, records, images, {"name": "shapes", "split": split, "num_images": num_images,
+    write_folder(out_dir, records, images, {"name": "shapes", "split": split, "num_images": num_images,
                                              "seed": seed, "resolution": resolution})
     return out_dir
 
@@ -164,7 +164,7 @@ def generate_digits(out_dir: str | Path, seed: int = 0, resolution: int = 32, sp
         images.append(digit_image(img8, resolution))
         records.append({"file_name": f"{i:05d}.png", "text": f"a handwritten digit {int(label)}",
                         "label": int(label)})
-    _write_folder(out_dir, records, images, {"name": "digits", "split": split, "num_images": len(y),
+    write_folder(out_dir, records, images, {"name": "digits", "split": split, "num_images": len(y),
                                              "seed": seed, "resolution": resolution})
     return out_dir
 
@@ -198,6 +198,6 @@ def generate_varied(out_dir: str | Path, name: str, split: str = "train", resolu
     else:
         images, captions = photo_images(n, seed, resolution, heldout=split == "heldout")
     records = [{"file_name": f"{i:05d}.png", "text": c} for i, c in enumerate(captions)]
-    _write_folder(Path(out_dir), records, images, {"name": name, "split": split, "num_images": n, "seed": seed,
+    write_folder(Path(out_dir), records, images, {"name": name, "split": split, "num_images": n, "seed": seed,
                                                    "resolution": resolution})
     return Path(out_dir)

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -165,13 +166,31 @@ def take(arr: np.ndarray, rows: Iterable[int]) -> torch.Tensor:
 # The two caches of the diffusion trainer
 # ----------------------------------------------------------------------------------------------
 
-def latent_cache(encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], encoder_key: str, split,
-                 items, latent_channels: int, factor: int, cache_dir: str | Path, accelerator, flips: bool,
-                 num_workers: int = 0, batch_size: int = 32) -> dict:
-    """Open (building once) the VAE posterior cache of ``split``: per bucket b, "mean_b" and "std_b" (and
-    "mean_flip_b", "std_flip_b" when ``flips``) of shape (n_b, C, h, w), with "rows" and "groups" mapping an
-    image to its bucket and row. ``items[(i, flip, 0)]`` gives image i's pixels; ``encode(pixels)`` its
-    posterior mean and std.
+@dataclass
+class Encoding:
+    """What a cache holds of each image: ``encode(pixels) -> (mean, std)``, each (B, channels, H / factor,
+    W / factor), under ``key``, a hash of everything the encoding depends on (network weights, settings)."""
+
+    encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    key: str
+    channels: int
+    factor: int
+
+
+@dataclass
+class CachePlace:
+    """Where a run's caches live and who builds them: every process of ``accelerator``, each reading images with
+    ``num_workers`` loader workers."""
+
+    cache_dir: str | Path
+    accelerator: object
+    num_workers: int = 0
+
+
+def latent_cache(encoding: Encoding, split, items, place: CachePlace, flips: bool, batch_size: int = 32) -> dict:
+    """Open (building once) the posterior cache of ``split`` (a VAE's, or any `Encoding`'s): per bucket b,
+    "mean_b" and "std_b" (and "mean_flip_b", "std_flip_b" when ``flips``) of shape (n_b, C, h, w), with "rows" and
+    "groups" mapping an image to its bucket and row. ``items[(i, flip, 0)]`` gives image i's pixels.
 
     Each bucket is encoded in chunks of ``batch_size`` images in a fixed order, chunk k by process
     k mod num_processes, so the cache is the same whatever the number of processes.
@@ -180,10 +199,11 @@ def latent_cache(encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tens
 
     n = len(split)
     groups = np.zeros(n, dtype=np.int64) if split.groups is None else np.asarray(split.groups)
-    key = Fingerprint().value([encoder_key, split.fingerprint, n, flips, "v3"]).hexdigest()
+    key = Fingerprint().value([encoding.key, split.fingerprint, n, flips, "v3"]).hexdigest()
     orientations = (("", False), ("_flip", True)) if flips else (("", False),)
     members = [np.flatnonzero(groups == b) for b in range(len(split.buckets))]
-    shapes = {f"{kind}{suffix}_{b}": (len(m), latent_channels, h // factor, w // factor)
+    c, f = encoding.channels, encoding.factor
+    shapes = {f"{kind}{suffix}_{b}": (len(m), c, h // f, w // f)
               for b, ((h, w), m) in enumerate(zip(split.buckets, members)) if len(m)
               for kind in ("mean", "std") for suffix, _ in orientations}
     chunks = [(b, suffix, flip, start) for b, m in enumerate(members) for suffix, flip in orientations
@@ -192,11 +212,11 @@ def latent_cache(encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tens
     def fill(arrays: dict, rank: int, world: int) -> None:
         mine = chunks[rank::world]
         keys = [[(int(i), flip, 0) for i in members[b][start:start + batch_size]] for b, _, flip, start in mine]
-        loader = torch.utils.data.DataLoader(items, batch_sampler=keys, num_workers=num_workers)
+        loader = torch.utils.data.DataLoader(items, batch_sampler=keys, num_workers=place.num_workers)
         bar = tqdm(total=sum(len(k) for k in keys), desc="caching latents",
-                   disable=not accelerator.is_local_main_process)
+                   disable=not place.accelerator.is_local_main_process)
         for (b, suffix, _, start), pixels in zip(mine, loader):
-            mean, std = encode(pixels)
+            mean, std = encoding.encode(pixels)
             rows = slice(start, start + len(pixels))
             arrays[f"mean{suffix}_{b}"][rows] = mean.detach().float().cpu().numpy()
             arrays[f"std{suffix}_{b}"][rows] = std.detach().float().cpu().numpy()
@@ -211,7 +231,7 @@ def latent_cache(encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tens
         np.save(folder / "groups.npy", groups)
         return {"num_items": n, "flips": flips, "buckets": split.buckets}
 
-    arrays, _ = build_or_open(cache_dir, key, accelerator, "latent cache", shapes, fill, finish)
+    arrays, _ = build_or_open(place.cache_dir, key, place.accelerator, "latent cache", shapes, fill, finish)
     return arrays
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ldm.data.cache import Fingerprint, latent_cache
+from ldm.data.cache import CachePlace, Encoding, Fingerprint, latent_cache
 from ldm.data.images import ImageTransform
 from ldm.data.images import downsample
 
@@ -125,8 +125,7 @@ class MaskItems(torch.utils.data.Dataset):
         return ((cut[:1] + 1) / 2).clamp(0, 1)
 
 
-def mask_cache(items: MaskItems, split, factor: int, cache_dir, accelerator, flips: bool, num_workers: int = 0
-               ) -> dict:
+def mask_cache(items: MaskItems, split, factor: int, place: CachePlace, flips: bool) -> dict:
     """The masks of ``split`` at latent size, as a posterior cache whose "mean" is the mask (std zero): read
     with `ldm.data.cache.cached_posterior`, which also mirrors them with their images."""
 
@@ -134,5 +133,4 @@ def mask_cache(items: MaskItems, split, factor: int, cache_dir, accelerator, fli
         low = downsample(masks.float(), factor)  # the fraction of each latent pixel's area masked in
         return low, torch.zeros_like(low)
 
-    return latent_cache(encode, items.fingerprint(), split, items, 1, factor, cache_dir, accelerator, flips,
-                        num_workers)
+    return latent_cache(Encoding(encode, items.fingerprint(), 1, factor), split, items, place, flips)

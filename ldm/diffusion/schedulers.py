@@ -8,7 +8,6 @@ import inspect
 
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-
 # Name -> diffusers scheduler class; each is built from the training schedule's config.
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
 

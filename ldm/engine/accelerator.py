@@ -8,8 +8,6 @@ import os
 
 import torch
 
-
-
 logger = logging.getLogger(__name__)
 
 
@@ -54,7 +52,6 @@ def make_accelerator(mixed_precision: str = "no"):
     all would write the same run folder.
     """
     from accelerate import Accelerator
-
     from accelerate.state import AcceleratorState
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

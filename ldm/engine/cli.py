@@ -11,7 +11,6 @@ from ldm.engine.config import load_config
 from ldm.engine.errors import die_with_parent, user_errors
 
 
-
 def run(config_cls, train, description: str, argv=None):
     """Parse ``--config`` and overrides into ``config_cls``, set up logging, and call ``train(cfg)``."""
     parser = argparse.ArgumentParser(description=description)

@@ -81,43 +81,63 @@ def _field_types(cls) -> dict[str, typing.Any]:
 
 def _check_value(key: str, value, typ):
     """Return ``value`` if it fits ``typ`` (ints accepted for floats), else raise naming the key."""
-    if isinstance(value, Raw) and typing.get_origin(typ) is not typing.Literal:
-        if typ is str or (typing.get_origin(typ) in (typing.Union, types.UnionType) and str in typing.get_args(typ)
-                          and value.strip() not in ("null", "~", "None")):
+    origin = typing.get_origin(typ)
+    if isinstance(value, Raw) and origin is not typing.Literal:
+        value = _parse_override(value, typ)
+        if isinstance(value, Raw):
             return str(value)
-        value = yaml.safe_load(value) if value != "" else ""
     if typ is float and isinstance(value, str):
         try:
             return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
         except ValueError:
             pass
-    origin = typing.get_origin(typ)
     if origin is typing.Literal:
-        valid = typing.get_args(typ)
-        if isinstance(value, Raw):
-            value = str(value)
-        if not any(value == v and type(value) is type(v) for v in valid):
-            raise ValueError(f"{key}={value!r} is not one of {list(valid)}")
-        return value
+        return _check_literal(key, value, typing.get_args(typ))
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(typ):
-            try:
-                return _check_value(key, value, arg)
-            except (TypeError, ValueError) as e:
-                errors.append(str(e))
-        literal = next((e for e in errors if " is not one of " in e), None)
-        raise ValueError(literal.replace("is not one of", "is not null or one of") if literal
-                         else f"{key}: {value!r} is not a valid {typ}")
-    if typ is type(None):
-        if value is None:
-            return None
-        raise ValueError(f"{key}: expected None, got {value!r}")
+        return _check_union(key, value, typ)
     if origin is list:
         if not isinstance(value, list):
             raise ValueError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(typ)
         return [_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    return _check_scalar(key, value, typ)
+
+
+def _parse_override(value: Raw, typ):
+    """An override's text as YAML, or the text itself (still a `Raw`) where ``typ`` takes a string."""
+    takes_str = typ is str or (typing.get_origin(typ) in (typing.Union, types.UnionType)
+                               and str in typing.get_args(typ) and value.strip() not in ("null", "~", "None"))
+    if takes_str:
+        return value
+    return yaml.safe_load(value) if value != "" else ""
+
+
+def _check_literal(key: str, value, valid: tuple):
+    if isinstance(value, Raw):
+        value = str(value)
+    if not any(value == v and type(value) is type(v) for v in valid):
+        raise ValueError(f"{key}={value!r} is not one of {list(valid)}")
+    return value
+
+
+def _check_union(key: str, value, typ):
+    """The first of the union's types that ``value`` fits; an error naming the valid choices otherwise."""
+    errors = []
+    for arg in typing.get_args(typ):
+        try:
+            return _check_value(key, value, arg)
+        except (TypeError, ValueError) as e:
+            errors.append(str(e))
+    literal = next((e for e in errors if " is not one of " in e), None)
+    raise ValueError(literal.replace("is not one of", "is not null or one of") if literal
+                     else f"{key}: {value!r} is not a valid {typ}")
+
+
+def _check_scalar(key: str, value, typ):
+    if typ is type(None):
+        if value is None:
+            return None
+        raise ValueError(f"{key}: expected None, got {value!r}")
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is bool and not isinstance(value, bool):

@@ -27,11 +27,11 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
+from ldm.engine.accelerator import keep_freed_cpu_memory, make_accelerator, warn_if_cpu_threads_capped
 from ldm.engine.checkpoint import CheckpointManager, list_checkpoints, read_train_state, resolve_resume
 from ldm.engine.config import LR_SCHEDULES, config_differences, save_config, to_yaml
 from ldm.engine.errors import STOP_SIGNALS, NonFinite, Preempted
 from ldm.engine.records import MetricsWriter, format_summary, plot_curves
-from ldm.engine.accelerator import keep_freed_cpu_memory, make_accelerator, warn_if_cpu_threads_capped
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ from PIL import Image
 
 from pipelines.files import atomic_save
 
-
 logger = logging.getLogger(__name__)
 
 

@@ -15,13 +15,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ldm.eval.scoring import open_pipeline
-
-from ldm.eval.scorers import eval_prompts, real_images
-from ldm.eval.metrics import to_tensor
-from pipelines.files import atomic_save
 from ldm.diffusion.gaussian import GaussianDiffusion
-
+from ldm.eval.metrics import to_tensor
+from ldm.eval.scorers import eval_prompts, real_images
+from ldm.eval.scoring import open_pipeline
+from pipelines.files import atomic_save
+from pipelines.latents import latent_scale_shift, scale_latents
 
 logger = logging.getLogger(__name__)
 NLL_SEED = 9  # the held-out real images whose likelihood is bounded
@@ -49,7 +48,7 @@ def nll(pipeline, dataset: str, num_images: int = 32, stride: int = 1, batch_siz
         if not pixels:
             vae = pipe.vae
             z = vae.encode(xb.to(vae.dtype)).latent_dist.mean.float()
-            xb = (z - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+            xb = scale_latents(z, *latent_scale_shift(vae))
         context = pipe._encode(prompts[i:i + batch_size], 1, device).to(pipe.unet.dtype)
         model = lambda xt, t, c: pipe.unet(xt.to(c.dtype), t, encoder_hidden_states=c).sample.float()  # noqa: E731
         parts.append(diffusion.nll_bpd(model, xb.float(), {"c": context}, generator=g, stride=stride))

@@ -13,9 +13,18 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ldm.data.builtin import (COLOURS, NEW_COLOURS, NEW_SHAPES, POSITIONS, SHAPES, SIZES, digit_image,
-                              digits_split, draw_shape, shapes_eval_prompts)
-
+from ldm.data.builtin import (
+    COLOURS,
+    NEW_COLOURS,
+    NEW_SHAPES,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    digit_image,
+    digits_split,
+    draw_shape,
+    shapes_eval_prompts,
+)
 
 logger = logging.getLogger(__name__)
 SCORED_DATASETS = ("shapes", "digits")  # the built-in datasets whose captions a scorer reads back off pixels
@@ -26,9 +35,8 @@ SCORED_DATASETS = ("shapes", "digits")  # the built-in datasets whose captions a
 # position) eight times, two seeds), as drawn, at 128 px, blurred (Gaussian, radius 0.7 and 1 px), with their edge
 # pixels dimmed to 55 %, and passed through the shipped VAE: centroid offset triangles 0.063 and above, the others
 # 0.043 at most; diagonal / side width circles 1.131 at most, squares 1.257 and above. The boundaries sit in the
-# gaps. (The previous measure, the fill ratio of the bounding box, read 6 % of the VAE's reconstructions of real
-# squares as circles: their edge pixels come back darker.) Squares tilted by more than a few degrees read as circles:
-# no built-in data draws them.
+# gaps. (A bounding box's fill ratio reads 6 % of the VAE's reconstructions of real squares as circles: their edge
+# pixels come back darker.) Squares tilted by more than a few degrees read as circles: no built-in data draws them.
 _MASK_LEVEL = 0.35
 _TRIANGLE_MIN_OFFSET = 0.055
 _SQUARE_MIN_ELONGATION = 1.2

@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ldm.eval.scorers import SCORED_DATASETS, eval_prompts, real_images, score
-from ldm.eval.metrics import diversity, image_frechet_distance, to_tensor
-from pipelines.files import atomic_save
-from ldm.engine.records import make_grid
 from ldm.diffusion.schedulers import sampling_scheduler, with_variance
-
+from ldm.engine.records import make_grid
+from ldm.eval.metrics import diversity, image_frechet_distance, to_tensor
+from ldm.eval.scorers import SCORED_DATASETS, eval_prompts, real_images, score
+from pipelines.files import atomic_save
 
 logger = logging.getLogger(__name__)
 REFERENCE_PER_PROMPT = 32

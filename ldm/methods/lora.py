@@ -10,9 +10,16 @@ Forge; optionally merged into a full pipeline folder at a chosen scale.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
+
+from ldm.diffusion.schedulers import sampling_scheduler
+from ldm.engine.config import Checker
+from ldm.methods.base import ExportJob, Method
+from ldm.models.components import pretrained_folder
+from pipelines.files import atomic_save_dir
 
 logger = logging.getLogger(__name__)
 
@@ -135,3 +142,44 @@ def merge_into(pipe, lora_dir: str | Path, scale: float = 1.0):
     pipe.fuse_lora(lora_scale=scale)
     pipe.unload_lora_weights()
     return pipe
+
+
+class LoRA(Method):
+    """Low-rank adapters on the U-Net (and, with ``finetune.lora_text_encoder``, the text encoder); the base stays
+    frozen. Exports the adapters (``<run>/lora``) and, with ``finetune.merged_export``, the base with them merged
+    at ``finetune.merge_scale`` (``<run>/pipeline``)."""
+
+    def check(self, c: Checker) -> None:
+        cfg = c.cfg
+        fc, tc = cfg.finetune, cfg.train
+        c.require(bool(cfg.model.pretrained), "finetune.method",
+                  "lora needs model.pretrained: the model whose weights the adapters adapt")
+        c.at_least("finetune.lora_rank", 1)
+        c.positive("finetune.lora_alpha", optional=True)
+        c.within("finetune.lora_dropout", 0, 1)
+        c.require(math.isfinite(fc.merge_scale), "finetune.merge_scale", "needs a finite number")
+        c.require(fc.base_dtype in ("fp32", tc.mixed_precision), "finetune.base_dtype",
+                  f"{fc.base_dtype!r} needs train.mixed_precision={fc.base_dtype!r} (got {tc.mixed_precision!r}) so "
+                  f"that inputs meet the base weights in that dtype; or fp32")
+        c.require(not (cfg.diffusion.pretrained_schedule == "config" and not fc.merged_export),
+                  "diffusion.pretrained_schedule",
+                  "'config' with LoRA needs finetune.merged_export=true: a LoRA file carries no schedule, so loaded "
+                  "on the base model it would be sampled with the base's")
+
+    def trainable(self, cfg, comp) -> list[dict]:
+        comp.train_text_encoder = cfg.finetune.lora_text_encoder
+        return [{"params": add_lora(comp.unet, comp.text_encoder, cfg.finetune), "lr": cfg.train.learning_rate}]
+
+    def export(self, job: ExportJob) -> dict[str, Path]:
+        cfg, run_dir = job.cfg, job.run_dir
+        fc = cfg.finetune
+        atomic_save_dir(lambda d: save_lora(d, job.unet, job.text_encoder, fc.lora_format), run_dir / "lora")
+        saved = {"lora": lora_file(run_dir / "lora")}
+        if fc.merged_export:
+            from pipelines import LDMPipeline
+
+            merged = merge_into(LDMPipeline.from_pretrained(pretrained_folder(cfg)), run_dir / "lora", fc.merge_scale)
+            merged.scheduler = sampling_scheduler(job.comp.scheduler, cfg.sample.scheduler)
+            atomic_save_dir(lambda d: merged.save_pretrained(d, safe_serialization=True), run_dir / "pipeline")
+            saved["pipeline"] = run_dir / "pipeline"
+        return saved

@@ -19,6 +19,10 @@ from pathlib import Path
 
 import torch
 
+from ldm.engine.config import Checker
+from ldm.methods.base import ExportJob, Method
+from pipelines.files import atomic_save_dir
+
 logger = logging.getLogger(__name__)
 
 EMBEDS_FILE = "learned_embeds.safetensors"
@@ -106,3 +110,40 @@ def load_embedding(pipe, path: str | Path) -> None:
             if list(f.keys()) == ["emb_params"]:
                 token = (f.metadata() or {}).get("name") or path.stem
     pipe.load_textual_inversion(str(path), token=token)
+
+
+class TextualInversion(Method):
+    """A new word's embedding vectors train, and nothing else. Exports them in diffusers' and AUTOMATIC1111's
+    layouts (``<run>/textual_inversion``)."""
+
+    def check(self, c: Checker) -> None:
+        cfg = c.cfg
+        fc = cfg.finetune
+        c.require(bool(cfg.model.pretrained), "finetune.method",
+                  "textual_inversion needs model.pretrained: the model whose vocabulary it extends")
+        c.require(bool(fc.placeholder_token) and not any(ch.isspace() for ch in fc.placeholder_token),
+                  "finetune.placeholder_token", "needs one word without spaces, e.g. '<my-concept>'")
+        c.require(bool(fc.initializer_token), "finetune.initializer_token",
+                  "needs a word the tokenizer keeps whole, close to the concept (e.g. 'red' for a new colour)")
+        c.at_least("finetune.num_vectors", 1)
+        c.require(not cfg.model.train_text_encoder, "model.train_text_encoder",
+                  "textual_inversion trains only the new embeddings: leave the text encoder frozen")
+        c.require(cfg.diffusion.pretrained_schedule == "keep", "diffusion.pretrained_schedule",
+                  "textual_inversion leaves the U-Net as it is, so it keeps the model's schedule: use 'keep'")
+        c.require(cfg.train.ema_decay is None, "train.ema_decay",
+                  "the EMA averages U-Net weights, and textual_inversion trains none: leave it null")
+
+    def check_captions(self, cfg, captions: list[str]) -> None:
+        check_captions(captions, cfg.finetune.placeholder_token)
+
+    def trainable(self, cfg, comp) -> list[dict]:
+        comp.train_text_encoder = True  # its embedding table trains: encoded every step, synchronised under DDP
+        comp.unet.requires_grad_(False)
+        return [{"params": add_placeholder(comp.tokenizer, comp.text_encoder, cfg.finetune),
+                 "lr": cfg.train.learning_rate, "weight_decay": 0.0}]  # decay would move the frozen rows
+
+    def export(self, job: ExportJob) -> dict[str, Path]:
+        fc, folder = job.cfg.finetune, job.run_dir / "textual_inversion"
+        vectors = learned_embeddings(job.text_encoder, job.comp.tokenizer, fc)
+        atomic_save_dir(lambda d: save_embeddings(d, fc.placeholder_token, vectors), folder)
+        return {"textual_inversion": folder / EMBEDS_FILE}

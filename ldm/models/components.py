@@ -12,11 +12,11 @@ from pathlib import Path
 
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from pipelines.files import atomic_save_dir
-from ldm.diffusion.schedulers import load_noise_scheduler, make_noise_scheduler, sampling_scheduler
+from ldm.diffusion.schedulers import load_noise_scheduler, make_noise_scheduler
 from ldm.models.text import build_text_encoder, build_tokenizer
-from ldm.models.vae import PIXEL_SPACE, is_pixel_space, load_vae
-from pipelines import vae_scale_factor
+from ldm.models.vae import PIXEL_SPACE, load_vae
+from pipelines.files import atomic_save_dir
+from pipelines.latents import vae_scale_factor
 
 logger = logging.getLogger(__name__)
 
@@ -32,21 +32,19 @@ class Components:
     # The schedule the starting U-Net was trained with (DreamBooth's class images are drawn with it): the
     # pretrained folder's, which differs from `scheduler` after diffusion.pretrained_schedule=config.
     base_scheduler: DDPMScheduler | None = None
-    # A super-resolution stage: the upscaling factor (data.resolution / super_resolution.low_resolution) and the
-    # top of its augmentation range; None for text-to-image.
-    upscale_factor: int | None = None
-    max_noise_level: int | None = None
 
     def __post_init__(self):
         self.base_scheduler = self.base_scheduler or self.scheduler
 
 
-def build_components(cfg, captions: list[str], accelerator=None, resume_from: Path | None = None
-                     ) -> Components:
+def build_components(cfg, captions: list[str], accelerator=None, resume_from: Path | None = None,
+                     stage=None) -> Components:
     """The run's networks: from ``model.pretrained`` (a diffusers pipeline folder or a single file, see
     `pretrained_folder`; its schedule, prediction type, tokenizer, text encoder and VAE are kept), else new ones
     sized by the config with a tokenizer learned from ``captions`` (see `caption_tokenizer`). Built in this order
-    so that a seed gives the same initial weights."""
+    so that a seed gives the same initial weights. ``stage`` (the trainer's, e.g. a super-resolution stage) says
+    what more a new U-Net takes (``unet_inputs``) and checks the U-Net (``check_unet``); None: a text-to-image
+    U-Net."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     if cfg.model.pretrained:
@@ -74,7 +72,8 @@ def build_components(cfg, captions: list[str], accelerator=None, resume_from: Pa
         text_encoder = build_text_encoder(tokenizer, tc.hidden_size, tc.num_hidden_layers,
                                           tc.num_attention_heads, tc.intermediate_size)
         vae = load_vae(cfg.model.vae)
-        unet = build_unet(cfg, vae, text_encoder.config.hidden_size)
+        unet = build_unet(cfg, vae, text_encoder.config.hidden_size,
+                          stage.unet_inputs(vae.config.latent_channels) if stage is not None else {})
         train_text_encoder = cfg.model.train_text_encoder is not False
     expected_out = vae.config.latent_channels * (2 if cfg.diffusion.learned_variance else 1)
     if unet.config.out_channels != expected_out:
@@ -82,12 +81,9 @@ def build_components(cfg, captions: list[str], accelerator=None, resume_from: Pa
                          f"{cfg.diffusion.learned_variance} needs {expected_out}")
     if cfg.model.vae_tiling:
         vae.enable_tiling()  # tiles of its own sample_size, overlapping by a quarter
-    sr = {}
-    if cfg.stage == "super_resolution":
-        sr = {"upscale_factor": cfg.data.resolution // cfg.super_resolution.low_resolution,
-              "max_noise_level": cfg.super_resolution.noise_levels[1]}
-        check_super_resolution_unet(unet, vae, sr["upscale_factor"], str(cfg.model.pretrained or "the new U-Net"))
-    return Components(tokenizer, text_encoder, vae, unet, scheduler, train_text_encoder, base_scheduler, **sr)
+    if stage is not None:
+        stage.check_unet(unet, vae, str(cfg.model.pretrained or "the new U-Net"))
+    return Components(tokenizer, text_encoder, vae, unet, scheduler, train_text_encoder, base_scheduler)
 
 
 def pretrained_folder(cfg, accelerator=None) -> Path | None:
@@ -119,22 +115,6 @@ def pretrained_folder(cfg, accelerator=None) -> Path | None:
     return path
 
 
-def check_super_resolution_unet(unet, vae, upscale_factor: int, where: str) -> None:
-    """A super-resolution stage's U-Net takes latents + 3 image channels and a class embedding per noise level;
-    in latent space the VAE's factor is the upscaling factor."""
-    from pipelines.sr_pipeline import NUM_NOISE_LEVELS
-
-    want = vae.config.latent_channels + 3
-    if unet.config.in_channels != want or (unet.config.num_class_embeds or 0) < NUM_NOISE_LEVELS:
-        raise ValueError(f"{where}: a super-resolution U-Net needs in_channels={want} (latents + the low-resolution "
-                         f"image) and num_class_embeds >= {NUM_NOISE_LEVELS}, got {unet.config.in_channels} and "
-                         f"{unet.config.num_class_embeds}")
-    if not is_pixel_space(vae) and vae_scale_factor(vae) != upscale_factor:
-        raise ValueError(f"a latent super-resolution stage puts the low-resolution image at latent size, so "
-                         f"data.resolution / super_resolution.low_resolution ({upscale_factor}) must be the VAE's "
-                         f"factor {vae_scale_factor(vae)}")
-
-
 def caption_tokenizer(cfg, captions: list[str], accelerator=None, resume_from: Path | None = None):
     """A CLIP tokenizer learned from the training captions.
 
@@ -163,41 +143,19 @@ def caption_tokenizer(cfg, captions: list[str], accelerator=None, resume_from: P
     return CLIPTokenizer.from_pretrained(folder)
 
 
-def build_unet(cfg, vae, cross_attention_dim: int) -> UNet2DConditionModel:
+def build_unet(cfg, vae, cross_attention_dim: int, inputs: dict) -> UNet2DConditionModel:
+    """A new U-Net sized by ``model.unet`` for the VAE's latents at ``data.resolution``; ``inputs`` overrides
+    ``in_channels`` / ``num_class_embeds`` (a super-resolution stage's image channels and noise levels)."""
     u = cfg.model.unet
     f = vae_scale_factor(vae)
     if cfg.data.resolution % f:
         raise ValueError(f"data.resolution={cfg.data.resolution} must be a multiple of the VAE's factor {f}")
     latent = vae.config.latent_channels
-    sr = cfg.stage == "super_resolution"  # the low-resolution image beside the latents, its noise level as a class
-    from pipelines.sr_pipeline import NUM_NOISE_LEVELS
-
     return UNet2DConditionModel(
-        sample_size=cfg.data.resolution // f, in_channels=latent + (3 if sr else 0),
-        num_class_embeds=NUM_NOISE_LEVELS if sr else None,
+        sample_size=cfg.data.resolution // f, **{"in_channels": latent, "num_class_embeds": None, **inputs},
         out_channels=latent * (2 if cfg.diffusion.learned_variance else 1),
         block_out_channels=list(u.block_out_channels), layers_per_block=u.layers_per_block,
         down_block_types=list(u.down_block_types), up_block_types=list(u.up_block_types),
         cross_attention_dim=cross_attention_dim, attention_head_dim=u.attention_head_dim,
         norm_num_groups=u.norm_num_groups,
     )
-
-
-def make_pipeline(comp: Components, unet, text_encoder, sampler: str = "ddpm", base: bool = False):
-    """An LDMPipeline over the run's VAE and tokenizer with the given U-Net and text encoder, sampling on the
-    training schedule (``base``: on the starting model's)."""
-    from pipelines import LDMPipeline
-
-    schedule = comp.base_scheduler if base else comp.scheduler
-    if comp.upscale_factor is not None:
-        from pipelines import SuperResolutionPipeline, low_res_scheduler
-
-        pixels = is_pixel_space(comp.vae)
-        return SuperResolutionPipeline(vae=None if pixels else comp.vae, text_encoder=text_encoder,
-                                       tokenizer=comp.tokenizer, unet=unet, low_res_scheduler=low_res_scheduler(),
-                                       scheduler=sampling_scheduler(schedule, sampler),
-                                       max_noise_level=comp.max_noise_level,
-                                       upscale_factor=comp.upscale_factor if pixels else None,
-                                       vae_tiling=bool(getattr(comp.vae, "use_tiling", False)))
-    return LDMPipeline(vae=None if is_pixel_space(comp.vae) else comp.vae, text_encoder=text_encoder, tokenizer=comp.tokenizer, unet=unet,
-                       scheduler=sampling_scheduler(schedule, sampler))

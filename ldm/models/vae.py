@@ -10,15 +10,12 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-
 from types import SimpleNamespace
 
 import torch
 
-
 from ldm.data.cache import Fingerprint
-
-
+from pipelines.latents import scale_latents
 
 PIXEL_SPACE = "none"
 
@@ -72,14 +69,9 @@ def encode(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return dist.mean.float(), dist.std.float()
 
 
-def latent_scale_shift(vae) -> tuple[float, float]:
-    """(scaling_factor, shift_factor) of a VAE's config: z0 = (z - shift) * scale has unit variance."""
-    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
-
-
 def scaled_sample(mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
-    """z0 = (z - shift) * scale for the posterior sample z = mean + std * eps."""
-    return (mean + std * eps - shift) * scale
+    """z0 = (z - shift) * scale (`pipelines.latents.scale_latents`) for the posterior sample z = mean + std * eps."""
+    return scale_latents(mean + std * eps, scale, shift)
 
 
 def encoder_fingerprint(vae) -> str:

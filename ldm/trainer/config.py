@@ -8,27 +8,33 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
+from ldm.data.masks import MASK_SOURCES
+from ldm.diffusion.gaussian import BETA_SCHEDULES, LOSS_TYPES, PredictionType
 from ldm.diffusion.schedulers import SAMPLERS
 from ldm.diffusion.timesteps import TIMESTEP_SAMPLERS
 from ldm.engine.config import Checker, EngineSettings, RunConfig, check_engine_settings
+from ldm.methods.lora import DTYPES, LORA_FORMATS
+from ldm.methods.registry import METHODS
+from ldm.trainer.optimizers import OPTIMIZERS
+from ldm.trainer.stages import STAGES
+from pipelines.fast import COMPILE_MODES
 
-
-
-BetaSchedule = typing.Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"]
-PredictionType = typing.Literal["epsilon", "v_prediction", "sample"]
-Optimizer = typing.Literal["adamw", "adamw8bit"]
-FinetuneMethod = typing.Literal["full", "lora", "textual_inversion"]
-LoraFormat = typing.Literal["diffusers", "kohya", "both"]
-BaseDtype = typing.Literal["fp32", "bf16", "fp16"]
+# The values a setting admits come from the registry that owns them.
+BetaSchedule = typing.Literal[BETA_SCHEDULES]
+PredictionName = typing.Literal[tuple(p.value for p in PredictionType)]
+LossType = typing.Literal[LOSS_TYPES]
 TimestepSampling = typing.Literal[tuple(TIMESTEP_SAMPLERS)]
-LossType = typing.Literal["simple", "vlb"]
+SamplerName = typing.Literal[tuple(SAMPLERS)]
+Optimizer = typing.Literal[tuple(OPTIMIZERS)]
+CompileMode = typing.Literal[("auto", *COMPILE_MODES)]
+FinetuneMethod = typing.Literal[tuple(METHODS)]
+LoraFormat = typing.Literal[LORA_FORMATS]
+BaseDtype = typing.Literal[tuple(DTYPES)]
+StageName = typing.Literal[tuple(STAGES)]
+MaskSource = typing.Literal[MASK_SOURCES]
+# Settings of the trainer's own.
 PretrainedSchedule = typing.Literal["keep", "config"]
 LatentPosterior = typing.Literal["sample", "mean"]
-SamplerName = typing.Literal[tuple(SAMPLERS)]
-Stage = typing.Literal["base", "super_resolution"]
-MaskSource = typing.Literal["none", "column", "file", "alpha"]
-CompileMode = typing.Literal["auto", "regional", "full"]
 
 
 @dataclass
@@ -114,15 +120,15 @@ class ModelConfig:
 @dataclass
 class DiffusionConfig:
     # Fine-tuning (model.pretrained): "keep" trains with the model's own noise schedule and prediction type;
-    # "config" switches it to the settings below, e.g. to v-prediction at zero terminal SNR (README, "Prompts
-    # that set the layout"). From scratch the settings below are always used.
+    # "config" switches it to the settings below, e.g. to v-prediction at zero terminal SNR (docs/training.md,
+    # "Prompts that set the layout"). From scratch the settings below are always used.
     pretrained_schedule: PretrainedSchedule = "keep"
     num_train_timesteps: int = 1000
     beta_schedule: BetaSchedule = "linear"
     beta_start: float = 0.0001
     beta_end: float = 0.02
     rescale_betas_zero_snr: bool = False
-    prediction_type: PredictionType = "epsilon"
+    prediction_type: PredictionName = "epsilon"
     learned_variance: bool = False  # Improved DDPM: U-Net outputs 2x channels, hybrid loss
     vlb_weight: float = 0.001  # lambda in L_simple + lambda * L_vlb
     # "simple": L_simple (L_hybrid with learned_variance). "vlb": the variational bound alone trains mean and
@@ -138,7 +144,7 @@ class DiffusionConfig:
     timestep_std: float = 1.0
     # The latent each step trains on: a fresh posterior sample z ~ q(z|x) (as Stable Diffusion's training does),
     # or the posterior mean. Use "mean" when the VAE's posterior std is large against its latents' spread
-    # (README, "Training on the posterior mean"): the model then need not draw the encoder's noise.
+    # (docs/training.md, "The objective"): the model then need not draw the encoder's noise.
     latent_posterior: LatentPosterior = "sample"
 
 
@@ -239,7 +245,7 @@ class SuperResolutionConfig:
 class LDMConfig(RunConfig):
     name: str = "ldm"
     # "base": text-to-image; "super_resolution": a cascade stage that upsamples a low-resolution image
-    stage: Stage = "base"
+    stage: StageName = "base"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -256,11 +262,25 @@ class LDMConfig(RunConfig):
 
 
 def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -> None:
-    """Reject bad values of a diffusion run before any data is read or model built. ``strategy`` is how
-    Accelerate distributes the run ("no", "multi_gpu", "multi_cpu", "fsdp", "deepspeed", "deepspeed_zero3")."""
+    """Reject bad values of a diffusion run before any data is read or model built, section by section, then
+    the fine-tuning method's and the stage's own. ``strategy`` is how Accelerate distributes the run ("no",
+    "multi_gpu", "multi_cpu", "fsdp", "deepspeed", "deepspeed_zero3")."""
     c = Checker(cfg)
     check_engine_settings(c)
-    tc, d, dif, s, fc, db = cfg.train, cfg.data, cfg.diffusion, cfg.sample, cfg.finetune, cfg.dreambooth
+    check_distribution(c, num_processes, strategy)
+    check_train(c)
+    check_data(c)
+    check_model(c)
+    check_diffusion(c)
+    check_sample(c)
+    METHODS[cfg.finetune.method].check(c)
+    STAGES[cfg.stage].check(c)
+    check_dreambooth(c)
+
+
+def check_distribution(c: Checker, num_processes: int, strategy: str) -> None:
+    """What the distribution strategy allows: whole weights on every process, the batch split evenly."""
+    tc = c.cfg.train
     if strategy in ("fsdp", "deepspeed_zero3"):
         raise ValueError(f"the {strategy} strategy shards the weights, and validation, sample grids and export run on "
                          f"the main process with whole modules; use DDP (configs/accelerate/ddp.yaml) or DeepSpeed "
@@ -273,12 +293,19 @@ def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -
     c.require(tc.batch_size % per == 0, "train.batch_size",
               f"must divide by processes x accumulation steps ({num_processes} x {tc.gradient_accumulation_steps} = "
               f"{per})")
+
+
+def check_train(c: Checker) -> None:
+    """The diffusion trainer's own ``train`` settings (the engine's are `check_engine_settings`')."""
     c.positive("train.text_encoder_learning_rate", optional=True)
     c.within("train.adam_beta1", 0, 1)
     c.within("train.adam_beta2", 0, 1)
     c.at_least("train.validate_every", 0)
     c.at_least("train.score_num_images", 0)
-    # data
+
+
+def check_data(c: Checker) -> None:
+    d = c.cfg.data
     c.at_least("data.resolution", 1)
     c.within("data.caption_dropout", 0, 1)
     c.require(len(d.alpha_background) == 3 and all(0 <= v <= 255 for v in d.alpha_background),
@@ -291,8 +318,12 @@ def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -
     c.at_least("data.max_train_samples", 1, optional=True)
     for key in ("data.dataset", "data.image_column", "data.caption_column", "data.cache_dir"):
         c.require(bool(c.get(key)), key, "must not be empty")
-    # model
-    u, te = cfg.model.unet, cfg.model.text_encoder
+    if d.mask_source != "none":
+        c.within("data.mask_floor", 0, 1)
+
+
+def check_model(c: Checker) -> None:
+    u, te = c.cfg.model.unet, c.cfg.model.text_encoder
     n = len(u.block_out_channels)
     c.require(n >= 1 and all(ch >= 1 for ch in u.block_out_channels), "model.unet.block_out_channels",
               "needs one positive channel count per level")
@@ -309,7 +340,16 @@ def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -
               f"must divide by num_attention_heads={te.num_attention_heads}")
     c.at_least("model.text_encoder.max_length", 2)
     c.at_least("model.text_encoder.vocab_size", 514)  # 2 x 256 byte symbols + 2 special tokens
-    # diffusion
+
+
+def uses_own_schedule(cfg: LDMConfig) -> bool:
+    """Whether the run trains with the config's schedule: from scratch, or switched to with pretrained_schedule."""
+    return not cfg.model.pretrained or cfg.diffusion.pretrained_schedule == "config"
+
+
+def check_diffusion(c: Checker) -> None:
+    cfg = c.cfg
+    dif = cfg.diffusion
     c.at_least("diffusion.num_train_timesteps", 2)
     c.within("diffusion.beta_start", 0, 1, closed_low=False)
     c.within("diffusion.beta_end", 0, 1, closed_low=False, closed_high=True)
@@ -322,100 +362,41 @@ def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -
     c.at_least("diffusion.offset_noise", 0)
     c.require(math.isfinite(dif.timestep_mean), "diffusion.timestep_mean", "needs a finite number")
     c.positive("diffusion.timestep_std")
-    # a pretrained model keeps its own schedule unless told to switch
-    own_schedule = not cfg.model.pretrained or dif.pretrained_schedule == "config"
-    c.require(not (cfg.model.pretrained and dif.pretrained_schedule == "config" and fc.method == "lora"
-                   and not fc.merged_export), "diffusion.pretrained_schedule",
-              "'config' with LoRA needs finetune.merged_export=true: a LoRA file carries no schedule, so loaded "
-              "on the base model it would be sampled with the base's")
-    c.require(not (own_schedule and dif.rescale_betas_zero_snr and dif.prediction_type == "epsilon"),
+    c.require(not (uses_own_schedule(cfg) and dif.rescale_betas_zero_snr and dif.prediction_type == "epsilon"),
               "diffusion.prediction_type", "a zero-terminal-SNR schedule (rescale_betas_zero_snr) needs v_prediction "
               "or sample: at t=T-1 x_t holds no x_0, so ε cannot give it back")
-    # sampling
-    top = dif.num_train_timesteps if own_schedule else 10**9
+
+
+def check_sample(c: Checker) -> None:
+    cfg = c.cfg
+    s, dif = cfg.sample, cfg.diffusion
+    # a pretrained model keeps its own schedule unless told to switch: its length is not known here
+    own = uses_own_schedule(cfg)
+    top = dif.num_train_timesteps if own else 10**9
     c.require(1 <= s.num_inference_steps <= top, "sample.num_inference_steps",
-              f"needs an integer in [1, diffusion.num_train_timesteps={dif.num_train_timesteps}]" if own_schedule
+              f"needs an integer in [1, diffusion.num_train_timesteps={dif.num_train_timesteps}]" if own
               else "needs an integer >= 1")
     c.require(math.isfinite(s.guidance_scale) and s.guidance_scale >= 1, "sample.guidance_scale",
               "needs a finite number >= 1 (1 turns guidance off)")
     c.require(len(s.seeds) > 0 and all(0 <= x < 2**63 for x in s.seeds), "sample.seeds",
               "needs at least one seed in [0, 2**63)")
     c.require(all(p.strip() for p in s.prompts), "sample.prompts", "prompts must not be empty")
-    # fine-tuning
-    if fc.method == "lora":
-        c.require(bool(cfg.model.pretrained), "finetune.method",
-                  "lora needs model.pretrained: the model whose weights the adapters adapt")
-        c.at_least("finetune.lora_rank", 1)
-        c.positive("finetune.lora_alpha", optional=True)
-        c.within("finetune.lora_dropout", 0, 1)
-        c.require(math.isfinite(fc.merge_scale), "finetune.merge_scale", "needs a finite number")
-        c.require(fc.base_dtype in ("fp32", tc.mixed_precision), "finetune.base_dtype",
-                  f"{fc.base_dtype!r} needs train.mixed_precision={fc.base_dtype!r} (got {tc.mixed_precision!r}) so that "
-                  f"inputs meet the base weights in that dtype; or fp32")
-    if d.mask_source != "none":
-        c.within("data.mask_floor", 0, 1)
-        c.require(cfg.stage == "base", "data.mask_source", "a masked loss is for base models (stage=base)")
-    if fc.method == "textual_inversion":
-        c.require(bool(cfg.model.pretrained), "finetune.method",
-                  "textual_inversion needs model.pretrained: the model whose vocabulary it extends")
-        c.require(bool(fc.placeholder_token) and not any(ch.isspace() for ch in fc.placeholder_token),
-                  "finetune.placeholder_token", "needs one word without spaces, e.g. '<my-concept>'")
-        c.require(bool(fc.initializer_token), "finetune.initializer_token",
-                  "needs a word the tokenizer keeps whole, close to the concept (e.g. 'red' for a new colour)")
-        c.at_least("finetune.num_vectors", 1)
-        c.require(not cfg.model.train_text_encoder, "model.train_text_encoder",
-                  "textual_inversion trains only the new embeddings: leave the text encoder frozen")
-        c.require(dif.pretrained_schedule == "keep", "diffusion.pretrained_schedule",
-                  "textual_inversion leaves the U-Net as it is, so it keeps the model's schedule: use 'keep'")
-        c.require(tc.ema_decay is None, "train.ema_decay",
-                  "the EMA averages U-Net weights, and textual_inversion trains none: leave it null")
-    if cfg.stage == "super_resolution":
-        check_super_resolution(c)
-    c.require(not cfg.model.vae_tiling or (cfg.stage == "super_resolution" and cfg.model.vae != "none"),
-              "model.vae_tiling", "is for latent super-resolution stages (stage=super_resolution with a VAE)")
-    # DreamBooth
-    prior = bool(db.class_prompt or db.class_prompts)
+
+
+def check_dreambooth(c: Checker) -> None:
+    cfg = c.cfg
+    db = cfg.dreambooth
     if db.instance_data:
         c.require(Path(db.instance_data).is_dir(), "dreambooth.instance_data", "needs an existing folder of images")
         c.require(bool(db.instance_prompt), "dreambooth.instance_prompt",
                   "dreambooth.instance_data needs the subject's prompt, e.g. 'a photo of sks dog'")
-    if prior:
+    if db.class_prompt or db.class_prompts:  # prior preservation
         c.require(bool(cfg.model.pretrained), "dreambooth.class_prompt",
                   "prior preservation needs model.pretrained: class images are drawn by the base model")
-        c.require(not d.bucketing, "data.bucketing",
+        c.require(not cfg.data.bucketing, "data.bucketing",
                   "prior preservation trains both halves in one forward and needs data.bucketing=false")
         c.at_least("dreambooth.num_class_images", 1)
         c.at_least("dreambooth.prior_loss_weight", 0)
         c.at_least("dreambooth.class_inference_steps", 1)
         c.require(math.isfinite(db.class_guidance_scale) and db.class_guidance_scale >= 1,
                   "dreambooth.class_guidance_scale", "needs a finite number >= 1")
-
-
-def check_super_resolution(c: Checker) -> None:
-    """A super-resolution stage's settings, and what it does not combine with."""
-    cfg = c.cfg
-    sr, d = cfg.super_resolution, cfg.data
-    c.at_least("super_resolution.low_resolution", 1)
-    c.require(d.resolution % sr.low_resolution == 0 and d.resolution > sr.low_resolution,
-              "super_resolution.low_resolution", f"must divide data.resolution={d.resolution} and be smaller")
-    factor = d.resolution // sr.low_resolution
-    c.require(len(sr.noise_levels) == 2 and 0 <= sr.noise_levels[0] <= sr.noise_levels[1] <= 999,
-              "super_resolution.noise_levels", "needs [low, high] with 0 <= low <= high <= 999 (steps of the "
-              "1000-step low-resolution schedule); [0, 0] turns augmentation off")
-    c.require(len(sr.blur_sigma) == 2 and all(math.isfinite(v) for v in sr.blur_sigma)
-              and 0 <= sr.blur_sigma[0] <= sr.blur_sigma[1], "super_resolution.blur_sigma",
-              "needs [low, high] with 0 <= low <= high (low-resolution pixels); [0, 0] turns blur off")
-    c.require(0 <= sr.sample_noise_level <= 999, "super_resolution.sample_noise_level", "needs an int in [0, 999]")
-    if sr.train_crop is not None:
-        multiple = factor * 2 ** (len(cfg.model.unet.block_out_channels) - 1)
-        c.require(0 < sr.train_crop <= d.resolution and sr.train_crop % multiple == 0, "super_resolution.train_crop",
-                  f"must be at most data.resolution={d.resolution} and a multiple of {multiple} (the upscaling factor "
-                  f"{factor} times the U-Net's downsampling 2^(len(model.unet.block_out_channels) - 1)); null trains "
-                  "on whole images")
-    c.require(not d.bucketing or d.bucket_step % factor == 0, "data.bucket_step",
-              f"must be a multiple of the upscaling factor {factor} (data.resolution / super_resolution.low_resolution)")
-    c.require(cfg.finetune.method == "full", "finetune.method", "a super-resolution stage trains all its weights: "
-              "use 'full'")
-    db = cfg.dreambooth
-    c.require(not (db.instance_data or db.class_prompt or db.class_prompts), "dreambooth.instance_data",
-              "DreamBooth is for text-to-image stages; unset dreambooth.* for stage=super_resolution")

@@ -17,8 +17,8 @@ import torch
 from ldm.data.images import downsample
 from ldm.diffusion.gaussian import GaussianDiffusion
 from ldm.diffusion.timesteps import make_timestep_sampler
-from ldm.models.vae import encode, latent_scale_shift, scaled_sample
-from pipelines import vae_scale_factor
+from ldm.models.vae import encode, scaled_sample
+from pipelines.latents import latent_scale_shift, vae_scale_factor
 
 
 @dataclass

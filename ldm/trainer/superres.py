@@ -1,5 +1,6 @@
-"""Super-resolution stages of a cascade (Ho et al. 2022, "Cascaded Diffusion Models"): the objective that trains
-one, and the low-resolution images it is conditioned on.
+"""Super-resolution stages of a cascade (Ho et al. 2022, "Cascaded Diffusion Models"), ``stage:
+super_resolution``: the stage (`SuperResolution`: its settings, U-Net, arrays, pipeline and export), the objective
+that trains it, and the low-resolution images it is conditioned on.
 
 Each training image (data.resolution) is area-downsampled to ``super_resolution.low_resolution``: stored beside
 the latents in a cache of its own, or derived per step when the images are not cached (random crops). Per
@@ -20,13 +21,20 @@ import math
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from pipelines import low_res_scheduler
-from pipelines.sr_pipeline import IMAGE_CHANNELS, condition_image
-
-from ldm.data.cache import Fingerprint, latent_cache
-from ldm.trainer.objective import LatentDiffusionObjective, ObjectiveInputs
+from ldm.data.batches import CachedArrays, PixelItems
+from ldm.data.cache import CachePlace, Encoding, Fingerprint, cached_posterior, latent_cache
 from ldm.data.images import downsample
+from ldm.engine.config import Checker
+from ldm.engine.records import make_grid
+from ldm.models.vae import is_pixel_space
+from ldm.trainer.objective import LatentDiffusionObjective, ObjectiveInputs
+from ldm.trainer.stage import TextToImage, cache_place
+from ldm.trainer.validation import ValidationSet
+from pipelines import low_res_scheduler
+from pipelines.latents import vae_scale_factor
+from pipelines.sr_pipeline import IMAGE_CHANNELS, NUM_NOISE_LEVELS, condition_image
 
 SR_DRAWS_SALT = 0x5E5  # the augmentation draws of a step come from their own generator: the base draws are unchanged
 
@@ -49,7 +57,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.reshape(b, c, h, w)
 
 
-def low_res_cache(pixel_items, split, factor: int, cache_dir, accelerator, flips: bool, num_workers: int = 0) -> dict:
+def low_res_cache(pixel_items, split, factor: int, place: CachePlace, flips: bool) -> dict:
     """The low-resolution images of ``split`` in [-1, 1], as a posterior cache whose "mean" is the image (and
     whose std is zero): read with `ldm.data.cache.cached_posterior`."""
     key = Fingerprint().value(["low-res-area-v1", factor]).hexdigest()
@@ -58,8 +66,7 @@ def low_res_cache(pixel_items, split, factor: int, cache_dir, accelerator, flips
         low = downsample(pixels.float(), factor)
         return low, torch.zeros_like(low)
 
-    return latent_cache(encode, key, split, pixel_items, IMAGE_CHANNELS, factor, cache_dir, accelerator, flips,
-                        num_workers)
+    return latent_cache(Encoding(encode, key, IMAGE_CHANNELS, factor), split, pixel_items, place, flips)
 
 
 class SuperResolutionObjective(LatentDiffusionObjective):
@@ -148,3 +155,140 @@ class SuperResolutionObjective(LatentDiffusionObjective):
         inputs.conditions.update(image=self.augment(low.float(), levels, torch.randn(low.shape, generator=g)),
                                  noise_level=levels)
         return inputs
+
+
+@torch.no_grad()
+def super_resolution_grid(pipe, low_res: torch.Tensor, captions: list[str], seed: int, num_inference_steps: int,
+                          guidance_scale: float, noise_level: int) -> Image.Image:
+    """Two rows: the low-resolution inputs (V, 3, h, w) in [-1, 1], enlarged, over the stage's outputs."""
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(low_res))]
+    out = pipe(captions, image=(low_res + 1) / 2, generator=gens, num_inference_steps=num_inference_steps,
+               guidance_scale=guidance_scale, noise_level=noise_level).images
+    inputs = [im.resize(out[0].size, Image.Resampling.NEAREST) for im in
+              pipe.image_processor.postprocess((low_res / 2 + 0.5).clamp(0, 1), do_denormalize=[False] * len(low_res))]
+    return make_grid(inputs + out, ncols=len(low_res))
+
+
+class SuperResolution(TextToImage):
+    """A super-resolution stage: the U-Net takes, beside x_t, the low-resolution image (3 more input channels) and
+    its augmentation level (a class embedding per level of the low-resolution schedule); batches carry the
+    low-resolution images as ``low_res``; it samples and exports as a `pipelines.SuperResolutionPipeline` that
+    diffusers' ``StableDiffusionUpscalePipeline`` loads. Its samples are scored by ``make cascade-demo`` on a base
+    model's samples, not by validation."""
+
+    scored = False
+    GRID_IMAGES = 8  # the validation grid upscales this many validation images
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        sr = cfg.super_resolution
+        self.upscale_factor = cfg.data.resolution // sr.low_resolution
+        self.max_noise_level = sr.noise_levels[1]  # exported as the pipeline's
+
+    @classmethod
+    def check(cls, c: Checker) -> None:
+        """A super-resolution stage's settings, and what it does not combine with."""
+        cfg = c.cfg
+        sr, d = cfg.super_resolution, cfg.data
+        c.at_least("super_resolution.low_resolution", 1)
+        c.require(d.resolution % sr.low_resolution == 0 and d.resolution > sr.low_resolution,
+                  "super_resolution.low_resolution", f"must divide data.resolution={d.resolution} and be smaller")
+        factor = d.resolution // sr.low_resolution
+        c.require(len(sr.noise_levels) == 2 and 0 <= sr.noise_levels[0] <= sr.noise_levels[1] <= 999,
+                  "super_resolution.noise_levels", "needs [low, high] with 0 <= low <= high <= 999 (steps of the "
+                  "1000-step low-resolution schedule); [0, 0] turns augmentation off")
+        c.require(len(sr.blur_sigma) == 2 and all(math.isfinite(v) for v in sr.blur_sigma)
+                  and 0 <= sr.blur_sigma[0] <= sr.blur_sigma[1], "super_resolution.blur_sigma",
+                  "needs [low, high] with 0 <= low <= high (low-resolution pixels); [0, 0] turns blur off")
+        c.require(0 <= sr.sample_noise_level <= 999, "super_resolution.sample_noise_level", "needs an int in [0, 999]")
+        if sr.train_crop is not None:
+            multiple = factor * 2 ** (len(cfg.model.unet.block_out_channels) - 1)
+            c.require(0 < sr.train_crop <= d.resolution and sr.train_crop % multiple == 0,
+                      "super_resolution.train_crop",
+                      f"must be at most data.resolution={d.resolution} and a multiple of {multiple} (the upscaling "
+                      f"factor {factor} times the U-Net's downsampling 2^(len(model.unet.block_out_channels) - 1)); "
+                      "null trains on whole images")
+        c.require(not d.bucketing or d.bucket_step % factor == 0, "data.bucket_step",
+                  f"must be a multiple of the upscaling factor {factor} (data.resolution / "
+                  "super_resolution.low_resolution)")
+        cls.check_combinations(c)
+
+    @staticmethod
+    def check_combinations(c: Checker) -> None:
+        """What a super-resolution stage does not combine with."""
+        cfg = c.cfg
+        c.require(cfg.finetune.method == "full", "finetune.method", "a super-resolution stage trains all its "
+                  "weights: use 'full'")
+        db = cfg.dreambooth
+        c.require(not (db.instance_data or db.class_prompt or db.class_prompts), "dreambooth.instance_data",
+                  "DreamBooth is for text-to-image stages; unset dreambooth.* for stage=super_resolution")
+        c.require(cfg.data.mask_source == "none", "data.mask_source", "a masked loss is for base models (stage=base)")
+        c.require(not cfg.model.vae_tiling or cfg.model.vae != "none", "model.vae_tiling",
+                  "is for latent super-resolution stages (stage=super_resolution with a VAE)")
+
+    def unet_inputs(self, latent_channels: int) -> dict:
+        return {"in_channels": latent_channels + IMAGE_CHANNELS, "num_class_embeds": NUM_NOISE_LEVELS}
+
+    def check_unet(self, unet, vae, where: str) -> None:
+        """The U-Net takes latents + 3 image channels and a class embedding per noise level; in latent space the
+        VAE's factor is the upscaling factor."""
+        want = vae.config.latent_channels + IMAGE_CHANNELS
+        if unet.config.in_channels != want or (unet.config.num_class_embeds or 0) < NUM_NOISE_LEVELS:
+            raise ValueError(f"{where}: a super-resolution U-Net needs in_channels={want} (latents + the "
+                             f"low-resolution image) and num_class_embeds >= {NUM_NOISE_LEVELS}, got "
+                             f"{unet.config.in_channels} and {unet.config.num_class_embeds}")
+        if not is_pixel_space(vae) and vae_scale_factor(vae) != self.upscale_factor:
+            raise ValueError(f"a latent super-resolution stage puts the low-resolution image at latent size, so "
+                             f"data.resolution / super_resolution.low_resolution ({self.upscale_factor}) must be "
+                             f"the VAE's factor {vae_scale_factor(vae)}")
+
+    def size_multiple(self, vae) -> int:
+        """Sizes map to whole latents and to whole low-resolution pixels."""
+        return max(vae_scale_factor(vae), self.upscale_factor)
+
+    def low_res_cache(self, engine, split, flips: bool) -> dict:
+        return low_res_cache(PixelItems.for_split(split, self.cfg.data), split, self.upscale_factor,
+                             cache_place(self.cfg, engine), flips)
+
+    def arrays(self, engine, split, flips: bool) -> dict[str, CachedArrays]:
+        """The conditioning images, stored beside the latents (without a cache they are downsampled each step)."""
+        return {"low_res": CachedArrays(self.low_res_cache(engine, split, flips))}
+
+    def validation_arrays(self, engine, split) -> dict:
+        """The low-resolution versions (V, 3, h, w) in [-1, 1] of the validation images."""
+        cache = self.low_res_cache(engine, split, flips=False)
+        return {"low_res": cached_posterior(cache, list(range(len(split))), torch.zeros(len(split), dtype=torch.bool))[0]}
+
+    def objective(self, comp, diffusion, text, gather) -> SuperResolutionObjective:
+        cfg = self.cfg
+        sr = cfg.super_resolution
+        return SuperResolutionObjective(diffusion, cfg.diffusion, cfg.data.caption_dropout, text, comp.vae,
+                                        gather=gather, factor=self.upscale_factor, noise_levels=sr.noise_levels,
+                                        blur_sigma=sr.blur_sigma, crop=sr.train_crop)
+
+    def pipeline(self, comp, unet, text_encoder, scheduler):
+        from pipelines import SuperResolutionPipeline
+
+        pixels = is_pixel_space(comp.vae)
+        return SuperResolutionPipeline(vae=None if pixels else comp.vae, text_encoder=text_encoder,
+                                       tokenizer=comp.tokenizer, unet=unet, low_res_scheduler=low_res_scheduler(),
+                                       scheduler=scheduler, max_noise_level=self.max_noise_level,
+                                       upscale_factor=self.upscale_factor if pixels else None,
+                                       vae_tiling=bool(getattr(comp.vae, "use_tiling", False)))
+
+    def for_export(self, pipe):
+        """diffusers' upscaler decodes with its fixed factor: the VAE is carried with its latent space rescaled to
+        it (an exact reparametrisation: the same scaled latents, the same images)."""
+        if pipe.vae is not None:
+            from pipelines import rescale_latent_space
+
+            pipe.register_modules(vae=rescale_latent_space(pipe.vae))
+        return pipe
+
+    def sample_grid(self, pipe, prompts: list[str], data: ValidationSet, sample) -> Image.Image:
+        """The first validation images' low-resolution versions over the stage's upscales of them."""
+        k = self.GRID_IMAGES
+        return super_resolution_grid(pipe, data.arrays["low_res"][:k], data.captions[:k], sample.seeds[0],
+                                     sample.num_inference_steps, sample.guidance_scale,
+                                     self.cfg.super_resolution.sample_noise_level)

@@ -18,25 +18,36 @@ from pathlib import Path
 
 import torch
 
-from pipelines.fast import compile_model, set_channels_last
-
-from ldm.data.batches import CLASS_STREAMS, TRAIN_STREAMS, BatchSource, CachedArrays, CutArrays, PixelItems, rank_slice
-from ldm.eval.scorers import SCORED_DATASETS
-from ldm.data.cache import cached_posterior, latent_cache, text_cache
-from ldm.trainer.config import LDMConfig, check_config
-from ldm.data.batches import GlobalBatchSampler
+from ldm.data.batches import (
+    CLASS_STREAMS,
+    TRAIN_STREAMS,
+    BatchSource,
+    CachedArrays,
+    CutArrays,
+    GlobalBatchSampler,
+    PixelItems,
+    micro_batch_size,
+    rank_slice,
+)
+from ldm.data.cache import Encoding, cached_posterior, latent_cache, text_cache
+from ldm.data.splits import Split, check_sizes, class_split, load_splits, report_bad_images, report_unseen
 from ldm.diffusion.gaussian import GaussianDiffusion
+from ldm.diffusion.schedulers import sampling_scheduler
 from ldm.engine.cli import run
 from ldm.engine.engine import Engine
-from ldm.trainer.export import export
-from ldm.models.components import Components, build_components, make_pipeline
-from ldm.trainer.objective import LatentDiffusionObjective, TextContext
-from ldm.trainer.superres import SuperResolutionObjective, low_res_cache
-from ldm.data.splits import Split, check_sizes, class_split, load_splits, report_bad_images, report_unseen
+from ldm.methods.base import ExportJob
+from ldm.methods.registry import method_for
+from ldm.models.components import Components, build_components
 from ldm.models.text import tokenize
+from ldm.models.vae import encode, encoder_fingerprint, is_pixel_space
+from ldm.trainer.config import LDMConfig, check_config
+from ldm.trainer.objective import TextContext
+from ldm.trainer.optimizers import make_optimizer
+from ldm.trainer.stage import TextToImage, cache_place
+from ldm.trainer.stages import stage_for
 from ldm.trainer.validation import ValidationSet, Validator, check_latent_scale
-from ldm.models.vae import encode, encoder_fingerprint, is_pixel_space, latent_scale_shift
-from pipelines import vae_scale_factor
+from pipelines.fast import compile_model, set_channels_last
+from pipelines.latents import latent_scale_shift, vae_scale_factor
 
 logger = logging.getLogger(__name__)
 
@@ -48,112 +59,130 @@ def train(cfg: LDMConfig) -> dict:
     saved = {}
     if acc.is_main_process:
         with engine.ema_weights():
-            saved = export(cfg, run.comp, acc.unwrap_model(run.unet), acc.unwrap_model(run.text_encoder), cfg.run_dir)
+            saved = method_for(cfg).export(ExportJob(cfg, run.stage, run.comp, acc.unwrap_model(run.unet),
+                                                     acc.unwrap_model(run.text_encoder), cfg.run_dir))
     vals = [r["val_loss"] for r in engine.metrics.rows() if "val_loss" in r]
     result = {"latent_std": round(run.latent_std, 3), "best_val_loss": round(min(vals), 5) if vals else None,
               **{k: v for k, v in engine.final_validation.items() if k.startswith("score_")}}
-    if run.unseen:
-        result["images_never_seen"] = sum(run.unseen.values())
-    if run.bad_images:
-        result["bad_images_skipped"] = len(run.bad_images)
+    data = run.data
+    if data.unseen:
+        result["images_never_seen"] = sum(data.unseen.values())
+    if data.bad:
+        result["bad_images_skipped"] = len(data.bad)
     return engine.finish(result, {
-        "validation set": "held-out" if run.heldout else "training images (no held-out split given)",
+        "validation set": "held-out" if data.heldout else "training images (no held-out split given)",
         "weights": "EMA" if engine.ema is not None else "trained", **saved,
         "samples": cfg.run_dir / "samples" / f"step-{step}.png",
-        **({"buckets never trained on": run.unseen} if run.unseen else {}),
-        **({"skipped images": run.bad_report} if run.bad_report else {})}, plot_keys=("loss", "mse", "val_loss"))
+        **({"buckets never trained on": data.unseen} if data.unseen else {}),
+        **({"skipped images": data.bad_report} if data.bad_report else {})}, plot_keys=("loss", "mse", "val_loss"))
+
+
+@dataclass
+class RunData:
+    """The run's splits and what reading them found."""
+
+    train: Split
+    val: Split
+    heldout: bool  # whether the validation images are held out of training
+    unseen: dict  # buckets too small for a batch: "HxW" -> images never trained on
+    bad: list  # images skipped: they cannot be decoded
+    bad_report: Path | None  # the file naming them
 
 
 @dataclass
 class Run:
-    """Everything ``train`` needs to run and export: the engine, the step function and its batch sources, the
-    validator, the prepared networks."""
+    """Everything ``train`` needs to run and export: the engine, the stage, the data, the step function and its
+    batch sources, the validator, the prepared networks."""
 
     engine: Engine
+    stage: TextToImage
     comp: Components
+    data: RunData
     sources: list[BatchSource]
     step: object  # forward_backward(...)
     validate: Validator
     unet: torch.nn.Module  # prepared (wrapped under DDP)
     text_encoder: torch.nn.Module
-    heldout: bool
     latent_std: float
-    unseen: dict
-    bad_images: list  # skipped: they cannot be decoded
-    bad_report: Path | None  # the file naming them
 
 
 def build_run(cfg: LDMConfig) -> Run:
-    """Check the config, read the data, build the networks, draw DreamBooth's class images, choose what trains,
-    build the caches and batch sources, prepare for Accelerate, and make the objective, step and validator."""
+    """Check the config, read the data, build the networks, draw DreamBooth's class images, let the method choose
+    what trains, build the caches and batch sources, prepare for Accelerate, and make the objective, step and
+    validator. The order is part of the run: every random draw of set-up comes from the seed, in this order."""
     engine = Engine(cfg, check_config, "training", cfg.train.validate_every)
-    acc, tc = engine.accelerator, cfg.train
-    with acc.main_process_first():  # built-in data is generated once, by the main process
-        train_split, val_split, heldout = load_splits(cfg)
-    if cfg.finetune.method == "textual_inversion":
-        from ldm.methods.textual_inversion import check_captions
-
-        check_captions(train_split.captions, cfg.finetune.placeholder_token)
-    bad_report = report_bad_images(train_split.bad + val_split.bad, cfg.run_dir, acc.is_main_process)
-    comp = build_components(cfg, train_split.captions, acc, engine.resume_from)
-    if not cfg.model.pretrained:  # the tokenizer learned from the captions is part of the run's state
-        engine.checkpoint_files["tokenizer"] = cfg.run_dir / "tokenizer"
-    # sizes map to whole latents, and for a super-resolution stage to whole low-resolution pixels
-    check_sizes(cfg, train_split, max(vae_scale_factor(comp.vae), comp.upscale_factor or 1))
-    comp.vae.requires_grad_(False).eval().to(engine.device)
+    acc, stage, method = engine.accelerator, stage_for(cfg), method_for(cfg)
+    data = read_data(cfg, engine, method)
+    comp = build_networks(cfg, engine, stage, data.train)
     db = cfg.dreambooth
-    classes = draw_class_images(cfg, comp, engine) if db.class_prompt or db.class_prompts else None
-    groups = choose_trainable(cfg, comp)
+    classes = draw_class_images(cfg, stage, comp, engine) if db.class_prompt or db.class_prompts else None
+    groups = method.trainable(cfg, comp)
     # Training never clips x̂_0 (improved-diffusion's losses do not); on pixels the bound's t = 0 term is the
     # discretized decoder of 8-bit images.
     diffusion = GaussianDiffusion.from_scheduler_config(comp.scheduler.config, clip_sample=False,
                                                         discrete_decoder=is_pixel_space(comp.vae))
 
     # Caches and batch sources; DreamBooth's prior preservation is a second source mixed into every step.
-    input_ids = tokenize(comp.tokenizer, train_split.captions + (classes.captions if classes else []))  # (N, L)
-    sources = [batch_source(cfg, engine, comp, train_split, TRAIN_STREAMS, masked=cfg.data.mask_source != "none")]
+    sources = [batch_source(cfg, engine, stage, comp, data.train, TRAIN_STREAMS,
+                            masked=cfg.data.mask_source != "none")]
     if classes is not None:
-        sources.append(batch_source(cfg, engine, comp, classes, CLASS_STREAMS, len(train_split.captions)))
-    val = validation_set(cfg, engine, comp, val_split)
+        sources.append(batch_source(cfg, engine, stage, comp, classes, CLASS_STREAMS, len(data.train.captions)))
+    val = validation_set(cfg, engine, stage, comp, data.val)
     latent_std = check_latent_scale(val.mean, val.std, *latent_scale_shift(comp.vae), warn=not is_pixel_space(comp.vae))
-    empty_ids = tokenize(comp.tokenizer, [""])[0]
-    text = text_cache(comp.text_encoder, input_ids, empty_ids, cfg.data.cache_dir, acc) \
-        if cfg.data.cache_text and not comp.train_text_encoder else None
+    captions = data.train.captions + (classes.captions if classes else [])
+    input_ids, empty_ids, text_embeddings = text_inputs(cfg, engine, comp, captions)
 
-    # Prepare; the engine steps the optimizer and the EMA, which averages what trains in the U-Net.
     unet, text_encoder = prepare(cfg, engine, comp, groups)
-    unet_u, te_u = acc.unwrap_model(unet), acc.unwrap_model(text_encoder)
-    engine.track_ema([p for p in unet_u.parameters() if p.requires_grad], tc.ema_decay, tc.ema_warmup)
-    objective = make_objective(cfg, comp, diffusion, TextContext(
-        input_ids, empty_ids, encoder=text_encoder if text is None else None, cache=text), acc.gather)
+    text = TextContext(input_ids, empty_ids, encoder=text_encoder if text_embeddings is None else None,
+                       cache=text_embeddings)
+    objective = stage.objective(comp, diffusion, text, acc.gather)
     if objective.timesteps.checkpointed:  # its loss history decides the next timesteps: resume needs it
         engine.state_objects["timestep_importance"] = objective.timesteps
-    score_on = cfg.data.dataset if cfg.data.dataset in SCORED_DATASETS and not db.instance_data else None
-    if comp.upscale_factor:  # scored by `demos.cascade_demo` at the end, on a base model's samples
-        score_on = None
-    validate = Validator(engine, comp, objective, unet_u, te_u, val,
-                         cfg.sample.prompts or sorted(set(train_split.captions))[:8], score_on,
-                         micro_batch_size(cfg, acc.num_processes))
+    validate = Validator(engine, stage, comp, objective, (acc.unwrap_model(unet), acc.unwrap_model(text_encoder)),
+                         val, cfg.sample.prompts or sorted(set(data.train.captions))[:8])
     unet.train()
     text_encoder.train(comp.train_text_encoder)
     step = forward_backward(engine, objective, sources, unet, text_encoder, comp.train_text_encoder)
-    return Run(engine, comp, sources, step, validate, unet, text_encoder, heldout, latent_std,
-               report_unseen(train_split, tc.batch_size), train_split.bad + val_split.bad, bad_report)
+    return Run(engine=engine, stage=stage, comp=comp, data=data, sources=sources, step=step, validate=validate,
+               unet=unet, text_encoder=text_encoder, latent_std=latent_std)
 
 
 # ----------------------------------------------------------------------------------------------
 # Set-up
 # ----------------------------------------------------------------------------------------------
 
-def draw_class_images(cfg: LDMConfig, comp: Components, engine) -> Split:
+def read_data(cfg: LDMConfig, engine, method) -> RunData:
+    """The training and validation splits (built-in data is generated once, by the main process), checked by the
+    method, with the images skipped because they cannot be decoded written to ``<run>/bad_images.jsonl``."""
+    acc = engine.accelerator
+    with acc.main_process_first():
+        train_split, val_split, heldout = load_splits(cfg)
+    method.check_captions(cfg, train_split.captions)
+    bad = train_split.bad + val_split.bad
+    return RunData(train_split, val_split, heldout, report_unseen(train_split, cfg.train.batch_size), bad,
+                   report_bad_images(bad, cfg.run_dir, acc.is_main_process))
+
+
+def build_networks(cfg: LDMConfig, engine, stage: TextToImage, train_split: Split) -> Components:
+    """The run's networks (`build_components`), the frozen VAE on the device; a tokenizer learned from the
+    captions is kept in every checkpoint."""
+    comp = build_components(cfg, train_split.captions, engine.accelerator, engine.resume_from, stage)
+    if not cfg.model.pretrained:  # the tokenizer learned from the captions is part of the run's state
+        engine.checkpoint_files["tokenizer"] = cfg.run_dir / "tokenizer"
+    check_sizes(cfg, train_split, stage.size_multiple(comp.vae))
+    comp.vae.requires_grad_(False).eval().to(engine.device)
+    return comp
+
+
+def draw_class_images(cfg: LDMConfig, stage: TextToImage, comp: Components, engine) -> Split:
     """DreamBooth's prior preservation: images of the class drawn once by the base model, as a split."""
     from ldm.methods.dreambooth import ensure_class_images
 
     db, device = cfg.dreambooth, engine.device
 
     def base_pipeline():
-        return make_pipeline(comp, comp.unet.to(device).eval(), comp.text_encoder.to(device).eval(), "ddpm",
-                             base=True)
+        return stage.pipeline(comp, comp.unet.to(device).eval(), comp.text_encoder.to(device).eval(),
+                              sampling_scheduler(comp.base_scheduler, "ddpm"))
 
     prompts = db.class_prompts or [db.class_prompt]
     folder = ensure_class_images(base_pipeline, db.class_data or cfg.run_dir / "class_images", prompts,
@@ -164,85 +193,46 @@ def draw_class_images(cfg: LDMConfig, comp: Components, engine) -> Split:
         return class_split(cfg, folder, prompts)
 
 
-def choose_trainable(cfg: LDMConfig, comp: Components) -> list[dict]:
-    """Parameter groups to optimise: LoRA adapters only (the base frozen, maybe in bf16/fp16), a textual
-    inversion's new embeddings only, or the whole U-Net and, when it trains, the text encoder at its own
-    learning rate."""
-    tc = cfg.train
-    if cfg.finetune.method == "textual_inversion":
-        from ldm.methods.textual_inversion import add_placeholder
-
-        comp.train_text_encoder = True  # its embedding table trains: encoded every step, synchronised under DDP
-        comp.unet.requires_grad_(False)
-        return [{"params": add_placeholder(comp.tokenizer, comp.text_encoder, cfg.finetune), "lr": tc.learning_rate,
-                 "weight_decay": 0.0}]  # decay would move the frozen rows
-    if cfg.finetune.method == "lora":
-        from ldm.methods.lora import add_lora
-
-        comp.train_text_encoder = cfg.finetune.lora_text_encoder
-        return [{"params": add_lora(comp.unet, comp.text_encoder, cfg.finetune), "lr": tc.learning_rate}]
-    comp.text_encoder.requires_grad_(comp.train_text_encoder)
-    groups = [{"params": list(comp.unet.parameters()), "lr": tc.learning_rate}]
-    if comp.train_text_encoder:
-        groups.append({"params": list(comp.text_encoder.parameters()),
-                       "lr": tc.text_encoder_learning_rate or tc.learning_rate})
-    return groups
-
-
 def posterior_cache(cfg: LDMConfig, engine, comp: Components, split: Split, flips: bool) -> dict:
     """The VAE posterior cache of ``split`` (``flips``: both orientations)."""
     vae = comp.vae
-    return latent_cache(lambda pixels: encode(vae, pixels), encoder_fingerprint(vae), split,
-                        pixel_items(cfg, split, random_crop=False), vae.config.latent_channels, vae_scale_factor(vae),
-                        cfg.data.cache_dir, engine.accelerator, flips, cfg.train.num_workers)
+    encoding = Encoding(lambda pixels: encode(vae, pixels), encoder_fingerprint(vae), vae.config.latent_channels,
+                        vae_scale_factor(vae))
+    return latent_cache(encoding, split, PixelItems.for_split(split, cfg.data), cache_place(cfg, engine), flips)
 
 
-def validation_set(cfg: LDMConfig, engine, comp: Components, split: Split) -> ValidationSet:
-    """The validation images' posteriors (V, C, h, w), from their cache, their first captions, and (a
-    super-resolution stage) their low-resolution versions. The std is zero when training uses the posterior
-    mean, so the validation loss and the latent scale check see what training sees."""
+def validation_set(cfg: LDMConfig, engine, stage: TextToImage, comp: Components, split: Split) -> ValidationSet:
+    """The validation images' posteriors (V, C, h, w), from their cache, their first captions, and the stage's
+    arrays of them. The std is zero when training uses the posterior mean, so the validation loss and the latent
+    scale check see what training sees."""
     every = list(range(len(split)))
     mean, std = cached_posterior(posterior_cache(cfg, engine, comp, split, flips=False), every,
                                  torch.zeros(len(split), dtype=torch.bool))
     if cfg.diffusion.latent_posterior == "mean":
         std = torch.zeros_like(std)
     captions = split.first_captions()
-    arrays = {"low_res": low_res_images(cfg, engine, comp, split)} if comp.upscale_factor else {}
-    return ValidationSet(mean, std, tokenize(comp.tokenizer, captions), captions, arrays)
+    return ValidationSet(mean, std, tokenize(comp.tokenizer, captions), captions,
+                         stage.validation_arrays(engine, split))
 
 
-def low_res_images(cfg: LDMConfig, engine, comp: Components, split: Split) -> torch.Tensor:
-    """The low-resolution versions (V, 3, h, w) in [-1, 1] of a super-resolution stage's validation images."""
-    cache = low_res_cache(pixel_items(cfg, split, random_crop=False), split, comp.upscale_factor, cfg.data.cache_dir,
-                          engine.accelerator, flips=False, num_workers=cfg.train.num_workers)
-    return cached_posterior(cache, list(range(len(split))), torch.zeros(len(split), dtype=torch.bool))[0]
-
-
-def pixel_items(cfg: LDMConfig, split: Split, random_crop: bool) -> PixelItems:
-    d = cfg.data
-    return PixelItems(split, d.resolution, d.image_column, d.center_crop, random_crop, d.alpha_background)
-
-
-def batch_source(cfg: LDMConfig, engine, comp: Components, split: Split, streams, caption_offset: int = 0,
-                 masked: bool = False):
-    """The split's batches, read from its latent cache or, when each step crops anew, as pixels; with the
-    masked loss's masks when ``masked``."""
+def batch_source(cfg: LDMConfig, engine, stage: TextToImage, comp: Components, split: Split, streams,
+                 caption_offset: int = 0, masked: bool = False):
+    """The split's batches, read from its latent cache (with the stage's arrays beside) or, when each step crops
+    anew, as pixels; with the masked loss's masks when ``masked``."""
     d = cfg.data
     sampler = GlobalBatchSampler(split.groups, len(split), cfg.train.batch_size, cfg.train.seed, drop_last=True)
     cached = d.cache_latents and not d.random_crop
     extras = {"mask": mask_arrays(cfg, engine, comp, split, cached)} if masked else {}
     if cached:
-        if comp.upscale_factor:  # a super-resolution stage's conditioning images, stored beside the latents
-            extras["low_res"] = CachedArrays(low_res_cache(pixel_items(cfg, split, random_crop=False), split,
-                                                           comp.upscale_factor, d.cache_dir, engine.accelerator,
-                                                           d.random_flip, cfg.train.num_workers))
+        extras.update(stage.arrays(engine, split, d.random_flip))
         return BatchSource(split, sampler, cfg.train.seed, streams, d.random_flip,
                            latents=posterior_cache(cfg, engine, comp, split, d.random_flip),
                            caption_offset=caption_offset, extras=extras)
     if d.cache_latents:
         logger.info("data.random_crop=true: each step crops anew, so images are encoded every step (no latent cache)")
     return BatchSource(split, sampler, cfg.train.seed, streams, d.random_flip,
-                       pixels=pixel_items(cfg, split, d.random_crop), caption_offset=caption_offset, extras=extras)
+                       pixels=PixelItems.for_split(split, d, d.random_crop), caption_offset=caption_offset,
+                       extras=extras)
 
 
 def mask_arrays(cfg: LDMConfig, engine, comp: Components, split: Split, cached: bool):
@@ -254,13 +244,23 @@ def mask_arrays(cfg: LDMConfig, engine, comp: Components, split: Split, cached: 
                       d.mask_source, d.mask_column)
     if not cached:
         return CutArrays(masks)
-    return CachedArrays(mask_cache(masks, split, vae_scale_factor(comp.vae), d.cache_dir, engine.accelerator,
-                                   d.random_flip, cfg.train.num_workers))
+    return CachedArrays(mask_cache(masks, split, vae_scale_factor(comp.vae), cache_place(cfg, engine), d.random_flip))
+
+
+def text_inputs(cfg: LDMConfig, engine, comp: Components, captions: list[str]) -> tuple:
+    """Token ids (N, L) of every caption and (L,) of the empty one, and the cache of their embeddings when the
+    text encoder is frozen (else None: the encoder runs every step)."""
+    input_ids = tokenize(comp.tokenizer, captions)
+    empty_ids = tokenize(comp.tokenizer, [""])[0]
+    cached = cfg.data.cache_text and not comp.train_text_encoder
+    cache = text_cache(comp.text_encoder, input_ids, empty_ids, cfg.data.cache_dir, engine.accelerator) if cached \
+        else None
+    return input_ids, empty_ids, cache
 
 
 def prepare(cfg: LDMConfig, engine, comp: Components, groups: list[dict]):
-    """Gradient checkpointing and compilation, the optimizer, ``accelerator.prepare``, and the engine's
-    optimizer settings; returns the prepared U-Net and text encoder."""
+    """Gradient checkpointing and compilation, the optimizer, ``accelerator.prepare``, the engine's optimizer
+    settings and the EMA of what trains in the U-Net; returns the prepared U-Net and text encoder."""
     tc, acc, unet, text_encoder = cfg.train, engine.accelerator, comp.unet, comp.text_encoder
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -280,6 +280,7 @@ def prepare(cfg: LDMConfig, engine, comp: Components, groups: list[dict]):
         text_encoder.to(engine.device)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     engine.optimize_with(optimizer, trainable, tc.max_grad_norm, tc.lr_schedule, tc.warmup_steps)
+    engine.track_ema([p for p in acc.unwrap_model(unet).parameters() if p.requires_grad], tc.ema_decay, tc.ema_warmup)
     return unet, text_encoder
 
 
@@ -288,36 +289,6 @@ def fast_path(tc, device: torch.device) -> tuple[str | None, bool]:
     cuda = device.type == "cuda"
     how = {"auto": "regional" if cuda else None, True: "full", False: None}.get(tc.compile, tc.compile)
     return how, cuda if tc.channels_last == "auto" else tc.channels_last
-
-
-def make_optimizer(params: list[dict], tc, device: torch.device) -> torch.optim.Optimizer:
-    kwargs = {"betas": (tc.adam_beta1, tc.adam_beta2), "weight_decay": tc.weight_decay}
-    if tc.optimizer == "adamw":
-        # Fused on CUDA and on CPU (one kernel over all tensors: a training step of the shapes preset takes
-        # 0.51 s instead of 0.60 s on 2 cores); it matches the unfused update to float32 rounding.
-        return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu") or None, **kwargs)
-    try:  # adamw8bit (the config admits no other name)
-        import bitsandbytes as bnb
-    except ImportError as e:
-        raise ImportError("train.optimizer=adamw8bit needs bitsandbytes (pip install bitsandbytes); "
-                          "use train.optimizer=adamw without it") from e
-    return bnb.optim.AdamW8bit(params, **kwargs)
-
-
-def make_objective(cfg: LDMConfig, comp: Components, diffusion, text: TextContext, gather):
-    """Latent (or pixel) diffusion under text context, or a super-resolution stage's objective."""
-    if comp.upscale_factor:
-        sr = cfg.super_resolution
-        return SuperResolutionObjective(diffusion, cfg.diffusion, cfg.data.caption_dropout, text, comp.vae,
-                                        gather=gather, factor=comp.upscale_factor, noise_levels=sr.noise_levels,
-                                        blur_sigma=sr.blur_sigma, crop=sr.train_crop)
-    return LatentDiffusionObjective(diffusion, cfg.diffusion, cfg.data.caption_dropout, text, comp.vae,
-                                    cfg.dreambooth.prior_loss_weight, gather=gather, mask_floor=cfg.data.mask_floor)
-
-
-def micro_batch_size(cfg: LDMConfig, num_processes: int) -> int:
-    """Images per process per forward."""
-    return cfg.train.batch_size // (num_processes * cfg.train.gradient_accumulation_steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,7 +300,7 @@ def forward_backward(engine, objective, sources: list[BatchSource], unet, text_e
     add up (each loss divided by the number of micro-batches) and are all-reduced once, on the last."""
     acc = engine.accelerator
     accum = engine.cfg.train.gradient_accumulation_steps
-    per_process = micro_batch_size(engine.cfg, acc.num_processes)
+    per_process = micro_batch_size(engine.cfg.train.batch_size, acc.num_processes, accum)
     synced = [unet, text_encoder] if train_text_encoder else [unet]
 
     def step(step: int, batch: list[int]) -> dict:
@@ -353,7 +324,10 @@ def forward_backward(engine, objective, sources: list[BatchSource], unet, text_e
     return step
 
 
-def train_main(argv=None):
-    from ldm.trainer.config import LDMConfig
-
+def main(argv=None):
+    """``train_ldm.py``'s command line: ``--config PRESET.yaml`` and ``key=value`` overrides."""
     return run(LDMConfig, train, "Train a text-to-image latent diffusion model.", argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,18 +7,20 @@ config check for that reason.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
-from ldm.eval.scorers import eval_prompts, score
-from ldm.eval.scoring import generate_for_prompts
-from ldm.models.components import make_pipeline
-from pipelines.files import atomic_save
+from ldm.data.batches import micro_batch_size
+from ldm.diffusion.schedulers import sampling_scheduler
 from ldm.engine.records import make_grid
+from ldm.eval.scorers import SCORED_DATASETS, eval_prompts, score
+from ldm.eval.scoring import generate_for_prompts
 from ldm.models.vae import scaled_sample
+from pipelines.files import atomic_save
 
 logger = logging.getLogger(__name__)
 
@@ -29,18 +31,29 @@ def validation_loss(objective, unet, text_encoder, inputs, input_ids: torch.Tens
     """Unweighted loss terms of the objective's fixed validation ``inputs`` (`validation_inputs`), the context of
     each image encoded from its ``input_ids`` by ``text_encoder``; in micro-batches of ``batch_size`` images."""
     device = next(unet.parameters()).device
-    was_training = unet.training, text_encoder.training
-    unet.eval(), text_encoder.eval()
     sums: dict[str, float] = {}
-    for s in range(0, len(inputs), batch_size):
-        rows = inputs.rows(slice(s, s + batch_size), device)
-        rows.context = text_encoder(input_ids[s:s + batch_size].to(device))[0]
-        terms = objective.diffusion.training_losses(objective.network(unet, rows), rows.latents, rows.timesteps,
-                                                    rows.noise, loss_type=loss_type)
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v.double().sum())
-    unet.train(was_training[0]), text_encoder.train(was_training[1])
+    with eval_mode(unet, text_encoder):
+        for s in range(0, len(inputs), batch_size):
+            rows = inputs.rows(slice(s, s + batch_size), device)
+            rows.context = text_encoder(input_ids[s:s + batch_size].to(device))[0]
+            terms = objective.diffusion.training_losses(objective.network(unet, rows), rows.latents, rows.timesteps,
+                                                        rows.noise, loss_type=loss_type)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.double().sum())
     return {f"val_{k}": v / len(inputs) for k, v in sums.items()}
+
+
+@contextlib.contextmanager
+def eval_mode(*modules):
+    """Run the body with ``modules`` in eval mode, then give each its training flag back."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
 
 
 def check_latent_scale(mean: torch.Tensor, std: torch.Tensor, scale: float, shift: float,
@@ -70,19 +83,6 @@ def sample_grid(pipe, prompts: list[str], seeds: list[int], num_inference_steps:
 
 
 @torch.no_grad()
-def super_resolution_grid(pipe, low_res: torch.Tensor, captions: list[str], seed: int, num_inference_steps: int,
-                          guidance_scale: float, noise_level: int) -> Image.Image:
-    """Two rows: the low-resolution inputs (V, 3, h, w) in [-1, 1], enlarged, over the stage's outputs."""
-    pipe.set_progress_bar_config(disable=True)
-    gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(low_res))]
-    out = pipe(captions, image=(low_res + 1) / 2, generator=gens, num_inference_steps=num_inference_steps,
-               guidance_scale=guidance_scale, noise_level=noise_level).images
-    inputs = [im.resize(out[0].size, Image.Resampling.NEAREST) for im in
-              pipe.image_processor.postprocess((low_res / 2 + 0.5).clamp(0, 1), do_denormalize=[False] * len(low_res))]
-    return make_grid(inputs + out, ncols=len(low_res))
-
-
-@torch.no_grad()
 def builtin_scores(pipe, dataset: str, num_images: int, num_inference_steps: int, guidance_scale: float) -> dict:
     """The built-in scorer on images of the held-out evaluation prompts (seeds as ``ldm.evaluate``)."""
     base = eval_prompts(dataset)
@@ -106,43 +106,43 @@ class ValidationSet:
 
 class Validator:
     """``validator(step) -> row``: the held-out loss at every call; from step 1 on also the sample grid
-    (``samples/step-N.png``, TensorBoard) and the built-in scores. With EMA on, the EMA weights are used."""
+    (``samples/step-N.png``, TensorBoard) and, on built-in data, the built-in scores. With EMA on, the EMA weights
+    are used."""
 
-    GRID_IMAGES = 8  # a super-resolution stage's grid: this many validation images
-
-    def __init__(self, engine, comp, objective, unet, text_encoder, data: ValidationSet, prompts: list[str],
-                 score_dataset: str | None, batch_size: int):
-        """``unet``, ``text_encoder``: unwrapped; ``prompts``: the grid's; ``score_dataset``: the built-in dataset
-        whose scorer reads the samples, or None; ``batch_size``: images per forward."""
-        self.engine, self.comp, self.objective = engine, comp, objective
-        self.unet, self.text_encoder = unet, text_encoder
-        self.data, self.prompts, self.score_dataset, self.batch_size = data, prompts, score_dataset, batch_size
-        self.inputs = objective.validation_inputs(data.mean, data.std, engine.cfg.train.seed, data.arrays)
-        self.low_res = data.arrays.get("low_res")
+    def __init__(self, engine, stage, comp, objective, networks: tuple, data: ValidationSet, prompts: list[str]):
+        """``stage``: the run's (it makes the pipeline and the grid); ``networks``: the unwrapped (U-Net, text
+        encoder); ``prompts``: the grid's."""
+        cfg, acc = engine.cfg, engine.accelerator
+        self.engine, self.stage, self.comp, self.objective = engine, stage, comp, objective
+        self.unet, self.text_encoder = networks
+        self.data, self.prompts = data, prompts
+        self.inputs = objective.validation_inputs(data.mean, data.std, cfg.train.seed, data.arrays)
+        self.batch_size = micro_batch_size(cfg.train.batch_size, acc.num_processes,
+                                           cfg.train.gradient_accumulation_steps)
+        scored = stage.scored and cfg.data.dataset in SCORED_DATASETS and not cfg.dreambooth.instance_data
+        self.score_dataset = cfg.data.dataset if scored else None  # whose built-in scorer reads the samples
 
     def __call__(self, step: int) -> dict:
         engine, cfg = self.engine, self.engine.cfg
         if not engine.accelerator.is_main_process:
             return {}
-        s, tc = cfg.sample, cfg.train
         with engine.ema_weights(), engine.accelerator.autocast():
             row = validation_loss(self.objective, self.unet, self.text_encoder, self.inputs, self.data.input_ids,
                                   self.batch_size, cfg.diffusion.loss_type)
             if step > 0:
-                unet_mode, te_mode = self.unet.training, self.text_encoder.training
-                self.unet.eval(), self.text_encoder.eval()
-                pipe = make_pipeline(self.comp, self.unet, self.text_encoder, s.scheduler)
-                if self.low_res is not None:
-                    k = self.GRID_IMAGES
-                    grid = super_resolution_grid(pipe, self.low_res[:k], self.data.captions[:k], s.seeds[0],
-                                                 s.num_inference_steps, s.guidance_scale,
-                                                 cfg.super_resolution.sample_noise_level)
-                else:
-                    grid = sample_grid(pipe, self.prompts, s.seeds, s.num_inference_steps, s.guidance_scale)
-                atomic_save(lambda p: grid.save(p, format="PNG"), engine.run_dir / "samples" / f"step-{step}.png")
-                engine.metrics.image("samples", grid, step)
-                if self.score_dataset and tc.score_num_images > 0:
-                    row.update(builtin_scores(pipe, self.score_dataset, tc.score_num_images, s.num_inference_steps,
-                                              s.guidance_scale))
-                self.unet.train(unet_mode), self.text_encoder.train(te_mode)
+                with eval_mode(self.unet, self.text_encoder):
+                    row.update(self.samples(step))
         return row
+
+    def samples(self, step: int) -> dict:
+        """Write the sample grid of ``step``; the built-in scores of the samples when the data has a scorer."""
+        engine, cfg = self.engine, self.engine.cfg
+        s, tc = cfg.sample, cfg.train
+        pipe = self.stage.pipeline(self.comp, self.unet, self.text_encoder,
+                                   sampling_scheduler(self.comp.scheduler, s.scheduler))
+        grid = self.stage.sample_grid(pipe, self.prompts, self.data, s)
+        atomic_save(lambda p: grid.save(p, format="PNG"), engine.run_dir / "samples" / f"step-{step}.png")
+        engine.metrics.image("samples", grid, step)
+        if self.score_dataset is None or tc.score_num_images == 0:
+            return {}
+        return builtin_scores(pipe, self.score_dataset, tc.score_num_images, s.num_inference_steps, s.guidance_scale)

@@ -7,8 +7,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from autoencoder.evaluate import FixedFeatures, evaluate, reconstruction_metrics
-from ldm.eval.metrics import PSNR_CAP_DB
 from ldm.data.builtin import generate_shapes
+from ldm.eval.metrics import PSNR_CAP_DB
 
 
 def _images(n=64, seed=0):

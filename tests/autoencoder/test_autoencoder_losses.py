@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from autoencoder.losses import (PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss, kl_loss,
-                                reconstruction_loss, vanilla_d_loss)
+from autoencoder.losses import (
+    PatchDiscriminator,
+    adaptive_weight,
+    generator_loss,
+    hinge_d_loss,
+    kl_loss,
+    reconstruction_loss,
+    vanilla_d_loss,
+)
 
 
 def test_reconstruction_loss_by_hand():

@@ -7,10 +7,10 @@ import json
 import torch
 from PIL import Image
 
-from ldm.models.vae import builtin_vae_dir, load_vae
-from ldm.eval.scorers import DigitsScorer, score_shapes
 from ldm.data.builtin import generate_digits, generate_shapes
 from ldm.data.images import ImageTransform
+from ldm.eval.scorers import DigitsScorer, score_shapes
+from ldm.models.vae import builtin_vae_dir, load_vae
 
 
 def _load(folder, n):

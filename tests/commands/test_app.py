@@ -19,8 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def runs_dir(tmp_path_factory):
     from ldm.data.builtin import generate_shapes
-    from ldm.trainer.config import LDMConfig
     from ldm.engine.config import load_config
+    from ldm.trainer.config import LDMConfig
     from ldm.trainer.train import train
 
     root = tmp_path_factory.mktemp("app")

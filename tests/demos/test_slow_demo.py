@@ -2,9 +2,9 @@
 
 import pytest
 
-from ldm.trainer.config import LDMConfig
 from ldm.engine.config import load_config
 from ldm.eval.scoring import evaluate
+from ldm.trainer.config import LDMConfig
 from ldm.trainer.train import train
 
 

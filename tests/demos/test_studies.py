@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from ldm.diffusion.schedulers import sampling_scheduler, with_variance
 from demos.variance_study import format_table, rebound, run_study
+from ldm.diffusion.schedulers import sampling_scheduler, with_variance
 
 
 def test_variance_study_writes_every_cell(tmp_path, tiny_vae_dir):

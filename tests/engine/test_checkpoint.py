@@ -8,12 +8,11 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
+from ldm.data.batches import GlobalBatchSampler, step_batches
 from ldm.data.builtin import generate_shapes
-from ldm.data.batches import step_batches
 from ldm.engine.checkpoint import CheckpointManager, list_checkpoints, read_train_state, resolve_resume
-from ldm.trainer.config import LDMConfig
 from ldm.engine.config import load_config
-from ldm.data.batches import GlobalBatchSampler
+from ldm.trainer.config import LDMConfig
 from ldm.trainer.train import train
 
 

@@ -3,8 +3,8 @@
 import pytest
 
 from autoencoder.config import AutoencoderConfig
-from ldm.trainer.config import LDMConfig
 from ldm.engine.config import load_config, save_config
+from ldm.trainer.config import LDMConfig
 
 
 def test_preset_and_overrides(tmp_path):

@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from ldm.trainer.config import LDMConfig
 from ldm.engine.config import load_config
 from ldm.engine.engine import Engine
 from ldm.engine.records import read_metrics
+from ldm.trainer.config import LDMConfig
 
 
 class _Source:

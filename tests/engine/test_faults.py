@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ldm.engine.checkpoint import list_checkpoints
 from ldm.data.images import ImageTransform, to_rgb
 from ldm.data.sources import load_source
+from ldm.engine.checkpoint import list_checkpoints
 from ldm.engine.errors import NonFinite
 from ldm.engine.records import read_metrics
 from ldm.trainer.train import train

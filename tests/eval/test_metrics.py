@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.eval.metrics import (FixedFeatures, diversity, frechet_distance, image_frechet_distance,
-    mean_pairwise_distance)
+from ldm.eval.metrics import FixedFeatures, diversity, frechet_distance, image_frechet_distance, mean_pairwise_distance
 
 
 def test_frechet_distance_matches_scipy_on_full_rank_covariances():
@@ -54,8 +53,8 @@ def test_diversity_is_zero_for_copies_and_grows_with_spread():
 
 
 def test_distribution_scores_of_real_images_sit_at_the_floor_and_collapse_does_not():
-    from ldm.eval.scorers import real_images
     from ldm.data.builtin import shapes_eval_prompts
+    from ldm.eval.scorers import real_images
     from ldm.eval.scoring import distribution_scores
 
     prompts = [p for p in shapes_eval_prompts() for _ in range(6)]

@@ -9,15 +9,15 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
+from tiny_models import sd_folder, tiny_vae
 
 from ldm.data.builtin import generate_shapes
-from ldm.trainer.config import LDMConfig
 from ldm.engine.config import load_config
-from ldm.methods.lora import KOHYA_FILE, LORA_FILE, merge_into
 from ldm.engine.records import read_metrics
+from ldm.methods.lora import KOHYA_FILE, LORA_FILE, merge_into
+from ldm.trainer.config import LDMConfig
 from ldm.trainer.train import train
 from pipelines import LDMPipeline
-from tiny_models import sd_folder, tiny_vae
 
 PROMPT = "a red circle at the top left"
 
@@ -279,8 +279,8 @@ def test_several_class_prompts_are_drawn_in_turn(tmp_path, base):
 def test_new_concept_data_and_scorer(tmp_path, concept, kind):
     from PIL import Image
 
-    from ldm.eval.scorers import read_shape, score_shapes
     from demos.lora_demo import concept_pairs, generate_concept, prior_prompts
+    from ldm.eval.scorers import read_shape, score_shapes
 
     train_pairs, held = concept_pairs(concept)
     assert len(held) == 3 and not set(held) & set(train_pairs)

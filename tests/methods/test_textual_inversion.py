@@ -9,15 +9,15 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
+from tiny_models import sd_folder, tiny_vae
 
 from ldm.data.builtin import generate_shapes
-from ldm.trainer.config import LDMConfig
 from ldm.engine.config import load_config
-from ldm.models.text import tokenize
 from ldm.methods.textual_inversion import EMBEDS_FILE
+from ldm.models.text import tokenize
+from ldm.trainer.config import LDMConfig
 from ldm.trainer.train import train
 from pipelines import LDMPipeline
-from tiny_models import sd_folder, tiny_vae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

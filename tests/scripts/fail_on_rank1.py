@@ -3,7 +3,7 @@
 import sys
 
 import ldm.trainer.objective
-from ldm.trainer.train import train_main
+from ldm.trainer.train import main
 
 real = ldm.trainer.objective.LatentDiffusionObjective.__call__
 calls = {"n": 0}
@@ -19,4 +19,4 @@ def failing(self, unet, parts, device):
 
 
 ldm.trainer.objective.LatentDiffusionObjective.__call__ = failing
-sys.exit(train_main())
+sys.exit(main())

@@ -5,8 +5,8 @@ import pytest
 from safetensors.torch import load_file
 
 from ldm.data.builtin import generate_shapes
-from ldm.trainer.config import LDMConfig
 from ldm.engine.config import load_config
+from ldm.trainer.config import LDMConfig
 from ldm.trainer.train import train
 
 pytestmark = pytest.mark.slow

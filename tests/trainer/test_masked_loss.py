@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.data.batches import Plan, PixelItems
+from ldm.data.batches import PixelItems, Plan
 from ldm.data.cache import cached_posterior
-from ldm.trainer.config import DiffusionConfig
-from ldm.diffusion.gaussian import GaussianDiffusion, make_betas
 from ldm.data.masks import MaskItems, mask_path
+from ldm.diffusion.gaussian import GaussianDiffusion, make_betas
+from ldm.trainer.config import DiffusionConfig
 from ldm.trainer.objective import LatentDiffusionObjective
 from ldm.trainer.train import build_run, train
 

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from ldm.data.batches import Plan
-from ldm.trainer.config import DiffusionConfig
 from ldm.diffusion.gaussian import GaussianDiffusion, make_betas
-from ldm.trainer.objective import LatentDiffusionObjective
 from ldm.diffusion.timesteps import make_timestep_sampler
+from ldm.trainer.config import DiffusionConfig
+from ldm.trainer.objective import LatentDiffusionObjective
 from ldm.trainer.train import build_run, train
 
 

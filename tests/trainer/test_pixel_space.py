@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm.trainer.config import LDMConfig
-from ldm.engine.config import load_config
-from ldm.eval.likelihood import nll
 from ldm.diffusion.timesteps import ImportanceTimesteps
+from ldm.engine.config import load_config
 from ldm.engine.records import read_metrics
+from ldm.eval.likelihood import nll
+from ldm.trainer.config import LDMConfig
 from ldm.trainer.train import train
 from pipelines import LDMPipeline
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionUpscalePipeline
 
-from ldm.trainer.config import check_config
 from ldm.engine.records import read_metrics
+from ldm.trainer.config import check_config
 from ldm.trainer.superres import SuperResolutionObjective, downsample, gaussian_blur
 from ldm.trainer.train import train
 from pipelines import SuperResolutionPipeline
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def low_res_of(pipe_dir, captions):
-    from ldm.eval.scorers import real_images
     from ldm.eval.metrics import to_tensor
+    from ldm.eval.scorers import real_images
 
     return downsample(to_tensor(real_images("shapes", captions, seed=3)), 4)  # 32 px shapes -> 8 px, in [0, 1]
 
@@ -75,10 +75,11 @@ def test_pixel_stage_with_learned_variance_and_blur_trains_and_loads(tiny_cfg):
 
 
 def test_augmentation_draws_levels_in_range_and_keeps_the_base_draws(tiny_cfg):
+    from diffusers import DDPMScheduler
+
     from ldm.data.batches import Plan
     from ldm.diffusion.gaussian import GaussianDiffusion
     from ldm.trainer.objective import LatentDiffusionObjective
-    from diffusers import DDPMScheduler
 
     class _VAE:
         config = type("C", (), {"latent_channels": 4, "block_out_channels": [1, 1, 1], "scaling_factor": 1.0,
@@ -107,10 +108,11 @@ def test_augmentation_draws_levels_in_range_and_keeps_the_base_draws(tiny_cfg):
 
 
 def test_training_crops_cut_latents_and_low_res_at_the_same_place(tiny_cfg):
+    from diffusers import DDPMScheduler
+
     from ldm.data.batches import Plan
     from ldm.diffusion.gaussian import GaussianDiffusion
     from ldm.trainer.objective import LatentDiffusionObjective
-    from diffusers import DDPMScheduler
 
     class _VAE:  # latent factor 4 (three resolutions), or none (pixels)
         def __init__(self, levels):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-from ldm.trainer.config import LDMConfig
 from ldm.engine.config import load_config
 from ldm.engine.records import read_metrics
+from ldm.trainer.config import LDMConfig
 from ldm.trainer.train import train
 from pipelines import LDMPipeline
 

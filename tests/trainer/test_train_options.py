@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_models import sd_folder
 
-from ldm.trainer.config import LDMConfig
 from ldm.engine.config import load_config
 from ldm.engine.records import read_metrics
+from ldm.trainer.config import LDMConfig
 from ldm.trainer.train import train
-from tiny_models import sd_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -145,8 +145,8 @@ def _initial_unet(cfg):
     """The U-Net a run of ``cfg`` starts from: the same seed, then the same building order."""
     from accelerate.utils import set_seed
 
-    from ldm.models.components import build_components
     from ldm.data.splits import load_splits
+    from ldm.models.components import build_components
 
     set_seed(cfg.train.seed)
     return build_components(cfg, load_splits(cfg)[0].captions).unet.state_dict()
@@ -229,7 +229,7 @@ def test_adamw8bit_comes_from_bitsandbytes(monkeypatch):
     import types
 
     from ldm.trainer.config import TrainConfig
-    from ldm.trainer.train import make_optimizer
+    from ldm.trainer.optimizers import make_optimizer
 
     params = [{"params": [torch.nn.Parameter(torch.zeros(3))]}]
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed

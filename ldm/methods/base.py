@@ -1,0 +1,56 @@
+"""The interface every fine-tuning method has.
+
+A method (``finetune.method``; `ldm.methods.registry.METHODS` names them) decides what trains and what a run of it
+leaves behind, in four steps the trainer calls in order: ``check`` its settings with the rest of the config,
+``check_captions`` of the training data, ``trainable`` (freeze what stays, add what is new, return the
+optimizer's parameter groups) and ``export``. The trainer never asks which method it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm.diffusion.schedulers import sampling_scheduler
+from ldm.engine.config import Checker
+from pipelines.files import atomic_save_dir
+
+
+@dataclass
+class ExportJob:
+    """What a method exports from: the run's config and stage, its components and the unwrapped networks (with
+    the EMA weights in place when EMA is on), and the run folder to write into."""
+
+    cfg: object  # LDMConfig
+    stage: object  # the run's stage: makes the pipeline and prepares it for saving
+    comp: object  # Components
+    unet: object
+    text_encoder: object
+    run_dir: Path
+
+    def save_pipeline(self, folder: str = "pipeline") -> dict[str, Path]:
+        """The stage's pipeline of the trained networks, sampling with ``sample.scheduler``, as ``<run>/<folder>``."""
+        cfg, comp = self.cfg, self.comp
+        pipe = self.stage.for_export(self.stage.pipeline(comp, self.unet.eval(), self.text_encoder.eval(),
+                                                         sampling_scheduler(comp.scheduler, cfg.sample.scheduler)))
+        atomic_save_dir(lambda d: pipe.save_pretrained(d, safe_serialization=True), self.run_dir / folder)
+        return {"pipeline": self.run_dir / folder}
+
+
+class Method:
+    """A fine-tuning method. The checks pass by default; ``trainable`` and ``export`` are each method's own."""
+
+    def check(self, c: Checker) -> None:
+        """Reject settings the method cannot train with (``c`` names the key, the value and what is valid)."""
+
+    def check_captions(self, cfg, captions: list[str]) -> None:
+        """Reject training captions the method would learn nothing from."""
+
+    def trainable(self, cfg, comp) -> list[dict]:
+        """Freeze what stays, add what is new, and return the optimizer's parameter groups; set
+        ``comp.train_text_encoder`` to whether the text encoder runs with gradients in training."""
+        raise NotImplementedError
+
+    def export(self, job: ExportJob) -> dict[str, Path]:
+        """Write what the run made into ``job.run_dir``; return {what: path}."""
+        raise NotImplementedError
