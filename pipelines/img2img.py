@@ -117,6 +117,14 @@ class _FromImage(LDMPipeline):
             raise ValueError(f"image size must be a multiple of {f} (the VAE's factor), got {width}x{height}")
         return x
 
+    def _prepare(self, prompt, negative_prompt, image, strength, **settings) -> tuple[Sampling, torch.Tensor]:
+        """The call's checked `Sampling` (``settings``: its fields by name) and image (B or 1, 3, H, W)."""
+        self._check_strength(strength)
+        x = self._image(image)
+        s = self._sampling(prompt, negative_prompt, *x.shape[-2:], **settings)
+        self._check_count(x, "image", "images", s.batch)
+        return s, x
+
     @staticmethod
     def _check_count(value: torch.Tensor, name: str, what: str, batch: int) -> None:
         if len(value) not in (1, batch):
@@ -174,13 +182,10 @@ class LDMImg2ImgPipeline(_FromImage):
     def __call__(self, prompt, image, strength=0.8, negative_prompt=None, num_inference_steps=50,
                  guidance_scale=7.5, num_images_per_prompt=1, generator=None, output_type="pil", return_dict=True,
                  cross_attention_kwargs=None, guidance_rescale=0.0):
-        self._check_strength(strength)
-        x = self._image(image)
-        s = self._sampling(prompt, negative_prompt, *x.shape[-2:], num_images_per_prompt=num_images_per_prompt,
-                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                           guidance_rescale=guidance_rescale, generator=generator, output_type=output_type,
-                           cross_attention_kwargs=cross_attention_kwargs)
-        self._check_count(x, "image", "images", s.batch)
+        s, x = self._prepare(prompt, negative_prompt, image, strength, num_images_per_prompt=num_images_per_prompt,
+                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             guidance_rescale=guidance_rescale, generator=generator, output_type=output_type,
+                             cross_attention_kwargs=cross_attention_kwargs)
         images = self._run(s, x, strength)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
@@ -194,13 +199,10 @@ class LDMInpaintPipeline(_FromImage):
     def __call__(self, prompt, image, mask_image, strength=1.0, negative_prompt=None, num_inference_steps=50,
                  guidance_scale=7.5, num_images_per_prompt=1, generator=None, output_type="pil", return_dict=True,
                  cross_attention_kwargs=None, guidance_rescale=0.0, keep_unmasked=True):
-        self._check_strength(strength)
-        x = self._image(image)
-        s = self._sampling(prompt, negative_prompt, *x.shape[-2:], num_images_per_prompt=num_images_per_prompt,
-                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                           guidance_rescale=guidance_rescale, generator=generator, output_type=output_type,
-                           cross_attention_kwargs=cross_attention_kwargs)
-        self._check_count(x, "image", "images", s.batch)
+        s, x = self._prepare(prompt, negative_prompt, image, strength, num_images_per_prompt=num_images_per_prompt,
+                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             guidance_rescale=guidance_rescale, generator=generator, output_type=output_type,
+                             cross_attention_kwargs=cross_attention_kwargs)
         mask = _as_batch(mask_image, "mask_image", 1)
         if mask.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"mask_image size {mask.shape[-1]}x{mask.shape[-2]} must equal the image's "

@@ -2,9 +2,10 @@
 
     accelerate launch train_ldm.py --config configs/ldm/shapes.yaml [key=value ...]
 
-``build_run`` reads top-down: the engine (accelerator, config check, seed), data and networks, DreamBooth's
-class images, what trains (all weights or LoRA adapters), the caches and batch sources, the objective and
-validator. ``train`` runs the engine's steps on it, exports and closes the run. One step is
+``build_run`` reads top-down: the engine (accelerator, config check, seed), the run's stage and fine-tuning
+method, data and networks, DreamBooth's class images, what the method trains, the caches and batch sources,
+the objective and validator. ``train`` runs the engine's steps on it, has the method export what it made, and
+closes the run. One step is
 ``forward_backward``: the step's global batch planned once, then each accumulation micro-batch's share of
 this process through the objective.
 """
