@@ -325,9 +325,10 @@ def forward_backward(engine, objective, sources: list[BatchSource], unet, text_e
     return step
 
 
-def main(argv=None):
-    """``train_ldm.py``'s command line: ``--config PRESET.yaml`` and ``key=value`` overrides."""
-    return run(LDMConfig, train, "Train a text-to-image latent diffusion model.", argv)
+def main(argv=None) -> None:
+    """``train_ldm.py``'s command line: ``--config PRESET.yaml`` and ``key=value`` overrides (the numbers go to
+    the summary and ``metrics.jsonl``; a console script's exit status stays 0)."""
+    run(LDMConfig, train, "Train a text-to-image latent diffusion model.", argv)
 
 
 if __name__ == "__main__":
