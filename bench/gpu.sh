@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the README's "Speed" section, each comparison in one run on one GPU (SD 1.5-size random
+# The GPU figures of docs/results.md ("Speed"), each comparison in one run on one GPU (SD 1.5-size random
 # weights, bf16 training at 512 px, fp16 sampling): training at batch 16 and 32 against the diffusers-style and
 # hand-tuned diffusers loops, then sampling latency (eager, fast and compiled sides, batch 1 and 8).
 #   bash bench/gpu.sh                      # writes bench/results/gpu_*.json
