@@ -27,7 +27,7 @@ def count_class_images(folder: Path, prompts: list[str]) -> int:
 
 
 @torch.no_grad()
-def ensure_class_images(pipe_factory, folder: str | Path, prompts: list[str], num_images: int, seed: int,
+def ensure_class_images(pipe_factory, folder: str | Path, prompts: list[str], num_images: int, *, seed: int,
                         num_inference_steps: int, guidance_scale: float, accelerator, batch_size: int = 8) -> Path:
     """Make sure ``folder`` holds ``num_images`` images of ``prompts`` (image i of prompts[i % n]), drawing
     the missing ones with the pipeline ``pipe_factory()`` returns (main process; seeds seed+i, so a top-up

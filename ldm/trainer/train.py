@@ -187,8 +187,9 @@ def draw_class_images(cfg: LDMConfig, stage: TextToImage, comp: Components, engi
 
     prompts = db.class_prompts or [db.class_prompt]
     folder = ensure_class_images(base_pipeline, db.class_data or cfg.run_dir / "class_images", prompts,
-                                 db.num_class_images, cfg.train.seed, db.class_inference_steps,
-                                 db.class_guidance_scale, engine.accelerator)
+                                 db.num_class_images, seed=cfg.train.seed,
+                                 num_inference_steps=db.class_inference_steps,
+                                 guidance_scale=db.class_guidance_scale, accelerator=engine.accelerator)
     comp.unet.train()
     with engine.accelerator.main_process_first():
         return class_split(cfg, folder, prompts)

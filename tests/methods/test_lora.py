@@ -269,7 +269,8 @@ def test_several_class_prompts_are_drawn_in_turn(tmp_path, base):
 
     prompts = ["a red circle at the top left", "a blue square at the center"]
     pipe = LDMPipeline.from_pretrained(base["sd"])
-    ensure_class_images(lambda: pipe, tmp_path / "cls", prompts, 5, 0, 2, 2.0, Accelerator(cpu=True))
+    ensure_class_images(lambda: pipe, tmp_path / "cls", prompts, 5, seed=0, num_inference_steps=2,
+                        guidance_scale=2.0, accelerator=Accelerator(cpu=True))
     meta = [json.loads(x) for x in (tmp_path / "cls" / "metadata.jsonl").read_text().splitlines()]
     assert [m["text"] for m in meta] == [prompts[i % 2] for i in range(5)]
     assert count_class_images(tmp_path / "cls", prompts) == 5 and count_class_images(tmp_path / "cls", ["x"]) == 0
