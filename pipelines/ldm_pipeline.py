@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import AutoencoderKL, DDPMParallelScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
@@ -57,6 +57,8 @@ class Sampling:
     generator: object = None  # a torch.Generator, one per image, or None
     output_type: str = "pil"
     cross_attention_kwargs: dict | None = None  # {"scale": s}: LoRA adapters at scale s
+    negatives_given: bool = False  # whether the caller gave negative prompts (else "" stands in)
+    conditions: dict = field(default_factory=dict)  # a model family's own settings by name (SDXL's sizes)
 
     @property
     def batch(self) -> int:
@@ -67,6 +69,14 @@ class Sampling:
     def guided(self) -> bool:
         """Classifier-free guidance: one U-Net pass over the negatives' and the prompts' contexts."""
         return self.guidance_scale > 1.0
+
+
+@dataclass
+class Conditioning:
+    """What the U-Net is conditioned on in every step of one call, the negatives' rows first under guidance."""
+
+    context: torch.Tensor  # (B', L, D): the text context it cross-attends to
+    unet_kwargs: dict = field(default_factory=dict)  # more U-Net inputs by keyword (SDXL's added_cond_kwargs)
 
 
 class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
@@ -87,6 +97,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    family = "sd"  # the model family it draws (`pipelines.families`)
     saved_class_name = SAVED_CLASS_NAME
     max_images_per_call = 512  # a bound on prompts x num_images_per_prompt: one batch holds them all
     _fused_qkv = False  # enable_fast's switches in force
@@ -116,9 +127,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
         index_path = os.path.join(save_directory, "model_index.json")
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
-        # Null SD-only components so StableDiffusionPipeline.from_pretrained loads without a safety checker.
-        index.update(_class_name=self.saved_class_name, safety_checker=[None, None], feature_extractor=[None, None])
-        index["requires_safety_checker"] = False
+        index.update(_class_name=self.saved_class_name, **self._index_entries())
         # Write-then-rename so an interrupted save never leaves a truncated model_index.json behind.
         fd, tmp_path = tempfile.mkstemp(dir=save_directory, prefix=".model_index.", suffix=".json")
         try:
@@ -129,6 +138,35 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
         except BaseException:
             os.unlink(tmp_path)
             raise
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a pipeline folder. A Stable Diffusion XL folder loads as `LDMXLPipeline` (the family is read from
+        the folder); a class that cannot draw the folder's family says so instead of dropping its components."""
+        from pipelines.families import family_of, pipeline_class
+
+        family = family_of(pretrained_model_name_or_path)
+        if family is not None and family != cls.family:
+            target = pipeline_class(family)
+            if cls is LDMPipeline:
+                return target.from_pretrained(pretrained_model_name_or_path, **kwargs)
+            raise ValueError(f"{pretrained_model_name_or_path} holds a {family} model and {cls.__name__} draws "
+                             f"{cls.family} models: load it with {target.__name__} (LDMPipeline picks it)")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """This class over another pipeline's components, when it draws that pipeline's model family."""
+        family = getattr(pipeline, "family", cls.family)
+        if family != cls.family:
+            raise ValueError(f"{cls.__name__} draws {cls.family} models and this pipeline holds a {family} model "
+                             f"({type(pipeline).__name__})")
+        return super().from_pipe(pipeline, **kwargs)
+
+    def _index_entries(self) -> dict:
+        """What model_index.json needs beside our components for the saved class to load it: SD's optional
+        components as nulls, so StableDiffusionPipeline.from_pretrained loads without a safety checker."""
+        return {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
 
     @classmethod
     def from_single_file(cls, path, config=None, **kwargs):
@@ -227,6 +265,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
             prompt = [prompt]
         elif not (isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt)):
             raise ValueError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
+        given = negative_prompt is not None
         if negative_prompt is None or isinstance(negative_prompt, str):
             negative_prompt = [negative_prompt or ""] * len(prompt)
         elif not (isinstance(negative_prompt, list) and all(isinstance(p, str) for p in negative_prompt)):
@@ -236,6 +275,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
                 f"negative_prompt must have one entry per prompt ({len(prompt)}), got {len(negative_prompt)}"
             )
         s = Sampling(prompt, negative_prompt, height, width, **settings)
+        s.negatives_given = given
         self._check_size(s)
         self._check_numbers(s)
         self._check_output(s)
@@ -324,20 +364,21 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
         """Channels of the latents the U-Net denoises (its input holds nothing else here)."""
         return self.unet.config.in_channels
 
-    def _context(self, s: Sampling, device):
+    def _context(self, s: Sampling, device) -> Conditioning:
         """Text context (B·n, L, D) of the prompts, with the negatives' first under guidance (one U-Net pass
         covers both, as in StableDiffusionPipeline)."""
         lora_scale = (s.cross_attention_kwargs or {}).get("scale")
         context = self._encode(s.prompts, s.num_images_per_prompt, device, lora_scale)
         if s.guided:
             context = torch.cat([self._encode(s.negatives, s.num_images_per_prompt, device, lora_scale), context])
-        return context.to(self.unet.dtype)
+        return Conditioning(context.to(self.unet.dtype))
 
     def _unet_extra(self, model_in):
         """(model input, U-Net keyword arguments) for one step: nothing to add for text-to-image."""
         return model_in, {}
 
-    def _denoise(self, latents, scheduler, pass_variance, context, s: Sampling, start=0, after_step=None):
+    def _denoise(self, latents, scheduler, pass_variance, cond: Conditioning, s: Sampling, start=0,
+                 after_step=None):
         """The sampling loop from ``latents`` (pure noise, or noised to the step at index ``start`` of the
         schedule: image-to-image) to the denoised latents; ``after_step(i, latents)`` may change the latents
         after step i (inpainting)."""
@@ -354,8 +395,9 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
             model_in, extra = self._unet_extra(scheduler.scale_model_input(model_in, t))
             if self._cuda_graphs:  # a new replay: the previous step's outputs were consumed
                 torch.compiler.cudagraph_mark_step_begin()
-            out = self.unet(model_in, t, encoder_hidden_states=context, cross_attention_kwargs=s.cross_attention_kwargs,
-                            return_dict=False, **extra)[0]
+            out = self.unet(model_in, t, encoder_hidden_states=cond.context,
+                            cross_attention_kwargs=s.cross_attention_kwargs, return_dict=False, **cond.unet_kwargs,
+                            **extra)[0]
             if self._cuda_graphs:  # the graph's output buffer is overwritten by the next replay
                 out = out.clone()
             mean, var = out[:, :ch], out[:, ch:]  # var is empty without a learned variance
@@ -414,21 +456,29 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
         cross_attention_kwargs=None,
         guidance_rescale=0.0,
     ):
-        size = self.unet.config.sample_size
-        default_h, default_w = (size, size) if _is_int(size) else tuple(size)
-        height = default_h * self.vae_scale_factor if height is None else height
-        width = default_w * self.vae_scale_factor if width is None else width
+        height, width = self._size(height, width)
         s = self._sampling(prompt, negative_prompt, height, width, num_images_per_prompt=num_images_per_prompt,
                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                            guidance_rescale=guidance_rescale, generator=generator, output_type=output_type,
                            cross_attention_kwargs=cross_attention_kwargs)
+        return self._generate(s, return_dict)
+
+    def _size(self, height, width) -> tuple:
+        """(height, width) of the call, the U-Net's own size where None."""
+        size = self.unet.config.sample_size
+        default_h, default_w = (size, size) if _is_int(size) else tuple(size)
+        return (default_h * self.vae_scale_factor if height is None else height,
+                default_w * self.vae_scale_factor if width is None else width)
+
+    def _generate(self, s: Sampling, return_dict: bool = True):
+        """Text-to-image for the checked call ``s``: noise, the sampling loop, decoding."""
         scheduler, pass_variance = self._sampling_scheduler()
         device, dtype = self._execution_device, self.unet.dtype
-        context = self._context(s, device)
+        cond = self._context(s, device)
         f = self.vae_scale_factor
-        shape = (s.batch, self._latent_channels(), height // f, width // f)
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
-        latents = self._denoise(latents, scheduler, pass_variance, context, s)
-        images = self._decode(latents, output_type)
+        shape = (s.batch, self._latent_channels(), s.height // f, s.width // f)
+        latents = randn_tensor(shape, generator=s.generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
+        latents = self._denoise(latents, scheduler, pass_variance, cond, s)
+        images = self._decode(latents, s.output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -201,7 +201,7 @@ class SuperResolutionPipeline(LDMPipeline):
         context = self._context(s, device)
 
         # Random draws in the order of StableDiffusionUpscalePipeline: the augmentation noise, then the latents.
-        low = low.to(device=device, dtype=context.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        low = low.to(device=device, dtype=context.context.dtype).repeat_interleave(num_images_per_prompt, dim=0)
         levels = torch.full((len(low),), noise_level, dtype=torch.long, device=device)
         noise = randn_tensor(low.shape, generator=generator, device=device, dtype=low.dtype)
         low = self.low_res_scheduler.add_noise(low, noise, levels)

@@ -340,6 +340,12 @@ def check_model(c: Checker) -> None:
               f"must divide by num_attention_heads={te.num_attention_heads}")
     c.at_least("model.text_encoder.max_length", 2)
     c.at_least("model.text_encoder.vocab_size", 514)  # 2 x 256 byte symbols + 2 special tokens
+    if c.cfg.model.pretrained:
+        from pipelines.families import family_of
+
+        c.require(family_of(c.cfg.model.pretrained) != "sdxl", "model.pretrained",
+                  "must be a Stable Diffusion 1.x/2.x folder or file: this one holds a Stable Diffusion "
+                  "XL model, which the trainer does not train yet (LDMPipeline and ldm.generate sample it)")
 
 
 def uses_own_schedule(cfg: LDMConfig) -> bool:

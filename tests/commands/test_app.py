@@ -4,6 +4,7 @@ with the reason shown, where gradio, playwright or chromium is missing (`.ci/run
 
 import shutil
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +125,14 @@ def test_draw_inpaint_and_watch_a_run_in_chromium(runs_dir, tmp_path):
             browser.close()
     finally:
         app.close()
+
+
+def test_the_draw_tab_draws_an_sdxl_folder(tmp_path, tiny_vae_dir):
+    from tiny_models import sdxl_folder
+
+    from ldm.app import Drawer
+
+    xl = sdxl_folder(tmp_path / "xl", tiny_vae_dir, ["a red circle"])
+    paths, text = Drawer(tmp_path / "out").draw(str(xl), None, 1.0, "text-to-image", "a red circle", "", 2, 5.0,
+                                                "ddim", 0, 32, 2, 0.6, None)
+    assert len(paths) == 2 and all(Path(p).is_file() for p in paths) and text.startswith("a red circle")
