@@ -147,3 +147,11 @@ def sdxl_folder(root: Path, vae_dir: Path, captions: list[str], prediction_type:
                                      force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
     pipe.save_pretrained(root, safe_serialization=True)
     return root
+
+
+class ZeroText:
+    """A text context of zeros (b, 1, 1) for objectives whose denoiser reads none."""
+
+    @staticmethod
+    def encode(captions, drop, device):
+        return torch.zeros(len(captions), 1, 1), {}

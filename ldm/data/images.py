@@ -70,18 +70,25 @@ class ImageTransform:
         th, tw = size if size is not None else (self.resolution, self.resolution)
         if th <= 0 or tw <= 0:
             raise ValueError(f"size must be a positive (height, width), got {size}")
-        rng = rng if rng is not None else random
         image = to_rgb(image, self.background)
-        w, h = image.size
-        if (w, h) != (tw, th):  # scale so both sides cover the target, then crop the excess
-            scale = max(tw / w, th / h)
-            image = image.resize((max(tw, round(w * scale)), max(th, round(h * scale))), Image.Resampling.BICUBIC)
-        left, top = self._crop_offset(image.size, (th, tw), rng)
+        resized, (left, top) = self.placement(image.size, (th, tw), rng)
+        if resized != image.size:  # scale so both sides cover the target, then crop the excess
+            image = image.resize(resized, Image.Resampling.BICUBIC)
         image = image.crop((left, top, left + tw, top + th))
         if flip:
             image = ImageOps.mirror(image)
         arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+    def placement(self, image_size: tuple[int, int], target: tuple[int, int], rng: random.Random | None = None):
+        """Where an image of ``image_size`` (w, h) lands for a ``target`` (h, w): (its resized (w, h), the crop's
+        (left, top) in the resized image), the crop drawn from ``rng`` when random."""
+        (w, h), (th, tw) = image_size, target
+        resized = (w, h)
+        if (w, h) != (tw, th):
+            scale = max(tw / w, th / h)
+            resized = (max(tw, round(w * scale)), max(th, round(h * scale)))
+        return resized, self._crop_offset(resized, target, rng if rng is not None else random)
 
     def _crop_offset(self, image_size: tuple[int, int], target: tuple[int, int], rng) -> tuple[int, int]:
         (w, h), (th, tw) = image_size, target

@@ -40,6 +40,8 @@ class ExportJob:
 class Method:
     """A fine-tuning method. The checks pass by default; ``trainable`` and ``export`` are each method's own."""
 
+    families = ("sd",)  # the model families (`pipelines.families`) it trains
+
     def check(self, c: Checker) -> None:
         """Reject settings the method cannot train with (``c`` names the key, the value and what is valid)."""
 

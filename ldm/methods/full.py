@@ -11,6 +11,8 @@ class FullFinetune(Method):
     """Every U-Net weight trains; the text encoder too when ``model.train_text_encoder`` (or a model built from
     scratch) says so, at ``train.text_encoder_learning_rate``. Exports the stage's pipeline folder."""
 
+    families = ("sd", "sdxl")
+
     def trainable(self, cfg, comp) -> list[dict]:
         tc = cfg.train
         comp.text_encoder.requires_grad_(comp.train_text_encoder)

@@ -32,6 +32,10 @@ class Components:
     # The schedule the starting U-Net was trained with (DreamBooth's class images are drawn with it): the
     # pretrained folder's, which differs from `scheduler` after diffusion.pretrained_schedule=config.
     base_scheduler: DDPMScheduler | None = None
+    # A second text side (Stable Diffusion XL's): frozen, loaded from the pretrained folder.
+    tokenizer_2: object = None  # CLIPTokenizer
+    text_encoder_2: object = None  # CLIPTextModelWithProjection
+    force_zeros: bool = False  # the folder's force_zeros_for_empty_prompt: zeros stand for the empty caption
 
     def __post_init__(self):
         self.base_scheduler = self.base_scheduler or self.scheduler
@@ -62,10 +66,12 @@ def build_components(cfg, captions: list[str], accelerator=None, resume_from: Pa
                         "diffusion.* schedule settings are ignored", root, scheduler.config.prediction_type)
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True)
+        second = second_text_side(root)
         vae = load_vae(str(root / "vae") if (root / "vae").is_dir() else PIXEL_SPACE)
         unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)
         train_text_encoder = bool(cfg.model.train_text_encoder)  # frozen unless asked
     else:
+        second = {}
         scheduler = base_scheduler = make_noise_scheduler(cfg.diffusion, pixels=cfg.model.vae == PIXEL_SPACE)
         tc = cfg.model.text_encoder
         tokenizer = caption_tokenizer(cfg, captions, accelerator, resume_from)
@@ -83,7 +89,23 @@ def build_components(cfg, captions: list[str], accelerator=None, resume_from: Pa
         vae.enable_tiling()  # tiles of its own sample_size, overlapping by a quarter
     if stage is not None:
         stage.check_unet(unet, vae, str(cfg.model.pretrained or "the new U-Net"))
-    return Components(tokenizer, text_encoder, vae, unet, scheduler, train_text_encoder, base_scheduler)
+    return Components(tokenizer, text_encoder, vae, unet, scheduler, train_text_encoder, base_scheduler, **second)
+
+
+def second_text_side(root: Path) -> dict:
+    """A pipeline folder's second tokenizer and text encoder (Stable Diffusion XL's), frozen, with its
+    ``force_zeros_for_empty_prompt``; {} for a folder with one text encoder."""
+    import json
+
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    if not (root / "text_encoder_2").is_dir():
+        return {}
+    index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+    encoder = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", use_safetensors=True)
+    return {"tokenizer_2": CLIPTokenizer.from_pretrained(root / "tokenizer_2"),
+            "text_encoder_2": encoder.requires_grad_(False).eval(),
+            "force_zeros": bool(index.get("force_zeros_for_empty_prompt", True))}
 
 
 def pretrained_folder(cfg, accelerator=None) -> Path | None:

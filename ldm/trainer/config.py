@@ -16,7 +16,7 @@ from ldm.engine.config import Checker, EngineSettings, RunConfig, check_engine_s
 from ldm.methods.lora import DTYPES, LORA_FORMATS
 from ldm.methods.registry import METHODS
 from ldm.trainer.optimizers import OPTIMIZERS
-from ldm.trainer.stages import STAGES
+from ldm.trainer.stages import STAGES, stage_class
 from pipelines.fast import COMPILE_MODES
 
 # The values a setting admits come from the registry that owns them.
@@ -273,8 +273,8 @@ def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -
     check_model(c)
     check_diffusion(c)
     check_sample(c)
+    stage_class(cfg).check(c)  # first: a model family refuses what it cannot train before a method's details
     METHODS[cfg.finetune.method].check(c)
-    STAGES[cfg.stage].check(c)
     check_dreambooth(c)
 
 
@@ -340,12 +340,6 @@ def check_model(c: Checker) -> None:
               f"must divide by num_attention_heads={te.num_attention_heads}")
     c.at_least("model.text_encoder.max_length", 2)
     c.at_least("model.text_encoder.vocab_size", 514)  # 2 x 256 byte symbols + 2 special tokens
-    if c.cfg.model.pretrained:
-        from pipelines.families import family_of
-
-        c.require(family_of(c.cfg.model.pretrained) != "sdxl", "model.pretrained",
-                  "must be a Stable Diffusion 1.x/2.x folder or file: this one holds a Stable Diffusion "
-                  "XL model, which the trainer does not train yet (LDMPipeline and ldm.generate sample it)")
 
 
 def uses_own_schedule(cfg: LDMConfig) -> bool:

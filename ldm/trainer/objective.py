@@ -82,6 +82,15 @@ class TextContext:
         ids[drop] = self.empty_ids
         return self.encoder(ids.to(device))[0]
 
+    def encode(self, captions: torch.Tensor, drop: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
+        """(context, more U-Net conditions by name): none besides the context here."""
+        return self(captions, drop, device), {}
+
+    @staticmethod
+    def validation_context(text_encoder, ids: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
+        """The context of validation captions' ``ids``, by the text encoder being trained, and more conditions."""
+        return text_encoder(ids.to(device))[0], {}
+
 
 class LatentDiffusionObjective:
     """Denoising on VAE latents (Rombach et al. 2022) under text context.
@@ -132,9 +141,10 @@ class LatentDiffusionObjective:
         if self.d.latent_posterior == "mean":
             eps = torch.zeros_like(eps)
         z0 = scaled_sample(mean.to(device), std.to(device), eps, self.scale, self.shift)
-        context = self.text(batch["captions"], draws["drop"][sl], device)  # (b, L, D)
+        context, conditions = self.text.encode(batch["captions"], draws["drop"][sl], device)  # (b, L, D), by name
         return ObjectiveInputs(z0, draws["t"][sl].to(device), draws["noise"][sl].to(device), context,
-                               draws["weights"][sl].to(device), self.pixel_weights(batch, z0.shape[-2:], device))
+                               draws["weights"][sl].to(device), self.pixel_weights(batch, z0.shape[-2:], device),
+                               conditions)
 
     def pixel_weights(self, batch: dict, size: tuple[int, int], device) -> torch.Tensor | None:
         """Per-latent-pixel loss weights (b, 1, h, w) of a masked loss: floor + (1 - floor) * mask, the mask

@@ -9,9 +9,14 @@ The trainer asks the run's stage and never tests which one it is.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
 from ldm.data.batches import CachedArrays
-from ldm.data.cache import CachePlace
+from ldm.data.cache import CachePlace, text_cache
 from ldm.engine.config import Checker
+from ldm.models.text import tokenize
 from ldm.models.vae import is_pixel_space
 from ldm.trainer.objective import LatentDiffusionObjective, TextContext
 from ldm.trainer.validation import ValidationSet, sample_grid
@@ -21,6 +26,16 @@ from pipelines.latents import vae_scale_factor
 def cache_place(cfg, engine) -> CachePlace:
     """Where the run's caches live (``data.cache_dir``) and who builds them."""
     return CachePlace(cfg.data.cache_dir, engine.accelerator, cfg.train.num_workers)
+
+
+@dataclass
+class TextInputs:
+    """Token ids (N, L) of every caption and (L,) of the empty one, and the cache of their embeddings when the
+    text encoder is frozen (else None: the encoder runs every step)."""
+
+    input_ids: torch.Tensor
+    empty_ids: torch.Tensor
+    cache: dict | None
 
 
 class TextToImage:
@@ -53,9 +68,31 @@ class TextToImage:
         same way, both orientations when ``flips``); none here."""
         return {}
 
+    def cut_arrays(self, engine, split) -> dict:
+        """The per-image arrays, by name, cut each step beside the pixels when images cannot be cached (e.g. a new
+        random crop every step); none here."""
+        return {}
+
     def validation_arrays(self, engine, split) -> dict:
         """The same arrays (V, ...) of the validation images, for the objective's validation inputs."""
         return {}
+
+    def tokenize(self, comp, captions: list[str]) -> torch.Tensor:
+        """Token ids of ``captions``: (N, L)."""
+        return tokenize(comp.tokenizer, captions)
+
+    def text_inputs(self, cfg, engine, comp, captions: list[str]) -> TextInputs:
+        """Every caption's ids, and their embeddings' cache when the text encoder is frozen."""
+        input_ids, empty_ids = self.tokenize(comp, captions), self.tokenize(comp, [""])[0]
+        cached = cfg.data.cache_text and not comp.train_text_encoder
+        cache = text_cache(comp.text_encoder, input_ids, empty_ids, cfg.data.cache_dir, engine.accelerator) \
+            if cached else None
+        return TextInputs(input_ids, empty_ids, cache)
+
+    def text_context(self, inputs: TextInputs, comp, text_encoder) -> TextContext:
+        """Caption indices -> the U-Net's context, from the cache or by the (prepared) ``text_encoder``."""
+        return TextContext(inputs.input_ids, inputs.empty_ids,
+                           encoder=text_encoder if inputs.cache is None else None, cache=inputs.cache)
 
     def objective(self, comp, diffusion, text: TextContext, gather) -> LatentDiffusionObjective:
         cfg = self.cfg

@@ -30,7 +30,7 @@ from ldm.data.batches import (
     micro_batch_size,
     rank_slice,
 )
-from ldm.data.cache import Encoding, cached_posterior, latent_cache, text_cache
+from ldm.data.cache import Encoding, cached_posterior, latent_cache
 from ldm.data.splits import Split, check_sizes, class_split, load_splits, report_bad_images, report_unseen
 from ldm.diffusion.gaussian import GaussianDiffusion
 from ldm.diffusion.schedulers import sampling_scheduler
@@ -39,10 +39,8 @@ from ldm.engine.engine import Engine
 from ldm.methods.base import ExportJob
 from ldm.methods.registry import method_for
 from ldm.models.components import Components, build_components
-from ldm.models.text import tokenize
 from ldm.models.vae import encode, encoder_fingerprint, is_pixel_space
 from ldm.trainer.config import LDMConfig, check_config
-from ldm.trainer.objective import TextContext
 from ldm.trainer.optimizers import make_optimizer
 from ldm.trainer.stage import TextToImage, cache_place
 from ldm.trainer.stages import stage_for
@@ -131,11 +129,10 @@ def build_run(cfg: LDMConfig) -> Run:
     val = validation_set(cfg, engine, stage, comp, data.val)
     latent_std = check_latent_scale(val.mean, val.std, *latent_scale_shift(comp.vae), warn=not is_pixel_space(comp.vae))
     captions = data.train.captions + (classes.captions if classes else [])
-    input_ids, empty_ids, text_embeddings = text_inputs(cfg, engine, comp, captions)
+    text_inputs = stage.text_inputs(cfg, engine, comp, captions)
 
     unet, text_encoder = prepare(cfg, engine, comp, groups)
-    text = TextContext(input_ids, empty_ids, encoder=text_encoder if text_embeddings is None else None,
-                       cache=text_embeddings)
+    text = stage.text_context(text_inputs, comp, text_encoder)
     objective = stage.objective(comp, diffusion, text, acc.gather)
     if objective.timesteps.checkpointed:  # its loss history decides the next timesteps: resume needs it
         engine.state_objects["timestep_importance"] = objective.timesteps
@@ -213,8 +210,7 @@ def validation_set(cfg: LDMConfig, engine, stage: TextToImage, comp: Components,
     if cfg.diffusion.latent_posterior == "mean":
         std = torch.zeros_like(std)
     captions = split.first_captions()
-    return ValidationSet(mean, std, tokenize(comp.tokenizer, captions), captions,
-                         stage.validation_arrays(engine, split))
+    return ValidationSet(mean, std, stage.tokenize(comp, captions), captions, stage.validation_arrays(engine, split))
 
 
 def batch_source(cfg: LDMConfig, engine, stage: TextToImage, comp: Components, split: Split, streams,
@@ -232,6 +228,7 @@ def batch_source(cfg: LDMConfig, engine, stage: TextToImage, comp: Components, s
                            caption_offset=caption_offset, extras=extras)
     if d.cache_latents:
         logger.info("data.random_crop=true: each step crops anew, so images are encoded every step (no latent cache)")
+    extras.update(stage.cut_arrays(engine, split))
     return BatchSource(split, sampler, cfg.train.seed, streams, d.random_flip,
                        pixels=PixelItems.for_split(split, d, d.random_crop), caption_offset=caption_offset,
                        extras=extras)
@@ -247,17 +244,6 @@ def mask_arrays(cfg: LDMConfig, engine, comp: Components, split: Split, cached: 
     if not cached:
         return CutArrays(masks)
     return CachedArrays(mask_cache(masks, split, vae_scale_factor(comp.vae), cache_place(cfg, engine), d.random_flip))
-
-
-def text_inputs(cfg: LDMConfig, engine, comp: Components, captions: list[str]) -> tuple:
-    """Token ids (N, L) of every caption and (L,) of the empty one, and the cache of their embeddings when the
-    text encoder is frozen (else None: the encoder runs every step)."""
-    input_ids = tokenize(comp.tokenizer, captions)
-    empty_ids = tokenize(comp.tokenizer, [""])[0]
-    cached = cfg.data.cache_text and not comp.train_text_encoder
-    cache = text_cache(comp.text_encoder, input_ids, empty_ids, cfg.data.cache_dir, engine.accelerator) if cached \
-        else None
-    return input_ids, empty_ids, cache
 
 
 def prepare(cfg: LDMConfig, engine, comp: Components, groups: list[dict]):

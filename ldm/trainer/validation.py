@@ -35,7 +35,8 @@ def validation_loss(objective, unet, text_encoder, inputs, input_ids: torch.Tens
     with eval_mode(unet, text_encoder):
         for s in range(0, len(inputs), batch_size):
             rows = inputs.rows(slice(s, s + batch_size), device)
-            rows.context = text_encoder(input_ids[s:s + batch_size].to(device))[0]
+            rows.context, more = objective.text.validation_context(text_encoder, input_ids[s:s + batch_size], device)
+            rows.conditions.update(more)
             terms = objective.diffusion.training_losses(objective.network(unet, rows), rows.latents, rows.timesteps,
                                                         rows.noise, loss_type=loss_type)
             for k, v in terms.items():
@@ -99,7 +100,7 @@ class ValidationSet:
 
     mean: torch.Tensor  # (V, C, h, w)
     std: torch.Tensor  # (V, C, h, w); zeros when training uses the posterior mean
-    input_ids: torch.Tensor  # (V, L)
+    input_ids: torch.Tensor  # (V, L), or (V, k, L) for a family with k tokenizers
     captions: list[str]
     arrays: dict[str, torch.Tensor] = field(default_factory=dict)
 

@@ -225,17 +225,6 @@ def test_fine_tune_a_stable_diffusion_folder(tmp_path, tiny_vae_dir, data_dir, t
     assert sd.unet.config.block_out_channels == [32, 32]
 
 
-def test_an_sdxl_folder_is_refused_by_name_before_any_data_is_read(tmp_path, tiny_vae_dir):
-    from tiny_models import sdxl_folder
-
-    from ldm.trainer.config import check_config
-
-    xl = sdxl_folder(tmp_path / "xl", tiny_vae_dir, ["a red circle"])
-    cfg = _cfg(tmp_path, "builtin", tmp_path / "no-data", f"model.pretrained={xl}")
-    with pytest.raises(ValueError, match=r"model.pretrained=.*holds a Stable Diffusion XL model"):
-        check_config(cfg)
-
-
 def test_adamw8bit_comes_from_bitsandbytes(monkeypatch):
     import types
 

@@ -1,0 +1,161 @@
+"""The Stable Diffusion XL family's text-to-image stage: fine-tuning an SDXL pipeline folder.
+
+What differs from `TextToImage` (Stable Diffusion 1.x/2.x), all here: the text side is two frozen encoders whose
+outputs are cached once (the context: both penultimate hidden states side by side; the pooled projection of the
+second), every batch carries SDXL's size/crop micro-conditions by name ("time_ids", `SizeConditions`), the
+objective hands the U-Net ``added_cond_kwargs``, a dropped caption is zeros when the model was trained that way
+(``force_zeros_for_empty_prompt``, as the pipeline's unconditional branch), and the pipeline is `LDMXLPipeline`.
+`ldm.trainer.stages` picks this stage when ``model.pretrained`` holds an SDXL folder.
+
+Supported here: the full fine-tune of the U-Net with both text encoders frozen, on cached or per-step-cropped
+latents, with aspect buckets, flips, every objective option of ``diffusion.*``, EMA and exact resume. Refused by
+name (`XLTextToImage.check`): LoRA, textual inversion, training the text encoders, DreamBooth, masked loss and
+super-resolution stages on SDXL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ldm.data.cache import Fingerprint, build_or_open, take
+from ldm.data.size_conditions import SizeConditions
+from ldm.engine.config import Checker
+from ldm.methods.registry import METHODS
+from ldm.models.text import tokenize
+from ldm.trainer.objective import LatentDiffusionObjective, ObjectiveInputs
+from ldm.trainer.stage import TextToImage
+
+
+def encode_xl(encoders, ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context (b, L, D1 + D2), pooled (b, P)) of token ids (b, 2, L) of both tokenizers, as `LDMXLPipeline`
+    encodes prompts."""
+    states = []
+    for k, encoder in enumerate(encoders):
+        out = encoder(ids[:, k].to(device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+    return torch.cat(states, dim=-1), out.text_embeds
+
+
+@dataclass
+class XLTextInputs:
+    """Every caption's token ids (N, 2, L) and the cache of their encodings."""
+
+    input_ids: torch.Tensor
+    cache: dict  # "embeds" (N, L, D), "pooled" (N, P), "empty" (1, L, D), "empty_pooled" (1, P)
+
+
+class XLTextContext:
+    """Caption indices -> (context, {"text_embeds": pooled}) from the cache; a dropped caption is zeros under
+    ``force_zeros``, else the empty caption's encoding. Validation captions are encoded by the frozen encoders."""
+
+    def __init__(self, inputs: XLTextInputs, encoders, force_zeros: bool):
+        self.cache, self.encoders, self.force_zeros = inputs.cache, encoders, force_zeros
+        empty = [torch.from_numpy(inputs.cache[k][0].copy()) for k in ("empty", "empty_pooled")]
+        self.empty = [torch.zeros_like(e) for e in empty] if force_zeros else empty
+
+    def encode(self, captions: torch.Tensor, drop: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
+        context, pooled = take(self.cache["embeds"], captions), take(self.cache["pooled"], captions)
+        context[drop], pooled[drop] = self.empty
+        return context.to(device), {"text_embeds": pooled.to(device)}
+
+    @torch.no_grad()
+    def validation_context(self, text_encoder, ids: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
+        context, pooled = encode_xl(self.encoders, ids, device)
+        return context, {"text_embeds": pooled}
+
+
+class XLObjective(LatentDiffusionObjective):
+    """Latent diffusion with SDXL's added conditions: the pooled text and the batch's "time_ids"."""
+
+    def inputs(self, batch: dict, draws: dict, sl: slice, device) -> ObjectiveInputs:
+        inputs = super().inputs(batch, draws, sl, device)
+        inputs.conditions["time_ids"] = batch["time_ids"].to(device)
+        return inputs
+
+    def validation_inputs(self, mean, std, seed: int, arrays: dict) -> ObjectiveInputs:
+        inputs = super().validation_inputs(mean, std, seed, arrays)
+        inputs.conditions["time_ids"] = arrays["time_ids"]
+        return inputs
+
+    def network(self, unet, inputs: ObjectiveInputs):
+        added = {"text_embeds": inputs.conditions["text_embeds"], "time_ids": inputs.conditions["time_ids"]}
+        return lambda x, t: unet(x, t, encoder_hidden_states=inputs.context, added_cond_kwargs=added).sample
+
+
+class XLTextToImage(TextToImage):
+    """Text-to-image on a Stable Diffusion XL model (module docstring)."""
+
+    scored = True
+
+    @classmethod
+    def check(cls, c: Checker) -> None:
+        cfg = c.cfg
+        super().check(c)
+        why = "is not supported for Stable Diffusion XL yet (the full fine-tune of its U-Net is)"
+        c.require(cfg.stage == "base", "stage", "must be base: super-resolution stages of SDXL are not supported")
+        c.require("sdxl" in METHODS[cfg.finetune.method].families, "finetune.method",
+                  f"must be one of {[n for n, m in METHODS.items() if 'sdxl' in m.families]}: {cfg.finetune.method} "
+                  f"{why}")
+        c.require(not cfg.model.train_text_encoder, "model.train_text_encoder",
+                  f"must be false or null: training SDXL's text encoders {why}")
+        c.require(cfg.data.cache_text, "data.cache_text", "must be true: SDXL's frozen text encoders are cached")
+        c.require(cfg.data.mask_source == "none", "data.mask_source", f"must be none: the masked loss {why}")
+        db = cfg.dreambooth
+        c.require(not (db.instance_data or db.class_prompt or db.class_prompts), "dreambooth.instance_data",
+                  f"must be unset: DreamBooth {why}")
+
+    def arrays(self, engine, split, flips: bool) -> dict:
+        return {"time_ids": SizeConditions(split, self.cfg.data, random_crop=False)}
+
+    def cut_arrays(self, engine, split) -> dict:
+        return {"time_ids": SizeConditions(split, self.cfg.data, random_crop=self.cfg.data.random_crop)}
+
+    def validation_arrays(self, engine, split) -> dict:
+        return {"time_ids": SizeConditions(split, self.cfg.data, random_crop=False).all()}
+
+    def tokenize(self, comp, captions: list[str]) -> torch.Tensor:
+        """(N, 2, L): the ids of both tokenizers."""
+        return torch.stack([tokenize(comp.tokenizer, captions), tokenize(comp.tokenizer_2, captions)], dim=1)
+
+    def text_inputs(self, cfg, engine, comp, captions: list[str]) -> XLTextInputs:
+        """Both encoders' outputs for every caption and the empty one, computed once by the main process."""
+        ids, empty = self.tokenize(comp, captions), self.tokenize(comp, [""])
+        encoders = [comp.text_encoder.to(engine.device), comp.text_encoder_2.to(engine.device)]
+        key = "text-xl-" + Fingerprint().tensors(encoders[0].state_dict()).tensors(encoders[1].state_dict()).value(
+            list(ids.shape)).raw(ids.numpy().tobytes()).raw(empty.numpy().tobytes()).hexdigest()
+        dim = encoders[0].config.hidden_size + encoders[1].config.hidden_size
+        pooled = encoders[1].config.projection_dim
+        length = ids.shape[-1]
+        shapes = {"embeds": (len(ids), length, dim), "pooled": (len(ids), pooled), "empty": (1, length, dim),
+                  "empty_pooled": (1, pooled)}
+
+        @torch.no_grad()
+        def fill(arrays: dict, rank: int, world: int) -> None:
+            if rank != 0:
+                return
+            for s in range(0, len(ids), 256):
+                context, pool = encode_xl(encoders, ids[s:s + 256], engine.device)
+                arrays["embeds"][s:s + 256], arrays["pooled"][s:s + 256] = context.float().cpu(), pool.float().cpu()
+            context, pool = encode_xl(encoders, empty, engine.device)
+            arrays["empty"][0:1], arrays["empty_pooled"][0:1] = context.float().cpu(), pool.float().cpu()
+
+        cache, _ = build_or_open(cfg.data.cache_dir, key, engine.accelerator, "text-embedding cache", shapes, fill,
+                                 lambda folder: {"num_captions": len(ids)})
+        return XLTextInputs(ids, cache)
+
+    def text_context(self, inputs: XLTextInputs, comp, text_encoder) -> XLTextContext:
+        return XLTextContext(inputs, [comp.text_encoder, comp.text_encoder_2], comp.force_zeros)
+
+    def objective(self, comp, diffusion, text, gather) -> XLObjective:
+        cfg = self.cfg
+        return XLObjective(diffusion, cfg.diffusion, cfg.data.caption_dropout, text, comp.vae,
+                           cfg.dreambooth.prior_loss_weight, gather=gather, mask_floor=cfg.data.mask_floor)
+
+    def pipeline(self, comp, unet, text_encoder, scheduler):
+        from pipelines.sdxl import LDMXLPipeline
+
+        return LDMXLPipeline(vae=comp.vae, text_encoder=text_encoder, text_encoder_2=comp.text_encoder_2,
+                             tokenizer=comp.tokenizer, tokenizer_2=comp.tokenizer_2, unet=unet, scheduler=scheduler,
+                             force_zeros_for_empty_prompt=comp.force_zeros)

@@ -1,0 +1,175 @@
+"""Fine-tuning a Stable Diffusion XL folder (tiny, SDXL-architecture, built in code): the size/crop conditions follow
+the data path, the U-Net gets them with the pooled text, the export loads in diffusers' StableDiffusionXLPipeline
+and draws the same images, resume is bit-identical, and what is not supported for SDXL is refused by name."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_models import sdxl_folder
+
+from ldm.data.batches import PixelItems
+from ldm.data.size_conditions import SizeConditions
+from ldm.data.splits import load_splits
+from ldm.engine.config import load_config
+from ldm.trainer.config import LDMConfig, check_config
+from ldm.trainer.train import train
+
+ROOT = Path(__file__).resolve().parents[2]
+SIZES = [(48, 32), (32, 48), (40, 40), (64, 32), (32, 32), (56, 40)]  # (w, h)
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(tmp_path_factory):
+    """Images of several sizes and aspects, each a different pattern, with captions."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        w, h = SIZES[i % len(SIZES)]
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(root / f"{i:03d}.png")
+        rows.append({"file_name": f"{i:03d}.png", "text": ["a red circle", "a blue square", "a green triangle"][i % 3]})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def xl_dir(tmp_path_factory, tiny_vae_dir):
+    return sdxl_folder(tmp_path_factory.mktemp("xl"), tiny_vae_dir,
+                       ["a red circle", "a blue square", "a green triangle", "a red circle at the top left"])
+
+
+def _cfg(tmp_path, xl, data, *extra):
+    return load_config(LDMConfig, ROOT / "configs/ldm/tiny.yaml", [
+        f"output_dir={tmp_path}", f"model.pretrained={xl}", f"data.dataset={data}",
+        f"data.cache_dir={tmp_path / 'cache'}", "sample.seeds=[0]", "sample.num_inference_steps=2",
+        "train.tensorboard=false", "train.batch_size=4", "data.validation_num_images=4", *extra])
+
+
+@pytest.mark.parametrize("random_crop", [False, True])
+def test_time_ids_describe_the_crop_the_pixels_get(tmp_path, xl_dir, mixed_dir, random_crop):
+    from diffusers import StableDiffusionXLPipeline
+
+    cfg = _cfg(tmp_path, xl_dir, mixed_dir, "data.bucketing=true", "data.bucket_step=8", "data.center_crop=false",
+               f"data.random_crop={str(random_crop).lower()}")
+    split = load_splits(cfg)[0]
+    conditions = SizeConditions(split, cfg.data, random_crop)
+    items = PixelItems.for_split(split, cfg.data, random_crop)
+    pipe = StableDiffusionXLPipeline.from_pretrained(xl_dir, local_files_only=True)
+    for i in range(len(SIZES)):
+        for flip in (False, True):
+            seed = 1000 + i
+            h, w, top, left, th, tw = conditions.time_ids(i, flip, seed)
+            image = split.ds[i]["image"].convert("RGB")
+            assert (h, w) == (image.height, image.width) and (th, tw) == split.sizes[i]
+            scale = max(tw / w, th / h)
+            resized = image.resize((max(tw, round(w * scale)), max(th, round(h * scale))), Image.Resampling.BICUBIC)
+            if flip:  # the mirrored picture is the mirrored resize's crop at the condition's offset
+                resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            crop = np.asarray(resized.crop((left, top, left + tw, top + th)), dtype=np.float32) / 127.5 - 1
+            pixels = items[(i, flip, seed)].permute(1, 2, 0).numpy()
+            np.testing.assert_allclose(pixels, crop, atol=1e-6)
+            expected = pipe._get_add_time_ids((h, w), (top, left), (th, tw), torch.float32, 16)
+            assert conditions.load([i], torch.tensor([flip]), torch.tensor([seed])).tolist() == expected.tolist()
+    if not random_crop:  # the top-left corner: no offset unless mirrored
+        assert all(conditions.time_ids(i)[2:4] == [0, 0] for i in range(len(SIZES)))
+    else:
+        assert any(conditions.time_ids(i, False, s)[2:4] != [0, 0] for i in range(len(SIZES)) for s in range(5))
+
+
+def test_fine_tune_exports_a_folder_diffusers_draws_the_same(tmp_path, xl_dir, mixed_dir, monkeypatch):
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from pipelines import LDMPipeline
+
+    seen = []
+    real = UNet2DConditionModel.forward
+
+    def spy(self, sample, timestep, *args, added_cond_kwargs=None, **kwargs):
+        if torch.is_grad_enabled():
+            seen.append({k: v.detach().clone() for k, v in added_cond_kwargs.items()})
+        return real(self, sample, timestep, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    cfg = _cfg(tmp_path, xl_dir, mixed_dir, "data.bucketing=true", "data.bucket_step=8", "data.random_flip=true",
+               "train.max_steps=4", "train.learning_rate=0.001", "data.caption_dropout=0.5")
+    train(cfg)
+    # every training forward had the pooled text (zeros for dropped captions) and the images' size conditions
+    assert len(seen) == 4 and all(s["text_embeds"].shape == (4, 16) and s["time_ids"].shape == (4, 6) for s in seen)
+    originals = {(h, w) for w, h in SIZES}
+    assert all((int(r[0]), int(r[1])) in originals for s in seen for r in s["time_ids"])
+    assert any(not s["text_embeds"].any(dim=1).all() for s in seen)  # dropped captions: zeros
+    out = cfg.run_dir / "pipeline"
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    for part, name in [("text_encoder", "model"), ("text_encoder_2", "model"), ("vae", "diffusion_pytorch_model")]:
+        a, b = load_file(xl_dir / part / f"{name}.safetensors"), load_file(out / part / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    a, b = (load_file(p / "unet" / "diffusion_pytorch_model.safetensors") for p in (xl_dir, out))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", real)
+    ours, theirs = LDMPipeline.from_pretrained(out), StableDiffusionXLPipeline.from_pretrained(out)
+    draws = []
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+        draws.append(pipe(["a red circle", "a blue square"], num_inference_steps=3, guidance_scale=5.0,
+                          generator=[torch.Generator().manual_seed(i) for i in range(2)], output_type="np").images)
+    assert np.abs(draws[0] - draws[1]).max() <= 2e-3
+    assert (cfg.run_dir / "samples" / "step-4.png").is_file()
+
+
+@pytest.mark.parametrize("extra", [["data.random_crop=true", "data.random_flip=true"], ["data.bucketing=true"]])
+def test_resume_is_bitwise_identical(tmp_path, xl_dir, mixed_dir, extra):
+    args = ["train.max_steps=6", "train.checkpoint_every=3", "data.bucket_step=8", *extra]
+    full = _cfg(tmp_path, xl_dir, mixed_dir, "name=full", *args)
+    train(full)
+    resumed = _cfg(tmp_path, xl_dir, mixed_dir, "name=resumed", "train.resume=latest", *args)
+    (resumed.run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full.run_dir / "checkpoints" / "step-3", resumed.run_dir / "checkpoints" / "step-3")
+    train(resumed)
+    a, b = (load_file(c.run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors") for c in (full, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("finetune.method=lora", "finetune.method"),
+    ("finetune.method=textual_inversion", "finetune.method"),
+    ("model.train_text_encoder=true", "model.train_text_encoder"),
+    ("data.cache_text=false", "data.cache_text"),
+    ("data.mask_source=alpha", "data.mask_source"),
+    ("stage=super_resolution", "stage"),
+])
+def test_what_sdxl_does_not_train_yet_is_refused_by_name(tmp_path, xl_dir, override, key):
+    cfg = _cfg(tmp_path, xl_dir, tmp_path / "no-data", override)
+    with pytest.raises(ValueError, match=rf"^{key}="):
+        check_config(cfg)
+
+
+def test_dropped_captions_are_zeros_or_the_empty_caption():
+    from ldm.trainer.sdxl import XLTextContext, XLTextInputs
+
+    cache = {"embeds": np.ones((3, 4, 8), np.float32), "pooled": np.ones((3, 2), np.float32),
+             "empty": np.full((1, 4, 8), 0.5, np.float32), "empty_pooled": np.full((1, 2), 0.5, np.float32)}
+    drop = torch.tensor([True, False])
+    for zeros, value in ((True, 0.0), (False, 0.5)):
+        context, more = XLTextContext(XLTextInputs(torch.zeros(3, 2, 4), cache), [], zeros).encode(
+            torch.tensor([0, 2]), drop, "cpu")
+        assert (context[0] == value).all() and (more["text_embeds"][0] == value).all()
+        assert (context[1] == 1).all() and (more["text_embeds"][1] == 1).all()
+
+
+def test_the_sdxl_preset_runs_at_tiny_sizes(tmp_path, xl_dir, mixed_dir):
+    text = (ROOT / "configs/ldm/sdxl-finetune-1024.yaml").read_text()
+    assert text.startswith("#") and "Sized for" in text
+    cfg = load_config(LDMConfig, ROOT / "configs/ldm/sdxl-finetune-1024.yaml", [
+        f"output_dir={tmp_path}", f"model.pretrained={xl_dir}", f"data.dataset={mixed_dir}",
+        f"data.cache_dir={tmp_path / 'cache'}", "data.resolution=32", "data.bucket_step=8", "train.batch_size=2",
+        "train.gradient_accumulation_steps=1", "train.mixed_precision=no", "train.optimizer=adamw",
+        "train.max_steps=2", "train.num_workers=0", "data.validation_fraction=0.2", "data.validation_num_images=4",
+        "sample.num_inference_steps=2", "sample.seeds=[0]", "train.tensorboard=false"])
+    train(cfg)
+    assert (cfg.run_dir / "pipeline" / "text_encoder_2" / "model.safetensors").is_file()
