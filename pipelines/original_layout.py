@@ -43,9 +43,12 @@ VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "t
 UNET_DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # block type -> has attention
 UNET_UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 UNET_MID = "UNetMidBlock2DCrossAttn"
+# Added embeddings the layout has names for: none (SD 1.x/2.x), or SDXL's pooled-text + size conditions
+# (generative-models' label_emb).
+UNET_ADDED = {None: {}, "text_time": {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}}
 # U-Net settings whose weights the layout has no names for (or diffusers' converter does not read back), with
 # the only value it takes.
-UNET_PLAIN = {"class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None,
+UNET_PLAIN = {"class_embed_type": None, "encoder_hid_dim": None,
               "time_cond_proj_dim": None, "time_embedding_type": "positional", "dual_cross_attention": False,
               "attention_type": "default"}
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -60,6 +63,7 @@ def unet_blocks(config) -> dict[str, tuple[str, dict]]:
     n, down, up = config.layers_per_block, config.down_block_types, config.up_block_types
     blocks = {"time_embedding.linear_1": ("time_embed.0", {}), "time_embedding.linear_2": ("time_embed.2", {}),
               "conv_in": ("input_blocks.0.0", {}), "conv_norm_out": ("out.0", {}), "conv_out": ("out.2", {})}
+    blocks.update({module: (original, {}) for module, original in UNET_ADDED[config.addition_embed_type].items()})
     k = 1  # input_blocks.0 is conv_in
     for i, kind in enumerate(down):
         for j in range(n):
@@ -117,6 +121,9 @@ def check_unet(config) -> None:
         raise ValueError(f"the U-Net has class embeddings (num_class_embeds={config.num_class_embeds}, a "
                          f"super-resolution stage?): Stable Diffusion's single-file layout holds text-to-image "
                          f"U-Nets only; save it as a pipeline folder instead")
+    if config.addition_embed_type not in UNET_ADDED:
+        raise ValueError(f"unet addition_embed_type={config.addition_embed_type!r}: the original layout has names "
+                         f"for {list(UNET_ADDED)} only")
     for key, plain in UNET_PLAIN.items():
         if getattr(config, key, plain) != plain:
             raise ValueError(f"unet {key}={getattr(config, key)!r}: the single-file layout holds only {key}={plain!r}")
@@ -150,6 +157,14 @@ def _rename(key: str, blocks: dict[str, tuple[str, dict]]) -> str | None:
             layer = renames.get(layer, layer)
             return ".".join(p for p in (target, layer, param) if p)
     return None
+
+
+def original_unet_module(module: str, config) -> str:
+    """The original layout's name of a U-Net module (a layer, e.g. an attention's ``to_q``) of ``config``."""
+    name = _rename(module + ".weight", unet_blocks(config))
+    if name is None:
+        raise ValueError(f"the U-Net module {module!r} has no place in the original layout")
+    return name[:-len(".weight")]
 
 
 def _plain_keys(model) -> set[str]:
@@ -193,6 +208,10 @@ def layout_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
         if type(model).__name__ != want:
             raise ValueError(f"the {name} is a {type(model).__name__}: Stable Diffusion 1.x's single-file layout "
                              f"holds a {want}")
+    if unet.config.addition_embed_type is not None:
+        raise ValueError(f"the U-Net takes added conditions (addition_embed_type={unet.config.addition_embed_type!r}: "
+                         f"Stable Diffusion XL): the single-file writer holds Stable Diffusion 1.x/2.x models only; "
+                         f"save it as a pipeline folder")
     state = _mapped("unet", unet, UNET_PREFIX, unet_blocks(unet.config))
     vae_state = _mapped("vae", vae, VAE_PREFIX, vae_blocks(vae.config))
     for key, value in vae_state.items():

@@ -108,7 +108,7 @@ def save_lora(folder: str | Path, unet, text_encoder, lora_format: str = "diffus
         from diffusers.utils import convert_state_dict_to_kohya
         from peft.utils import get_peft_model_state_dict
 
-        peft_sd = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+        peft_sd = {f"unet.{k}": v for k, v in kohya_unet_names(get_peft_model_state_dict(unet), unet.config).items()}
         alphas = {"lora_unet_": unet.peft_config["default"].lora_alpha}
         if te_sd:
             # kohya names the text encoder's modules from CLIPTextModel's root (text_model.encoder...)
@@ -125,6 +125,23 @@ def save_lora(folder: str | Path, unet, text_encoder, lora_format: str = "diffus
         save_file(kohya, str(Path(folder) / KOHYA_FILE), metadata={"format": "pt"})
         written.append(Path(folder) / KOHYA_FILE)
     return written
+
+
+def kohya_unet_names(state: dict, config) -> dict:
+    """The U-Net adapters under the module names kohya-ss's files use: diffusers' for Stable Diffusion 1.x/2.x,
+    the original layout's (input_blocks, middle_block, output_blocks) for Stable Diffusion XL, as sd-scripts
+    writes them and AUTOMATIC1111, ComfyUI and diffusers' converter read them."""
+    from pipelines.sdxl import is_sdxl_unet
+
+    if not is_sdxl_unet(config):
+        return state
+    from pipelines.original_layout import original_unet_module
+
+    renamed = {}
+    for key, value in state.items():
+        module, _, rest = key.partition(".lora_")
+        renamed[f"{original_unet_module(module, config)}.lora_{rest}"] = value
+    return renamed
 
 
 def lora_file(folder: str | Path) -> Path:
@@ -148,6 +165,8 @@ class LoRA(Method):
     """Low-rank adapters on the U-Net (and, with ``finetune.lora_text_encoder``, the text encoder); the base stays
     frozen. Exports the adapters (``<run>/lora``) and, with ``finetune.merged_export``, the base with them merged
     at ``finetune.merge_scale`` (``<run>/pipeline``)."""
+
+    families = ("sd", "sdxl")  # SDXL: the U-Net's adapters (`ldm.trainer.sdxl` refuses the text encoders')
 
     def check(self, c: Checker) -> None:
         cfg = c.cfg

@@ -7,10 +7,10 @@ objective hands the U-Net ``added_cond_kwargs``, a dropped caption is zeros when
 (``force_zeros_for_empty_prompt``, as the pipeline's unconditional branch), and the pipeline is `LDMXLPipeline`.
 `ldm.trainer.stages` picks this stage when ``model.pretrained`` holds an SDXL folder.
 
-Supported here: the full fine-tune of the U-Net with both text encoders frozen, on cached or per-step-cropped
-latents, with aspect buckets, flips, every objective option of ``diffusion.*``, EMA and exact resume. Refused by
-name (`XLTextToImage.check`): LoRA, textual inversion, training the text encoders, DreamBooth, masked loss and
-super-resolution stages on SDXL.
+Supported here: the full fine-tune and LoRA of the U-Net with both text encoders frozen, on cached or
+per-step-cropped latents, with aspect buckets, flips, every objective option of ``diffusion.*``, EMA and exact
+resume. Refused by name (`XLTextToImage.check`): textual inversion, training the text encoders (or adapters on
+them), DreamBooth, masked loss and super-resolution stages on SDXL.
 """
 
 from __future__ import annotations
@@ -93,13 +93,15 @@ class XLTextToImage(TextToImage):
     def check(cls, c: Checker) -> None:
         cfg = c.cfg
         super().check(c)
-        why = "is not supported for Stable Diffusion XL yet (the full fine-tune of its U-Net is)"
+        why = "is not supported for Stable Diffusion XL yet (the full fine-tune and LoRA of its U-Net are)"
         c.require(cfg.stage == "base", "stage", "must be base: super-resolution stages of SDXL are not supported")
         c.require("sdxl" in METHODS[cfg.finetune.method].families, "finetune.method",
                   f"must be one of {[n for n, m in METHODS.items() if 'sdxl' in m.families]}: {cfg.finetune.method} "
                   f"{why}")
         c.require(not cfg.model.train_text_encoder, "model.train_text_encoder",
                   f"must be false or null: training SDXL's text encoders {why}")
+        c.require(not cfg.finetune.lora_text_encoder, "finetune.lora_text_encoder",
+                  "must be false: adapters on SDXL's text encoders are not supported yet (the U-Net's are)")
         c.require(cfg.data.cache_text, "data.cache_text", "must be true: SDXL's frozen text encoders are cached")
         c.require(cfg.data.mask_source == "none", "data.mask_source", f"must be none: the masked loss {why}")
         db = cfg.dreambooth

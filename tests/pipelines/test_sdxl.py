@@ -190,3 +190,21 @@ def test_generate_command_draws_an_sdxl_folder(xl_dir, tmp_path):
 
     main(["--pipeline", str(xl_dir), PROMPT, "--steps", "2", "--num-images", "2", "--out", str(tmp_path / "x.png")])
     assert (tmp_path / "x.png").is_file()
+
+
+def test_single_file_export_of_sdxl_is_refused_by_name(xl_dir, tmp_path):
+    from pipelines import to_single_file
+
+    with pytest.raises(ValueError, match="Stable Diffusion XL.*pipeline folder"):
+        to_single_file(_ours(xl_dir), tmp_path / "xl.safetensors")
+    assert not (tmp_path / "xl.safetensors").exists()
+
+
+def test_the_original_layout_names_sdxl_unet_modules(xl_dir):
+    from pipelines.original_layout import original_unet_module
+
+    config = _ours(xl_dir).unet.config
+    assert original_unet_module("add_embedding.linear_1", config) == "label_emb.0.0"
+    assert original_unet_module("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", config) == \
+        "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
+    assert original_unet_module("up_blocks.1.resnets.0.conv1", config) == "output_blocks.2.0.in_layers.2"

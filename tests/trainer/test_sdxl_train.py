@@ -136,7 +136,7 @@ def test_resume_is_bitwise_identical(tmp_path, xl_dir, mixed_dir, extra):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("finetune.method=lora", "finetune.method"),
+    ("finetune.lora_text_encoder=true", "finetune.lora_text_encoder"),
     ("finetune.method=textual_inversion", "finetune.method"),
     ("model.train_text_encoder=true", "model.train_text_encoder"),
     ("data.cache_text=false", "data.cache_text"),
@@ -173,3 +173,40 @@ def test_the_sdxl_preset_runs_at_tiny_sizes(tmp_path, xl_dir, mixed_dir):
         "sample.num_inference_steps=2", "sample.seeds=[0]", "train.tensorboard=false"])
     train(cfg)
     assert (cfg.run_dir / "pipeline" / "text_encoder_2" / "model.safetensors").is_file()
+
+
+def test_lora_on_sdxl_loads_in_diffusers_from_both_layouts(tmp_path, xl_dir, mixed_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    from ldm.methods.lora import KOHYA_FILE, LORA_FILE
+    from pipelines import LDMPipeline
+
+    cfg = load_config(LDMConfig, ROOT / "configs/ldm/lora-sdxl.yaml", [
+        f"output_dir={tmp_path}", f"model.pretrained={xl_dir}", f"data.dataset={mixed_dir}",
+        f"data.cache_dir={tmp_path / 'cache'}", "data.resolution=32", "data.bucket_step=8", "train.batch_size=2",
+        "train.mixed_precision=no", "finetune.base_dtype=fp32", "finetune.lora_rank=4", "finetune.lora_alpha=8",
+        "train.learning_rate=0.01", "train.max_steps=3", "train.num_workers=0", "data.validation_num_images=4",
+        "sample.num_inference_steps=2", "sample.seeds=[0]", "train.tensorboard=false", "finetune.merged_export=true"])
+    train(cfg)
+    folder = cfg.run_dir / "lora"
+    kohya = load_file(folder / KOHYA_FILE)
+    assert kohya and all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_",
+                                       "lora_unet_output_blocks_")) for k in kohya)
+    assert all(float(v) == 8.0 for k, v in kohya.items() if k.endswith(".alpha"))  # alpha 8 / rank 4: scale 2
+
+    def draw(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(["a red circle", "a blue square"], num_inference_steps=3, guidance_scale=5.0,
+                    generator=[torch.Generator().manual_seed(i) for i in range(2)], output_type="np").images
+
+    reference = StableDiffusionXLPipeline.from_pretrained(xl_dir)
+    reference.load_lora_weights(str(folder), weight_name=LORA_FILE)
+    want = draw(reference)
+    assert np.abs(want - draw(LDMPipeline.from_pretrained(xl_dir))).max() > 1e-3  # the adapters act
+    for cls, name in [(StableDiffusionXLPipeline, KOHYA_FILE), (LDMPipeline, LORA_FILE), (LDMPipeline, KOHYA_FILE)]:
+        pipe = cls.from_pretrained(xl_dir)
+        pipe.load_lora_weights(str(folder), weight_name=name)  # diffusers maps kohya's SDXL names back
+        assert np.abs(draw(pipe) - want).max() <= 2e-3, (cls.__name__, name)
+    merged = LDMPipeline.from_pretrained(cfg.run_dir / "pipeline")  # merged at finetune.merge_scale = 1
+    merged.scheduler = type(reference.scheduler).from_config(merged.scheduler.config)  # it saves sample.scheduler
+    assert np.abs(draw(merged) - want).max() <= 2e-3
