@@ -1,6 +1,6 @@
 """Latent diffusion: train, fine-tune and run text-to-image models (VAE + CLIP text encoder + U-Net)."""
 
-_PIPELINES = ("LDMPipeline", "LDMXLPipeline", "LDMImg2ImgPipeline", "LDMInpaintPipeline", "SuperResolutionPipeline", "CascadePipeline")
+_PIPELINES = ("LDMPipeline", "LDMXLPipeline", "LDMXLImg2ImgPipeline", "LDMXLInpaintPipeline", "LDMImg2ImgPipeline", "LDMInpaintPipeline", "SuperResolutionPipeline", "CascadePipeline")
 
 __all__ = [*_PIPELINES, "GaussianDiffusion"]
 

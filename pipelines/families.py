@@ -6,8 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# Each family's text-to-image pipeline, by import path: the pipelines import this module, not the reverse.
-PIPELINES = {"sd": "pipelines.ldm_pipeline:LDMPipeline", "sdxl": "pipelines.sdxl:LDMXLPipeline"}
+# Each family's pipeline of each task, by import path: the pipelines import this module, not the reverse.
+PIPELINES = {
+    "sd": {"text2image": "pipelines.ldm_pipeline:LDMPipeline", "img2img": "pipelines.img2img:LDMImg2ImgPipeline",
+           "inpaint": "pipelines.img2img:LDMInpaintPipeline"},
+    "sdxl": {"text2image": "pipelines.sdxl:LDMXLPipeline", "img2img": "pipelines.sdxl:LDMXLImg2ImgPipeline",
+             "inpaint": "pipelines.sdxl:LDMXLInpaintPipeline"},
+}
 
 
 def family_of(folder) -> str | None:
@@ -22,9 +27,10 @@ def family_of(folder) -> str | None:
     return "sdxl" if "text_encoder_2" in index or text_time else "sd"
 
 
-def pipeline_class(family: str):
-    """The text-to-image pipeline class of a family, loaded by name (as diffusers reads ``_class_name``)."""
+def pipeline_class(family: str, task: str = "text2image"):
+    """A family's pipeline class for ``task`` (text2image, img2img, inpaint), loaded by name (as diffusers reads
+    ``_class_name``)."""
     import importlib
 
-    module, name = PIPELINES[family].split(":")
+    module, name = PIPELINES[family][task].split(":")
     return getattr(importlib.import_module(module), name)

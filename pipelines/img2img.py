@@ -178,6 +178,8 @@ class LDMImg2ImgPipeline(_FromImage):
     """Text-guided image-to-image (SDEdit; diffusers' ``StableDiffusionImg2ImgPipeline``): ``image`` (PIL, array
     or tensor in [0, 1]; its size sets the output's) noised to ``strength`` and denoised under the prompt."""
 
+    task = "img2img"
+
     @torch.no_grad()
     def __call__(self, prompt, image, strength=0.8, negative_prompt=None, num_inference_steps=50,
                  guidance_scale=7.5, num_images_per_prompt=1, generator=None, output_type="pil", return_dict=True,
@@ -194,6 +196,8 @@ class LDMInpaintPipeline(_FromImage):
     """Text-guided inpainting with a text-to-image model (diffusers' ``StableDiffusionInpaintPipeline`` on a
     4-channel U-Net): ``mask_image`` (L-mode PIL, or array/tensor in [0, 1], the image's size; white = draw
     anew) picks the region; the rest follows the image at every step (module docstring)."""
+
+    task = "inpaint"
 
     @torch.no_grad()
     def __call__(self, prompt, image, mask_image, strength=1.0, negative_prompt=None, num_inference_steps=50,

@@ -98,6 +98,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
     family = "sd"  # the model family it draws (`pipelines.families`)
+    task = "text2image"  # what it draws (`pipelines.families.PIPELINES`)
     saved_class_name = SAVED_CLASS_NAME
     max_images_per_call = 512  # a bound on prompts x num_images_per_prompt: one batch holds them all
     _fused_qkv = False  # enable_fast's switches in force
@@ -143,24 +144,32 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load a pipeline folder. A Stable Diffusion XL folder loads as `LDMXLPipeline` (the family is read from
         the folder); a class that cannot draw the folder's family says so instead of dropping its components."""
-        from pipelines.families import family_of, pipeline_class
+        from pipelines.families import family_of
 
         family = family_of(pretrained_model_name_or_path)
         if family is not None and family != cls.family:
-            target = pipeline_class(family)
-            if cls is LDMPipeline:
-                return target.from_pretrained(pretrained_model_name_or_path, **kwargs)
-            raise ValueError(f"{pretrained_model_name_or_path} holds a {family} model and {cls.__name__} draws "
-                             f"{cls.family} models: load it with {target.__name__} (LDMPipeline picks it)")
+            return cls._family_class(family, f"{pretrained_model_name_or_path} holds").from_pretrained(
+                pretrained_model_name_or_path, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def _family_class(cls, family: str, what: str):
+        """The class of ``family`` for this class's task, when this class is the task's Stable Diffusion one (the
+        entry point that picks), else a clear error."""
+        from pipelines.families import pipeline_class
+
+        target = pipeline_class(family, cls.task)
+        if cls is not pipeline_class("sd", cls.task):
+            raise ValueError(f"{what} a {family} model and {cls.__name__} draws {cls.family} models: use "
+                             f"{target.__name__} (or {pipeline_class('sd', cls.task).__name__}, which picks it)")
+        return target
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
         """This class over another pipeline's components, when it draws that pipeline's model family."""
         family = getattr(pipeline, "family", cls.family)
         if family != cls.family:
-            raise ValueError(f"{cls.__name__} draws {cls.family} models and this pipeline holds a {family} model "
-                             f"({type(pipeline).__name__})")
+            return cls._family_class(family, f"the {type(pipeline).__name__} holds").from_pipe(pipeline, **kwargs)
         return super().from_pipe(pipeline, **kwargs)
 
     def _index_entries(self) -> dict:
@@ -477,6 +486,9 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
         cond = self._context(s, device)
         f = self.vae_scale_factor
         shape = (s.batch, self._latent_channels(), s.height // f, s.width // f)
+        # The schedule first: some schedulers' initial noise scale (Euler's with leading spacing, SDXL's) follows the
+        # timesteps drawn, as in diffusers' pipelines.
+        scheduler.set_timesteps(s.num_inference_steps, device=device)
         latents = randn_tensor(shape, generator=s.generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
         latents = self._denoise(latents, scheduler, pass_variance, cond, s)
         images = self._decode(latents, s.output_type)

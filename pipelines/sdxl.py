@@ -25,6 +25,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import scale_lora_layers, unscale_lora_layers
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from pipelines.img2img import LDMImg2ImgPipeline, LDMInpaintPipeline
 from pipelines.ldm_pipeline import Conditioning, LDMPipeline, Sampling
 
 
@@ -112,13 +113,15 @@ class LDMXLPipeline(StableDiffusionXLLoraLoaderMixin, LDMPipeline):
     def _context(self, s: Sampling, device) -> Conditioning:
         lora_scale = (s.cross_attention_kwargs or {}).get("scale")
         context, pooled = self._encode(s.prompts, s.num_images_per_prompt, device, lora_scale)
-        ids = torch.tensor([s.conditions["time_ids"]] * s.batch, device=device)
+        drawn = time_ids((s.height, s.width), (0, 0), (s.height, s.width))  # the default: no crop, drawn size
+        sizes = {"time_ids": drawn, "negative_time_ids": drawn, **s.conditions}
+        ids = torch.tensor([sizes["time_ids"]] * s.batch, device=device)
         if s.guided:
             if self.config.force_zeros_for_empty_prompt and not s.negatives_given:
                 negative, negative_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
             else:
                 negative, negative_pooled = self._encode(s.negatives, s.num_images_per_prompt, device, lora_scale)
-            negative_ids = torch.tensor([s.conditions["negative_time_ids"]] * s.batch, device=device)
+            negative_ids = torch.tensor([sizes["negative_time_ids"]] * s.batch, device=device)
             context, pooled = torch.cat([negative, context]), torch.cat([negative_pooled, pooled])
             ids = torch.cat([negative_ids, ids])
         dtype = self.unet.dtype
@@ -169,3 +172,15 @@ class LDMXLPipeline(StableDiffusionXLLoraLoaderMixin, LDMPipeline):
                            cross_attention_kwargs=cross_attention_kwargs, conditions={"time_ids": time_ids(*sizes),
                                                                                      "negative_time_ids": time_ids(*negatives)})
         return self._generate(s, return_dict)
+
+
+class LDMXLImg2ImgPipeline(LDMImg2ImgPipeline, LDMXLPipeline):
+    """Image-to-image with a Stable Diffusion XL model, as `LDMImg2ImgPipeline` (diffusers'
+    ``StableDiffusionXLImg2ImgPipeline`` on a base model draws the same images); the size conditions are the
+    image's size, uncropped. ``LDMImg2ImgPipeline.from_pipe`` / ``from_pretrained`` pick it for SDXL models."""
+
+
+class LDMXLInpaintPipeline(LDMInpaintPipeline, LDMXLPipeline):
+    """Inpainting with a Stable Diffusion XL text-to-image model, as `LDMInpaintPipeline` (diffusers'
+    ``StableDiffusionXLInpaintPipeline`` on a 4-channel U-Net draws the same images); the size conditions are the
+    image's size, uncropped. ``LDMInpaintPipeline.from_pipe`` / ``from_pretrained`` pick it for SDXL models."""

@@ -210,6 +210,7 @@ class SuperResolutionPipeline(LDMPipeline):
         if s.guided:
             cond, levels = torch.cat([cond] * 2), torch.cat([levels] * 2)
         shape = (len(low), self._latent_channels(), height // g, width // g)
+        scheduler.set_timesteps(s.num_inference_steps, device=device)  # the initial noise scale may follow it
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
         self._cond = (cond, levels)
         try:

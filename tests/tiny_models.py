@@ -119,7 +119,7 @@ def make_pipe(tokenizer_dir, **kwargs):
 
 
 def sdxl_folder(root: Path, vae_dir: Path, captions: list[str], prediction_type: str = "epsilon",
-                force_zeros_for_empty_prompt: bool = True) -> Path:
+                force_zeros_for_empty_prompt: bool = True, zero_snr: bool = False) -> Path:
     """A tiny Stable Diffusion XL folder, as diffusers' StableDiffusionXLPipeline saves it: two text encoders
     (CLIP-L's kind, and bigG's kind with a projection), a U-Net with SDXL's added text/time conditions."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
@@ -141,7 +141,8 @@ def sdxl_folder(root: Path, vae_dir: Path, captions: list[str], prediction_type:
                                 attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
                                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16)
     sched = EulerDiscreteScheduler(num_train_timesteps=100, beta_schedule="scaled_linear", beta_start=0.00085,
-                                   beta_end=0.012, prediction_type=prediction_type)
+                                   beta_end=0.012, prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr,
+                                   timestep_spacing="trailing" if zero_snr else "leading")
     pipe = StableDiffusionXLPipeline(vae=AutoencoderKL.from_pretrained(vae_dir), text_encoder=te, text_encoder_2=te_2,
                                      tokenizer=tok, tokenizer_2=tok_2, unet=unet, scheduler=sched,
                                      force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)

@@ -122,6 +122,18 @@ def test_saved_folder_layout(saved_folder):
     assert not [p for p in saved_folder.iterdir() if p.name.startswith(".model_index")]  # no temp file left
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_euler_draws_what_stable_diffusion_pipeline_draws(pipe, saved_folder, spacing):
+    """Euler's initial noise scale follows the timesteps drawn under leading spacing (SDXL's scheduler)."""
+    sd = StableDiffusionPipeline.from_pretrained(saved_folder)
+    sd.set_progress_bar_config(disable=True)
+    for p in (pipe, sd):
+        p.scheduler = EulerDiscreteScheduler.from_config(p.scheduler.config, timestep_spacing=spacing)
+    kwargs = dict(num_inference_steps=3, guidance_scale=4.0, output_type="np")
+    sd_images = sd(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images
+    np.testing.assert_allclose(sample(pipe, **kwargs), sd_images, atol=1e-5)
+
+
 def test_generic_loader_avoids_diffusers_ldm_pipeline(saved_folder):
     loaded = diffusers.DiffusionPipeline.from_pretrained(saved_folder)
     assert not isinstance(loaded, diffusers.LDMPipeline)

@@ -50,11 +50,17 @@ def test_an_sdxl_folder_is_recognised(xl_dir, tmp_path, tiny_vae_dir):
     assert type(pipe) is LDMXLPipeline and pipe.text_encoder_2 is not None and pipe.tokenizer_2 is not None
 
 
-def test_classes_that_cannot_draw_a_family_say_so(xl_dir, tmp_path, tiny_vae_dir):
-    with pytest.raises(ValueError, match="holds a sdxl model.*LDMXLPipeline"):
-        LDMImg2ImgPipeline.from_pretrained(xl_dir)
+def test_the_generic_classes_pick_the_family_and_the_others_say_so(xl_dir, tmp_path, tiny_vae_dir):
+    from pipelines import LDMInpaintPipeline, LDMXLImg2ImgPipeline, LDMXLInpaintPipeline
+
+    assert type(LDMImg2ImgPipeline.from_pretrained(xl_dir)) is LDMXLImg2ImgPipeline
+    assert type(LDMInpaintPipeline.from_pipe(_ours(xl_dir))) is LDMXLInpaintPipeline
     with pytest.raises(ValueError, match="holds a sd model.*LDMPipeline"):
         LDMXLPipeline.from_pretrained(sd_folder(tmp_path / "sd", tiny_vae_dir, CAPTIONS))
+    with pytest.raises(ValueError, match="holds a sdxl model and SuperResolutionPipeline draws sd models"):
+        from pipelines.sr_pipeline import SuperResolutionPipeline
+
+        SuperResolutionPipeline.from_pretrained(xl_dir)
 
 
 @pytest.mark.parametrize("negative", [None, "a green triangle"])
@@ -130,9 +136,34 @@ def test_bad_size_conditions_are_refused(xl_dir):
         _ours(xl_dir)(PROMPT, num_inference_steps=1, original_size=(64.5, 64))
 
 
-def test_image_to_image_refuses_an_sdxl_pipeline(xl_dir):
-    with pytest.raises(ValueError, match="draws sd models.*sdxl"):
-        LDMImg2ImgPipeline.from_pipe(_ours(xl_dir))
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_image_to_image_and_inpainting_draw_what_diffusers_draws(xl_dir, task):
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+    from PIL import Image
+
+    from pipelines import LDMInpaintPipeline
+
+    rng = np.random.default_rng(0)
+    # One image per prompt: given one image for several, diffusers' SDXL inpainting encodes it once with the
+    # first generator; ours (and both img2img pipelines) draw each image's posterior sample with its own.
+    images = [Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(2)]
+    mask = np.zeros((32, 32), np.uint8)
+    mask[16:, 8:24] = 255
+    generic = {"img2img": LDMImg2ImgPipeline, "inpaint": LDMInpaintPipeline}[task]
+    ours = generic.from_pipe(_ours(xl_dir))
+    theirs = {"img2img": StableDiffusionXLImg2ImgPipeline, "inpaint": StableDiffusionXLInpaintPipeline}[task] \
+        .from_pretrained(xl_dir, local_files_only=True)
+    extra = {"mask_image": [Image.fromarray(mask)] * 2} if task == "inpaint" else {}
+    draws = []
+    for pipe in (ours, theirs):
+        pipe.set_progress_bar_config(disable=True)
+        kwargs = {"keep_unmasked": False} if pipe is ours and task == "inpaint" else {}
+        draws.append(pipe([PROMPT, "a blue square at the center"], image=images, strength=0.6, num_inference_steps=5,
+                          guidance_scale=5.0, generator=[torch.Generator().manual_seed(i) for i in range(2)],
+                          output_type="np", **extra, **kwargs).images)
+    assert type(ours).__name__ == {"img2img": "LDMXLImg2ImgPipeline", "inpaint": "LDMXLInpaintPipeline"}[task]
+    assert draws[0].shape == (2, 32, 32, 3)
+    assert np.abs(draws[0] - draws[1]).max() <= 2e-3
 
 
 @pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++"])
@@ -186,10 +217,19 @@ def test_lora_in_diffusers_sdxl_layout_loads_as_in_diffusers(xl_dir, diffusers_x
 
 
 def test_generate_command_draws_an_sdxl_folder(xl_dir, tmp_path):
+    from PIL import Image
+
     from ldm.generate import main
 
     main(["--pipeline", str(xl_dir), PROMPT, "--steps", "2", "--num-images", "2", "--out", str(tmp_path / "x.png")])
     assert (tmp_path / "x.png").is_file()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "in.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "mask.png")
+    main(["--pipeline", str(xl_dir), PROMPT, "--steps", "2", "--image", str(tmp_path / "in.png"), "--strength", "0.5",
+          "--out", str(tmp_path / "i2i.png")])
+    main(["--pipeline", str(xl_dir), PROMPT, "--steps", "2", "--image", str(tmp_path / "in.png"), "--mask",
+          str(tmp_path / "mask.png"), "--out", str(tmp_path / "inpaint.png")])
+    assert (tmp_path / "i2i.png").is_file() and (tmp_path / "inpaint.png").is_file()
 
 
 def test_single_file_export_of_sdxl_is_refused_by_name(xl_dir, tmp_path):
@@ -208,3 +248,22 @@ def test_the_original_layout_names_sdxl_unet_modules(xl_dir):
     assert original_unet_module("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", config) == \
         "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
     assert original_unet_module("up_blocks.1.resnets.0.conv1", config) == "output_blocks.2.0.in_layers.2"
+
+
+def test_an_fp16_vae_that_asks_for_upcasting_decodes_in_fp32(xl_dir):
+    pipe = _ours(xl_dir)
+    pipe.vae.to(torch.float16)
+    pipe.vae.register_to_config(force_upcast=True)
+    seen = []
+    real = pipe.vae.decode
+
+    def spy(latents, *args, **kwargs):
+        seen.append((latents.dtype, pipe.vae.dtype))
+        return real(latents, *args, **kwargs)
+
+    pipe.vae.decode = spy
+    latents = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        images = pipe._decode(latents, "np")
+    assert seen == [(torch.float32, torch.float32)] and pipe.vae.dtype == torch.float16  # given back
+    assert np.isfinite(images).all()

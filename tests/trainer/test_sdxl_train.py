@@ -210,3 +210,24 @@ def test_lora_on_sdxl_loads_in_diffusers_from_both_layouts(tmp_path, xl_dir, mix
     merged = LDMPipeline.from_pretrained(cfg.run_dir / "pipeline")  # merged at finetune.merge_scale = 1
     merged.scheduler = type(reference.scheduler).from_config(merged.scheduler.config)  # it saves sample.scheduler
     assert np.abs(draw(merged) - want).max() <= 2e-3
+
+
+def test_a_v_prediction_zero_snr_derivative_keeps_its_schedule(tmp_path, tiny_vae_dir, mixed_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    from pipelines import LDMPipeline
+
+    xl = sdxl_folder(tmp_path / "vpred", tiny_vae_dir, ["a red circle", "a blue square", "a green triangle"],
+                     prediction_type="v_prediction", zero_snr=True)
+    cfg = _cfg(tmp_path, xl, mixed_dir, "train.max_steps=2", "train.learning_rate=0.001")
+    train(cfg)
+    out = cfg.run_dir / "pipeline"
+    schedule = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert schedule["prediction_type"] == "v_prediction" and schedule["rescale_betas_zero_snr"] is True
+    draws = []
+    for cls in (LDMPipeline, StableDiffusionXLPipeline):
+        pipe = cls.from_pretrained(out)
+        pipe.set_progress_bar_config(disable=True)
+        draws.append(pipe("a red circle", num_inference_steps=3, guidance_scale=5.0, guidance_rescale=0.7,
+                          generator=torch.Generator().manual_seed(0), output_type="np").images)
+    assert np.abs(draws[0] - draws[1]).max() <= 2e-3
