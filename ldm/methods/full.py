@@ -15,10 +15,11 @@ class FullFinetune(Method):
 
     def trainable(self, cfg, comp) -> list[dict]:
         tc = cfg.train
-        comp.text_encoder.requires_grad_(comp.train_text_encoder)
+        for encoder in comp.text_encoders():
+            encoder.requires_grad_(comp.train_text_encoder)
         groups = [{"params": list(comp.unet.parameters()), "lr": tc.learning_rate}]
         if comp.train_text_encoder:
-            groups.append({"params": list(comp.text_encoder.parameters()),
+            groups.append({"params": [p for encoder in comp.text_encoders() for p in encoder.parameters()],
                            "lr": tc.text_encoder_learning_rate or tc.learning_rate})
         return groups
 

@@ -41,21 +41,22 @@ def unet_targets(fc) -> list[str]:
     return UNET_ATTENTION + (UNET_FEED_FORWARD if fc.lora_feed_forward else []) + (UNET_CONV if fc.lora_conv else [])
 
 
-def add_lora(unet, text_encoder, fc) -> list[torch.nn.Parameter]:
-    """Freeze the base models, attach adapters (the text encoder's only with ``lora_text_encoder``), cast
+def add_lora(unet, text_encoders: list, fc) -> list[torch.nn.Parameter]:
+    """Freeze the base models, attach adapters (the text encoders' only with ``lora_text_encoder``), cast
     the base to ``finetune.base_dtype`` and the adapters to fp32; return the trainable parameters. The
     settings were checked with the rest of the config (`ldm.trainer.config.check_config`)."""
     from peft import LoraConfig
 
     alpha = fc.lora_alpha if fc.lora_alpha is not None else fc.lora_rank
     unet.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    for text_encoder in text_encoders:
+        text_encoder.requires_grad_(False)
     base = DTYPES[fc.base_dtype]
     unet.to(dtype=base)
     # Gaussian A and zero B: the adapted model starts exactly at the base model.
     unet.add_adapter(LoraConfig(r=fc.lora_rank, lora_alpha=alpha, lora_dropout=fc.lora_dropout,
                                 init_lora_weights="gaussian", target_modules=unet_targets(fc)))
-    if fc.lora_text_encoder:
+    for text_encoder in text_encoders if fc.lora_text_encoder else []:
         from peft import inject_adapter_in_model
 
         text_encoder.to(dtype=base)
@@ -64,60 +65,49 @@ def add_lora(unet, text_encoder, fc) -> list[torch.nn.Parameter]:
                                            init_lora_weights="gaussian", target_modules=TEXT_ATTENTION), text_encoder)
     from diffusers.training_utils import cast_training_params
 
-    cast_training_params([unet, text_encoder], dtype=torch.float32)  # adapters train in fp32 whatever the base
-    params = [p for m in (unet, text_encoder) for p in m.parameters() if p.requires_grad]
-    n_base = sum(p.numel() for m in (unet, text_encoder) for p in m.parameters()) - sum(p.numel() for p in params)
+    models = [unet, *text_encoders]
+    cast_training_params(models, dtype=torch.float32)  # adapters train in fp32 whatever the base
+    params = [p for m in models for p in m.parameters() if p.requires_grad]
+    n_base = sum(p.numel() for m in models for p in m.parameters()) - sum(p.numel() for p in params)
     logger.info("LoRA rank %d alpha %s on %s: %.2fM trainable of %.1fM parameters", fc.lora_rank, alpha,
                 "U-Net + text encoder" if fc.lora_text_encoder else "U-Net",
                 sum(p.numel() for p in params) / 1e6, n_base / 1e6)
     return params
 
 
-def lora_state_dicts(unet, text_encoder) -> tuple[dict, dict | None]:
-    """The adapters' weights in diffusers' naming, ready for ``save_lora_weights``."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    unet_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    te_sd = None
-    if getattr(text_encoder, "peft_config", None):
-        te_sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
-    return unet_sd, te_sd
-
-
-def save_lora(folder: str | Path, unet, text_encoder, lora_format: str = "diffusers") -> list[Path]:
-    """Write the adapters (U-Net and, when adapted, text-encoder layers) into ``folder``: diffusers' layout
-    (``pytorch_lora_weights.safetensors``), kohya-ss's (``lora_kohya.safetensors``) or both."""
-    from diffusers import StableDiffusionPipeline
+def save_lora(folder: str | Path, unet, text_encoder, lora_format: str = "diffusers",
+              text_encoder_2=None) -> list[Path]:
+    """Write the adapters (U-Net and, when adapted, text-encoder layers; SDXL's second text encoder's too) into
+    ``folder``: diffusers' layout (``pytorch_lora_weights.safetensors``), kohya-ss's (``lora_kohya.safetensors``)
+    or both."""
     from safetensors.torch import save_file
+
+    from pipelines.sdxl import is_sdxl_unet
 
     if lora_format not in LORA_FORMATS:
         raise ValueError(f"finetune.lora_format={lora_format!r} is not one of {list(LORA_FORMATS)}")
-    unet_sd, te_sd = lora_state_dicts(unet, text_encoder)
+    sdxl = is_sdxl_unet(unet.config)
+    encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2 if sdxl else None}
+    adapted = {name: e for name, e in encoders.items() if e is not None and getattr(e, "peft_config", None)}
     written = []
     if lora_format in ("diffusers", "both"):
-        # the adapters' configs go into the file's metadata: without them diffusers loads alpha = rank (scale 1)
-        # whatever lora_alpha trained with
-        meta = {"unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
-        if te_sd:
-            meta["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd,
-                                                  safe_serialization=True, **meta)
-        written.append(Path(folder) / LORA_FILE)
+        written.append(_save_diffusers_layout(folder, unet, adapted, sdxl))
     if lora_format in ("kohya", "both"):
         from diffusers.utils import convert_state_dict_to_kohya
         from peft.utils import get_peft_model_state_dict
 
         peft_sd = {f"unet.{k}": v for k, v in kohya_unet_names(get_peft_model_state_dict(unet), unet.config).items()}
         alphas = {"lora_unet_": unet.peft_config["default"].lora_alpha}
-        if te_sd:
-            # kohya names the text encoder's modules from CLIPTextModel's root (text_model.encoder...)
-            peft_sd.update({f"text_encoder.{'' if k.startswith('text_model.') else 'text_model.'}{k}": v
-                            for k, v in get_peft_model_state_dict(text_encoder).items()})
-            alphas["lora_te_"] = text_encoder.peft_config["default"].lora_alpha
+        # kohya names the text encoders' modules from CLIPTextModel's root (text_model.encoder...): lora_te_ for
+        # SD 1.x/2.x's one, lora_te1_ / lora_te2_ for SDXL's two
+        prefixes = {"text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
+        for name, encoder in adapted.items():
+            peft_sd.update({f"{name}.{'' if k.startswith('text_model.') else 'text_model.'}{k}": v
+                            for k, v in get_peft_model_state_dict(encoder).items()})
+            alphas[prefixes[name]] = encoder.peft_config["default"].lora_alpha
         # diffusers' converter names the modules as kohya-ss does, but with SDXL's first-text-encoder prefix
-        # (lora_te1_; SD 1.x files use lora_te_) and alpha = rank whatever lora_alpha trained with: both mended here
-        kohya = {k.replace("lora_te1_", "lora_te_", 1): v.contiguous()
+        # (lora_te1_) for SD 1.x too and alpha = rank whatever lora_alpha trained with: both mended here
+        kohya = {(k if sdxl else k.replace("lora_te1_", "lora_te_", 1)): v.contiguous()
                  for k, v in convert_state_dict_to_kohya(peft_sd).items()}
         for key in kohya:
             if key.endswith(".alpha"):
@@ -125,6 +115,23 @@ def save_lora(folder: str | Path, unet, text_encoder, lora_format: str = "diffus
         save_file(kohya, str(Path(folder) / KOHYA_FILE), metadata={"format": "pt"})
         written.append(Path(folder) / KOHYA_FILE)
     return written
+
+
+def _save_diffusers_layout(folder, unet, adapted: dict, sdxl: bool) -> Path:
+    """diffusers' layout, the adapters' configs in the metadata: without them diffusers loads alpha = rank (scale
+    1) whatever lora_alpha trained with."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+              "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
+    for name, encoder in adapted.items():
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
+        layers[f"{name}_lora_adapter_metadata"] = encoder.peft_config["default"].to_dict()
+    saver = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    saver.save_lora_weights(folder, safe_serialization=True, **layers)
+    return Path(folder) / LORA_FILE
 
 
 def kohya_unet_names(state: dict, config) -> dict:
@@ -187,12 +194,13 @@ class LoRA(Method):
 
     def trainable(self, cfg, comp) -> list[dict]:
         comp.train_text_encoder = cfg.finetune.lora_text_encoder
-        return [{"params": add_lora(comp.unet, comp.text_encoder, cfg.finetune), "lr": cfg.train.learning_rate}]
+        return [{"params": add_lora(comp.unet, comp.text_encoders(), cfg.finetune), "lr": cfg.train.learning_rate}]
 
     def export(self, job: ExportJob) -> dict[str, Path]:
         cfg, run_dir = job.cfg, job.run_dir
         fc = cfg.finetune
-        atomic_save_dir(lambda d: save_lora(d, job.unet, job.text_encoder, fc.lora_format), run_dir / "lora")
+        atomic_save_dir(lambda d: save_lora(d, job.unet, job.text_encoder, fc.lora_format, job.comp.text_encoder_2),
+                        run_dir / "lora")
         saved = {"lora": lora_file(run_dir / "lora")}
         if fc.merged_export:
             from pipelines import LDMPipeline

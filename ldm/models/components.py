@@ -40,6 +40,10 @@ class Components:
     def __post_init__(self):
         self.base_scheduler = self.base_scheduler or self.scheduler
 
+    def text_encoders(self) -> list:
+        """The text encoders, the first one's first."""
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+
 
 def build_components(cfg, captions: list[str], accelerator=None, resume_from: Path | None = None,
                      stage=None) -> Components:

@@ -1,16 +1,16 @@
 """The Stable Diffusion XL family's text-to-image stage: fine-tuning an SDXL pipeline folder.
 
-What differs from `TextToImage` (Stable Diffusion 1.x/2.x), all here: the text side is two frozen encoders whose
-outputs are cached once (the context: both penultimate hidden states side by side; the pooled projection of the
-second), every batch carries SDXL's size/crop micro-conditions by name ("time_ids", `SizeConditions`), the
-objective hands the U-Net ``added_cond_kwargs``, a dropped caption is zeros when the model was trained that way
+What differs from `TextToImage` (Stable Diffusion 1.x/2.x), all here: the text side is two encoders (the context:
+both penultimate hidden states side by side; the pooled projection of the second), cached once while they are
+frozen, run every step when they train; every batch carries SDXL's size/crop micro-conditions by name
+("time_ids", `SizeConditions`), the objective hands the U-Net ``added_cond_kwargs``, a dropped caption is zeros when the model was trained that way
 (``force_zeros_for_empty_prompt``, as the pipeline's unconditional branch), and the pipeline is `LDMXLPipeline`.
 `ldm.trainer.stages` picks this stage when ``model.pretrained`` holds an SDXL folder.
 
-Supported here: the full fine-tune and LoRA of the U-Net with both text encoders frozen, on cached or
-per-step-cropped latents, with aspect buckets, flips, every objective option of ``diffusion.*``, EMA and exact
-resume. Refused by name (`XLTextToImage.check`): textual inversion, training the text encoders (or adapters on
-them), DreamBooth, masked loss and super-resolution stages on SDXL.
+Supported here: the full fine-tune (the text encoders too with ``model.train_text_encoder``) and LoRA (on both
+text encoders too with ``finetune.lora_text_encoder``), on cached or per-step-cropped latents, with aspect
+buckets, flips, every objective option of ``diffusion.*``, EMA and exact resume. Refused by name
+(`XLTextToImage.check`): textual inversion, DreamBooth, masked loss and super-resolution stages on SDXL.
 """
 
 from __future__ import annotations
@@ -40,29 +40,44 @@ def encode_xl(encoders, ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.
 
 @dataclass
 class XLTextInputs:
-    """Every caption's token ids (N, 2, L) and the cache of their encodings."""
+    """Every caption's token ids (N, 2, L), the empty caption's (2, L), and the cache of their encodings when
+    both encoders are frozen (else None: they run every step)."""
 
     input_ids: torch.Tensor
-    cache: dict  # "embeds" (N, L, D), "pooled" (N, P), "empty" (1, L, D), "empty_pooled" (1, P)
+    empty_ids: torch.Tensor
+    cache: dict | None  # "embeds" (N, L, D), "pooled" (N, P), "empty" (1, L, D), "empty_pooled" (1, P)
 
 
 class XLTextContext:
-    """Caption indices -> (context, {"text_embeds": pooled}) from the cache; a dropped caption is zeros under
-    ``force_zeros``, else the empty caption's encoding. Validation captions are encoded by the frozen encoders."""
+    """Caption indices -> (context, {"text_embeds": pooled}): rows of the cache, or both encoders' forward when
+    they train. A dropped caption is zeros under ``force_zeros``, else the empty caption's encoding. Validation
+    captions are encoded by ``validation_encoders`` (the unwrapped modules)."""
 
-    def __init__(self, inputs: XLTextInputs, encoders, force_zeros: bool):
-        self.cache, self.encoders, self.force_zeros = inputs.cache, encoders, force_zeros
-        empty = [torch.from_numpy(inputs.cache[k][0].copy()) for k in ("empty", "empty_pooled")]
-        self.empty = [torch.zeros_like(e) for e in empty] if force_zeros else empty
+    def __init__(self, inputs: XLTextInputs, encoders: list, force_zeros: bool, validation_encoders=None):
+        self.inputs, self.encoders, self.force_zeros = inputs, encoders, force_zeros
+        self.validation_encoders = validation_encoders or encoders
+        if inputs.cache is not None:
+            empty = [torch.from_numpy(inputs.cache[k][0].copy()) for k in ("empty", "empty_pooled")]
+            self.empty = [torch.zeros_like(e) for e in empty] if force_zeros else empty
 
     def encode(self, captions: torch.Tensor, drop: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
-        context, pooled = take(self.cache["embeds"], captions), take(self.cache["pooled"], captions)
-        context[drop], pooled[drop] = self.empty
-        return context.to(device), {"text_embeds": pooled.to(device)}
+        cache = self.inputs.cache
+        if cache is not None:
+            context, pooled = take(cache["embeds"], captions), take(cache["pooled"], captions)
+            context[drop], pooled[drop] = self.empty
+            return context.to(device), {"text_embeds": pooled.to(device)}
+        ids = self.inputs.input_ids[captions]
+        if not self.force_zeros:
+            ids[drop] = self.inputs.empty_ids
+        context, pooled = encode_xl(self.encoders, ids, device)
+        if self.force_zeros:
+            keep = (~drop).to(device)
+            context, pooled = context * keep[:, None, None], pooled * keep[:, None]
+        return context, {"text_embeds": pooled}
 
     @torch.no_grad()
     def validation_context(self, text_encoder, ids: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
-        context, pooled = encode_xl(self.encoders, ids, device)
+        context, pooled = encode_xl(self.validation_encoders, ids, device)
         return context, {"text_embeds": pooled}
 
 
@@ -93,16 +108,11 @@ class XLTextToImage(TextToImage):
     def check(cls, c: Checker) -> None:
         cfg = c.cfg
         super().check(c)
-        why = "is not supported for Stable Diffusion XL yet (the full fine-tune and LoRA of its U-Net are)"
+        why = "is not supported for Stable Diffusion XL yet (the full fine-tune and LoRA are)"
         c.require(cfg.stage == "base", "stage", "must be base: super-resolution stages of SDXL are not supported")
         c.require("sdxl" in METHODS[cfg.finetune.method].families, "finetune.method",
                   f"must be one of {[n for n, m in METHODS.items() if 'sdxl' in m.families]}: {cfg.finetune.method} "
                   f"{why}")
-        c.require(not cfg.model.train_text_encoder, "model.train_text_encoder",
-                  f"must be false or null: training SDXL's text encoders {why}")
-        c.require(not cfg.finetune.lora_text_encoder, "finetune.lora_text_encoder",
-                  "must be false: adapters on SDXL's text encoders are not supported yet (the U-Net's are)")
-        c.require(cfg.data.cache_text, "data.cache_text", "must be true: SDXL's frozen text encoders are cached")
         c.require(cfg.data.mask_source == "none", "data.mask_source", f"must be none: the masked loss {why}")
         db = cfg.dreambooth
         c.require(not (db.instance_data or db.class_prompt or db.class_prompts), "dreambooth.instance_data",
@@ -125,6 +135,8 @@ class XLTextToImage(TextToImage):
         """Both encoders' outputs for every caption and the empty one, computed once by the main process."""
         ids, empty = self.tokenize(comp, captions), self.tokenize(comp, [""])
         encoders = [comp.text_encoder.to(engine.device), comp.text_encoder_2.to(engine.device)]
+        if comp.train_text_encoder or not cfg.data.cache_text:  # they run every step
+            return XLTextInputs(ids, empty[0], None)
         key = "text-xl-" + Fingerprint().tensors(encoders[0].state_dict()).tensors(encoders[1].state_dict()).value(
             list(ids.shape)).raw(ids.numpy().tobytes()).raw(empty.numpy().tobytes()).hexdigest()
         dim = encoders[0].config.hidden_size + encoders[1].config.hidden_size
@@ -145,10 +157,10 @@ class XLTextToImage(TextToImage):
 
         cache, _ = build_or_open(cfg.data.cache_dir, key, engine.accelerator, "text-embedding cache", shapes, fill,
                                  lambda folder: {"num_captions": len(ids)})
-        return XLTextInputs(ids, cache)
+        return XLTextInputs(ids, empty[0], cache)
 
-    def text_context(self, inputs: XLTextInputs, comp, text_encoder) -> XLTextContext:
-        return XLTextContext(inputs, [comp.text_encoder, comp.text_encoder_2], comp.force_zeros)
+    def text_context(self, inputs: XLTextInputs, comp, text_encoders: list) -> XLTextContext:
+        return XLTextContext(inputs, text_encoders, comp.force_zeros, [comp.text_encoder, comp.text_encoder_2])
 
     def objective(self, comp, diffusion, text, gather) -> XLObjective:
         cfg = self.cfg

@@ -89,10 +89,10 @@ class TextToImage:
             if cached else None
         return TextInputs(input_ids, empty_ids, cache)
 
-    def text_context(self, inputs: TextInputs, comp, text_encoder) -> TextContext:
-        """Caption indices -> the U-Net's context, from the cache or by the (prepared) ``text_encoder``."""
+    def text_context(self, inputs: TextInputs, comp, text_encoders: list) -> TextContext:
+        """Caption indices -> the U-Net's context, from the cache or by the (prepared) text encoder."""
         return TextContext(inputs.input_ids, inputs.empty_ids,
-                           encoder=text_encoder if inputs.cache is None else None, cache=inputs.cache)
+                           encoder=text_encoders[0] if inputs.cache is None else None, cache=inputs.cache)
 
     def objective(self, comp, diffusion, text: TextContext, gather) -> LatentDiffusionObjective:
         cfg = self.cfg

@@ -131,16 +131,18 @@ def build_run(cfg: LDMConfig) -> Run:
     captions = data.train.captions + (classes.captions if classes else [])
     text_inputs = stage.text_inputs(cfg, engine, comp, captions)
 
-    unet, text_encoder = prepare(cfg, engine, comp, groups)
-    text = stage.text_context(text_inputs, comp, text_encoder)
+    unet, text_encoders = prepare(cfg, engine, comp, groups)
+    text_encoder = text_encoders[0]
+    text = stage.text_context(text_inputs, comp, text_encoders)
     objective = stage.objective(comp, diffusion, text, acc.gather)
     if objective.timesteps.checkpointed:  # its loss history decides the next timesteps: resume needs it
         engine.state_objects["timestep_importance"] = objective.timesteps
     validate = Validator(engine, stage, comp, objective, (acc.unwrap_model(unet), acc.unwrap_model(text_encoder)),
                          val, cfg.sample.prompts or sorted(set(data.train.captions))[:8])
     unet.train()
-    text_encoder.train(comp.train_text_encoder)
-    step = forward_backward(engine, objective, sources, unet, text_encoder, comp.train_text_encoder)
+    for encoder in text_encoders:
+        encoder.train(comp.train_text_encoder)
+    step = forward_backward(engine, objective, sources, unet, text_encoders, comp.train_text_encoder)
     return Run(engine=engine, stage=stage, comp=comp, data=data, sources=sources, step=step, validate=validate,
                unet=unet, text_encoder=text_encoder, latent_std=latent_std)
 
@@ -248,11 +250,12 @@ def mask_arrays(cfg: LDMConfig, engine, comp: Components, split: Split, cached: 
 
 def prepare(cfg: LDMConfig, engine, comp: Components, groups: list[dict]):
     """Gradient checkpointing and compilation, the optimizer, ``accelerator.prepare``, the engine's optimizer
-    settings and the EMA of what trains in the U-Net; returns the prepared U-Net and text encoder."""
-    tc, acc, unet, text_encoder = cfg.train, engine.accelerator, comp.unet, comp.text_encoder
+    settings and the EMA of what trains in the U-Net; returns the prepared U-Net and text encoders (the first
+    one's first)."""
+    tc, acc, unet, encoders = cfg.train, engine.accelerator, comp.unet, comp.text_encoders()
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if comp.train_text_encoder:  # transformers 5 renamed the method
+        for text_encoder in encoders if comp.train_text_encoder else []:  # transformers 5 renamed the method
             (getattr(text_encoder, "activation_checkpointing_enable", None)
              or text_encoder.gradient_checkpointing_enable)()
     how, channels_last = fast_path(tc, engine.device)
@@ -262,14 +265,15 @@ def prepare(cfg: LDMConfig, engine, comp: Components, groups: list[dict]):
         compile_model(unet, how)
     optimizer = make_optimizer(groups, tc, engine.device)
     if comp.train_text_encoder:
-        unet, text_encoder, optimizer = acc.prepare(unet, text_encoder, optimizer)
+        unet, *encoders, optimizer = acc.prepare(unet, *encoders, optimizer)
     else:  # a frozen encoder has no gradients for DDP to synchronise: it is only moved
         unet, optimizer = acc.prepare(unet, optimizer)
-        text_encoder.to(engine.device)
+        for text_encoder in encoders:
+            text_encoder.to(engine.device)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     engine.optimize_with(optimizer, trainable, tc.max_grad_norm, tc.lr_schedule, tc.warmup_steps)
     engine.track_ema([p for p in acc.unwrap_model(unet).parameters() if p.requires_grad], tc.ema_decay, tc.ema_warmup)
-    return unet, text_encoder
+    return unet, encoders
 
 
 def fast_path(tc, device: torch.device) -> tuple[str | None, bool]:
@@ -283,13 +287,14 @@ def fast_path(tc, device: torch.device) -> tuple[str | None, bool]:
 # One step
 # ----------------------------------------------------------------------------------------------
 
-def forward_backward(engine, objective, sources: list[BatchSource], unet, text_encoder, train_text_encoder: bool):
+def forward_backward(engine, objective, sources: list[BatchSource], unet, text_encoders: list,
+                     train_text_encoder: bool):
     """The step function: ``step(step, batch) -> {term: mean over the step}``. Gradients of every micro-batch
     add up (each loss divided by the number of micro-batches) and are all-reduced once, on the last."""
     acc = engine.accelerator
     accum = engine.cfg.train.gradient_accumulation_steps
     per_process = micro_batch_size(engine.cfg.train.batch_size, acc.num_processes, accum)
-    synced = [unet, text_encoder] if train_text_encoder else [unet]
+    synced = [unet, *text_encoders] if train_text_encoder else [unet]
 
     def step(step: int, batch: list[int]) -> dict:
         plans = [sources[0].plan(step, batch)] + [s.plan(step) for s in sources[1:]]

@@ -136,12 +136,10 @@ def test_resume_is_bitwise_identical(tmp_path, xl_dir, mixed_dir, extra):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("finetune.lora_text_encoder=true", "finetune.lora_text_encoder"),
     ("finetune.method=textual_inversion", "finetune.method"),
-    ("model.train_text_encoder=true", "model.train_text_encoder"),
-    ("data.cache_text=false", "data.cache_text"),
     ("data.mask_source=alpha", "data.mask_source"),
     ("stage=super_resolution", "stage"),
+    ("dreambooth.class_prompt=a dog", "dreambooth.instance_data"),
 ])
 def test_what_sdxl_does_not_train_yet_is_refused_by_name(tmp_path, xl_dir, override, key):
     cfg = _cfg(tmp_path, xl_dir, tmp_path / "no-data", override)
@@ -156,7 +154,7 @@ def test_dropped_captions_are_zeros_or_the_empty_caption():
              "empty": np.full((1, 4, 8), 0.5, np.float32), "empty_pooled": np.full((1, 2), 0.5, np.float32)}
     drop = torch.tensor([True, False])
     for zeros, value in ((True, 0.0), (False, 0.5)):
-        context, more = XLTextContext(XLTextInputs(torch.zeros(3, 2, 4), cache), [], zeros).encode(
+        context, more = XLTextContext(XLTextInputs(torch.zeros(3, 2, 4), torch.zeros(2, 4), cache), [], zeros).encode(
             torch.tensor([0, 2]), drop, "cpu")
         assert (context[0] == value).all() and (more["text_embeds"][0] == value).all()
         assert (context[1] == 1).all() and (more["text_embeds"][1] == 1).all()
@@ -231,3 +229,62 @@ def test_a_v_prediction_zero_snr_derivative_keeps_its_schedule(tmp_path, tiny_va
         draws.append(pipe("a red circle", num_inference_steps=3, guidance_scale=5.0, guidance_rescale=0.7,
                           generator=torch.Generator().manual_seed(0), output_type="np").images)
     assert np.abs(draws[0] - draws[1]).max() <= 2e-3
+
+
+def test_both_text_encoders_train_and_resume_exactly(tmp_path, xl_dir, mixed_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    from pipelines import LDMPipeline
+
+    args = ["model.train_text_encoder=true", "data.caption_dropout=0.5", "train.learning_rate=0.001",
+            "train.max_steps=4", "train.checkpoint_every=2", "data.random_flip=true"]
+    full = _cfg(tmp_path, xl_dir, mixed_dir, "name=full", *args)
+    train(full)
+    out = full.run_dir / "pipeline"
+    for part, name, changed in [("text_encoder", "model", True), ("text_encoder_2", "model", True),
+                                ("vae", "diffusion_pytorch_model", False), ("unet", "diffusion_pytorch_model", True)]:
+        a, b = load_file(xl_dir / part / f"{name}.safetensors"), load_file(out / part / f"{name}.safetensors")
+        assert any(not torch.equal(a[k], b[k]) for k in a) == changed, part
+    draws = []
+    for cls in (LDMPipeline, StableDiffusionXLPipeline):
+        pipe = cls.from_pretrained(out)
+        pipe.set_progress_bar_config(disable=True)
+        draws.append(pipe("a red circle", num_inference_steps=3, guidance_scale=5.0,
+                          generator=torch.Generator().manual_seed(0), output_type="np").images)
+    assert np.abs(draws[0] - draws[1]).max() <= 2e-3
+    resumed = _cfg(tmp_path, xl_dir, mixed_dir, "name=resumed", "train.resume=latest", *args)
+    (resumed.run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full.run_dir / "checkpoints" / "step-2", resumed.run_dir / "checkpoints" / "step-2")
+    train(resumed)
+    for part, name in [("unet", "diffusion_pytorch_model"), ("text_encoder", "model"), ("text_encoder_2", "model")]:
+        a, b = (load_file(c.run_dir / "pipeline" / part / f"{name}.safetensors") for c in (full, resumed))
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_lora_on_both_text_encoders_loads_in_diffusers_from_both_layouts(tmp_path, xl_dir, mixed_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    from ldm.methods.lora import KOHYA_FILE, LORA_FILE
+
+    cfg = _cfg(tmp_path, xl_dir, mixed_dir, "finetune.method=lora", "finetune.lora_text_encoder=true",
+               "finetune.lora_format=both", "finetune.lora_rank=4", "finetune.lora_alpha=8",
+               "train.learning_rate=0.01", "train.max_steps=3")
+    train(cfg)
+    folder = cfg.run_dir / "lora"
+    kohya = load_file(folder / KOHYA_FILE)
+    assert {k.split("_text_model")[0] for k in kohya if k.startswith("lora_te")} == {"lora_te1", "lora_te2"}
+    assert all(float(v) == 8.0 for k, v in kohya.items() if k.endswith(".alpha"))
+
+    def draw(name):
+        pipe = StableDiffusionXLPipeline.from_pretrained(xl_dir)
+        pipe.set_progress_bar_config(disable=True)
+        if name:
+            pipe.load_lora_weights(str(folder), weight_name=name)
+            for encoder in (pipe.text_encoder, pipe.text_encoder_2):
+                assert any("lora" in n for n, _ in encoder.named_parameters())
+        return pipe("a red circle", num_inference_steps=3, guidance_scale=5.0,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    want = draw(LORA_FILE)
+    assert np.abs(draw(KOHYA_FILE) - want).max() <= 2e-3
+    assert np.abs(draw(None) - want).max() > 1e-3
