@@ -97,19 +97,37 @@ def save_embeddings(folder: str | Path, placeholder: str, vectors: torch.Tensor)
     return paths
 
 
+SDXL_EMBEDDING_KEYS = ["clip_g", "clip_l"]  # an SDXL embedding as AUTOMATIC1111 and ComfyUI read it: one per encoder
+
+
 def load_embedding(pipe, path: str | Path) -> None:
     """Load a textual-inversion file into ``pipe`` (diffusers' ``load_textual_inversion``): diffusers' layout
     names its token; AUTOMATIC1111's ({"emb_params": ...}) is called by the name in its metadata, else by the
-    file's stem, as AUTOMATIC1111 calls it."""
+    file's stem, as AUTOMATIC1111 calls it. An SDXL embedding ({"clip_l": ..., "clip_g": ...}) goes into an SDXL
+    pipeline's two encoders under that name; one encoder's embedding does not fit an SDXL pipeline, nor the
+    reverse, and says so."""
     from safetensors import safe_open
 
     path = Path(path)
-    token = None
+    token, keys = None, []
     if path.suffix == ".safetensors":
         with safe_open(str(path), "pt") as f:
-            if list(f.keys()) == ["emb_params"]:
+            keys = sorted(f.keys())
+            if keys in (["emb_params"], SDXL_EMBEDDING_KEYS):
                 token = (f.metadata() or {}).get("name") or path.stem
-    pipe.load_textual_inversion(str(path), token=token)
+            vectors = {k: f.get_tensor(k) for k in keys} if keys == SDXL_EMBEDDING_KEYS else None
+    two_encoders = getattr(pipe, "text_encoder_2", None) is not None
+    if two_encoders != (keys == SDXL_EMBEDDING_KEYS):
+        raise ValueError(f"{path} holds {'an SDXL embedding (clip_l, clip_g)' if not two_encoders else 'one encoder'}"
+                         f"'s vectors, which {type(pipe).__name__} ({'two' if two_encoders else 'one'} text "
+                         f"encoder(s)) cannot take")
+    if not two_encoders:
+        pipe.load_textual_inversion(str(path), token=token)
+        return
+    pipe.load_textual_inversion(vectors["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(vectors["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
 
 
 class TextualInversion(Method):

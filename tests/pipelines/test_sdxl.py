@@ -267,3 +267,33 @@ def test_an_fp16_vae_that_asks_for_upcasting_decodes_in_fp32(xl_dir):
         images = pipe._decode(latents, "np")
     assert seen == [(torch.float32, torch.float32)] and pipe.vae.dtype == torch.float16  # given back
     assert np.isfinite(images).all()
+
+
+def test_an_sdxl_embedding_loads_into_both_encoders_as_in_diffusers(xl_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
+    from ldm.generate import main
+    from ldm.methods.textual_inversion import load_embedding
+
+    torch.manual_seed(0)
+    vectors = {"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 32)}  # two vectors per encoder
+    save_file(vectors, str(tmp_path / "shiny.safetensors"), metadata={"format": "pt"})
+    ours = _ours(xl_dir)
+    load_embedding(ours, tmp_path / "shiny.safetensors")  # called by the file's name, as AUTOMATIC1111 does
+    theirs = StableDiffusionXLPipeline.from_pretrained(xl_dir, local_files_only=True)
+    state = load_file(tmp_path / "shiny.safetensors")
+    theirs.load_textual_inversion(state["clip_l"], token="shiny", text_encoder=theirs.text_encoder,
+                                  tokenizer=theirs.tokenizer)
+    theirs.load_textual_inversion(state["clip_g"], token="shiny", text_encoder=theirs.text_encoder_2,
+                                  tokenizer=theirs.tokenizer_2)
+    theirs.set_progress_bar_config(disable=True)
+    prompt = ["a shiny circle", "a red circle"]
+    with_token = _draw(ours, prompt=prompt)
+    assert np.abs(with_token - _draw(theirs, prompt=prompt)).max() <= 2e-3
+    assert np.abs(with_token - _draw(_ours(xl_dir), prompt=prompt)).max() > 1e-3  # the vectors act
+    main(["--pipeline", str(xl_dir), "a shiny circle", "--steps", "2", "--embedding", str(tmp_path / "shiny.safetensors"),
+          "--out", str(tmp_path / "shiny.png")])
+    save_file({"emb_params": torch.randn(1, 32)}, str(tmp_path / "one.safetensors"))
+    with pytest.raises(ValueError, match="one encoder's vectors, which LDMXLPipeline"):
+        load_embedding(_ours(xl_dir), tmp_path / "one.safetensors")
