@@ -85,7 +85,12 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_freed_cpu_memory_is_reused_without_page_faults():
     """A training step's buffers, freed and allocated again the next step, cost a page fault per 4 KiB page by
     default (tens of thousands per step here); with `keep_freed_cpu_memory` the later steps fault (almost) nothing."""
-    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True,
-                                       check=True).stdout) for mode in ("default", "keep")}
+    def count(mode: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True,
+                                  check=True).stdout)
+
+    # the fewest of three runs: on a loaded machine a run now and then faults a few hundred pages more (640 once
+    # in a full suite, against 0-128 usually and ~27,000 without the setting)
+    faults = {"default": count("default"), "keep": min(count("keep") for _ in range(3))}
     assert faults["default"] > 5_000, faults
     assert faults["keep"] < 500, faults
