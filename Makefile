@@ -14,7 +14,7 @@ LAUNCH    := $(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo lora-demo ti-demo mask-demo cascade-demo variance-study app lint test test-slow vae clean
+.PHONY: install demo demo-xl lora-demo ti-demo mask-demo cascade-demo variance-study app lint test test-slow vae clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,16 @@ demo: $(STAMP)
 	$(LAUNCH) train_ldm.py --config configs/ldm/shapes.yaml name=demo train.score_num_images=0
 	$(BIN)/python -m ldm.evaluate --pipeline runs/demo/pipeline --dataset shapes --num-images 96 \
 		--guidance-scale 1.5 --out runs/demo
+
+# The same data on a small Stable Diffusion XL-architecture model (two text encoders, SDXL's size/crop conditions)
+# trained on random 32 px crops of the images resized to 40 px: runs/demo-xl/pipeline, scored like `make demo` at the
+# centred crop condition (4, 4) into runs/demo-xl/metrics.json, then the same prompts drawn under five crop
+# conditions into runs/demo-xl/crops/results.json and grid.png (demos/crop_demo.py).
+demo-xl: $(STAMP)
+	$(LAUNCH) train_ldm.py --config configs/ldm/shapes-xl.yaml name=demo-xl train.score_num_images=0
+	$(BIN)/python -m ldm.evaluate --pipeline runs/demo-xl/pipeline --dataset shapes --num-images 96 \
+		--guidance-scale 1.5 --crop 4 4 --out runs/demo-xl
+	$(BIN)/python -m demos.crop_demo --pipeline runs/demo-xl/pipeline --out runs/demo-xl/crops
 
 # Teach the demo's model a colour it never saw (orange) with LoRA from 32 images, then score base vs LoRA
 # into runs/lora-orange/metrics.json. Runs `make demo` first when its pipeline is missing.

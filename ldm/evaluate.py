@@ -50,6 +50,8 @@ def main(argv=None) -> None:
                         help="rescale guided outputs towards the conditional one's std (0 off; 0.7 in Lin et al.)")
     parser.add_argument("--scheduler", default="ddpm", choices=list(SAMPLERS))
     parser.add_argument("--seed-offset", type=int, default=100_000)
+    parser.add_argument("--crop", type=int, nargs=2, default=None, metavar=("TOP", "LEFT"),
+                        help="SDXL pipelines: the crop condition (crops_coords_top_left) to draw with (default 0 0)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     args = parser.parse_args(argv)
     with user_errors(args.debug):
@@ -61,7 +63,8 @@ def main(argv=None) -> None:
         result = evaluate(args.pipeline, args.dataset, num_images=args.num_images or 96, out=args.out,
                           num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                           scheduler=args.scheduler, seed_offset=args.seed_offset,
-                          guidance_rescale=args.guidance_rescale, variance=args.variance)
+                          guidance_rescale=args.guidance_rescale, variance=args.variance,
+                          conditions={"crops_coords_top_left": tuple(args.crop)} if args.crop else None)
         keys = [k for k in result if k.endswith("_accuracy")] + [
             "frechet_distance", "frechet_distance_floor", "diversity", "diversity_real", "num_images",
             "sampling_time_s"]

@@ -79,14 +79,14 @@ class PixelItems(torch.utils.data.Dataset):
     the flip, and the crop when ``random_crop``."""
 
     def __init__(self, split, resolution: int, image_column: str, center_crop: bool, random_crop: bool,
-                 background=(255, 255, 255)):
+                 background=(255, 255, 255), crop_scale: float = 1.0):
         self.split, self.column = split, image_column
-        self.transform = ImageTransform(resolution, center_crop, random_crop, background)
+        self.transform = ImageTransform(resolution, center_crop, random_crop, background, crop_scale)
 
     @classmethod
     def for_split(cls, split, d, random_crop: bool = False) -> PixelItems:
         """The items of ``split`` transformed as the config's ``data`` section ``d`` says."""
-        return cls(split, d.resolution, d.image_column, d.center_crop, random_crop, d.alpha_background)
+        return cls(split, d.resolution, d.image_column, d.center_crop, random_crop, d.alpha_background, d.crop_scale)
 
     def __len__(self) -> int:
         return len(self.split)

@@ -53,16 +53,20 @@ class ImageTransform:
     """Resize an image to cover a (height, width) target, crop it, maybe mirror it, map it to [-1, 1].
 
     Any image mode is read as `to_rgb` says (transparency over ``background``). The crop is random when
-    ``random_crop`` (it wins over ``center_crop``), centred when ``center_crop``, else the top-left corner. A random crop's offset comes from the ``rng`` passed to each call (the `random`
+    ``random_crop`` (it wins over ``center_crop``), centred when ``center_crop``, else the top-left corner; with
+    ``crop_scale`` > 1 the image is resized to cover that multiple of the target first, so every crop cuts. A random crop's offset comes from the ``rng`` passed to each call (the `random`
     module when None), so a seeded rng gives the same output; the caller decides the flip.
     """
 
     def __init__(self, resolution: int, center_crop: bool = True, random_crop: bool = False,
-                 background: Sequence[int] = (255, 255, 255)):
+                 background: Sequence[int] = (255, 255, 255), crop_scale: float = 1.0):
         if resolution <= 0:
             raise ValueError(f"resolution must be positive, got {resolution}")
+        if not crop_scale >= 1:
+            raise ValueError(f"crop_scale must be >= 1 (the resized image covers that multiple of the target), got "
+                             f"{crop_scale}")
         self.resolution, self.center_crop = resolution, center_crop
-        self.random_crop, self.background = random_crop, tuple(background)
+        self.random_crop, self.background, self.crop_scale = random_crop, tuple(background), crop_scale
 
     def __call__(self, image: Image.Image, size: tuple[int, int] | None = None, rng: random.Random | None = None,
                  flip: bool = False) -> torch.Tensor:
@@ -85,8 +89,8 @@ class ImageTransform:
         (left, top) in the resized image), the crop drawn from ``rng`` when random."""
         (w, h), (th, tw) = image_size, target
         resized = (w, h)
-        if (w, h) != (tw, th):
-            scale = max(tw / w, th / h)
+        if (w, h) != (tw, th) or self.crop_scale != 1:
+            scale = max(tw / w, th / h) * self.crop_scale
             resized = (max(tw, round(w * scale)), max(th, round(h * scale)))
         return resized, self._crop_offset(resized, target, rng if rng is not None else random)
 

@@ -44,11 +44,12 @@ class MaskItems(torch.utils.data.Dataset):
     for the same key: (1, H, W) float32 in [0, 1]."""
 
     def __init__(self, split, resolution: int, image_column: str, center_crop: bool, random_crop: bool,
-                 source: str, column: str = "mask"):
+                 source: str, column: str = "mask", crop_scale: float = 1.0):
         if source not in MASK_SOURCES[1:]:
             raise ValueError(f"data.mask_source={source!r} is not one of {list(MASK_SOURCES[1:])}")
         self.split, self.image_column, self.source, self.column = split, image_column, source, column
-        self.transform = ImageTransform(resolution, center_crop, random_crop, background=(0, 0, 0))
+        self.transform = ImageTransform(resolution, center_crop, random_crop, background=(0, 0, 0),
+                                        crop_scale=crop_scale)
         self.paths = None
         self.mask_ds = None
         if source == "column":

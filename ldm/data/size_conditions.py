@@ -28,7 +28,7 @@ class SizeConditions:
         the batches crop anew each step (as the pixels do)."""
         self.originals = [(h, w) for w, h in image_sizes(split.ds, d.image_column)]
         self.targets = split.sizes
-        self.transform = ImageTransform(d.resolution, d.center_crop, random_crop)
+        self.transform = ImageTransform(d.resolution, d.center_crop, random_crop, crop_scale=d.crop_scale)
 
     def time_ids(self, i: int, flip: bool = False, crop_seed: int = 0) -> list[int]:
         (h, w), (th, tw) = self.originals[i], self.targets[i]

@@ -127,7 +127,7 @@ def make_split(cfg, ds, source: str, bucketing: bool) -> Split:
         buckets, groups, sizes = [(d.resolution, d.resolution)], None, [(d.resolution, d.resolution)] * len(ds)
     fp = Fingerprint().value([source, len(ds), getattr(ds, "_fingerprint", None), d.image_column,
                               d.resolution, d.center_crop, bucketing, d.bucket_step, d.bucket_max_ratio,
-                              d.alpha_background])
+                              d.alpha_background] + ([d.crop_scale] if d.crop_scale != 1 else []))
     if Path(source).exists():
         fp.files(source)
     return Split(ds, captions, np.asarray(start), sizes, groups, buckets, fp.hexdigest())

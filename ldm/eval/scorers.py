@@ -89,11 +89,9 @@ def read_shape(image, with_new: bool = False) -> dict:
     arr = _as_uint8(image).astype(np.float32)  # (H, W, 3)
     res = arr.shape[0]
     bright = arr.max(axis=2)  # (H, W)
-    mask = bright > 100
-    labels, n = ndimage.label(mask)
-    if n == 0:
+    blob = _bright_blob(bright)
+    if blob is None:
         return {"colour": None, "shape": None, "position": None, "offset": 0.0, "elongation": 0.0}
-    blob = _largest(labels, mask, n)
     # The blob with its soft edge: one pixel at the 32 px the datasets are drawn at, and as wide in image terms at
     # any other size (a 128 px image read as its 32 px version is).
     peak = np.percentile(bright[blob], 90)
@@ -115,6 +113,25 @@ def read_shape(image, with_new: bool = False) -> dict:
     cx, cy = (xs.mean() + 0.5) / res, (ys.mean() + 0.5) / res
     position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
     return {"colour": colour, "shape": shape, "position": position, "offset": offset, "elongation": elongation}
+
+
+def blob_centroid(image) -> tuple[float, float] | None:
+    """(x, y) in pixels, from the top-left corner, of the centroid of the largest bright blob (as `read_shape`
+    finds it); None when nothing is drawn."""
+    blob = _bright_blob(_as_uint8(image).astype(np.float32).max(axis=2))
+    if blob is None:
+        return None
+    ys, xs = np.nonzero(blob)
+    return float(xs.mean() + 0.5), float(ys.mean() + 0.5)
+
+
+def _bright_blob(bright: np.ndarray) -> np.ndarray | None:
+    """The largest connected region brighter than 100 of 255 in a (H, W) brightness map; None when none is."""
+    from scipy import ndimage
+
+    mask = bright > 100
+    labels, n = ndimage.label(mask)
+    return _largest(labels, mask, n) if n else None
 
 
 def _largest(labels: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:

@@ -14,6 +14,7 @@ what accuracy cannot, both against real images of the same prompts (`ldm.eval.sc
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -82,10 +83,16 @@ def open_pipeline(pipeline, dataset: str, num_images: int):
 def evaluate(pipeline, dataset: str, num_images: int = 96, out: str | None = None,
              num_inference_steps: int = 50, guidance_scale: float = 3.0, scheduler: str = "ddpm",
              seed_offset: int = 100_000, batch_size: int = 48, guidance_rescale: float = 0.0,
-             variance: str | None = None) -> dict:
+             variance: str | None = None, conditions: dict | None = None) -> dict:
     """Sample and score (module docstring). ``pipeline``: a folder or an `LDMPipeline`; ``variance``: sample a
-    learned-variance model with its Σ ("learned", the default for ddpm) or a fixed one (`with_variance`)."""
+    learned-variance model with its Σ ("learned", the default for ddpm) or a fixed one (`with_variance`);
+    ``conditions``: a model family's own call arguments (SDXL's ``crops_coords_top_left``), checked against the
+    pipeline's."""
     pipe = open_pipeline(pipeline, dataset, num_images)
+    conditions = dict(conditions or {})
+    unknown = sorted(set(conditions) - set(inspect.signature(pipe.__call__).parameters))
+    if unknown:
+        raise ValueError(f"{type(pipe).__name__} takes no {unknown}: these conditions are for other model families")
     original = pipe.scheduler
     pipe.scheduler = with_variance(sampling_scheduler(original, scheduler), variance)
     base = eval_prompts(dataset)
@@ -93,7 +100,7 @@ def evaluate(pipeline, dataset: str, num_images: int = 96, out: str | None = Non
     t0 = time.time()
     prompts, images = generate_for_prompts(pipe, base, per_prompt, seed_offset, batch_size,
                                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                           guidance_rescale=guidance_rescale)
+                                           guidance_rescale=guidance_rescale, **conditions)
     pipe.scheduler = original
     result = {"dataset": dataset, "pipeline": str(pipeline) if isinstance(pipeline, (str, Path)) else None,
               **score(dataset, images, prompts),
@@ -101,6 +108,7 @@ def evaluate(pipeline, dataset: str, num_images: int = 96, out: str | None = Non
               "prompts": base, "images_per_prompt": per_prompt, "seeds": [seed_offset, seed_offset + len(prompts) - 1],
               "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
               "guidance_rescale": guidance_rescale, "scheduler": scheduler, "variance": variance,
+              **({"conditions": conditions} if conditions else {}),
               "sampling_time_s": round(time.time() - t0, 1)}
     if out:
         out_dir = Path(out)

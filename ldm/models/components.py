@@ -32,7 +32,8 @@ class Components:
     # The schedule the starting U-Net was trained with (DreamBooth's class images are drawn with it): the
     # pretrained folder's, which differs from `scheduler` after diffusion.pretrained_schedule=config.
     base_scheduler: DDPMScheduler | None = None
-    # A second text side (Stable Diffusion XL's): frozen, loaded from the pretrained folder.
+    # A second text side (Stable Diffusion XL's): from the pretrained folder (frozen unless the run trains the text
+    # encoders), or new (`TextToImage.new_text_side`).
     tokenizer_2: object = None  # CLIPTokenizer
     text_encoder_2: object = None  # CLIPTextModelWithProjection
     force_zeros: bool = False  # the folder's force_zeros_for_empty_prompt: zeros stand for the empty caption
@@ -75,15 +76,15 @@ def build_components(cfg, captions: list[str], accelerator=None, resume_from: Pa
         unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True)
         train_text_encoder = bool(cfg.model.train_text_encoder)  # frozen unless asked
     else:
-        second = {}
         scheduler = base_scheduler = make_noise_scheduler(cfg.diffusion, pixels=cfg.model.vae == PIXEL_SPACE)
         tc = cfg.model.text_encoder
         tokenizer = caption_tokenizer(cfg, captions, accelerator, resume_from)
         text_encoder = build_text_encoder(tokenizer, tc.hidden_size, tc.num_hidden_layers,
                                           tc.num_attention_heads, tc.intermediate_size)
+        second = stage.new_text_side(tokenizer) if stage is not None else {}
         vae = load_vae(cfg.model.vae)
-        unet = build_unet(cfg, vae, text_encoder.config.hidden_size,
-                          stage.unet_inputs(vae.config.latent_channels) if stage is not None else {})
+        width = text_encoder.config.hidden_size + (second["text_encoder_2"].config.hidden_size if second else 0)
+        unet = build_unet(cfg, vae, width, stage.unet_inputs(vae.config.latent_channels) if stage is not None else {})
         train_text_encoder = cfg.model.train_text_encoder is not False
     expected_out = vae.config.latent_channels * (2 if cfg.diffusion.learned_variance else 1)
     if unet.config.out_channels != expected_out:
@@ -170,7 +171,7 @@ def caption_tokenizer(cfg, captions: list[str], accelerator=None, resume_from: P
 
 
 def build_unet(cfg, vae, cross_attention_dim: int, inputs: dict) -> UNet2DConditionModel:
-    """A new U-Net sized by ``model.unet`` for the VAE's latents at ``data.resolution``; ``inputs`` overrides
+    """A new U-Net sized by ``model.unet`` for the VAE's latents at ``data.resolution``; ``inputs`` overrides or adds
     ``in_channels`` / ``num_class_embeds`` (a super-resolution stage's image channels and noise levels)."""
     u = cfg.model.unet
     f = vae_scale_factor(vae)

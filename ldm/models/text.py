@@ -68,7 +68,11 @@ def build_tokenizer(captions: Iterable[str], vocab_size: int = 1000, max_length:
 
 
 def build_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 64, num_hidden_layers: int = 2,
-                       num_attention_heads: int = 4, intermediate_size: int = 256) -> CLIPTextModel:
+                       num_attention_heads: int = 4, intermediate_size: int = 256, with_projection: bool = False):
+    """A new CLIP text encoder over ``tokenizer``'s vocabulary: `CLIPTextModel`, or with ``with_projection``
+    `CLIPTextModelWithProjection` (its pooled output projected to ``hidden_size``, as SDXL's second encoder)."""
+    from transformers import CLIPTextModelWithProjection
+
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
@@ -76,7 +80,7 @@ def build_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 64, num_hidd
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModel(config)
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
 
 
 def tokenize(tokenizer: CLIPTokenizer, captions: list[str]):

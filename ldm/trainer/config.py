@@ -17,6 +17,7 @@ from ldm.methods.lora import DTYPES, LORA_FORMATS
 from ldm.methods.registry import METHODS
 from ldm.trainer.optimizers import OPTIMIZERS
 from ldm.trainer.stages import STAGES, stage_class
+from pipelines.families import PIPELINES
 from pipelines.fast import COMPILE_MODES
 
 # The values a setting admits come from the registry that owns them.
@@ -35,6 +36,7 @@ MaskSource = typing.Literal[MASK_SOURCES]
 # Settings of the trainer's own.
 PretrainedSchedule = typing.Literal["keep", "config"]
 LatentPosterior = typing.Literal["sample", "mean"]
+ModelFamily = typing.Literal[tuple(PIPELINES)]
 
 
 @dataclass
@@ -49,6 +51,10 @@ class DataConfig:
     resolution: int = 32  # side of the square images, or the area (resolution^2) of the buckets
     center_crop: bool = True  # else top-left (or random with random_crop)
     random_crop: bool = False  # a new crop every step: latents cannot be cached then
+    # Zoom before the crop: images are resized to cover `crop_scale` times the target, so a crop cuts away up to
+    # (crop_scale - 1) of each side (with random_crop, a new window each step). SDXL records each crop in its
+    # time_ids; 1.0: resized just to cover.
+    crop_scale: float = 1.0
     random_flip: bool = False  # horizontal flip with p=0.5; both orientations are cached
     alpha_background: list[int] = field(default_factory=lambda: [255, 255, 255])  # RGB under transparent pixels
     # Images that cannot be decoded are skipped and listed in <run>/bad_images.jsonl; more than this fraction of
@@ -88,6 +94,9 @@ class UNetConfig:
     down_block_types: list[str] = field(default_factory=lambda: ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"])
     up_block_types: list[str] = field(default_factory=lambda: ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
     norm_num_groups: int = 32
+    # Stable Diffusion XL U-Nets (model.family=sdxl): width of each of the six size/crop conditions' sinusoidal
+    # embedding (SDXL: 256).
+    addition_time_embed_dim: int = 256
 
 
 @dataclass
@@ -105,6 +114,10 @@ class ModelConfig:
     # A Stable Diffusion 1.x/2.x diffusers folder or a pipeline folder of ours: VAE, tokenizer and
     # text encoder come from it and the text encoder is frozen. None trains from scratch.
     pretrained: str | None = None
+    # The family of a model built from scratch: "sd" (one text encoder) or "sdxl" (two, the second's pooled
+    # projection and SDXL's size/crop conditions added to the U-Net's time embedding). None: sd, or with
+    # `pretrained` that model's family (a different value is an error).
+    family: ModelFamily | None = None
     # "builtin" (shipped with the package), a diffusers AutoencoderKL folder, or "none": diffusion on pixels
     vae: str = "builtin"
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -316,6 +329,7 @@ def check_data(c: Checker) -> None:
     c.within("data.validation_fraction", 0, 1)
     c.at_least("data.validation_num_images", 1)
     c.at_least("data.max_train_samples", 1, optional=True)
+    c.at_least("data.crop_scale", 1)
     for key in ("data.dataset", "data.image_column", "data.caption_column", "data.cache_dir"):
         c.require(bool(c.get(key)), key, "must not be empty")
     if d.mask_source != "none":
@@ -332,6 +346,7 @@ def check_model(c: Checker) -> None:
     c.at_least("model.unet.layers_per_block", 1)
     c.at_least("model.unet.attention_head_dim", 1)
     c.at_least("model.unet.norm_num_groups", 1)
+    c.at_least("model.unet.addition_time_embed_dim", 2)
     c.require(all(ch % u.norm_num_groups == 0 for ch in u.block_out_channels), "model.unet.norm_num_groups",
               f"must divide every channel count {u.block_out_channels}")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):

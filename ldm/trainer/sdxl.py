@@ -5,7 +5,9 @@ both penultimate hidden states side by side; the pooled projection of the second
 frozen, run every step when they train; every batch carries SDXL's size/crop micro-conditions by name
 ("time_ids", `SizeConditions`), the objective hands the U-Net ``added_cond_kwargs``, a dropped caption is zeros when the model was trained that way
 (``force_zeros_for_empty_prompt``, as the pipeline's unconditional branch), and the pipeline is `LDMXLPipeline`.
-`ldm.trainer.stages` picks this stage when ``model.pretrained`` holds an SDXL folder.
+`ldm.trainer.stages` picks this stage when ``model.pretrained`` holds an SDXL folder, or for a new model with
+``model.family=sdxl`` (two encoders of ``model.text_encoder``'s size over the learned tokenizer, a ``text_time``
+U-Net).
 
 Supported here: the full fine-tune (the text encoders too with ``model.train_text_encoder``) and LoRA (on both
 text encoders too with ``finetune.lora_text_encoder``), on cached or per-step-cropped latents, with aspect
@@ -117,6 +119,26 @@ class XLTextToImage(TextToImage):
         db = cfg.dreambooth
         c.require(not (db.instance_data or db.class_prompt or db.class_prompts), "dreambooth.instance_data",
                   f"must be unset: DreamBooth {why}")
+
+    def new_text_side(self, tokenizer) -> dict:
+        """A new SDXL model's second tokenizer (the first's vocabulary) and encoder (``model.text_encoder``'s size,
+        its pooled output projected); dropped captions are zeros, as SDXL's were."""
+        import copy
+
+        from ldm.models.text import build_text_encoder
+
+        tc = self.cfg.model.text_encoder
+        encoder = build_text_encoder(tokenizer, tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads,
+                                     tc.intermediate_size, with_projection=True)
+        return {"tokenizer_2": copy.deepcopy(tokenizer), "text_encoder_2": encoder, "force_zeros": True}
+
+    def unet_inputs(self, latent_channels: int) -> dict:
+        """A new U-Net's SDXL inputs: the pooled text projection and six size/crop conditions, each embedded in
+        ``model.unet.addition_time_embed_dim`` sinusoids, added to the time embedding."""
+        width = self.cfg.model.unet.addition_time_embed_dim
+        return {**super().unet_inputs(latent_channels), "addition_embed_type": "text_time",
+                "addition_time_embed_dim": width,
+                "projection_class_embeddings_input_dim": self.cfg.model.text_encoder.hidden_size + 6 * width}
 
     def arrays(self, engine, split, flips: bool) -> dict:
         return {"time_ids": SizeConditions(split, self.cfg.data, random_crop=False)}

@@ -56,6 +56,11 @@ class TextToImage:
         """What a new U-Net takes besides the config's sizes: ``in_channels``, ``num_class_embeds``."""
         return {"in_channels": latent_channels, "num_class_embeds": None}
 
+    def new_text_side(self, tokenizer) -> dict:
+        """A new model's text side beyond ``tokenizer`` and its encoder (`ldm.models.components.Components`
+        fields); none here."""
+        return {}
+
     def check_unet(self, unet, vae, where: str) -> None:
         """Refuse a U-Net (new or pretrained, named by ``where``) the stage cannot train."""
 

@@ -242,7 +242,7 @@ def mask_arrays(cfg: LDMConfig, engine, comp: Components, split: Split, cached: 
 
     d = cfg.data
     masks = MaskItems(split, d.resolution, d.image_column, d.center_crop, d.random_crop and not cached,
-                      d.mask_source, d.mask_column)
+                      d.mask_source, d.mask_column, d.crop_scale)
     if not cached:
         return CutArrays(masks)
     return CachedArrays(mask_cache(masks, split, vae_scale_factor(comp.vae), cache_place(cfg, engine), d.random_flip))

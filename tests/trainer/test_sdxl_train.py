@@ -51,12 +51,12 @@ def _cfg(tmp_path, xl, data, *extra):
         "train.tensorboard=false", "train.batch_size=4", "data.validation_num_images=4", *extra])
 
 
-@pytest.mark.parametrize("random_crop", [False, True])
-def test_time_ids_describe_the_crop_the_pixels_get(tmp_path, xl_dir, mixed_dir, random_crop):
+@pytest.mark.parametrize("random_crop, crop_scale", [(False, 1.0), (True, 1.0), (True, 1.25), (False, 1.5)])
+def test_time_ids_describe_the_crop_the_pixels_get(tmp_path, xl_dir, mixed_dir, random_crop, crop_scale):
     from diffusers import StableDiffusionXLPipeline
 
     cfg = _cfg(tmp_path, xl_dir, mixed_dir, "data.bucketing=true", "data.bucket_step=8", "data.center_crop=false",
-               f"data.random_crop={str(random_crop).lower()}")
+               f"data.random_crop={str(random_crop).lower()}", f"data.crop_scale={crop_scale}")
     split = load_splits(cfg)[0]
     conditions = SizeConditions(split, cfg.data, random_crop)
     items = PixelItems.for_split(split, cfg.data, random_crop)
@@ -67,7 +67,7 @@ def test_time_ids_describe_the_crop_the_pixels_get(tmp_path, xl_dir, mixed_dir, 
             h, w, top, left, th, tw = conditions.time_ids(i, flip, seed)
             image = split.ds[i]["image"].convert("RGB")
             assert (h, w) == (image.height, image.width) and (th, tw) == split.sizes[i]
-            scale = max(tw / w, th / h)
+            scale = max(tw / w, th / h) * crop_scale
             resized = image.resize((max(tw, round(w * scale)), max(th, round(h * scale))), Image.Resampling.BICUBIC)
             if flip:  # the mirrored picture is the mirrored resize's crop at the condition's offset
                 resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
