@@ -2,8 +2,9 @@
 
     python -m ldm.export single-file --pipeline runs/demo/pipeline --out demo.safetensors [--dtype fp16]
 
-one ``.safetensors`` file in Stable Diffusion's original layout (AUTOMATIC1111, ComfyUI, diffusers'
-``from_single_file``), with ``demo.config/`` beside it (`pipelines.single_file`)."""
+one ``.safetensors`` file in Stable Diffusion's original layout, or Stable Diffusion XL's for an SDXL pipeline
+(AUTOMATIC1111, ComfyUI, diffusers' ``from_single_file``), with ``demo.config/`` beside it
+(`pipelines.single_file`)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ def load_for_export(folder: str | Path):
 
 def main(argv=None) -> None:
     """``python -m ldm.export single-file --pipeline runs/demo/pipeline --out demo.safetensors [--dtype fp16]``:
-    one .safetensors file in Stable Diffusion's original layout (AUTOMATIC1111, ComfyUI, diffusers'
-    ``from_single_file``), with ``demo.config/`` beside it (`pipelines.single_file`)."""
+    one .safetensors file in Stable Diffusion's (or SDXL's) original layout (AUTOMATIC1111, ComfyUI, diffusers'
+    ``from_single_file``), with ``demo.config/`` beside it (`pipelines.single_file`); prints how diffusers
+    loads it."""
     import argparse
     import logging
 
@@ -35,7 +37,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ldm.export",
                                      description="Export a pipeline folder in another format.")
     commands = parser.add_subparsers(dest="command", required=True)
-    single = commands.add_parser("single-file", help="one .safetensors file in Stable Diffusion's original layout")
+    single = commands.add_parser("single-file", help="one .safetensors file in Stable Diffusion's (or SDXL's) "
+                                                     "original layout")
     single.add_argument("--pipeline", required=True, help="a pipeline folder (runs/<name>/pipeline)")
     single.add_argument("--out", required=True, help="the file to write, ending in .safetensors")
     single.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"],
@@ -46,8 +49,10 @@ def main(argv=None) -> None:
         from pipelines.single_file import config_dir, to_single_file
 
         logging.basicConfig(level=logging.INFO)
-        out = to_single_file(load_for_export(args.pipeline), args.out, args.dtype)
-        print(f"wrote {out} and its config folder {config_dir(out)} (diffusers: StableDiffusionPipeline."
+        pipe = load_for_export(args.pipeline)
+        out = to_single_file(pipe, args.out, args.dtype)
+        loader = getattr(pipe, "saved_class_name", "StableDiffusionPipeline")
+        print(f"wrote {out} and its config folder {config_dir(out)} (diffusers: {loader}."
               f"from_single_file({str(out)!r}, config={str(config_dir(out))!r}, local_files_only=True))")
 
 

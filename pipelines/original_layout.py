@@ -1,22 +1,36 @@
 """Stable Diffusion's original single-file layout (CompVis' latent-diffusion names, as AUTOMATIC1111, ComfyUI and
-diffusers' ``from_single_file`` read them): the names of a pipeline's weights in it, writing a pipeline into one
-``.safetensors`` file, and reading the components back through diffusers' own single-file loader.
+diffusers' ``from_single_file`` read them), and Stable Diffusion XL's (Stability's generative-models, ``sgm``):
+the names of a pipeline's weights in it, writing a pipeline into one ``.safetensors`` file, and reading the
+components back through diffusers' own single-file loader.
 
-One file holds three models under three prefixes:
+A Stable Diffusion 1.x/2.x file holds three models under three prefixes:
 
 - ``model.diffusion_model.``: the U-Net as ``openaimodel.UNetModel`` names it. ``input_blocks.0.0`` is
   ``conv_in``; then per level, ``layers_per_block`` entries of [resnet, attention] and, below the last level, one
   entry holding the downsampler (``.0.op``); ``middle_block`` is [resnet, attention, resnet]; ``output_blocks``
   hold ``layers_per_block + 1`` entries per level of [resnet, attention, upsampler (``.conv``)];
   ``time_embed.{0,2}`` and ``out.{0,2}``. Resnets call their layers ``in_layers`` / ``emb_layers`` /
-  ``out_layers`` / ``skip_connection``; the spatial transformers keep diffusers' names.
+  ``out_layers`` / ``skip_connection``; the spatial transformers keep diffusers' names (any number of
+  ``transformer_blocks``).
 - ``first_stage_model.``: the VAE, ``encoder.down.N.block.M`` (``downsample``), ``mid.block_1`` / ``attn_1`` /
   ``block_2`` with its attention's q, k, v and proj_out as 1×1 convolutions, and ``decoder.up.N`` numbered from
   the highest resolution, the reverse of diffusers' order.
 - ``cond_stage_model.transformer.``: the CLIP text encoder with transformers' names (Stable Diffusion 1.x).
 
+A Stable Diffusion XL file holds the U-Net and the VAE under the same names (the U-Net's added text/time
+embedding as ``label_emb.0.0`` / ``label_emb.0.2``) and its two text encoders in generative-models' conditioner:
+
+- ``conditioner.embedders.0.transformer.``: CLIP ViT-L (``text_encoder``) with transformers' names;
+- ``conditioner.embedders.1.model.``: OpenCLIP bigG (``text_encoder_2``) with OpenCLIP's names:
+  ``token_embedding.weight``, ``positional_embedding``, ``transformer.resblocks.N.{ln_1, ln_2, attn.in_proj_weight,
+  attn.in_proj_bias, attn.out_proj, mlp.c_fc, mlp.c_proj}`` (``in_proj`` is q, k and v concatenated),
+  ``ln_final`` and ``text_projection``, a (width, projection) matrix used as ``x @ text_projection``: the
+  transpose of transformers' ``text_projection.weight``;
+- ``v_pred`` and ``ztsnr``: empty tensors, present when the scheduler predicts v / rescales to zero terminal
+  SNR (ComfyUI and Forge read the schedule from them).
+
 The file's metadata keeps, besides ``format``, every file of the pipeline's config folder (model_index.json, each
-model's config, the scheduler's, the tokenizer's files) under ``config/<path>``: a small learned tokenizer and
+model's config, the scheduler's, the tokenizers' files) under ``config/<path>``: a small learned tokenizer and
 an unusual architecture rebuild from the file alone.
 """
 
@@ -31,6 +45,9 @@ import torch
 from pipelines.files import atomic_save, atomic_save_dir
 
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+# Stable Diffusion XL's two text encoders (generative-models' conditioner): CLIP ViT-L with transformers' names,
+# OpenCLIP bigG with OpenCLIP's.
+XL_TEXT_PREFIX, XL_OPEN_CLIP_PREFIX = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 CONFIG_KEY = "config/"  # metadata entries holding the config folder's files
 CONFIG_SUFFIX = ".config"  # the folder written beside model.safetensors: model.config/
 
@@ -51,6 +68,16 @@ UNET_ADDED = {None: {}, "text_time": {"add_embedding.linear_1": "label_emb.0.0",
 UNET_PLAIN = {"class_embed_type": None, "encoder_hid_dim": None,
               "time_cond_proj_dim": None, "time_embedding_type": "positional", "dual_cross_attention": False,
               "attention_type": "default"}
+# transformers' CLIP text-encoder names -> OpenCLIP's: outside the layers, and inside layer N
+# (``transformer.resblocks.N``; q, k and v are one ``attn.in_proj_*``).
+OPEN_CLIP_NAMES = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                   "embeddings.position_embedding.weight": "positional_embedding",
+                   "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+OPEN_CLIP_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+# model_index.json entries of a Stable Diffusion pipeline's optional components (no safety checker)
+SD_INDEX_ENTRIES = {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "float32": torch.float32}
 
@@ -201,29 +228,97 @@ def _mapped(name: str, model, prefix: str, blocks: dict) -> dict[str, torch.Tens
     return out
 
 
-def layout_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
-    """The three models' weights under their original names (tensors shared with the models)."""
-    for name, model, want in (("unet", unet, "UNet2DConditionModel"), ("vae", vae, "AutoencoderKL"),
-                              ("text encoder", text_encoder, "CLIPTextModel")):
+def _clip_state(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel's weights under ``prefix`` with transformers' names (``text_model.`` included)."""
+    state = text_encoder.state_dict()
+    _check_plain("text encoder", text_encoder, state)
+    # transformers >= 5.6 dropped the `text_model.` level that the layout (and older versions) have
+    return {prefix + (key if key.startswith("text_model.") else "text_model." + key): value
+            for key, value in state.items()}
+
+
+def _open_clip_name(key: str) -> tuple[str, str | None]:
+    """(OpenCLIP's name, None) of a transformers CLIP text-encoder weight ``key``; for a q/k/v projection
+    (``transformer.resblocks.N.attn.in_proj_<param>``, its part "q", "k" or "v")."""
+    name = key.removeprefix("text_model.")
+    if name in OPEN_CLIP_NAMES:
+        return OPEN_CLIP_NAMES[name], None
+    parts = name.split(".")
+    layer, param = ".".join(parts[3:-1]), parts[-1]
+    if parts[:2] == ["encoder", "layers"] and len(parts) > 4 and param in ("weight", "bias"):
+        block = f"transformer.resblocks.{parts[2]}."
+        if layer in OPEN_CLIP_QKV:
+            return f"{block}attn.in_proj_{param}", layer.rsplit(".", 1)[-1][0]
+        if layer in OPEN_CLIP_LAYER:
+            return f"{block}{OPEN_CLIP_LAYER[layer]}.{param}", None
+    raise ValueError(f"the second text encoder's weight {key!r} has no place in OpenCLIP's layout")
+
+
+def open_clip_state(text_encoder_2) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection's weights under SDXL's ``conditioner.embedders.1.model.`` with OpenCLIP's
+    names: q, k and v concatenated into ``attn.in_proj_weight`` / ``in_proj_bias``, and ``text_projection`` a
+    (width, projection) matrix that OpenCLIP multiplies as ``x @ text_projection``, the transpose of
+    transformers' ``text_projection.weight`` (as diffusers' ``convert_open_clip_checkpoint`` reads it)."""
+    state = text_encoder_2.state_dict()
+    _check_plain("second text encoder", text_encoder_2, state)
+    out, qkv = {}, {}
+    for key, value in state.items():
+        if key == "text_projection.weight":
+            out["text_projection"] = value.t()
+            continue
+        name, part = _open_clip_name(key)
+        if part is None:
+            out[name] = value
+        else:
+            qkv.setdefault(name, {})[part] = value
+    for name, parts in qkv.items():  # (all three there: _check_plain compared the names with the config's)
+        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return {XL_OPEN_CLIP_PREFIX + name: value for name, value in out.items()}
+
+
+def _check_types(models: dict) -> None:
+    """Each of ``models`` ({name: (model, class name wanted)}) is of the class the layout holds."""
+    for name, (model, want) in models.items():
         if type(model).__name__ != want:
-            raise ValueError(f"the {name} is a {type(model).__name__}: Stable Diffusion 1.x's single-file layout "
-                             f"holds a {want}")
-    if unet.config.addition_embed_type is not None:
-        raise ValueError(f"the U-Net takes added conditions (addition_embed_type={unet.config.addition_embed_type!r}: "
-                         f"Stable Diffusion XL): the single-file writer holds Stable Diffusion 1.x/2.x models only; "
-                         f"save it as a pipeline folder")
+            raise ValueError(f"the {name} is a {type(model).__name__}: the single-file layout holds a {want} there")
+
+
+def layout_state_dict(unet, vae, text_encoder, text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """The models' weights under their original names (tensors shared with the models, but for SDXL's
+    concatenated q/k/v): Stable Diffusion 1.x/2.x's three models, or with ``text_encoder_2`` Stable Diffusion
+    XL's four (generative-models' layout: the text encoders under ``conditioner.embedders.{0,1}.``)."""
+    xl = text_encoder_2 is not None
+    _check_types({"unet": (unet, "UNet2DConditionModel"), "vae": (vae, "AutoencoderKL"),
+                  "text encoder": (text_encoder, "CLIPTextModel"),
+                  **({"second text encoder": (text_encoder_2, "CLIPTextModelWithProjection")} if xl else {})})
+    added = unet.config.addition_embed_type
+    if (added == "text_time") != xl:
+        raise ValueError(f"the U-Net has addition_embed_type={added!r} and the pipeline "
+                         f"{'has' if xl else 'has no'} second text encoder: the single-file layout holds Stable "
+                         f"Diffusion 1.x/2.x (none, one encoder) or XL ('text_time', two encoders)")
     state = _mapped("unet", unet, UNET_PREFIX, unet_blocks(unet.config))
     vae_state = _mapped("vae", vae, VAE_PREFIX, vae_blocks(vae.config))
     for key, value in vae_state.items():
         if ".mid.attn_1." in key and key.endswith(".weight") and value.ndim == 2:
             value = value[:, :, None, None]  # the original's attention projections are 1x1 convolutions
         state[key] = value
-    te_state = text_encoder.state_dict()
-    _check_plain("text encoder", text_encoder, te_state)
-    for key, value in te_state.items():
-        # transformers >= 5.6 dropped the `text_model.` level that the layout (and older versions) have
-        state[TEXT_PREFIX + (key if key.startswith("text_model.") else "text_model." + key)] = value
+    if not xl:
+        state.update(_clip_state(text_encoder, TEXT_PREFIX))
+        return state
+    state.update(_clip_state(text_encoder, XL_TEXT_PREFIX))
+    state.update(open_clip_state(text_encoder_2))
     return state
+
+
+def schedule_markers(scheduler_config) -> dict[str, torch.Tensor]:
+    """The empty marker tensors ComfyUI and Forge read from an SDXL file for its schedule: ``v_pred`` for a
+    v-prediction model, ``ztsnr`` for zero terminal SNR."""
+    markers = {}
+    if scheduler_config.get("prediction_type", "epsilon") == "v_prediction":
+        markers["v_pred"] = torch.tensor([])
+    if scheduler_config.get("rescale_betas_zero_snr", False):
+        markers["ztsnr"] = torch.tensor([])
+    return markers
 
 
 # ---- writing ------------------------------------------------------------------------------------------------
@@ -236,23 +331,25 @@ def config_dir(path: str | Path) -> Path:
 
 def write_configs(pipe, folder: Path) -> None:
     """The pipeline's folder without weights: what diffusers' ``from_single_file(file, config=folder)`` reads.
-    model_index.json names StableDiffusionPipeline (or the pipeline's ``saved_class_name``) without a safety
-    checker, as LDMPipeline.save_pretrained writes it."""
+    model_index.json names StableDiffusionPipeline (or the pipeline's ``saved_class_name``, e.g.
+    StableDiffusionXLPipeline) without a safety checker, as LDMPipeline.save_pretrained writes it."""
     import copy
 
     pipe.save_config(folder)
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text(encoding="utf-8"))
-    index.update(_class_name=getattr(pipe, "saved_class_name", "StableDiffusionPipeline"),
-                 safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    entries = pipe._index_entries() if hasattr(pipe, "_index_entries") else SD_INDEX_ENTRIES
+    index.update(_class_name=getattr(pipe, "saved_class_name", "StableDiffusionPipeline"), **entries)
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     pipe.unet.save_config(folder / "unet")
     pipe.vae.save_config(folder / "vae")
-    te_config = copy.deepcopy(pipe.text_encoder.config)
-    te_config.architectures = [type(pipe.text_encoder).__name__]
-    te_config.save_pretrained(folder / "text_encoder")
+    for suffix in ("", "_2") if getattr(pipe, "text_encoder_2", None) is not None else ("",):
+        encoder = getattr(pipe, "text_encoder" + suffix)
+        te_config = copy.deepcopy(encoder.config)
+        te_config.architectures = [type(encoder).__name__]
+        te_config.save_pretrained(folder / ("text_encoder" + suffix))
+        getattr(pipe, "tokenizer" + suffix).save_pretrained(folder / ("tokenizer" + suffix))
     pipe.scheduler.save_config(folder / "scheduler")
-    pipe.tokenizer.save_pretrained(folder / "tokenizer")
 
 
 def folder_metadata(folder: Path) -> dict[str, str]:
@@ -270,10 +367,12 @@ def resolve_dtype(dtype) -> torch.dtype | None:
 
 
 def to_single_file(pipe, out_path: str | Path, dtype=None) -> Path:
-    """Write ``pipe``'s U-Net, VAE and text encoder into one ``.safetensors`` file in the original layout, and
-    beside it ``<stem>.config/``, its config folder without weights; return the file's path. ``dtype`` (a
-    torch.dtype, "fp16", "bf16" or "fp32") converts the floating-point weights; None keeps theirs. Each is
-    written beside its target and moved in place complete: a failed write leaves the previous ones intact."""
+    """Write ``pipe``'s U-Net, VAE and text encoder into one ``.safetensors`` file in the original layout (for a
+    Stable Diffusion XL pipeline, its two text encoders in SDXL's layout and the ``v_pred`` / ``ztsnr`` markers
+    its schedule calls for), and beside it ``<stem>.config/``, its config folder without weights; return the
+    file's path. ``dtype`` (a torch.dtype, "fp16", "bf16" or "fp32") converts the floating-point weights; None
+    keeps theirs. Each is written beside its target and moved in place complete: a failed write leaves the
+    previous ones intact."""
     from safetensors.torch import save_file
 
     out_path, dtype = Path(out_path), resolve_dtype(dtype)
@@ -282,7 +381,13 @@ def to_single_file(pipe, out_path: str | Path, dtype=None) -> Path:
     if pipe.vae is None:
         raise ValueError("the pipeline has no VAE (vae=None: a pixel-space model): Stable Diffusion's single-file "
                          "layout holds latent diffusion models only; save it as a pipeline folder instead")
-    state = layout_state_dict(pipe.unet, pipe.vae, pipe.text_encoder)
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+    if text_encoder_2 is not None and pipe.text_encoder is None:
+        raise ValueError("the SDXL pipeline has no text_encoder (text_encoder=None): SDXL's single-file layout "
+                         "holds both text encoders")
+    state = layout_state_dict(pipe.unet, pipe.vae, pipe.text_encoder, text_encoder_2)
+    if text_encoder_2 is not None:
+        state.update(schedule_markers(pipe.scheduler.config))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}

@@ -119,9 +119,10 @@ def make_pipe(tokenizer_dir, **kwargs):
 
 
 def sdxl_folder(root: Path, vae_dir: Path, captions: list[str], prediction_type: str = "epsilon",
-                force_zeros_for_empty_prompt: bool = True, zero_snr: bool = False) -> Path:
+                force_zeros_for_empty_prompt: bool = True, zero_snr: bool = False, width_2: int = 32) -> Path:
     """A tiny Stable Diffusion XL folder, as diffusers' StableDiffusionXLPipeline saves it: two text encoders
-    (CLIP-L's kind, and bigG's kind with a projection), a U-Net with SDXL's added text/time conditions."""
+    (CLIP-L's kind, and bigG's kind with a projection, ``width_2`` wide), a U-Net with SDXL's added text/time
+    conditions."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModelWithProjection
 
@@ -133,11 +134,11 @@ def sdxl_folder(root: Path, vae_dir: Path, captions: list[str], prediction_type:
     common = dict(vocab_size=len(tok), max_position_embeddings=16, bos_token_id=tok.bos_token_id,
                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, num_attention_heads=2)
     te = CLIPTextModel(CLIPTextConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64, **common))
-    te_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+    te_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=width_2, num_hidden_layers=2, intermediate_size=64,
                                                       projection_dim=16, **common))
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 32],
                                 layers_per_block=1, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=64,
+                                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32 + width_2,
                                 attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
                                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16)
     sched = EulerDiscreteScheduler(num_train_timesteps=100, beta_schedule="scaled_linear", beta_start=0.00085,

@@ -232,14 +232,6 @@ def test_generate_command_draws_an_sdxl_folder(xl_dir, tmp_path):
     assert (tmp_path / "i2i.png").is_file() and (tmp_path / "inpaint.png").is_file()
 
 
-def test_single_file_export_of_sdxl_is_refused_by_name(xl_dir, tmp_path):
-    from pipelines import to_single_file
-
-    with pytest.raises(ValueError, match="Stable Diffusion XL.*pipeline folder"):
-        to_single_file(_ours(xl_dir), tmp_path / "xl.safetensors")
-    assert not (tmp_path / "xl.safetensors").exists()
-
-
 def test_the_original_layout_names_sdxl_unet_modules(xl_dir):
     from pipelines.original_layout import original_unet_module
 
