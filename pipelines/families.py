@@ -1,5 +1,6 @@
-"""Model families a pipeline folder can hold, recognised from the folder: Stable Diffusion 1.x/2.x ("sd": one
-text encoder) and Stable Diffusion XL ("sdxl": two text encoders, a U-Net with added text/time conditions)."""
+"""Model families a pipeline folder or a single file can hold, recognised from the folder's configs or the
+file's key names: Stable Diffusion 1.x/2.x ("sd": one text encoder) and Stable Diffusion XL ("sdxl": two text
+encoders, a U-Net with added text/time conditions)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,41 @@ PIPELINES = {
 }
 
 
-def family_of(folder) -> str | None:
-    """The family of a local diffusers pipeline folder, None for anything else (a hub id, a missing folder)."""
-    index_path = Path(folder) / "model_index.json"
+# Key prefixes of a single file in the original layout: Stable Diffusion's U-Net, and SDXL base's second
+# (OpenCLIP bigG) text encoder (as diffusers' single-file loader tells the families apart).
+SD_FILE_KEY, XL_FILE_KEY = "model.diffusion_model.", "conditioner.embedders.1.model."
+
+
+def family_of(path) -> str | None:
+    """The family of a local diffusers pipeline folder or single ``.safetensors`` file in the original layout,
+    None for anything else (a hub id, a missing path, a file of other weights)."""
+    path = Path(path)
+    if path.is_file():
+        return _file_family(path)
+    index_path = path / "model_index.json"
     if not index_path.is_file():
         return None
     index = json.loads(index_path.read_text(encoding="utf-8"))
-    unet_config = Path(folder) / "unet" / "config.json"
+    unet_config = path / "unet" / "config.json"
     text_time = unet_config.is_file() and \
         json.loads(unet_config.read_text(encoding="utf-8")).get("addition_embed_type") == "text_time"
     return "sdxl" if "text_encoder_2" in index or text_time else "sd"
+
+
+def _file_family(path: Path) -> str | None:
+    """"sdxl" for a file holding SDXL base's OpenCLIP text encoder, "sd" for another with a U-Net in the
+    original layout; None for a file that is not safetensors or holds neither."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    if any(k.startswith(XL_FILE_KEY) for k in keys):
+        return "sdxl"
+    if any(k.startswith(SD_FILE_KEY) for k in keys) and not any(k.startswith("conditioner.") for k in keys):
+        return "sd"  # (an SDXL refiner's conditioner holds one OpenCLIP encoder: no family here)
+    return None
 
 
 def pipeline_class(family: str, task: str = "text2image"):

@@ -180,13 +180,17 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
     @classmethod
     def from_single_file(cls, path, config=None, **kwargs):
         """A pipeline from one ``.safetensors`` file in Stable Diffusion's original layout (AUTOMATIC1111's, or
-        `pipelines.to_single_file`'s), read by diffusers' own converter. ``config``: a diffusers folder with the
-        architecture's configs (the ``<stem>.config`` folder written beside the file, or a Stable Diffusion 1.x
-        folder for a file made elsewhere); None reads the configs kept in the file's metadata, else that folder.
-        ``kwargs`` go to diffusers' ``from_single_file`` (e.g. ``torch_dtype``)."""
+        `pipelines.to_single_file`'s), read by diffusers' own converter; a Stable Diffusion XL file (SDXL's
+        layout) loads as `LDMXLPipeline`, as `from_pretrained` picks the family. ``config``: a diffusers folder
+        with the architecture's configs (the ``<stem>.config`` folder written beside the file, or a Stable
+        Diffusion 1.x / XL folder for a file made elsewhere); None reads the configs kept in the file's metadata,
+        else that folder. ``kwargs`` go to diffusers' ``from_single_file`` (e.g. ``torch_dtype``)."""
         from pipelines.original_layout import load_components
 
-        return cls(**load_components(path, config, **kwargs))
+        components = load_components(path, config, **kwargs)
+        family = "sdxl" if "text_encoder_2" in components else "sd"
+        target = cls if family == cls.family else cls._family_class(family, f"{path} holds")
+        return target(**components)
 
     # ---- speed ----------------------------------------------------------------------------------------
 

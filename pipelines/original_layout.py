@@ -430,7 +430,7 @@ def _scheduler(folder: Path):
     return cls.from_pretrained(folder, subfolder="scheduler")
 
 
-def _components_from(path: Path, folder: Path, **kwargs) -> dict:
+def _sd_components(path: Path, folder: Path, **kwargs) -> dict:
     from diffusers import StableDiffusionPipeline
 
     # diffusers' own converter reads the weights. Its StableDiffusionPipeline would rewrite some scheduler
@@ -442,11 +442,63 @@ def _components_from(path: Path, folder: Path, **kwargs) -> dict:
             "scheduler": _scheduler(folder)}
 
 
+def _same_text_widths(path: Path) -> bool:
+    """Whether SDXL's two text encoders in the file are equally wide (diffusers' pipeline loader then reads the
+    first one's weights into the second: it tells them apart by width)."""
+    from safetensors import safe_open
+
+    first, second = XL_TEXT_PREFIX + "text_model.embeddings.position_embedding.weight", \
+        XL_OPEN_CLIP_PREFIX + "positional_embedding"
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        return first in keys and second in keys and \
+            f.get_slice(first).get_shape()[-1] == f.get_slice(second).get_shape()[-1]
+
+
+def _open_clip_encoder(path: Path, folder: Path, torch_dtype=None):
+    """SDXL's second text encoder, read by diffusers' OpenCLIP converter from its own weights alone."""
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from safetensors import safe_open
+    from transformers import CLIPTextModelWithProjection
+
+    with safe_open(str(path), framework="pt") as f:
+        own = {k: f.get_tensor(k) for k in f.keys() if k.startswith(XL_OPEN_CLIP_PREFIX)}
+    return create_diffusers_clip_model_from_ldm(CLIPTextModelWithProjection, own, subfolder="text_encoder_2",
+                                                config=str(folder), torch_dtype=torch_dtype, local_files_only=True)
+
+
+def _xl_components(path: Path, folder: Path, **kwargs) -> dict:
+    from diffusers import StableDiffusionXLPipeline
+
+    extra = {}
+    if _same_text_widths(path):
+        extra["text_encoder_2"] = _open_clip_encoder(path, folder, kwargs.get("torch_dtype", kwargs.get("dtype")))
+    xl = StableDiffusionXLPipeline.from_single_file(str(path), config=str(folder), local_files_only=True,
+                                                    scheduler=None, **extra, **kwargs)
+    return {"vae": xl.vae, "text_encoder": xl.text_encoder, "text_encoder_2": xl.text_encoder_2,
+            "tokenizer": xl.tokenizer, "tokenizer_2": xl.tokenizer_2, "unet": xl.unet,
+            "scheduler": _scheduler(folder), "force_zeros_for_empty_prompt": xl.config.force_zeros_for_empty_prompt}
+
+
+def _components_from(path: Path, folder: Path, **kwargs) -> dict:
+    """The components of the file's family (read from its keys), configured by ``folder``."""
+    from pipelines.families import family_of
+
+    family = "sdxl" if family_of(path) == "sdxl" else "sd"
+    folder_family = family_of(folder)
+    if folder_family != family:
+        raise ValueError(f"{str(path)!r} holds a {family} model and its configs {str(folder)!r} a {folder_family} "
+                         f"one: pass config=<a diffusers folder of the file's architecture>")
+    return (_xl_components if family == "sdxl" else _sd_components)(path, folder, **kwargs)
+
+
 def load_components(path: str | Path, config: str | Path | None = None, **kwargs) -> dict:
     """The vae, text_encoder, tokenizer, unet and scheduler of a single file, read by diffusers'
-    ``StableDiffusionPipeline.from_single_file``. ``config`` is a diffusers folder holding the architecture's
-    configs (a ``<stem>.config`` folder, or a Stable Diffusion 1.x folder for a file made elsewhere); None uses
-    the configs kept in the file's metadata, else the ``<stem>.config`` folder beside it. ``kwargs`` go to
+    ``StableDiffusionPipeline.from_single_file``; for a Stable Diffusion XL file (told by its keys) by
+    ``StableDiffusionXLPipeline.from_single_file``, with text_encoder_2, tokenizer_2 and
+    force_zeros_for_empty_prompt too. ``config`` is a diffusers folder holding the architecture's configs (a
+    ``<stem>.config`` folder, or a Stable Diffusion 1.x / XL folder for a file made elsewhere); None uses the
+    configs kept in the file's metadata, else the ``<stem>.config`` folder beside it. ``kwargs`` go to
     diffusers' loader (e.g. torch_dtype)."""
     path = Path(path)
     if not path.is_file():
@@ -464,5 +516,5 @@ def load_components(path: str | Path, config: str | Path | None = None, **kwargs
         return _components_from(path, config_dir(path), **kwargs)
     raise ValueError(f"{str(path)!r} keeps no configs in its metadata and has no {config_dir(path).name} folder "
                      f"beside it: pass config=<a diffusers folder of the same architecture> (e.g. a Stable "
-                     f"Diffusion 1.5 folder; its weights are not read), or copy such a folder to "
+                     f"Diffusion 1.5 or XL base folder; its weights are not read), or copy such a folder to "
                      f"{str(config_dir(path))!r}")

@@ -1,14 +1,15 @@
 """Single-file checkpoints: a pipeline's U-Net, VAE and text encoder in one ``.safetensors`` file in Stable
-Diffusion's original layout (`pipelines.original_layout`), the layout AUTOMATIC1111, ComfyUI and diffusers'
-``from_single_file`` read.
+Diffusion's original layout, or a Stable Diffusion XL pipeline's U-Net, VAE and two text encoders in SDXL's
+(`pipelines.original_layout`): the layouts AUTOMATIC1111, ComfyUI and diffusers' ``from_single_file`` read.
 
     to_single_file(pipe, "model.safetensors", dtype="fp16")   # also writes model.config/ beside it
     pipe = from_single_file("model.safetensors")              # configs from the file's metadata
     pipe = from_single_file("sd15.safetensors", config="/models/stable-diffusion-v1-5")
+    pipe = from_single_file("sdxl.safetensors", config="/models/stable-diffusion-xl-base-1.0")  # an LDMXLPipeline
     materialize("model.safetensors", "pipeline")              # a diffusers folder, for code that reads folders
 
 diffusers reads our files too: ``StableDiffusionPipeline.from_single_file("model.safetensors",
-config="model.config", local_files_only=True)``.
+config="model.config", local_files_only=True)``, ``StableDiffusionXLPipeline`` for an SDXL file.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ __all__ = ["config_dir", "from_single_file", "materialize", "to_single_file"]
 
 
 def from_single_file(path: str | Path, config: str | Path | None = None, **kwargs) -> LDMPipeline:
-    """An LDMPipeline from a single file; ``config`` as in `LDMPipeline.from_single_file`."""
+    """An LDMPipeline (an LDMXLPipeline for an SDXL file) from a single file; ``config`` as in
+    `LDMPipeline.from_single_file`."""
     return LDMPipeline.from_single_file(path, config=config, **kwargs)
 
 

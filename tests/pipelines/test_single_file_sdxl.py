@@ -1,21 +1,24 @@
 """Single-file checkpoints of Stable Diffusion XL in SDXL's original (generative-models) layout, on tiny
 SDXL-architecture folders built in code: diffusers' own converter reads what we write back to the same weights and
-images, the keys are SDXL's (OpenCLIP names for the second text encoder, its projection transposed), and the
-schedule markers are there exactly when due."""
+images, our loader rebuilds an LDMXLPipeline from the file alone, the keys are SDXL's (OpenCLIP names for the
+second text encoder, its projection transposed), the schedule markers are there exactly when due, and training
+starts from the file."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import sdxl_folder
 
 from ldm.export import main as export_main
-from pipelines import LDMPipeline, to_single_file
+from pipelines import LDMPipeline, LDMXLPipeline, to_single_file
+from pipelines.families import family_of
 from pipelines.original_layout import XL_OPEN_CLIP_PREFIX, layout_state_dict
-from pipelines.single_file import config_dir
+from pipelines.single_file import config_dir, materialize
 
 CAPTIONS = ["a red circle at the top left", "a blue square at the center", "a green triangle"]
 PROMPT = CAPTIONS[0]
@@ -66,6 +69,31 @@ def test_diffusers_reads_the_file_to_the_same_weights_and_images(xl):
     assert diff <= 2e-3, diff
 
 
+def test_our_loader_rebuilds_the_sdxl_pipeline_from_the_file_alone(xl, tmp_path):
+    lone = tmp_path / "lone.safetensors"  # no config folder beside it: the metadata holds the configs
+    shutil.copy(xl["file"], lone)
+    assert family_of(lone) == "sdxl"
+    ours = LDMPipeline.from_pretrained(xl["folder"])
+    loaded = LDMPipeline.from_single_file(lone)
+    assert type(loaded) is LDMXLPipeline
+    assert_same_weights(ours, loaded)
+    assert dict(loaded.scheduler.config) == dict(ours.scheduler.config)
+    assert loaded.config.force_zeros_for_empty_prompt == ours.config.force_zeros_for_empty_prompt
+    for name in ("tokenizer", "tokenizer_2"):
+        assert getattr(loaded, name).get_vocab() == getattr(ours, name).get_vocab()
+    reference = draw(ours)
+    diff = np.abs(draw(loaded) - reference).max()
+    print(f"{xl['variant']}: LDMPipeline.from_single_file vs the folder, max abs diff {diff:.2e}")
+    assert diff <= 2e-3, diff
+    folder = materialize(lone, tmp_path / "materialized")
+    assert family_of(folder) == "sdxl"
+    assert np.abs(draw(LDMPipeline.from_pretrained(folder)) - reference).max() <= 2e-3
+    from ldm.generate import main
+
+    main(["--pipeline", str(lone), PROMPT, "--steps", "2", "--out", str(tmp_path / "x.png")])
+    assert (tmp_path / "x.png").is_file()
+
+
 def test_keys_are_sdxl_originals_with_the_schedule_markers_due(xl):
     with safe_open(str(xl["file"]), framework="pt") as f:
         keys = set(f.keys())
@@ -105,6 +133,17 @@ def test_the_second_encoder_is_in_openclip_form_as_diffusers_converts_it(xl):
         assert torch.equal(v, ours[k]), k
 
 
+def test_equal_encoder_widths_read_back_right(tmp_path, tiny_vae_dir):
+    """Both encoders 32 wide: diffusers' pipeline loader would read the first encoder's weights into the second
+    (it tells them apart by width); ours reads the second from its own OpenCLIP weights."""
+    folder = sdxl_folder(tmp_path / "pipeline", tiny_vae_dir, CAPTIONS)
+    ours = LDMPipeline.from_pretrained(folder)
+    file = to_single_file(ours, tmp_path / "xl.safetensors")
+    loaded = LDMPipeline.from_single_file(file)
+    assert_same_weights(ours, loaded)
+    assert np.abs(draw(loaded) - draw(ours)).max() <= 2e-3
+
+
 def test_fp16_export_and_the_cli(xl, tmp_path, capsys):
     out = tmp_path / "cli" / "xl16.safetensors"
     export_main(["single-file", "--pipeline", str(xl["folder"]), "--out", str(out), "--dtype", "fp16"])
@@ -118,10 +157,51 @@ def test_fp16_export_and_the_cli(xl, tmp_path, capsys):
     assert sorted(p.name for p in out.parent.iterdir()) == ["xl16.config", "xl16.safetensors"]
     from diffusers import StableDiffusionXLPipeline
 
-    loaded = StableDiffusionXLPipeline.from_single_file(str(out), config=str(config_dir(out)), local_files_only=True,
+    ours = LDMPipeline.from_pretrained(xl["folder"])
+    theirs = StableDiffusionXLPipeline.from_single_file(str(out), config=str(config_dir(out)), local_files_only=True,
                                                         torch_dtype=torch.float16)
-    assert loaded.unet.dtype == loaded.text_encoder_2.dtype == loaded.vae.dtype == torch.float16
-    assert_same_weights(LDMPipeline.from_pretrained(xl["folder"]), loaded, cast=torch.float16)
+    loaded = LDMPipeline.from_single_file(out, torch_dtype=torch.float16)
+    assert type(loaded) is LDMXLPipeline
+    for pipe in (theirs, loaded):
+        assert pipe.unet.dtype == pipe.text_encoder_2.dtype == pipe.vae.dtype == torch.float16
+        assert_same_weights(ours, pipe, cast=torch.float16)
+
+
+def test_a_file_from_elsewhere_reads_with_an_sdxl_folder_and_not_an_sd_one(xl, tmp_path, tiny_vae_dir):
+    from tiny_models import sd_folder
+
+    bare = tmp_path / "bare.safetensors"  # the weights without metadata, as files made elsewhere are
+    save_file(load_file(xl["file"]), bare)
+    assert family_of(bare) == "sdxl"
+    ours = LDMPipeline.from_pretrained(xl["folder"])
+    assert_same_weights(ours, LDMPipeline.from_single_file(bare, config=xl["folder"]))  # a full folder serves
+    with pytest.raises(ValueError, match="holds a sdxl model and its configs .* a sd one"):
+        LDMPipeline.from_single_file(bare, config=sd_folder(tmp_path / "sd", tiny_vae_dir, CAPTIONS))
+    with pytest.raises(ValueError, match="holds a sdxl model and SuperResolutionPipeline"):
+        from pipelines import SuperResolutionPipeline
+
+        SuperResolutionPipeline.from_single_file(bare, config=xl["folder"])
+
+
+def test_training_starts_from_an_sdxl_file(xl, tmp_path, tiny_cfg):
+    from ldm.diffusion.schedulers import load_noise_scheduler
+    from ldm.models.components import build_components
+    from ldm.trainer.sdxl import XLTextToImage
+    from ldm.trainer.stages import stage_class
+
+    lone = tmp_path / "base.safetensors"
+    shutil.copy(xl["file"], lone)  # the file alone
+    cfg = tiny_cfg(f"model.pretrained={lone}")
+    assert stage_class(cfg) is XLTextToImage
+    components = build_components(cfg, CAPTIONS)
+    base = LDMPipeline.from_pretrained(xl["folder"])
+    assert_same_weights(base, components)
+    assert components.force_zeros == base.config.force_zeros_for_empty_prompt
+    # the training schedule the folder gives (its prediction type and zero-SNR setting included)
+    assert dict(components.scheduler.config) == dict(load_noise_scheduler(xl["folder"] / "scheduler").config)
+    assert components.scheduler.config.prediction_type == VARIANTS[xl["variant"]][0]
+    made = list((tmp_path / "single-file").iterdir())
+    assert len(made) == 1 and made[0].name.startswith("base-")
 
 
 def test_sdxl_base_architecture_maps_to_its_original_names():
