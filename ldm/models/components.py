@@ -115,9 +115,9 @@ def second_text_side(root: Path) -> dict:
 
 def pretrained_folder(cfg, accelerator=None) -> Path | None:
     """The diffusers pipeline folder ``model.pretrained`` names (None when unset): the folder itself, or for a
-    single ``.safetensors`` file in Stable Diffusion's original layout (`pipelines.single_file`) a folder made
-    from it once, ``<data.cache_dir>/../single-file/<stem>-<hash of its path, size and time>``, and reused while
-    the file is unchanged. The file's configs come from its metadata or its ``<stem>.config`` folder. With an
+    single ``.safetensors`` file in Stable Diffusion's (or SDXL's) original layout (`pipelines.single_file`) a
+    folder made from it once, ``<data.cache_dir>/../single-file/<stem>-<hash of its path, size and time>``, and
+    reused while the file is unchanged. The file's configs come from its metadata or its ``<stem>.config`` folder. With an
     ``accelerator`` the main process makes the folder while the others wait."""
     if not cfg.model.pretrained:
         return None
