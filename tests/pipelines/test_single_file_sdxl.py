@@ -175,6 +175,9 @@ def test_a_file_from_elsewhere_reads_with_an_sdxl_folder_and_not_an_sd_one(xl, t
     assert family_of(bare) == "sdxl"
     ours = LDMPipeline.from_pretrained(xl["folder"])
     assert_same_weights(ours, LDMPipeline.from_single_file(bare, config=xl["folder"]))  # a full folder serves
+    from pipelines import LDMImg2ImgPipeline, LDMXLImg2ImgPipeline
+
+    assert type(LDMImg2ImgPipeline.from_single_file(bare, config=xl["folder"])) is LDMXLImg2ImgPipeline
     with pytest.raises(ValueError, match="holds a sdxl model and its configs .* a sd one"):
         LDMPipeline.from_single_file(bare, config=sd_folder(tmp_path / "sd", tiny_vae_dir, CAPTIONS))
     with pytest.raises(ValueError, match="holds a sdxl model and SuperResolutionPipeline"):
