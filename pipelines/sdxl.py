@@ -38,6 +38,24 @@ def time_ids(original_size, crops_coords_top_left, target_size) -> list[int]:
     return values
 
 
+def encode_token_ids(encoders, ids, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning of token ids, one (b, L) tensor per text encoder in order: (context (b, L, D1 + D2):
+    every encoder's penultimate hidden states side by side, pooled (b, P): the last encoder's projected output,
+    bigG's ``text_embeds``). The pipeline and the trainer both encode through it (the trainer's encoders may be
+    wrapped for DDP, so the pooled output is found by what the last one returns, not by its class)."""
+    if len(ids) != len(encoders):
+        raise ValueError(f"got {len(ids)} token-id tensors for {len(encoders)} text encoders: give one per encoder")
+    states = []
+    for encoder, tokens in zip(encoders, ids):
+        out = encoder(tokens.to(device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])  # (b, L, D_k)
+    pooled = getattr(out, "text_embeds", None)
+    if pooled is None:
+        raise ValueError(f"the last text encoder ({type(out).__name__} output) has no text_embeds: SDXL's pooled "
+                         f"text comes from a CLIPTextModelWithProjection")
+    return torch.cat(states, dim=-1), pooled
+
+
 def is_sdxl_unet(unet_config) -> bool:
     """Whether a U-Net takes SDXL's added conditions (pooled text and size/crop ids)."""
     return getattr(unet_config, "addition_embed_type", None) == "text_time"
@@ -95,20 +113,17 @@ class LDMXLPipeline(StableDiffusionXLLoraLoaderMixin, LDMPipeline):
             for _, encoder in encoders:
                 scale_lora_layers(encoder, lora_scale)
         try:
-            states, pooled = [], None
-            for tokenizer, encoder in encoders:
+            ids = []
+            for tokenizer, _ in encoders:
                 converted = self.maybe_convert_prompt(texts, tokenizer)  # multi-vector textual-inversion tokens
-                ids = tokenizer(converted, padding="max_length", max_length=tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids.to(device)
-                out = encoder(ids, output_hidden_states=True)
-                if isinstance(encoder, CLIPTextModelWithProjection):
-                    pooled = out.text_embeds
-                states.append(out.hidden_states[-2])
+                ids.append(tokenizer(converted, padding="max_length", max_length=tokenizer.model_max_length,
+                                     truncation=True, return_tensors="pt").input_ids)
+            context, pooled = encode_token_ids([e for _, e in encoders], ids, device)
         finally:
             if lora_scale is not None:
                 for _, encoder in encoders:
                     unscale_lora_layers(encoder, lora_scale)
-        return torch.cat(states, dim=-1).repeat_interleave(n, dim=0), pooled.repeat_interleave(n, dim=0)
+        return context.repeat_interleave(n, dim=0), pooled.repeat_interleave(n, dim=0)
 
     def _context(self, s: Sampling, device) -> Conditioning:
         lora_scale = (s.cross_attention_kwargs or {}).get("scale")

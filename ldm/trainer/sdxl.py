@@ -28,16 +28,7 @@ from ldm.methods.registry import METHODS
 from ldm.models.text import tokenize
 from ldm.trainer.objective import LatentDiffusionObjective, ObjectiveInputs
 from ldm.trainer.stage import TextToImage
-
-
-def encode_xl(encoders, ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(context (b, L, D1 + D2), pooled (b, P)) of token ids (b, 2, L) of both tokenizers, as `LDMXLPipeline`
-    encodes prompts."""
-    states = []
-    for k, encoder in enumerate(encoders):
-        out = encoder(ids[:, k].to(device), output_hidden_states=True)
-        states.append(out.hidden_states[-2])
-    return torch.cat(states, dim=-1), out.text_embeds
+from pipelines.sdxl import LDMXLPipeline, encode_token_ids
 
 
 @dataclass
@@ -71,7 +62,7 @@ class XLTextContext:
         ids = self.inputs.input_ids[captions]
         if not self.force_zeros:
             ids[drop] = self.inputs.empty_ids
-        context, pooled = encode_xl(self.encoders, ids, device)
+        context, pooled = encode_token_ids(self.encoders, ids.unbind(1), device)
         if self.force_zeros:
             keep = (~drop).to(device)
             context, pooled = context * keep[:, None, None], pooled * keep[:, None]
@@ -79,7 +70,7 @@ class XLTextContext:
 
     @torch.no_grad()
     def validation_context(self, text_encoder, ids: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
-        context, pooled = encode_xl(self.validation_encoders, ids, device)
+        context, pooled = encode_token_ids(self.validation_encoders, ids.unbind(1), device)
         return context, {"text_embeds": pooled}
 
 
@@ -172,9 +163,9 @@ class XLTextToImage(TextToImage):
             if rank != 0:
                 return
             for s in range(0, len(ids), 256):
-                context, pool = encode_xl(encoders, ids[s:s + 256], engine.device)
+                context, pool = encode_token_ids(encoders, ids[s:s + 256].unbind(1), engine.device)
                 arrays["embeds"][s:s + 256], arrays["pooled"][s:s + 256] = context.float().cpu(), pool.float().cpu()
-            context, pool = encode_xl(encoders, empty, engine.device)
+            context, pool = encode_token_ids(encoders, empty.unbind(1), engine.device)
             arrays["empty"][0:1], arrays["empty_pooled"][0:1] = context.float().cpu(), pool.float().cpu()
 
         cache, _ = build_or_open(cfg.data.cache_dir, key, engine.accelerator, "text-embedding cache", shapes, fill,
@@ -190,8 +181,6 @@ class XLTextToImage(TextToImage):
                            cfg.dreambooth.prior_loss_weight, gather=gather, mask_floor=cfg.data.mask_floor)
 
     def pipeline(self, comp, unet, text_encoder, scheduler):
-        from pipelines.sdxl import LDMXLPipeline
-
         return LDMXLPipeline(vae=comp.vae, text_encoder=text_encoder, text_encoder_2=comp.text_encoder_2,
                              tokenizer=comp.tokenizer, tokenizer_2=comp.tokenizer_2, unet=unet, scheduler=scheduler,
                              force_zeros_for_empty_prompt=comp.force_zeros)

@@ -289,3 +289,14 @@ def test_an_sdxl_embedding_loads_into_both_encoders_as_in_diffusers(xl_dir, tmp_
     save_file({"emb_params": torch.randn(1, 32)}, str(tmp_path / "one.safetensors"))
     with pytest.raises(ValueError, match="one encoder's vectors, which LDMXLPipeline"):
         load_embedding(_ours(xl_dir), tmp_path / "one.safetensors")
+
+
+def test_token_ids_encode_with_one_tensor_per_encoder_and_a_projection_last(xl_dir):
+    from pipelines.sdxl import encode_token_ids
+
+    pipe = _ours(xl_dir)
+    ids = pipe.tokenizer([PROMPT], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    with pytest.raises(ValueError, match="got 1 token-id tensors for 2 text encoders"):
+        encode_token_ids([pipe.text_encoder, pipe.text_encoder_2], [ids], "cpu")
+    with pytest.raises(ValueError, match="last text encoder .* has no text_embeds"):
+        encode_token_ids([pipe.text_encoder_2, pipe.text_encoder], [ids, ids], "cpu")

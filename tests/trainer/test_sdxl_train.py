@@ -160,6 +160,30 @@ def test_dropped_captions_are_zeros_or_the_empty_caption():
         assert (context[1] == 1).all() and (more["text_embeds"][1] == 1).all()
 
 
+def test_training_encodes_captions_as_diffusers_encode_prompt(xl_dir):
+    """The trainer's text context (encoders every step, or the cache's fill, and validation's) is diffusers'."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from ldm.models.components import second_text_side
+    from ldm.trainer.sdxl import XLTextContext, XLTextInputs, XLTextToImage
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(xl_dir, local_files_only=True)
+    comp = type("Comp", (), {"tokenizer": pipe.tokenizer, **second_text_side(Path(xl_dir))})
+    captions = ["a red circle", "a blue square at the top left"]
+    ids = XLTextToImage.tokenize(None, comp, captions)
+    assert ids.shape == (2, 2, 16)
+    encoders = [pipe.text_encoder, comp.text_encoder_2]
+    text = XLTextContext(XLTextInputs(ids, ids[0], None), encoders, force_zeros=False)
+    with torch.no_grad():
+        context, more = text.encode(torch.tensor([1, 0]), torch.zeros(2, dtype=torch.bool), "cpu")
+        valid, valid_more = text.validation_context(None, ids, "cpu")
+        want, _, pooled, _ = pipe.encode_prompt(captions[::-1], device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(context, want, rtol=0, atol=0)
+    torch.testing.assert_close(more["text_embeds"], pooled, rtol=0, atol=0)
+    torch.testing.assert_close(valid, want.flip(0), rtol=0, atol=0)
+    torch.testing.assert_close(valid_more["text_embeds"], pooled.flip(0), rtol=0, atol=0)
+
+
 def test_the_sdxl_preset_runs_at_tiny_sizes(tmp_path, xl_dir, mixed_dir):
     text = (ROOT / "configs/ldm/sdxl-finetune-1024.yaml").read_text()
     assert text.startswith("#") and "Sized for" in text
