@@ -31,7 +31,7 @@ from ldm.diffusion.schedulers import SAMPLERS, VARIANCES, sampling_scheduler, wi
 from ldm.engine.errors import user_errors
 from ldm.engine.records import make_grid
 from ldm.methods.lora import lora_file
-from ldm.methods.textual_inversion import EMBEDS_FILE, load_embedding
+from ldm.methods.textual_inversion import EMBEDS_FILE, embedding_file, load_embedding
 from pipelines import CascadePipeline
 from pipelines.files import atomic_save
 
@@ -67,10 +67,10 @@ def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm
     for embedding in embeddings:
         path = Path(embedding)
         if path.is_dir():  # a run's textual_inversion/ folder
-            path = path / EMBEDS_FILE
+            path = embedding_file(path)
         if not path.is_file():
             raise FileNotFoundError(f"--embedding {embedding!r} is neither a textual_inversion folder holding "
-                                    f"{EMBEDS_FILE} nor a file")
+                                    f"{EMBEDS_FILE} (or an SDXL embedding) nor a file")
         load_embedding(pipe, path)
     pipe = cascade or pipe
     if torch.cuda.is_available():

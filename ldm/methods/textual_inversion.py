@@ -4,11 +4,15 @@ The placeholder token (and, for ``num_vectors`` > 1, ``<token>_1`` … ``<token>
 multi-vector embeddings) is added to the tokenizer; its rows of the text encoder's embedding table start
 from the initializer token's and are the only weights that change: the gradients of every other row are
 masked to zero and the group has no weight decay, so AdamW leaves them bit for bit. A caption that names the
-placeholder is expanded to all its vectors, as diffusers' pipelines expand prompts.
+placeholder is expanded to all its vectors, as diffusers' pipelines expand prompts. A model with two text
+encoders (Stable Diffusion XL) learns the word in both: the token goes into both tokenizers and each encoder
+trains its own rows.
 
 The export is ``learned_embeds.safetensors`` ({placeholder: (n, D)}, diffusers' layout, which
 ``load_textual_inversion`` and ``LDMPipeline`` load) and ``<name>.safetensors`` ({"emb_params": (n, D)},
-AUTOMATIC1111's layout: the prompt names it by the file's stem).
+AUTOMATIC1111's layout: the prompt names it by the file's stem). For two encoders it is ``<name>.safetensors``
+holding {"clip_l": (n, D1), "clip_g": (n, D2)}, the first and second encoder's rows: the SDXL embedding
+AUTOMATIC1111 and ComfyUI read, and `load_embedding` (diffusers: one ``load_textual_inversion`` per encoder).
 """
 
 from __future__ import annotations
@@ -100,6 +104,32 @@ def save_embeddings(folder: str | Path, placeholder: str, vectors: torch.Tensor)
 SDXL_EMBEDDING_KEYS = ["clip_g", "clip_l"]  # an SDXL embedding as AUTOMATIC1111 and ComfyUI read it: one per encoder
 
 
+def save_sdxl_embedding(folder: str | Path, placeholder: str, vectors: list[torch.Tensor]) -> Path:
+    """Write an SDXL embedding, the first encoder's (CLIP-L's) rows as ``clip_l`` and the second's (bigG's) as
+    ``clip_g``, into ``folder/<name>.safetensors``; return its path."""
+    from safetensors.torch import save_file
+
+    if len(vectors) != 2:
+        raise ValueError(f"an SDXL embedding holds two encoders' vectors (clip_l, clip_g), got {len(vectors)}")
+    path = Path(folder) / f"{a1111_name(placeholder)}.safetensors"
+    save_file({"clip_l": vectors[0].contiguous(), "clip_g": vectors[1].contiguous()}, str(path),
+              metadata={"format": "pt", "name": placeholder})
+    return path
+
+
+def embedding_file(folder: str | Path) -> Path:
+    """The embedding file of a run's ``textual_inversion`` folder: diffusers' layout if there, else the folder's one
+    ``.safetensors`` file (an SDXL embedding)."""
+    folder = Path(folder)
+    if (folder / EMBEDS_FILE).is_file():
+        return folder / EMBEDS_FILE
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"{str(folder)!r} holds neither {EMBEDS_FILE} nor exactly one .safetensors "
+                                f"embedding (found {[f.name for f in files]})")
+    return files[0]
+
+
 def load_embedding(pipe, path: str | Path) -> None:
     """Load a textual-inversion file into ``pipe`` (diffusers' ``load_textual_inversion``): diffusers' layout
     names its token; AUTOMATIC1111's ({"emb_params": ...}) is called by the name in its metadata, else by the
@@ -131,8 +161,10 @@ def load_embedding(pipe, path: str | Path) -> None:
 
 
 class TextualInversion(Method):
-    """A new word's embedding vectors train, and nothing else. Exports them in diffusers' and AUTOMATIC1111's
-    layouts (``<run>/textual_inversion``)."""
+    """A new word's embedding vectors train, in every text encoder of the model, and nothing else. Exports them in
+    diffusers' and AUTOMATIC1111's layouts, or as one SDXL embedding for two encoders (``<run>/textual_inversion``)."""
+
+    families = ("sd", "sdxl")
 
     def check(self, c: Checker) -> None:
         cfg = c.cfg
@@ -155,13 +187,19 @@ class TextualInversion(Method):
         check_captions(captions, cfg.finetune.placeholder_token)
 
     def trainable(self, cfg, comp) -> list[dict]:
-        comp.train_text_encoder = True  # its embedding table trains: encoded every step, synchronised under DDP
+        comp.train_text_encoder = True  # the embedding tables train: encoded every step, synchronised under DDP
         comp.unet.requires_grad_(False)
-        return [{"params": add_placeholder(comp.tokenizer, comp.text_encoder, cfg.finetune),
-                 "lr": cfg.train.learning_rate, "weight_decay": 0.0}]  # decay would move the frozen rows
+        tables = [table for tokenizer, encoder in comp.text_sides()
+                  for table in add_placeholder(tokenizer, encoder, cfg.finetune)]
+        return [{"params": tables, "lr": cfg.train.learning_rate,
+                 "weight_decay": 0.0}]  # decay would move the frozen rows
 
     def export(self, job: ExportJob) -> dict[str, Path]:
         fc, folder = job.cfg.finetune, job.run_dir / "textual_inversion"
-        vectors = learned_embeddings(job.text_encoder, job.comp.tokenizer, fc)
-        atomic_save_dir(lambda d: save_embeddings(d, fc.placeholder_token, vectors), folder)
-        return {"textual_inversion": folder / EMBEDS_FILE}
+        sides = [(job.comp.tokenizer, job.text_encoder)] + job.comp.text_sides()[1:]
+        vectors = [learned_embeddings(encoder, tokenizer, fc) for tokenizer, encoder in sides]
+        if len(vectors) == 1:
+            atomic_save_dir(lambda d: save_embeddings(d, fc.placeholder_token, vectors[0]), folder)
+            return {"textual_inversion": folder / EMBEDS_FILE}
+        atomic_save_dir(lambda d: save_sdxl_embedding(d, fc.placeholder_token, vectors), folder)
+        return {"textual_inversion": folder / f"{a1111_name(fc.placeholder_token)}.safetensors"}

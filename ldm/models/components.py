@@ -45,6 +45,10 @@ class Components:
         """The text encoders, the first one's first."""
         return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
 
+    def text_sides(self) -> list[tuple]:
+        """(tokenizer, text encoder) of each text side, the first one's first."""
+        return list(zip([self.tokenizer, self.tokenizer_2], self.text_encoders()))
+
 
 def build_components(cfg, captions: list[str], accelerator=None, resume_from: Path | None = None,
                      stage=None) -> Components:

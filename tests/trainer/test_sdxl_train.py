@@ -136,7 +136,6 @@ def test_resume_is_bitwise_identical(tmp_path, xl_dir, mixed_dir, extra):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("finetune.method=textual_inversion", "finetune.method"),
     ("data.mask_source=alpha", "data.mask_source"),
     ("stage=super_resolution", "stage"),
     ("dreambooth.class_prompt=a dog", "dreambooth.instance_data"),
@@ -312,3 +311,81 @@ def test_lora_on_both_text_encoders_loads_in_diffusers_from_both_layouts(tmp_pat
     want = draw(LORA_FILE)
     assert np.abs(draw(KOHYA_FILE) - want).max() <= 2e-3
     assert np.abs(draw(None) - want).max() > 1e-3
+
+
+TOKEN = "<zap>"
+
+
+@pytest.fixture(scope="module")
+def zap_dir(tmp_path_factory, mixed_dir):
+    """The mixed images with red called "<zap>" in their captions."""
+    root = tmp_path_factory.mktemp("zap")
+    shutil.copytree(mixed_dir, root, dirs_exist_ok=True)
+    meta = root / "metadata.jsonl"
+    meta.write_text(meta.read_text().replace("a red ", f"a {TOKEN} "))
+    return root
+
+
+def _embedding_rows(state: dict) -> torch.Tensor:
+    return next(v for k, v in state.items() if k.endswith("token_embedding.weight"))
+
+
+def test_textual_inversion_trains_both_encoders_rows_and_loads_in_diffusers(tmp_path, xl_dir, zap_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    from ldm.methods.textual_inversion import load_embedding
+    from pipelines import LDMPipeline
+
+    args = ["finetune.method=textual_inversion", f"finetune.placeholder_token={TOKEN}", "finetune.num_vectors=2",
+            "finetune.initializer_token=blue", "train.learning_rate=0.05", "train.max_steps=4",
+            "train.checkpoint_every=2", f"sample.prompts=['a {TOKEN} circle']"]
+    full = _cfg(tmp_path, xl_dir, zap_dir, "name=full", *args)
+    train(full)
+    file = full.run_dir / "textual_inversion" / "zap.safetensors"
+    vectors = load_file(file)
+    assert sorted(vectors) == ["clip_g", "clip_l"] and [v.shape for v in vectors.values()] == [(2, 32), (2, 32)]
+    # the checkpoint: the U-Net and every old row of both tables are the pretrained ones; the new rows trained
+    ckpt = full.run_dir / "checkpoints" / "step-4"
+    unet = load_file(ckpt / "model.safetensors")
+    pre = load_file(xl_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert unet.keys() == pre.keys() and all(torch.equal(unet[k], pre[k]) for k in pre)
+    base = LDMPipeline.from_pretrained(xl_dir)
+    for k, (key, part, tokenizer) in enumerate([("clip_l", "text_encoder", base.tokenizer),
+                                                ("clip_g", "text_encoder_2", base.tokenizer_2)]):
+        trained, pretrained = load_file(ckpt / f"model_{k + 1}.safetensors"), load_file(xl_dir / part / "model.safetensors")
+        rows, old = _embedding_rows(trained), _embedding_rows(pretrained)
+        n = len(old)
+        assert rows.shape == (n + 2, 32) and torch.equal(rows[:n], old), part
+        assert all(torch.equal(trained[name], pretrained[name]) for name in pretrained
+                   if not name.endswith("token_embedding.weight")), part
+        blue = old[tokenizer.convert_tokens_to_ids("blue</w>")]
+        assert (rows[n:] - blue).abs().amax(1).min() > 1e-3, part  # both vectors moved off the initializer
+        torch.testing.assert_close(rows[n:], vectors[key], rtol=0, atol=0)
+    # diffusers' two load_textual_inversion calls and ours draw the same, and the word acts
+    theirs = StableDiffusionXLPipeline.from_pretrained(xl_dir)
+    theirs.load_textual_inversion(vectors["clip_l"], token=TOKEN, text_encoder=theirs.text_encoder,
+                                  tokenizer=theirs.tokenizer)
+    theirs.load_textual_inversion(vectors["clip_g"], token=TOKEN, text_encoder=theirs.text_encoder_2,
+                                  tokenizer=theirs.tokenizer_2)
+    load_embedding(base, file)
+
+    def draw(pipe, prompt=f"a {TOKEN} circle"):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(prompt, num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    ours = draw(base)
+    assert np.abs(draw(theirs) - ours).max() <= 2e-3
+    assert np.abs(draw(base, "a blue circle") - ours).max() > 1e-3
+    from ldm.generate import load_pipeline  # the command line takes the run's folder
+
+    cli = load_pipeline(str(xl_dir), embeddings=[str(file.parent)])
+    cli.scheduler = base.scheduler
+    assert np.abs(draw(cli) - ours).max() <= 1e-5
+    # resumed from step 2: the same vectors bit for bit
+    resumed = _cfg(tmp_path, xl_dir, zap_dir, "name=resumed", "train.resume=latest", *args)
+    (resumed.run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full.run_dir / "checkpoints" / "step-2", resumed.run_dir / "checkpoints" / "step-2")
+    train(resumed)
+    again = load_file(resumed.run_dir / "textual_inversion" / "zap.safetensors")
+    assert all(torch.equal(again[k], vectors[k]) for k in vectors)
