@@ -107,9 +107,6 @@ class XLTextToImage(TextToImage):
                   f"must be one of {[n for n, m in METHODS.items() if 'sdxl' in m.families]}: {cfg.finetune.method} "
                   f"{why}")
         c.require(cfg.data.mask_source == "none", "data.mask_source", f"must be none: the masked loss {why}")
-        db = cfg.dreambooth
-        c.require(not (db.instance_data or db.class_prompt or db.class_prompts), "dreambooth.instance_data",
-                  f"must be unset: DreamBooth {why}")
 
     def new_text_side(self, tokenizer) -> dict:
         """A new SDXL model's second tokenizer (the first's vocabulary) and encoder (``model.text_encoder``'s size,

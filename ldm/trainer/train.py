@@ -181,7 +181,9 @@ def draw_class_images(cfg: LDMConfig, stage: TextToImage, comp: Components, engi
     db, device = cfg.dreambooth, engine.device
 
     def base_pipeline():
-        return stage.pipeline(comp, comp.unet.to(device).eval(), comp.text_encoder.to(device).eval(),
+        for encoder in comp.text_encoders():  # every text side the stage's pipeline encodes with
+            encoder.to(device).eval()
+        return stage.pipeline(comp, comp.unet.to(device).eval(), comp.text_encoder,
                               sampling_scheduler(comp.base_scheduler, "ddpm"))
 
     prompts = db.class_prompts or [db.class_prompt]

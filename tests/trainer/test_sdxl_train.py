@@ -138,7 +138,6 @@ def test_resume_is_bitwise_identical(tmp_path, xl_dir, mixed_dir, extra):
 @pytest.mark.parametrize("override, key", [
     ("data.mask_source=alpha", "data.mask_source"),
     ("stage=super_resolution", "stage"),
-    ("dreambooth.class_prompt=a dog", "dreambooth.instance_data"),
 ])
 def test_what_sdxl_does_not_train_yet_is_refused_by_name(tmp_path, xl_dir, override, key):
     cfg = _cfg(tmp_path, xl_dir, tmp_path / "no-data", override)
@@ -352,7 +351,8 @@ def test_textual_inversion_trains_both_encoders_rows_and_loads_in_diffusers(tmp_
     base = LDMPipeline.from_pretrained(xl_dir)
     for k, (key, part, tokenizer) in enumerate([("clip_l", "text_encoder", base.tokenizer),
                                                 ("clip_g", "text_encoder_2", base.tokenizer_2)]):
-        trained, pretrained = load_file(ckpt / f"model_{k + 1}.safetensors"), load_file(xl_dir / part / "model.safetensors")
+        trained = load_file(ckpt / f"model_{k + 1}.safetensors")
+        pretrained = load_file(xl_dir / part / "model.safetensors")
         rows, old = _embedding_rows(trained), _embedding_rows(pretrained)
         n = len(old)
         assert rows.shape == (n + 2, 32) and torch.equal(rows[:n], old), part
@@ -389,3 +389,98 @@ def test_textual_inversion_trains_both_encoders_rows_and_loads_in_diffusers(tmp_
     train(resumed)
     again = load_file(resumed.run_dir / "textual_inversion" / "zap.safetensors")
     assert all(torch.equal(again[k], vectors[k]) for k in vectors)
+
+
+def test_dreambooth_draws_class_images_with_the_sdxl_pipeline_and_adds_the_prior_loss(tmp_path, xl_dir, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    import ldm.methods.dreambooth as dreambooth
+    from ldm.engine.records import read_metrics
+    from pipelines import LDMXLPipeline
+
+    subject = tmp_path / "subject"
+    subject.mkdir()
+    for i in range(4):  # 40 wide, 48 high: their size conditions differ from the drawn class images' (32 x 32)
+        arr = np.full((48, 40, 3), 90, np.uint8)
+        arr[8 + i:20 + i, 10:22] = 255
+        Image.fromarray(arr).save(subject / f"{i}.png")
+    pipelines = []
+    real_ensure = dreambooth.ensure_class_images
+
+    def recording(factory, *args, **kwargs):
+        return real_ensure(lambda: pipelines.append(factory()) or pipelines[-1], *args, **kwargs)
+
+    monkeypatch.setattr(dreambooth, "ensure_class_images", recording)
+    seen = []
+    real_forward = UNet2DConditionModel.forward
+
+    def spy(self, sample, timestep, *args, added_cond_kwargs=None, **kwargs):
+        if torch.is_grad_enabled():
+            seen.append({k: v.detach().clone() for k, v in added_cond_kwargs.items()})
+        return real_forward(self, sample, timestep, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    cfg = _cfg(tmp_path, xl_dir, tmp_path / "unused", f"dreambooth.instance_data={subject}",
+               "dreambooth.instance_prompt=a photo of sks blob", "dreambooth.class_prompt=a red circle",
+               f"dreambooth.class_data={tmp_path / 'cls'}", "dreambooth.num_class_images=4",
+               "dreambooth.class_inference_steps=2", "dreambooth.prior_loss_weight=0.5", "train.batch_size=2",
+               "data.caption_dropout=0.0", "train.max_steps=3", "train.log_every=1", "train.learning_rate=0.001")
+    train(cfg)
+    assert len(pipelines) == 1 and type(pipelines[0]) is LDMXLPipeline
+    meta = [json.loads(line) for line in (tmp_path / "cls" / "metadata.jsonl").read_text().splitlines()]
+    assert len(meta) == 4 and {m["text"] for m in meta} == {"a red circle"}
+    assert all(Image.open(tmp_path / "cls" / m["file_name"]).size == (32, 32) for m in meta)
+    # every training forward: 2 subject rows, then 2 class rows, each with its prompt's pooled text and its
+    # images' size conditions (the subject's 48 x 40 files, the class images' 32 x 32)
+    assert len(seen) == 3
+    for added in seen:
+        pooled, ids = added["text_embeds"], added["time_ids"]
+        assert pooled.shape == (4, 16) and ids.shape == (4, 6)
+        assert torch.equal(pooled[0], pooled[1]) and torch.equal(pooled[2], pooled[3])
+        assert not torch.equal(pooled[0], pooled[2])
+        assert ids[:2, :2].tolist() == [[48, 40]] * 2 and ids[2:, :2].tolist() == [[32, 32]] * 2
+        assert ids[:, 4:].tolist() == [[32, 32]] * 4
+    rows = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "epoch" in r]
+    assert rows and all(np.isfinite(r["prior_loss"]) and r["prior_loss"] > 0 for r in rows)
+    assert (cfg.run_dir / "pipeline" / "text_encoder_2" / "model.safetensors").is_file()
+
+
+def test_the_prior_loss_adds_the_class_part_at_its_weight_under_sdxl_conditions():
+    """XLObjective: the loss is the subject part's mean plus prior_loss_weight times the class part's."""
+    from ldm.data.batches import Plan
+    from ldm.diffusion.gaussian import GaussianDiffusion, make_betas
+    from ldm.trainer.config import DiffusionConfig
+    from ldm.trainer.sdxl import XLObjective
+
+    class VAEConfig:
+        scaling_factor, shift_factor, latent_channels, block_out_channels = 1.0, None, 4, [8, 16, 16]
+
+    class Text:
+        @staticmethod
+        def encode(captions, drop, device):
+            return captions.float()[:, None, None].expand(-1, 1, 2), {"text_embeds": captions.float()[:, None]}
+
+    seen = []
+
+    def unet(x, t, encoder_hidden_states, added_cond_kwargs):
+        seen.append(added_cond_kwargs)
+        scale = 1 + added_cond_kwargs["time_ids"][:, :1, None, None] / 100 + encoder_hidden_states[:, :1, :1, None]
+        return type("Out", (), {"sample": x * scale})
+
+    objective = XLObjective(GaussianDiffusion(make_betas("linear", 100)), DiffusionConfig(), 0.0, Text(),
+                            type("VAE", (), {"config": VAEConfig()})(), prior_loss_weight=0.5)
+    parts = []
+    for k, seed in enumerate((3, 4)):
+        plan = Plan(list(range(2)), (32, 32), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.bool),
+                    torch.zeros(2, dtype=torch.long), draws_seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        batch = {"mean": torch.randn(2, 4, 8, 8, generator=g), "std": torch.zeros(2, 4, 8, 8),
+                 "captions": torch.tensor([k, k]), "time_ids": torch.full((2, 6), 10.0 * (k + 1))}
+        parts.append((batch, objective.draw(plan), slice(0, 2)))
+    terms, loss = objective(unet, parts, "cpu")
+    assert seen[0]["time_ids"][:, 0].tolist() == [10, 10, 20, 20]  # the class part's conditions follow the subject's
+    assert seen[0]["text_embeds"].flatten().tolist() == [0, 0, 1, 1]
+    alone, _ = objective(unet, parts[:1], "cpu")
+    torch.testing.assert_close(terms["loss"], alone["loss"])
+    torch.testing.assert_close(loss, terms["loss"].mean() + 0.5 * terms["prior_loss"].mean())
+    assert terms["prior_loss"].shape == (2,) and terms["prior_loss"].mean() > 0
