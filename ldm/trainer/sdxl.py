@@ -101,12 +101,10 @@ class XLTextToImage(TextToImage):
     def check(cls, c: Checker) -> None:
         cfg = c.cfg
         super().check(c)
-        why = "is not supported for Stable Diffusion XL yet (the full fine-tune and LoRA are)"
         c.require(cfg.stage == "base", "stage", "must be base: super-resolution stages of SDXL are not supported")
         c.require("sdxl" in METHODS[cfg.finetune.method].families, "finetune.method",
                   f"must be one of {[n for n, m in METHODS.items() if 'sdxl' in m.families]}: {cfg.finetune.method} "
-                  f"{why}")
-        c.require(cfg.data.mask_source == "none", "data.mask_source", f"must be none: the masked loss {why}")
+                  f"does not train Stable Diffusion XL")
 
     def new_text_side(self, tokenizer) -> dict:
         """A new SDXL model's second tokenizer (the first's vocabulary) and encoder (``model.text_encoder``'s size,

@@ -136,7 +136,6 @@ def test_resume_is_bitwise_identical(tmp_path, xl_dir, mixed_dir, extra):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("data.mask_source=alpha", "data.mask_source"),
     ("stage=super_resolution", "stage"),
 ])
 def test_what_sdxl_does_not_train_yet_is_refused_by_name(tmp_path, xl_dir, override, key):
@@ -484,3 +483,102 @@ def test_the_prior_loss_adds_the_class_part_at_its_weight_under_sdxl_conditions(
     torch.testing.assert_close(terms["loss"], alone["loss"])
     torch.testing.assert_close(loss, terms["loss"].mean() + 0.5 * terms["prior_loss"].mean())
     assert terms["prior_loss"].shape == (2,) and terms["prior_loss"].mean() > 0
+
+
+@pytest.fixture(scope="module")
+def masked_dir(tmp_path_factory):
+    """Images of several sizes (blocks on black), each with a <name>_mask.png equal to its red channel."""
+    from ldm.data.masks import mask_path
+
+    root = tmp_path_factory.mktemp("masked")
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(16):
+        w, h = SIZES[i % len(SIZES)]
+        arr = np.zeros((h, w, 3), np.uint8)
+        for _ in range(3):
+            y, x = rng.integers(0, h - 8), rng.integers(0, w - 8)
+            arr[y:y + 8, x:x + 8] = rng.integers(30, 255, 3)
+        Image.fromarray(arr).save(root / f"{i:03d}.png")
+        Image.fromarray(arr[..., 0]).save(mask_path(root / f"{i:03d}.png"))
+        rows.append({"file_name": f"{i:03d}.png", "text": ["a red circle", "a blue square"][i % 2]})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.mark.parametrize("extra", [["data.bucketing=true", "data.random_flip=true"],
+                                   ["data.random_crop=true", "data.center_crop=false", "data.random_flip=true"]],
+                         ids=["cached-buckets-flips", "random-crops"])
+def test_masks_follow_sdxl_batches_and_a_masked_run_trains(tmp_path, xl_dir, masked_dir, extra):
+    from ldm.data.masks import MaskItems
+    from ldm.trainer.train import build_run
+
+    cfg = _cfg(tmp_path, xl_dir, masked_dir, "data.mask_source=file", "data.bucket_step=8", "train.max_steps=2",
+               *extra)
+    source = build_run(cfg).sources[0]
+    d = cfg.data
+    masks = MaskItems(source.split, d.resolution, d.image_column, d.center_crop, d.random_crop, "file")
+    for step in range(3):
+        plan = source.plan(step)
+        batch = source.load(plan, slice(0, 4))
+        assert batch["time_ids"].shape == (4, 6) and batch["time_ids"][:, 4:].tolist() == [list(plan.size)] * 4
+        keys = list(zip(plan.items[:4], plan.flips[:4].tolist(), plan.crop_seeds[:4].tolist()))
+        if "pixels" in batch:  # cut this step: the mask is the red channel of the very pixels
+            assert batch["mask"].shape == (4, 1, *plan.size)
+            torch.testing.assert_close(batch["mask"][:, 0] * 2 - 1, batch["pixels"][:, 0], atol=1.5 / 255, rtol=0)
+        else:  # cached at latent size (factor 4), mirrored with its latents
+            assert batch["mask"].shape == (4, 1, plan.size[0] // 4, plan.size[1] // 4)
+            for k, (i, flip, _) in enumerate(keys):
+                expected = torch.nn.functional.avg_pool2d(masks[(i, flip, 0)][None], 4)[0]
+                torch.testing.assert_close(batch["mask"][k], expected, atol=1e-6, rtol=0)
+    result = train(_cfg(tmp_path, xl_dir, masked_dir, "data.mask_source=file", "data.bucket_step=8",
+                        "train.max_steps=2", "name=masked", *extra))
+    assert np.isfinite(result["final_loss"])
+
+
+def test_masked_out_latents_do_not_reach_the_gradients_under_sdxl_conditions():
+    """XLObjective with a per-pixel denoiser that reads the pooled text and the size conditions: whatever the
+    latents in the masked-out half, the gradients are the same."""
+    from ldm.data.batches import Plan
+    from ldm.diffusion.gaussian import GaussianDiffusion, make_betas
+    from ldm.trainer.config import DiffusionConfig
+    from ldm.trainer.sdxl import XLObjective
+
+    class VAEConfig:
+        scaling_factor, shift_factor, latent_channels, block_out_channels = 1.0, None, 4, [8, 16, 16]
+
+    class Text:
+        @staticmethod
+        def encode(captions, drop, device):
+            return torch.zeros(len(captions), 1, 1), {"text_embeds": captions.float()[:, None] + 1}
+
+    class Pointwise(XLObjective):
+        def network(self, unet, inputs):
+            pooled, sizes = inputs.conditions["text_embeds"], inputs.conditions["time_ids"]
+            scale = pooled[:, :, None, None] * (1 + sizes[:, :1, None, None] / 64)  # (b, 1, 1, 1): per row
+            return lambda x, t: unet(x * scale)
+
+    g = torch.Generator().manual_seed(1)
+    mean = torch.randn(4, 4, 8, 8, generator=g)
+    other = mean.clone()
+    other[..., :4] = 5 * torch.randn(4, 4, 8, 4, generator=g)
+    half = torch.ones(4, 1, 8, 8)
+    half[..., :4] = 0
+
+    def grads(latents, mask):
+        torch.manual_seed(0)
+        net = torch.nn.Conv2d(4, 4, 1)
+        objective = Pointwise(GaussianDiffusion(make_betas("linear", 100)), DiffusionConfig(), 0.0, Text(),
+                              type("VAE", (), {"config": VAEConfig()})())
+        plan = Plan(list(range(4)), (32, 32), torch.arange(4), torch.zeros(4, dtype=torch.bool),
+                    torch.zeros(4, dtype=torch.long), draws_seed=5)
+        batch = {"mean": latents, "std": torch.full_like(latents, 0.1), "captions": torch.arange(4),
+                 "time_ids": torch.tensor([[32.0, 48, 0, 8, 32, 32]] * 4) * torch.arange(1, 5)[:, None]}
+        if mask is not None:
+            batch["mask"] = mask
+        _, loss = objective(net, [(batch, objective.draw(plan), slice(0, 4))], "cpu")
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    torch.testing.assert_close(grads(other, half), grads(mean, half), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(grads(other, None), grads(mean, None), atol=1e-4)  # unmasked, the half counts
