@@ -133,7 +133,7 @@ class LatentDiffusionObjective:
     def inputs(self, batch: dict, draws: dict, sl: slice, device) -> ObjectiveInputs:
         """The inputs of the slice ``sl`` of a global batch that ``batch`` was loaded from."""
         if "pixels" in batch:  # images that could not be cached (a new crop every step): encode them now
-            mean, std = encode(self.vae, batch["pixels"])
+            mean, std = self.encode_pixels(batch["pixels"])
         else:
             mean, std = batch["mean"], batch["std"]
         # z0 ~ q(z | x): a fresh draw from the posterior each step (or its mean), scaled to unit variance.
@@ -145,6 +145,10 @@ class LatentDiffusionObjective:
         return ObjectiveInputs(z0, draws["t"][sl].to(device), draws["noise"][sl].to(device), context,
                                draws["weights"][sl].to(device), self.pixel_weights(batch, z0.shape[-2:], device),
                                conditions)
+
+    def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior (mean, std) (b, C, h, w) of pixels cut this step, encoded under the step's autocast."""
+        return encode(self.vae, pixels)
 
     def pixel_weights(self, batch: dict, size: tuple[int, int], device) -> torch.Tensor | None:
         """Per-latent-pixel loss weights (b, 1, h, w) of a masked loss: floor + (1 - floor) * mask, the mask

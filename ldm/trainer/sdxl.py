@@ -26,6 +26,7 @@ from ldm.data.size_conditions import SizeConditions
 from ldm.engine.config import Checker
 from ldm.methods.registry import METHODS
 from ldm.models.text import tokenize
+from ldm.models.vae import encode
 from ldm.trainer.objective import LatentDiffusionObjective, ObjectiveInputs
 from ldm.trainer.stage import TextToImage
 from pipelines.sdxl import LDMXLPipeline, encode_token_ids
@@ -75,7 +76,13 @@ class XLTextContext:
 
 
 class XLObjective(LatentDiffusionObjective):
-    """Latent diffusion with SDXL's added conditions: the pooled text and the batch's "time_ids"."""
+    """Latent diffusion with SDXL's added conditions: the pooled text and the batch's "time_ids"; pixels cut each
+    step are encoded with autocast off, in the VAE's own precision (fp32 in training), since SDXL's VAE overflows
+    in fp16, as the cached latents are."""
+
+    def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(self.vae.device.type, enabled=False):
+            return encode(self.vae, pixels)
 
     def inputs(self, batch: dict, draws: dict, sl: slice, device) -> ObjectiveInputs:
         inputs = super().inputs(batch, draws, sl, device)

@@ -582,3 +582,65 @@ def test_masked_out_latents_do_not_reach_the_gradients_under_sdxl_conditions():
 
     torch.testing.assert_close(grads(other, half), grads(mean, half), rtol=1e-6, atol=1e-7)
     assert not torch.allclose(grads(other, None), grads(mean, None), atol=1e-4)  # unmasked, the half counts
+
+
+def test_pixels_cut_each_step_are_encoded_in_fp32_under_fp16_autocast(tiny_vae_dir):
+    """SDXL's VAE overflows in fp16: XLObjective encodes per-step pixels with autocast off (the VAE's fp32), while
+    the base objective (Stable Diffusion's, unchanged) encodes under the step's autocast."""
+    from diffusers import AutoencoderKL
+
+    from ldm.diffusion.gaussian import GaussianDiffusion, make_betas
+    from ldm.models.vae import encode
+    from ldm.trainer.config import DiffusionConfig
+    from ldm.trainer.objective import LatentDiffusionObjective
+    from ldm.trainer.sdxl import XLObjective
+
+    vae = AutoencoderKL.from_pretrained(tiny_vae_dir)
+    dtypes = []
+    for module in (vae.encoder.conv_in, vae.encoder.conv_out, vae.quant_conv):
+        module.register_forward_hook(lambda m, args, out: dtypes.append(out.dtype))
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        want = encode(vae, pixels)
+        seen = {}
+        for cls in (XLObjective, LatentDiffusionObjective):
+            objective = cls(GaussianDiffusion(make_betas("linear", 100)), DiffusionConfig(), 0.0, None, vae)
+            dtypes.clear()
+            with torch.autocast("cpu", dtype=torch.float16):
+                mean, std = objective.encode_pixels(pixels)
+            seen[cls] = set(dtypes)
+            if cls is XLObjective:
+                assert mean.dtype == std.dtype == torch.float32
+                assert torch.equal(mean, want[0]) and torch.equal(std, want[1])
+    assert seen[XLObjective] == {torch.float32}
+    assert seen[LatentDiffusionObjective] == {torch.float16}
+
+
+def test_an_sdxl_run_under_mixed_precision_encodes_its_random_crops_in_fp32(tmp_path, xl_dir, mixed_dir, monkeypatch):
+    """On the CPU Accelerate's bf16 autocast stands for fp16's (which needs a GPU): the U-Net runs under it, the
+    VAE encoder of each step's crops does not."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.autoencoders.vae import Encoder
+
+    seen = {"vae": [], "unet": []}
+    real_encoder, real_unet = Encoder.forward, UNet2DConditionModel.forward
+
+    def encoder(self, sample, *args, **kwargs):
+        out = real_encoder(self, sample, *args, **kwargs)
+        seen["vae"].append((torch.is_autocast_enabled("cpu"), sample.dtype, out.dtype))
+        return out
+
+    def unet(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            seen["unet"].append(torch.is_autocast_enabled("cpu"))
+        return real_unet(self, *args, **kwargs)
+
+    monkeypatch.setattr(Encoder, "forward", encoder)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", unet)
+    cfg = _cfg(tmp_path, xl_dir, mixed_dir, "train.mixed_precision=bf16", "data.random_crop=true",
+               "data.center_crop=false", "train.max_steps=2", "data.cache_latents=true")
+    result = train(cfg)
+    assert np.isfinite(result["final_loss"])
+    assert seen["unet"] == [True, True]  # the steps ran under autocast
+    per_step = seen["vae"][-2:]  # validation's latents were cached before training, outside any autocast
+    assert per_step == [(False, torch.float32, torch.float32)] * 2
