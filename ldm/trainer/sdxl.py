@@ -9,10 +9,13 @@ frozen, run every step when they train; every batch carries SDXL's size/crop mic
 ``model.family=sdxl`` (two encoders of ``model.text_encoder``'s size over the learned tokenizer, a ``text_time``
 U-Net).
 
-Supported here: the full fine-tune (the text encoders too with ``model.train_text_encoder``) and LoRA (on both
-text encoders too with ``finetune.lora_text_encoder``), on cached or per-step-cropped latents, with aspect
-buckets, flips, every objective option of ``diffusion.*``, EMA and exact resume. Refused by name
-(`XLTextToImage.check`): textual inversion, DreamBooth, masked loss and super-resolution stages on SDXL.
+Supported here: the full fine-tune (the text encoders too with ``model.train_text_encoder``), LoRA (on both
+text encoders too with ``finetune.lora_text_encoder``) and textual inversion (the new word in both tokenizers,
+each encoder training its own rows; exported as one clip_l/clip_g file), each with DreamBooth's prior
+preservation (class images drawn by `LDMXLPipeline`, class batches with their own time_ids) and the masked loss,
+on cached or per-step-cropped latents (those encoded with autocast off: SDXL's VAE overflows in fp16), with
+aspect buckets, flips, every objective option of ``diffusion.*``, EMA and exact resume. Refused by name
+(`XLTextToImage.check`): super-resolution stages on SDXL.
 """
 
 from __future__ import annotations
@@ -76,9 +79,9 @@ class XLTextContext:
 
 
 class XLObjective(LatentDiffusionObjective):
-    """Latent diffusion with SDXL's added conditions: the pooled text and the batch's "time_ids"; pixels cut each
-    step are encoded with autocast off, in the VAE's own precision (fp32 in training), since SDXL's VAE overflows
-    in fp16, as the cached latents are."""
+    """Latent diffusion with SDXL's added conditions: the pooled text and the batch's "time_ids". Pixels cut each
+    step are encoded with autocast off, in the VAE's own precision (fp32 in training) as the latent cache encodes
+    them: SDXL's VAE overflows in fp16."""
 
     def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(self.vae.device.type, enabled=False):
