@@ -7,6 +7,7 @@ posterior mean of each image)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -21,9 +22,16 @@ from ldm.eval.scorers import eval_prompts, real_images
 from ldm.eval.scoring import open_pipeline
 from pipelines.files import atomic_save
 from pipelines.latents import latent_scale_shift, scale_latents
+from pipelines.ldm_pipeline import Sampling
 
 logger = logging.getLogger(__name__)
 NLL_SEED = 9  # the held-out real images whose likelihood is bounded
+
+
+def _denoiser(unet, xt, t, c, **added):
+    """The U-Net's output at (x_t, t) under context ``c`` and a family's added conditions (SDXL's pooled text and
+    time_ids)."""
+    return unet(xt.to(c.dtype), t, encoder_hidden_states=c, added_cond_kwargs=added or None).sample.float()
 
 
 @torch.no_grad()
@@ -49,9 +57,12 @@ def nll(pipeline, dataset: str, num_images: int = 32, stride: int = 1, batch_siz
             vae = pipe.vae
             z = vae.encode(xb.to(vae.dtype)).latent_dist.mean.float()
             xb = scale_latents(z, *latent_scale_shift(vae))
-        context = pipe._encode(prompts[i:i + batch_size], 1, device).to(pipe.unet.dtype)
-        model = lambda xt, t, c: pipe.unet(xt.to(c.dtype), t, encoder_hidden_states=c).sample.float()  # noqa: E731
-        parts.append(diffusion.nll_bpd(model, xb.float(), {"c": context}, generator=g, stride=stride))
+        batch = prompts[i:i + batch_size]
+        # The model family's conditioning of these captions, unguided (SDXL: the pooled text and the drawn size)
+        cond = pipe._context(Sampling(batch, [""] * len(batch), *x.shape[-2:], guidance_scale=1.0), device)
+        added = cond.unet_kwargs.get("added_cond_kwargs") or {}  # tensors, repeated with x as nll_bpd batches t
+        parts.append(diffusion.nll_bpd(functools.partial(_denoiser, pipe.unet), xb.float(), {"c": cond.context, **added},
+                                       generator=g, stride=stride))
     total = torch.cat([p["total_bpd"] for p in parts]).double()
     result = {"nll_bpd": float(total.mean()), "nll_bpd_standard_error": float(total.std() / len(total) ** 0.5)
               if len(total) > 1 else None,

@@ -115,6 +115,10 @@ def test_crop_conditions_reach_scoring_and_only_models_that_take_them(tmp_path, 
     result = evaluate(pipe, "shapes", num_images=32, num_inference_steps=2, guidance_scale=1.0,
                       conditions={"crops_coords_top_left": (4, 4)})
     assert result["conditions"] == {"crops_coords_top_left": (4, 4)} and result["num_images"] == 32
+    from ldm.eval.likelihood import nll  # the bound takes the family's conditioning too
+
+    bound = nll(pipe, "shapes", num_images=4, stride=10)
+    assert np.isfinite(bound["nll_bpd"]) and bound["num_images"] == 4
     sd = LDMPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
                      scheduler=pipe.scheduler)
     with pytest.raises(ValueError, match=r"LDMPipeline takes no \['crops_coords_top_left'\]"):
