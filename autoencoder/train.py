@@ -178,7 +178,7 @@ def train(cfg: AutoencoderConfig) -> dict:
             result, paths = finish_vae(cfg, acc.unwrap_model(model).vae.eval(), train_ds)
     if bad:
         result["bad_images_skipped"], paths["skipped images"] = len(bad), bad_report
-    return engine.finish(result, paths, plot_keys=("loss", "rec"))
+    return engine.finish(result, paths, plot_keys=("loss", "rec"), modules=[model, *([disc] if disc is not None else [])])
 
 
 def finish_vae(cfg: AutoencoderConfig, vae: AutoencoderKL, train_ds) -> tuple[dict, dict]:

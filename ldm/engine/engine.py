@@ -89,6 +89,29 @@ def strategy_name(accelerator) -> str:
             DistributedType.MULTI_CPU: "multi_cpu"}.get(kind, "no")
 
 
+# What each strategy does with the weights: every process holds all of them (DDP; DeepSpeed ZeRO-2, whose
+# optimizer states are partitioned but not the weights), or a shard (FSDP).
+SHARDING = {"no": "none", "multi_cpu": "ddp", "multi_gpu": "ddp", "deepspeed": "deepspeed", "deepspeed_zero3": "deepspeed",
+            "fsdp": "fsdp"}
+
+
+def memory_row(accelerator, modules) -> dict:
+    """How the run held its weights: ``sharding`` (none, ddp, deepspeed, fsdp), ``params_total`` (the parameters
+    of ``modules``, each counted once) and ``params_per_process`` (those the largest process holds: a sharded
+    parameter counts its local shard), and on CUDA ``peak_memory_gib_per_process`` (the largest process's peak
+    of allocated memory). Every process must call it."""
+    params = {id(p): p for m in modules for p in m.parameters()}.values()
+    total = sum(p.numel() for p in params)
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
+    device = accelerator.device
+    held = accelerator.gather(torch.tensor([local], device=device)).max().item()
+    row = {"sharding": SHARDING[strategy_name(accelerator)], "params_total": total, "params_per_process": int(held)}
+    if device.type == "cuda":
+        peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
+        row["peak_memory_gib_per_process"] = round(accelerator.gather(peak).max().item(), 2)
+    return row
+
+
 class Engine:
     """Runs a trainer's steps with everything around them (see the module docstring). ``cfg`` is a
     `RunConfig` whose ``train`` section is an `EngineSettings`; ``check(cfg, num_processes, strategy)`` rejects
@@ -366,15 +389,16 @@ class Engine:
 
     # ---- the end -----------------------------------------------------------------------------
 
-    def finish(self, result: dict, paths: dict, plot_keys: tuple[str, ...] = ("loss",)) -> dict:
-        """Write the run's last metrics row (training numbers and ``result``), the loss plot and the closing
-        summary (with ``paths``: what was saved where); return the numbers."""
+    def finish(self, result: dict, paths: dict, plot_keys: tuple[str, ...] = ("loss",), modules=()) -> dict:
+        """Write the run's last metrics row (training numbers, how ``modules`` were held (`memory_row`) and
+        ``result``), the loss plot and the closing summary (with ``paths``: what was saved where); return the
+        numbers."""
         acc = self.accelerator
         steps_run = self.step - self.start_step
         final = {"final_loss": round(self.last_row.get("loss", math.nan), 5), "steps": self.step,
                  "train_time_s": round(self.train_time, 1),
                  "images_per_s": round(steps_run * self.tc.batch_size / max(self.train_time, 1e-9), 1),
-                 "num_processes": acc.num_processes, **result}
+                 "num_processes": acc.num_processes, **memory_row(acc, modules), **result}
         if self.tc.mixed_precision == "fp16":
             final["skipped_steps"] = self.skipped_steps
         if self.nonfinite_skipped:

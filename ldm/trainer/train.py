@@ -73,7 +73,8 @@ def train(cfg: LDMConfig) -> dict:
         "weights": "EMA" if engine.ema is not None else "trained", **saved,
         "samples": cfg.run_dir / "samples" / f"step-{step}.png",
         **({"buckets never trained on": data.unseen} if data.unseen else {}),
-        **({"skipped images": data.bad_report} if data.bad_report else {})}, plot_keys=("loss", "mse", "val_loss"))
+        **({"skipped images": data.bad_report} if data.bad_report else {})}, plot_keys=("loss", "mse", "val_loss"),
+        modules=[run.unet, *run.comp.text_encoders(), run.comp.vae])
 
 
 @dataclass

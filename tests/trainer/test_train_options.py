@@ -168,6 +168,19 @@ def test_two_processes_match_one(tmp_path, tiny_vae_dir, data_dir):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"num_processes\s+2", proc.stdout), "the config must start two processes"
+    # The same 2 processes as 2 machines of 1 process each (machine ranks 0 and 1 meeting on 127.0.0.1 over gloo,
+    # as docs/training.md launches several machines): the same weights, bit for bit, from the cache the first
+    # run built on the shared disk.
+    port = cmd.index("--main_process_port")
+    nodes = [subprocess.Popen([*cmd[:port], "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+                               "--main_process_ip", "127.0.0.1", "--main_process_port", "29518", *cmd[port + 2:],
+                               "name=nodes"], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in (0, 1)]
+    for node in nodes:
+        out, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
+    nodes_unet, two_unet = _unet(tmp_path / "nodes"), _unet(tmp_path / "two")
+    assert all(torch.equal(nodes_unet[k], two_unet[k]) for k in two_unet)
     one = load_config(LDMConfig, ROOT / "configs/ldm/tiny.yaml", ["name=one", *common,
                                                                   f"data.cache_dir={tmp_path / 'cache1'}"])
     train(one)
@@ -188,6 +201,10 @@ def test_two_processes_match_one(tmp_path, tiny_vae_dir, data_dir):
     first = [[r for r in read_metrics(tmp_path / name / "metrics.jsonl") if r.get("step") == 1 and "epoch" in r][0]
              for name in ("two", "one")]
     assert first[0]["loss"] == pytest.approx(first[1]["loss"], rel=1e-5)
+    # The final row says how the weights were held: whole on each process (DDP), or in one process.
+    last = {name: read_metrics(tmp_path / name / "metrics.jsonl")[-1] for name in ("two", "one", "nodes")}
+    assert [last[n]["sharding"] for n in ("two", "one", "nodes")] == ["ddp", "none", "ddp"]
+    assert last["two"]["params_per_process"] == last["two"]["params_total"] == last["one"]["params_total"] > 10**5
     # Resume the 2-process run's step-3 checkpoint in one process: the same end point again.
     resumed = load_config(LDMConfig, ROOT / "configs/ldm/tiny.yaml",
                           ["name=resumed", *common, f"train.resume={tmp_path / 'two' / 'checkpoints' / 'step-3'}"])
