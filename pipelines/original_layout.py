@@ -484,7 +484,11 @@ def _components_from(path: Path, folder: Path, **kwargs) -> dict:
     """The components of the file's family (read from its keys), configured by ``folder``."""
     from pipelines.families import family_of
 
-    family = "sdxl" if family_of(path) == "sdxl" else "sd"
+    family = family_of(path)
+    if family is None:
+        raise ValueError(f"{str(path)!r} holds neither Stable Diffusion's U-Net (model.diffusion_model.) with its "
+                         f"text encoder (cond_stage_model.) nor SDXL base's with its two (conditioner.embedders.0/1.); "
+                         f"an SDXL refiner (one OpenCLIP encoder, conditioner.embedders.0.model.) is not supported")
     folder_family = family_of(folder)
     if folder_family != family:
         raise ValueError(f"{str(path)!r} holds a {family} model and its configs {str(folder)!r} a {folder_family} "

@@ -184,6 +184,14 @@ def test_a_file_from_elsewhere_reads_with_an_sdxl_folder_and_not_an_sd_one(xl, t
         from pipelines import SuperResolutionPipeline
 
         SuperResolutionPipeline.from_single_file(bare, config=xl["folder"])
+    # An SDXL refiner's file (U-Net and one OpenCLIP encoder, conditioner.embedders.0.model.) is named, not misread
+    weights = load_file(xl["file"])
+    refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v for k, v in weights.items()
+               if not k.startswith("conditioner.embedders.0.")}
+    save_file(refiner, tmp_path / "refiner.safetensors")
+    assert family_of(tmp_path / "refiner.safetensors") is None
+    with pytest.raises(ValueError, match="an SDXL refiner .* is not supported"):
+        LDMPipeline.from_single_file(tmp_path / "refiner.safetensors", config=xl["folder"])
 
 
 def test_training_starts_from_an_sdxl_file(xl, tmp_path, tiny_cfg):
