@@ -37,20 +37,19 @@ def vector_tokens(placeholder: str, num_vectors: int) -> list[str]:
     return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
 
 
-def add_placeholder(tokenizer, text_encoder, fc) -> list[torch.nn.Parameter]:
+def add_placeholder(tokenizer, text_encoder, fc, name: str = "this model's tokenizer") -> list[torch.nn.Parameter]:
     """Add ``fc.placeholder_token``'s vectors to the tokenizer and the text encoder, initialised from
     ``fc.initializer_token``; freeze everything else. Returns the parameter to optimise (the embedding table,
-    whose other rows get zero gradients)."""
+    whose other rows get zero gradients). ``name``: the tokenizer, as errors call it."""
     init = tokenizer.encode(fc.initializer_token, add_special_tokens=False)
     if len(init) != 1:
-        raise ValueError(f"finetune.initializer_token={fc.initializer_token!r} is {len(init)} tokens for this "
-                         f"model's tokenizer ({tokenizer.tokenize(fc.initializer_token)}); pick a word it keeps "
-                         f"whole (one token)")
+        raise ValueError(f"finetune.initializer_token={fc.initializer_token!r} is {len(init)} tokens for {name} "
+                         f"({tokenizer.tokenize(fc.initializer_token)}); pick a word it keeps whole (one token)")
     tokens = vector_tokens(fc.placeholder_token, fc.num_vectors)
     # a word the tokenizer already keeps whole would lose its meaning in every other caption
     taken = [t for t in tokens if t in tokenizer.get_vocab() or len(tokenizer.tokenize(t)) == 1]
     if taken:
-        raise ValueError(f"finetune.placeholder_token={fc.placeholder_token!r}: {taken} already in the vocabulary; "
+        raise ValueError(f"finetune.placeholder_token={fc.placeholder_token!r}: {taken} already in the vocabulary of {name}; "
                          f"pick a new word, e.g. '<{fc.placeholder_token.strip('<>')}-new>'")
     tokenizer.add_tokens(tokens)
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the rows are set below
@@ -189,8 +188,11 @@ class TextualInversion(Method):
     def trainable(self, cfg, comp) -> list[dict]:
         comp.train_text_encoder = True  # the embedding tables train: encoded every step, synchronised under DDP
         comp.unet.requires_grad_(False)
-        tables = [table for tokenizer, encoder in comp.text_sides()
-                  for table in add_placeholder(tokenizer, encoder, cfg.finetune)]
+        sides = comp.text_sides()
+        names = ["this model's tokenizer"] if len(sides) == 1 else ["the first tokenizer (tokenizer/)",
+                                                                    "the second tokenizer (tokenizer_2/)"]
+        tables = [table for (tokenizer, encoder), name in zip(sides, names)
+                  for table in add_placeholder(tokenizer, encoder, cfg.finetune, name)]
         return [{"params": tables, "lr": cfg.train.learning_rate,
                  "weight_decay": 0.0}]  # decay would move the frozen rows
 

@@ -116,7 +116,7 @@ def test_textual_inversion_bad_settings(tmp_path, base):
         train(_cfg(tmp_path, base, "finetune.placeholder_token='two words'"))
     with pytest.raises(ValueError, match="train.ema_decay"):
         train(_cfg(tmp_path, base, "train.ema_decay=0.99"))
-    with pytest.raises(ValueError, match="initializer_token='blueish' is 6 tokens"):
+    with pytest.raises(ValueError, match="initializer_token='blueish' is 6 tokens for this model's tokenizer"):
         train(_cfg(tmp_path, base, "finetune.initializer_token=blueish", "name=a"))
     words = tmp_path / "words"  # captions that name the concept with a word the model knows
     import shutil

@@ -210,6 +210,16 @@ def test_training_starts_from_an_sdxl_file(xl, tmp_path, tiny_cfg):
     assert components.force_zeros == base.config.force_zeros_for_empty_prompt
     # the training schedule the folder gives (its prediction type and zero-SNR setting included)
     assert dict(components.scheduler.config) == dict(load_noise_scheduler(xl["folder"] / "scheduler").config)
+    # and trains from it: two steps, exported as an SDXL folder whose U-Net moved off the file's
+    from ldm.trainer.train import train
+
+    cfg = tiny_cfg(f"model.pretrained={lone}", "train.max_steps=2", "train.batch_size=4",
+                   "data.validation_num_images=4", "train.learning_rate=0.001")
+    train(cfg)
+    out = LDMPipeline.from_pretrained(cfg.run_dir / "pipeline")
+    assert isinstance(out, LDMXLPipeline)
+    moved = [not torch.equal(a, b) for a, b in zip(out.unet.state_dict().values(), base.unet.state_dict().values())]
+    assert any(moved)
     assert components.scheduler.config.prediction_type == VARIANTS[xl["variant"]][0]
     made = list((tmp_path / "single-file").iterdir())
     assert len(made) == 1 and made[0].name.startswith("base-")

@@ -339,6 +339,8 @@ def test_textual_inversion_trains_both_encoders_rows_and_loads_in_diffusers(tmp_
             "train.checkpoint_every=2", f"sample.prompts=['a {TOKEN} circle']"]
     full = _cfg(tmp_path, xl_dir, zap_dir, "name=full", *args)
     train(full)
+    with pytest.raises(ValueError, match=r"initializer_token='blueish' is \d+ tokens for the first tokenizer "):
+        train(_cfg(tmp_path, xl_dir, zap_dir, "name=bad", *args, "finetune.initializer_token=blueish"))
     file = full.run_dir / "textual_inversion" / "zap.safetensors"
     vectors = load_file(file)
     assert sorted(vectors) == ["clip_g", "clip_l"] and [v.shape for v in vectors.values()] == [(2, 32), (2, 32)]
