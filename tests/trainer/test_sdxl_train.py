@@ -646,3 +646,22 @@ def test_an_sdxl_run_under_mixed_precision_encodes_its_random_crops_in_fp32(tmp_
     assert seen["unet"] == [True, True]  # the steps ran under autocast
     per_step = seen["vae"][-2:]  # validation's latents were cached before training, outside any autocast
     assert per_step == [(False, torch.float32, torch.float32)] * 2
+
+
+def test_the_sdxl_dreambooth_preset_runs_at_tiny_sizes(tmp_path, xl_dir):
+    text = (ROOT / "configs/ldm/dreambooth-sdxl.yaml").read_text()
+    assert text.startswith("#") and "Sized for" in text
+    subject = tmp_path / "subject"
+    subject.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((40, 32, 3), 60 + 100 * i, np.uint8)).save(subject / f"{i}.png")
+    cfg = load_config(LDMConfig, ROOT / "configs/ldm/dreambooth-sdxl.yaml", [
+        f"output_dir={tmp_path}", f"model.pretrained={xl_dir}", f"dreambooth.instance_data={subject}",
+        f"data.cache_dir={tmp_path / 'cache'}", "data.resolution=32", "train.mixed_precision=no",
+        "finetune.base_dtype=fp32", "train.gradient_checkpointing=false", "train.max_steps=2",
+        "dreambooth.num_class_images=2", "dreambooth.class_inference_steps=2", "sample.num_inference_steps=2",
+        "sample.seeds=[0]", "train.tensorboard=false"])
+    train(cfg)
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+        assert (cfg.run_dir / "lora" / name).is_file()
+    assert len(list((cfg.run_dir / "class_images").glob("*.png"))) == 2
