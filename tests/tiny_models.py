@@ -157,3 +157,18 @@ class ZeroText:
     @staticmethod
     def encode(captions, drop, device):
         return torch.zeros(len(captions), 1, 1), {}
+
+
+def record_added_conditions(monkeypatch) -> list[dict]:
+    """Record the ``added_cond_kwargs`` (cloned) of every U-Net forward that builds a graph (the training ones):
+    the returned list fills as training runs; ``monkeypatch.undo()`` puts the real forward back."""
+    seen = []
+    real = UNet2DConditionModel.forward
+
+    def spy(self, sample, timestep, *args, added_cond_kwargs=None, **kwargs):
+        if torch.is_grad_enabled():
+            seen.append({k: v.detach().clone() for k, v in added_cond_kwargs.items()})
+        return real(self, sample, timestep, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    return seen

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import sdxl_folder
+from tiny_models import record_added_conditions, sdxl_folder
 
 from ldm.data.builtin import draw_shape
 from ldm.engine.config import load_config
@@ -44,24 +44,16 @@ def _cfg(tmp_path, data, *extra):
 
 
 def test_a_new_sdxl_model_trains_and_diffusers_draws_its_export(tmp_path, shapes_dir, monkeypatch):
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
 
     from pipelines import LDMPipeline
 
-    seen = []
-    real = UNet2DConditionModel.forward
-
-    def spy(self, sample, timestep, *args, added_cond_kwargs=None, **kwargs):
-        if torch.is_grad_enabled():
-            seen.append(added_cond_kwargs["time_ids"].detach().clone())
-        return real(self, sample, timestep, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    seen = record_added_conditions(monkeypatch)
     cfg = _cfg(tmp_path, shapes_dir, "train.max_steps=4")
     train(cfg)
-    monkeypatch.setattr(UNet2DConditionModel, "forward", real)
+    monkeypatch.undo()
     # 32 px drawings resized to 40, cut to 32 at offsets 0..8
-    rows = torch.cat(seen)
+    rows = torch.cat([s["time_ids"] for s in seen])
     assert (rows[:, [0, 1, 4, 5]] == 32).all() and rows[:, 2:4].min() >= 0 and rows[:, 2:4].max() <= 8
     assert len({tuple(r) for r in rows[:, 2:4].tolist()}) > 4
     out = cfg.run_dir / "pipeline"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_models import sdxl_folder
+from tiny_models import record_added_conditions, sdxl_folder
 
 from ldm.data.batches import PixelItems
 from ldm.data.size_conditions import SizeConditions
@@ -83,19 +83,11 @@ def test_time_ids_describe_the_crop_the_pixels_get(tmp_path, xl_dir, mixed_dir, 
 
 
 def test_fine_tune_exports_a_folder_diffusers_draws_the_same(tmp_path, xl_dir, mixed_dir, monkeypatch):
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
 
     from pipelines import LDMPipeline
 
-    seen = []
-    real = UNet2DConditionModel.forward
-
-    def spy(self, sample, timestep, *args, added_cond_kwargs=None, **kwargs):
-        if torch.is_grad_enabled():
-            seen.append({k: v.detach().clone() for k, v in added_cond_kwargs.items()})
-        return real(self, sample, timestep, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    seen = record_added_conditions(monkeypatch)
     cfg = _cfg(tmp_path, xl_dir, mixed_dir, "data.bucketing=true", "data.bucket_step=8", "data.random_flip=true",
                "train.max_steps=4", "train.learning_rate=0.001", "data.caption_dropout=0.5")
     train(cfg)
@@ -111,7 +103,7 @@ def test_fine_tune_exports_a_folder_diffusers_draws_the_same(tmp_path, xl_dir, m
         assert all(torch.equal(a[k], b[k]) for k in a), part
     a, b = (load_file(p / "unet" / "diffusion_pytorch_model.safetensors") for p in (xl_dir, out))
     assert any(not torch.equal(a[k], b[k]) for k in a)
-    monkeypatch.setattr(UNet2DConditionModel, "forward", real)
+    monkeypatch.undo()
     ours, theirs = LDMPipeline.from_pretrained(out), StableDiffusionXLPipeline.from_pretrained(out)
     draws = []
     for pipe in (ours, theirs):
@@ -393,7 +385,6 @@ def test_textual_inversion_trains_both_encoders_rows_and_loads_in_diffusers(tmp_
 
 
 def test_dreambooth_draws_class_images_with_the_sdxl_pipeline_and_adds_the_prior_loss(tmp_path, xl_dir, monkeypatch):
-    from diffusers import UNet2DConditionModel
 
     import ldm.methods.dreambooth as dreambooth
     from ldm.engine.records import read_metrics
@@ -412,15 +403,7 @@ def test_dreambooth_draws_class_images_with_the_sdxl_pipeline_and_adds_the_prior
         return real_ensure(lambda: pipelines.append(factory()) or pipelines[-1], *args, **kwargs)
 
     monkeypatch.setattr(dreambooth, "ensure_class_images", recording)
-    seen = []
-    real_forward = UNet2DConditionModel.forward
-
-    def spy(self, sample, timestep, *args, added_cond_kwargs=None, **kwargs):
-        if torch.is_grad_enabled():
-            seen.append({k: v.detach().clone() for k, v in added_cond_kwargs.items()})
-        return real_forward(self, sample, timestep, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    seen = record_added_conditions(monkeypatch)
     cfg = _cfg(tmp_path, xl_dir, tmp_path / "unused", f"dreambooth.instance_data={subject}",
                "dreambooth.instance_prompt=a photo of sks blob", "dreambooth.class_prompt=a red circle",
                f"dreambooth.class_data={tmp_path / 'cls'}", "dreambooth.num_class_images=4",
