@@ -2,7 +2,9 @@
 
 A checkpoint is a folder ``<run>/checkpoints/step-<N>`` holding Accelerate's full state (prepared models
 as safetensors, optimizers, LR schedulers, the gradient scaler, every process's RNG states and the
-registered objects such as EMA), copies of any folders the run's state needs beside its tensors (the
+registered objects such as EMA) or, for a run that shards its weights (FSDP), a sharded checkpoint in
+``sharded/`` (`ldm.engine.sharding`: each process's shards in safetensors, readable on any number of
+processes), copies of any folders the run's state needs beside its tensors (the
 tokenizer learned from the captions), and ``train_state.json`` (step, epoch, position in the epoch, the
 resolved config). It is written into a hidden temporary folder first and renamed into place once every
 process has finished writing; only then are checkpoints beyond ``keep_last`` removed, so a failed or
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ldm.engine.sharding import SHARDED_DIR
 from pipelines.files import replace_dir
 
 logger = logging.getLogger(__name__)
@@ -167,13 +170,17 @@ def check_safe(path: Path) -> None:
 class CheckpointManager:
     """Writes and prunes checkpoints under ``root``; every process must call :meth:`save` together."""
 
-    def __init__(self, accelerator, root: str | Path, keep_last: int | None = 2, objects: dict | None = None):
+    def __init__(self, accelerator, root: str | Path, keep_last: int | None = 2, objects: dict | None = None,
+                 training=None, sharded: bool = False):
         """``objects``: {name: object with state_dict/load_state_dict} saved beside Accelerate's state (the LR
-        schedule, EMA), without pickle."""
+        schedule, EMA), without pickle. ``training``: the run's `TrainingState` (trained modules, optimizer, EMA
+        by name), which reads a sharded checkpoint into any run; ``sharded``: write sharded checkpoints (FSDP)
+        with it instead of Accelerate's state."""
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"train.keep_last={keep_last} must be at least 1 (or null to keep all)")
         self.accelerator, self.root, self.keep_last = accelerator, Path(root), keep_last
         self.objects = objects if objects is not None else {}
+        self.training, self.sharded = training, sharded
 
     def save(self, step: int, batches_per_epoch: int, config_yaml: str, files: dict | None = None, **extra) -> Path:
         """Write the full training state at ``step``, with the data position and the resolved config (and
@@ -190,7 +197,10 @@ class CheckpointManager:
             tmp.mkdir()
         acc.wait_for_everyone()
         try:
-            acc.save_state(str(tmp))
+            if self.sharded:  # every process writes its shards
+                self.training.save(tmp / SHARDED_DIR, acc.is_main_process)
+            else:
+                acc.save_state(str(tmp))
             acc.wait_for_everyone()
             if acc.is_main_process:
                 for name, obj in self.objects.items():
@@ -223,9 +233,21 @@ class CheckpointManager:
         that could run code when loaded is refused before anything is read."""
         path = Path(path)
         check_safe(path)
-        self.accelerator.load_state(str(path))
-        for name, obj in self.objects.items():
-            load_object_state(obj, path, name)
+        if (path / SHARDED_DIR).is_dir():
+            if self.training is None:
+                raise ValueError(f"checkpoint {path} is sharded (written under FSDP) and this trainer cannot read "
+                                 f"sharded checkpoints")
+            for name, obj in self.objects.items():  # before the tensors: the EMA's settings, then its shadows
+                load_object_state(obj, path, name)
+            self.training.load(path / SHARDED_DIR)
+        elif self.sharded:
+            raise ValueError(f"checkpoint {path} was written by a run that did not shard its weights; resume it "
+                             f"without FSDP (DDP or one process: configs/accelerate/ddp.yaml), or start the sharded "
+                             f"run afresh")
+        else:
+            self.accelerator.load_state(str(path))
+            for name, obj in self.objects.items():
+                load_object_state(obj, path, name)
         state = read_train_state(path)
         logger.info("resumed from %s (step %d)", path, state["step"])
         if state.get("batches_per_epoch") != batches_per_epoch:

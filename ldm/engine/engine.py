@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import shutil
 import time
 from typing import Callable, Iterable, Protocol
@@ -32,6 +31,7 @@ from ldm.engine.checkpoint import CheckpointManager, list_checkpoints, read_trai
 from ldm.engine.config import LR_SCHEDULES, config_differences, save_config, to_yaml
 from ldm.engine.errors import STOP_SIGNALS, NonFinite, Preempted
 from ldm.engine.records import MetricsWriter, format_summary, plot_curves
+from ldm.engine.sharding import EMASettings, Sharding, TrainingState, fsdp_requested
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def stop_signals():
 def strategy_name(accelerator) -> str:
     """How Accelerate distributes this run, as the config check names it. A launch asked for FSDP counts as
     FSDP even where Accelerate falls back to DDP (on CPUs it does, silently)."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+    if fsdp_requested():
         return "fsdp"
     kind = accelerator.distributed_type
     if kind == DistributedType.DEEPSPEED:
@@ -95,17 +95,20 @@ SHARDING = {"no": "none", "multi_cpu": "ddp", "multi_gpu": "ddp", "deepspeed": "
             "fsdp": "fsdp"}
 
 
-def memory_row(accelerator, modules) -> dict:
+def memory_row(accelerator, modules, frozen=()) -> dict:
     """How the run held its weights: ``sharding`` (none, ddp, deepspeed, fsdp), ``params_total`` (the parameters
-    of ``modules``, each counted once) and ``params_per_process`` (those the largest process holds: a sharded
-    parameter counts its local shard), and on CUDA ``peak_memory_gib_per_process`` (the largest process's peak
-    of allocated memory). Every process must call it."""
-    params = {id(p): p for m in modules for p in m.parameters()}.values()
-    total = sum(p.numel() for p in params)
-    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
+    of the trained ``modules``, each counted once), ``params_per_process`` (those of them the largest process
+    holds: a sharded parameter counts its local shard) and ``params_frozen`` (those of the ``frozen`` modules,
+    which every process holds whole), and on CUDA ``peak_memory_gib_per_process`` (the largest process's peak of
+    allocated memory). Every process must call it."""
+    params = {id(p): p for m in modules for p in m.parameters()}
+    total = sum(p.numel() for p in params.values())
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params.values())
     device = accelerator.device
     held = accelerator.gather(torch.tensor([local], device=device)).max().item()
-    row = {"sharding": SHARDING[strategy_name(accelerator)], "params_total": total, "params_per_process": int(held)}
+    still = sum(p.numel() for p in {id(p): p for m in frozen for p in m.parameters() if id(p) not in params}.values())
+    row = {"sharding": SHARDING[strategy_name(accelerator)], "params_total": total, "params_per_process": int(held),
+           "params_frozen": still}
     if device.type == "cuda":
         peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
         row["peak_memory_gib_per_process"] = round(accelerator.gather(peak).max().item(), 2)
@@ -122,6 +125,9 @@ class Engine:
         self.accelerator = acc = make_accelerator(self.tc.mixed_precision)
         check(cfg, acc.num_processes, strategy_name(acc))  # before any I/O or model building
         set_seed(self.tc.seed)
+        # FSDP2 on more than one process (`ldm.engine.sharding`); one process has nothing to shard
+        self.sharding = Sharding(acc, self.tc.mixed_precision) \
+            if strategy_name(acc) == "fsdp" and acc.num_processes > 1 else None
         self.resume_from = resolve_resume(self.tc.resume, self.run_dir / "checkpoints")  # a wrong path fails now
         self._claim_run_folder()
         if acc.is_main_process:
@@ -131,7 +137,7 @@ class Engine:
         if self.device.type == "cpu":
             keep_freed_cpu_memory()
         self.optimizer = self.lr_schedule = self.ema = self.metrics = self.ckpt = None
-        self.clip_params, self.max_grad_norm, self.ema_params = [], 0.0, []
+        self.clip_params, self.max_grad_norm, self.ema_params, self.trained_modules = [], 0.0, [], {}
         self.validate_every = validate_every
         self.first_bad = None  # the first step whose loss or gradients were not finite (a device tensor)
         self.skipped_steps, self.nonfinite_skipped, self.start_step, self.step, self.last_row = 0, 0, 0, 0, {}
@@ -178,13 +184,17 @@ class Engine:
             shutil.rmtree(self.run_dir / "checkpoints")
         self.accelerator.wait_for_everyone()
 
-    def optimize_with(self, optimizer, clip_params: list, max_grad_norm: float, schedule: str, warmup_steps: int):
+    def optimize_with(self, optimizer, clip_params: list, max_grad_norm: float, schedule: str, warmup_steps: int,
+                      modules: dict | None = None):
         """The optimizer the engine steps after each step function, clipping ``clip_params`` to
         ``max_grad_norm`` (0: off), with an LR schedule counted in optimizer steps whatever the number of
-        processes (so a checkpoint resumes on another count). Call after ``accelerator.prepare``."""
+        processes (so a checkpoint resumes on another count). Call after ``accelerator.prepare``. ``modules``:
+        {name: unwrapped module} the optimizer trains, which a sharded checkpoint holds by name (needed to write
+        one, under FSDP, or to read one)."""
         from diffusers.optimization import get_scheduler
 
         self.optimizer, self.clip_params, self.max_grad_norm = optimizer, clip_params, max_grad_norm
+        self.trained_modules = modules or {}
         raw = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's wrapper
         self.lr_schedule = get_scheduler(LR_SCHEDULES[schedule], raw, num_warmup_steps=warmup_steps,
                                          num_training_steps=self.tc.max_steps)
@@ -198,10 +208,45 @@ class Engine:
         from diffusers.training_utils import EMAModel
 
         self.ema_params = params
-        self.ema = EMAModel(params, decay=decay, use_ema_warmup=warmup, power=2 / 3, foreach=True)
+        # torch has no sharded version of every foreach op the EMA uses (_foreach_copy_): one tensor at a time there
+        self.ema = EMAModel(params, decay=decay, use_ema_warmup=warmup, power=2 / 3, foreach=self.sharding is None)
         self.ema.to(self.device)
-        self.state_objects["ema"] = self.ema
+        # sharded: the shadows are sharded like the weights, checkpointed with them by name
+        self.state_objects["ema"] = EMASettings(self.ema) if self.sharding is not None else self.ema
         return self.ema
+
+    def training_state(self) -> TrainingState | None:
+        """The trained modules, optimizer and EMA as a sharded checkpoint holds them (None when the trainer gave
+        no modules)."""
+        if not self.trained_modules:
+            return None
+        return TrainingState(self.trained_modules, getattr(self.optimizer, "optimizer", self.optimizer), self.ema,
+                             self.ema_params)
+
+    @contextlib.contextmanager
+    def whole(self, *modules):
+        """Whole copies of ``modules`` (unwrapped) on the main process for the body: under FSDP gathered by every
+        process (the others get None), otherwise the modules themselves. Every process must enter it."""
+        plain = [None if m is None else self.accelerator.unwrap_model(m) for m in modules]
+        if self.sharding is None:
+            yield plain
+            return
+        with self.sharding.gathered(plain) as copies:
+            yield copies
+
+    @contextlib.contextmanager
+    def no_sync(self, module):
+        """Gradients of the body's backward pass are kept on this process, not reduced (an accumulation
+        micro-batch before the last)."""
+        if self.sharding is not None and self.sharding.is_sharded(module):
+            module.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                module.set_requires_gradient_sync(True)
+        else:
+            with self.accelerator.no_sync(module):
+                yield
 
     @contextlib.contextmanager
     def ema_weights(self):
@@ -267,7 +312,8 @@ class Engine:
 
     def _resume(self, batches_per_epoch: int) -> int:
         acc, tc = self.accelerator, self.tc
-        self.ckpt = CheckpointManager(acc, self.run_dir / "checkpoints", tc.keep_last, self.state_objects)
+        self.ckpt = CheckpointManager(acc, self.run_dir / "checkpoints", tc.keep_last, self.state_objects,
+                                      self.training_state(), sharded=self.sharding is not None)
         self.start_step = self.step = start = \
             self.ckpt.load(self.resume_from, batches_per_epoch) if self.resume_from is not None else 0
         if self.ema is not None:
@@ -303,7 +349,11 @@ class Engine:
         acc, policy = self.accelerator, self.tc.on_nonfinite
         norm = None
         if self.max_grad_norm > 0 or policy == "skip_step":
-            norm = acc.clip_grad_norm_(self.clip_params, self.max_grad_norm if self.max_grad_norm > 0 else math.inf)
+            limit = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
+            if self.sharding is not None:  # the norm over every process's shards
+                norm = torch.nn.utils.clip_grad_norm_(self.clip_params, limit).full_tensor()
+            else:
+                norm = acc.clip_grad_norm_(self.clip_params, limit)
         bad = ~torch.isfinite(torch.stack([torch.as_tensor(v, device=self.device).detach().float().sum()
                                            for v in terms.values()])).all()
         if norm is not None:
@@ -333,7 +383,8 @@ class Engine:
             return
         flags = [self.first_bad.float()]
         if params and self.clip_params:
-            finite = torch.stack([torch.isfinite(p.detach()).all() for p in self.clip_params]).all()
+            finite = torch.stack([torch.isfinite(getattr(p, "_local_tensor", p).detach()).all()
+                                  for p in self.clip_params]).all()  # a shard's own part; reduced below
             flags.append(torch.where(finite, -1.0, float(done)).to(self.device))
         bad = self.accelerator.reduce(torch.stack(flags), reduction="max")
         if float(bad.max()) >= 0:
@@ -389,8 +440,10 @@ class Engine:
 
     # ---- the end -----------------------------------------------------------------------------
 
-    def finish(self, result: dict, paths: dict, plot_keys: tuple[str, ...] = ("loss",), modules=()) -> dict:
-        """Write the run's last metrics row (training numbers, how ``modules`` were held (`memory_row`) and
+    def finish(self, result: dict, paths: dict, plot_keys: tuple[str, ...] = ("loss",), modules=(),
+               frozen=()) -> dict:
+        """Write the run's last metrics row (training numbers, how the trained ``modules`` and the ``frozen``
+        ones were held (`memory_row`) and
         ``result``), the loss plot and the closing summary (with ``paths``: what was saved where); return the
         numbers."""
         acc = self.accelerator
@@ -398,7 +451,7 @@ class Engine:
         final = {"final_loss": round(self.last_row.get("loss", math.nan), 5), "steps": self.step,
                  "train_time_s": round(self.train_time, 1),
                  "images_per_s": round(steps_run * self.tc.batch_size / max(self.train_time, 1e-9), 1),
-                 "num_processes": acc.num_processes, **memory_row(acc, modules), **result}
+                 "num_processes": acc.num_processes, **memory_row(acc, modules, frozen), **result}
         if self.tc.mixed_precision == "fp16":
             final["skipped_steps"] = self.skipped_steps
         if self.nonfinite_skipped:

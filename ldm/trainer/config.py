@@ -292,12 +292,19 @@ def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -
 
 
 def check_distribution(c: Checker, num_processes: int, strategy: str) -> None:
-    """What the distribution strategy allows: whole weights on every process, the batch split evenly."""
+    """What the distribution strategy allows: the batch split evenly; under FSDP, bf16 or fp32 and torch's AdamW."""
     tc = c.cfg.train
-    if strategy in ("fsdp", "deepspeed_zero3"):
-        raise ValueError(f"the {strategy} strategy shards the weights, and validation, sample grids and export run on "
-                         f"the main process with whole modules; use DDP (configs/accelerate/ddp.yaml) or DeepSpeed "
-                         f"ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml), which keep whole weights on every process")
+    if strategy == "deepspeed_zero3":
+        raise ValueError("DeepSpeed ZeRO-3 is not supported: it shards the weights inside DeepSpeed's engine, which "
+                         "this trainer's validation, sample grids and export cannot gather from; to shard the weights "
+                         "use FSDP (configs/accelerate/fsdp.yaml), or ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml) "
+                         "to shard only the optimizer state and gradients")
+    if strategy == "fsdp":
+        c.require(tc.mixed_precision != "fp16", "train.mixed_precision",
+                  "FSDP here trains in bf16 or fp32 ('bf16' or 'no'); fp16 would need a sharded gradient scaler")
+        c.require(tc.optimizer == "adamw", "train.optimizer",
+                  "FSDP shards the optimizer state as torch tensors; use 'adamw' (bitsandbytes' 8-bit state cannot be "
+                  "sharded this way)")
     c.at_least("train.gradient_accumulation_steps", 1)
     if strategy == "deepspeed" and tc.gradient_accumulation_steps > 1:
         raise ValueError(f"train.gradient_accumulation_steps={tc.gradient_accumulation_steps} is not supported under "

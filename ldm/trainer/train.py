@@ -56,10 +56,9 @@ def train(cfg: LDMConfig) -> dict:
     engine, acc = run.engine, run.engine.accelerator
     step = engine.fit(run.sources[0], run.step, run.validate)
     saved = {}
-    if acc.is_main_process:
-        with engine.ema_weights():
-            saved = method_for(cfg).export(ExportJob(cfg, run.stage, run.comp, acc.unwrap_model(run.unet),
-                                                     acc.unwrap_model(run.text_encoder), cfg.run_dir))
+    with engine.ema_weights(), engine.whole(run.unet, run.text_encoder) as (unet, text_encoder):
+        if acc.is_main_process:  # once, from whole weights (gathered from every process under FSDP)
+            saved = method_for(cfg).export(ExportJob(cfg, run.stage, run.comp, unet, text_encoder, cfg.run_dir))
     vals = [r["val_loss"] for r in engine.metrics.rows() if "val_loss" in r]
     result = {"latent_std": round(run.latent_std, 3), "best_val_loss": round(min(vals), 5) if vals else None,
               **{k: v for k, v in engine.final_validation.items() if k.startswith("score_")}}
@@ -74,7 +73,7 @@ def train(cfg: LDMConfig) -> dict:
         "samples": cfg.run_dir / "samples" / f"step-{step}.png",
         **({"buckets never trained on": data.unseen} if data.unseen else {}),
         **({"skipped images": data.bad_report} if data.bad_report else {})}, plot_keys=("loss", "mse", "val_loss"),
-        modules=[run.unet, *run.comp.text_encoders(), run.comp.vae])
+        modules=engine.trained_modules.values(), frozen=[*run.comp.text_encoders(), run.comp.vae])
 
 
 @dataclass
@@ -264,19 +263,56 @@ def prepare(cfg: LDMConfig, engine, comp: Components, groups: list[dict]):
     how, channels_last = fast_path(tc, engine.device)
     if channels_last:
         set_channels_last(unet, True)
+    trained = {"unet": unet, **{name: e for name, e in zip(("text_encoder", "text_encoder_2"), encoders)
+                                if any(p.requires_grad for p in e.parameters())}}
+    if engine.sharding is not None:
+        groups = shard(engine, groups, {k: m for k, m in trained.items() if k == "unet" or comp.train_text_encoder})
     if how:  # in place: parameter names, checkpoints and exports are unchanged
         compile_model(unet, how)
     optimizer = make_optimizer(groups, tc, engine.device)
-    if comp.train_text_encoder:
+    if engine.sharding is not None:  # sharded modules are not Accelerate's to wrap (on CPUs it would add DDP)
+        for text_encoder in encoders:
+            text_encoder.to(engine.device)
+    elif comp.train_text_encoder:
         unet, *encoders, optimizer = acc.prepare(unet, *encoders, optimizer)
     else:  # a frozen encoder has no gradients for DDP to synchronise: it is only moved
         unet, optimizer = acc.prepare(unet, optimizer)
         for text_encoder in encoders:
             text_encoder.to(engine.device)
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    engine.optimize_with(optimizer, trainable, tc.max_grad_norm, tc.lr_schedule, tc.warmup_steps)
+    engine.optimize_with(optimizer, trainable, tc.max_grad_norm, tc.lr_schedule, tc.warmup_steps, modules=trained)
     engine.track_ema([p for p in acc.unwrap_model(unet).parameters() if p.requires_grad], tc.ema_decay, tc.ema_warmup)
     return unet, encoders
+
+
+def shard(engine, groups: list[dict], modules: dict) -> list[dict]:
+    """Shard ``modules`` ({name: module}) with FSDP2, each block its own unit (`shard_blocks`); returns the
+    parameter groups pointed at the sharded parameters."""
+    before = {id(p): f"{name}.{n}" for name, m in modules.items() for n, p in m.named_parameters()}
+    outside = [p for g in groups for p in g["params"] if id(p) not in before]
+    if outside:  # nothing would average their gradients across processes
+        raise ValueError(f"FSDP shards {sorted(modules)}, but this run also trains {len(outside)} tensor(s) outside "
+                         f"them (textual inversion's embedding rows); train it with DDP (configs/accelerate/ddp.yaml)")
+    if "text_encoder_2" in modules:  # its sample grids and export read the second encoder from the components
+        raise ValueError("model.train_text_encoder=true on a model with two text encoders (SDXL) is not supported "
+                         "under FSDP; shard the U-Net alone (model.train_text_encoder=false) or use DDP")
+    for module in modules.values():
+        engine.sharding.shard(module, shard_blocks(module))
+    return engine.sharding.remap(groups, before, modules)
+
+
+def shard_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The units a module is sharded in, innermost first: a U-Net's transformers (each gathered alone: one of SDXL's
+    holds up to 0.35 B parameters), then its down, middle and up blocks (their ResNets and resamplers); a CLIP text
+    encoder's layers. Compiled regions (`pipelines.fast.REGIONS`) lie inside the units."""
+    if hasattr(module, "down_blocks"):
+        transformers = [m for m in module.modules() if type(m).__name__ == "Transformer2DModel"]
+        blocks = [*module.down_blocks, *([module.mid_block] if module.mid_block is not None else []), *module.up_blocks]
+        return transformers + blocks
+    layers = [m for name, m in module.named_modules() if name.endswith("encoder.layers")]
+    if layers:
+        return list(layers[0])
+    raise ValueError(f"cannot shard a {type(module).__name__}: no U-Net blocks or text encoder layers found")
 
 
 def fast_path(tc, device: torch.device) -> tuple[str | None, bool]:
@@ -308,7 +344,7 @@ def forward_backward(engine, objective, sources: list[BatchSource], unet, text_e
             with contextlib.ExitStack() as no_sync:
                 if k < accum - 1:
                     for model in synced:
-                        no_sync.enter_context(acc.no_sync(model))
+                        no_sync.enter_context(engine.no_sync(model))
                 with acc.autocast():
                     parts = [(s.load(p, sl), d, sl) for s, p, d in zip(sources, plans, draws)]
                     terms, loss = objective(unet, parts, engine.device)

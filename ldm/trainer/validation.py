@@ -1,8 +1,8 @@
 """Validation during a diffusion run: a loss on held-out images at fixed timesteps and noise (comparable from
 step to step), a grid of samples of fixed prompts and seeds, and, on built-in data, the built-in scorer.
 
-Runs on the main process with whole (unwrapped) modules; strategies that shard the weights are refused by the
-config check for that reason.
+The loss is shared out among the processes; the samples are drawn on the main process from whole modules (under
+FSDP, a copy gathered from every process's shards for the time of the validation).
 """
 
 from __future__ import annotations
@@ -27,21 +27,32 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def validation_loss(objective, unet, text_encoder, inputs, input_ids: torch.Tensor, batch_size: int = 64,
-                    loss_type: str = "simple") -> dict:
+                    loss_type: str = "simple", accelerator=None) -> dict:
     """Unweighted loss terms of the objective's fixed validation ``inputs`` (`validation_inputs`), the context of
-    each image encoded from its ``input_ids`` by ``text_encoder``; in micro-batches of ``batch_size`` images."""
+    each image encoded from its ``input_ids`` by ``text_encoder``; in micro-batches of ``batch_size`` images.
+    With an ``accelerator`` of several processes, each process takes every n-th micro-batch and the sums are
+    added up; every process runs as many forward passes (the last ones of a short share repeat a micro-batch and
+    count nothing), as sharded modules need."""
     device = next(unet.parameters()).device
-    sums: dict[str, float] = {}
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    starts = list(range(0, len(inputs), batch_size))
+    mine = starts[rank::world]
+    sums: dict[str, torch.Tensor] = {}
     with eval_mode(unet, text_encoder):
-        for s in range(0, len(inputs), batch_size):
+        for i in range(-(-len(starts) // world)):
+            s, weight = (mine[i], 1.0) if i < len(mine) else (starts[0], 0.0)
             rows = inputs.rows(slice(s, s + batch_size), device)
             rows.context, more = objective.text.validation_context(text_encoder, input_ids[s:s + batch_size], device)
             rows.conditions.update(more)
             terms = objective.diffusion.training_losses(objective.network(unet, rows), rows.latents, rows.timesteps,
                                                         rows.noise, loss_type=loss_type)
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.double().sum())
-    return {f"val_{k}": v / len(inputs) for k, v in sums.items()}
+                sums[k] = sums.get(k, 0.0) + weight * v.double().sum()
+    keys = sorted(sums)
+    totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys])
+    if world > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    return {f"val_{k}": float(v) / len(inputs) for k, v in zip(keys, totals)}
 
 
 @contextlib.contextmanager
@@ -124,22 +135,26 @@ class Validator:
         self.score_dataset = cfg.data.dataset if scored else None  # whose built-in scorer reads the samples
 
     def __call__(self, step: int) -> dict:
-        engine, cfg = self.engine, self.engine.cfg
-        if not engine.accelerator.is_main_process:
-            return {}
-        with engine.ema_weights(), engine.accelerator.autocast():
+        """Every process computes the loss on its share of the images; the main process draws the samples from
+        whole modules (gathered from every process's shards under FSDP). The row on the main process, {} on the
+        others."""
+        engine, cfg, acc = self.engine, self.engine.cfg, self.engine.accelerator
+        with engine.ema_weights(), acc.autocast():
             row = validation_loss(self.objective, self.unet, self.text_encoder, self.inputs, self.data.input_ids,
-                                  self.batch_size, cfg.diffusion.loss_type)
+                                  self.batch_size, cfg.diffusion.loss_type, acc)
             if step > 0:
-                with eval_mode(self.unet, self.text_encoder):
-                    row.update(self.samples(step))
-        return row
+                with engine.whole(self.unet, self.text_encoder) as (unet, text_encoder):
+                    if acc.is_main_process:
+                        with eval_mode(unet, text_encoder):
+                            row.update(self.samples(step, unet, text_encoder))
+        return row if acc.is_main_process else {}
 
-    def samples(self, step: int) -> dict:
-        """Write the sample grid of ``step``; the built-in scores of the samples when the data has a scorer."""
+    def samples(self, step: int, unet, text_encoder) -> dict:
+        """Write the sample grid of ``step`` drawn with (whole) ``unet`` and ``text_encoder``; the built-in scores
+        of the samples when the data has a scorer."""
         engine, cfg = self.engine, self.engine.cfg
         s, tc = cfg.sample, cfg.train
-        pipe = self.stage.pipeline(self.comp, self.unet, self.text_encoder,
+        pipe = self.stage.pipeline(self.comp, unet, text_encoder,
                                    sampling_scheduler(self.comp.scheduler, s.scheduler))
         grid = self.stage.sample_grid(pipe, self.prompts, self.data, s)
         atomic_save(lambda p: grid.save(p, format="PNG"), engine.run_dir / "samples" / f"step-{step}.png")

@@ -39,21 +39,46 @@ def test_accelerate_configs_parse():
         assert path.read_text().startswith("#"), f"{path} should say when to pick it"
         kinds[path.stem] = str(load_config_from_file(str(path)).distributed_type)
     assert kinds == {"cpu_2proc": "DistributedType.MULTI_GPU", "ddp": "DistributedType.MULTI_GPU",
-                     "deepspeed_zero2": "DistributedType.DEEPSPEED"}
+                     "deepspeed_zero2": "DistributedType.DEEPSPEED", "fsdp": "DistributedType.FSDP",
+                     "fsdp_cpu_2proc": "DistributedType.FSDP"}
 
 
-def test_sharded_strategies_are_refused_with_a_reason():
+def test_what_each_strategy_refuses_says_why():
     from autoencoder.config import check_config as check_autoencoder
     from ldm.trainer.config import check_config
 
+    # ZeRO-3 is refused by both trainers, pointing at FSDP; the autoencoder trainer shards nothing.
+    with pytest.raises(ValueError, match="ZeRO-3 is not supported.*use FSDP"):
+        check_config(LDMConfig(), 2, "deepspeed_zero3")
     for strategy in ("fsdp", "deepspeed_zero3"):
         with pytest.raises(ValueError, match=f"{strategy}.*use DDP"):
-            check_config(LDMConfig(), 1, strategy)
-        with pytest.raises(ValueError, match=f"{strategy}.*use DDP"):
             check_autoencoder(AutoencoderConfig(), 1, strategy)
+    check_config(LDMConfig(), 2, "fsdp")
     check_config(LDMConfig(), 2, "multi_gpu")
+    with pytest.raises(ValueError, match="train.mixed_precision='fp16'.*sharded gradient scaler"):
+        check_config(load_config(LDMConfig, None, ["train.mixed_precision=fp16"]), 2, "fsdp")
+    with pytest.raises(ValueError, match="train.optimizer='adamw8bit'.*use 'adamw'"):
+        check_config(load_config(LDMConfig, None, ["train.optimizer=adamw8bit"]), 2, "fsdp")
     with pytest.raises(ValueError, match="gradient_accumulation_steps"):
         check_config(load_config(LDMConfig, None, ["train.gradient_accumulation_steps=2"]), 1, "deepspeed")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"FSDP_VERSION": "1"}, "fsdp_version: 1 is not supported.*set fsdp_version: 2"),
+    ({"FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params: true is not supported"),
+    ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, "pass train.gradient_checkpointing=true"),
+])
+def test_fsdp_launch_settings_the_trainer_cannot_honour_are_refused(monkeypatch, env, message):
+    from ldm.engine.sharding import launch_settings
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=message):
+        launch_settings()
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    for key in env:
+        monkeypatch.delenv(key)
+    assert launch_settings() == {"reshard_after_forward": False}
 
 
 @pytest.mark.parametrize("override, message", [

@@ -352,20 +352,18 @@ def test_two_runs_building_the_same_cache_at_once_both_get_it(tmp_path, monkeypa
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP on two gloo CPU processes")
-def test_an_fsdp_launch_is_refused_with_a_reason(tmp_path, tiny_vae_dir, data_dir):
-    """On CPUs Accelerate quietly turns an FSDP launch into DDP; the trainer refuses it rather than train with
-    a strategy other than the one asked for (and FSDP itself is refused: validation and export need whole
-    modules)."""
+def test_an_fsdp_launch_with_settings_it_cannot_honour_is_refused(tmp_path, tiny_vae_dir, data_dir):
+    """FSDP's own activation checkpointing (and its first version, and parameter offload: test_config.py) is
+    refused with the setting to change, before anything is read or written."""
     config = tmp_path / "fsdp.yaml"
-    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_machines: 1\n"
-                      "num_processes: 2\nmachine_rank: 0\nmixed_precision: 'no'\nrdzv_backend: static\n"
-                      "same_network: true\nuse_cpu: true\nfsdp_config:\n  fsdp_version: 2\n"
-                      "  fsdp_auto_wrap_policy: SIZE_BASED_WRAP\n  fsdp_min_num_params: 1000\n")
+    config.write_text((ROOT / "configs/accelerate/fsdp_cpu_2proc.yaml").read_text()
+                      .replace("fsdp_activation_checkpointing: false", "fsdp_activation_checkpointing: true"))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "--main_process_port", "29541", str(ROOT / "train_ldm.py"), "--config", str(ROOT / "configs/ldm/tiny.yaml"),
            f"output_dir={tmp_path}", f"model.vae={tiny_vae_dir}", f"data.dataset={data_dir}", "train.max_steps=2"]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode != 0
     # Each process printed the one-line refusal and exited with status 2 (the launcher then reports that).
-    assert "error: the fsdp strategy shards the weights" in proc.stderr and "exitcode  : 2" in proc.stderr
+    assert "error: fsdp_activation_checkpointing: true is not used by this trainer" in proc.stderr
+    assert "train.gradient_checkpointing=true" in proc.stderr and "exitcode  : 2" in proc.stderr
     assert not (tmp_path / "tiny" / "metrics.jsonl").exists()
