@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from ldm.engine.sharding import SHARDED_DIR
 from pipelines.files import replace_dir
 
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d+)$")
 STATE_FILE = "train_state.json"
+SHARDED_DIR = "sharded"  # a sharded run's checkpoint (`ldm.engine.sharding`)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -108,26 +108,29 @@ def checkpoint_problem(path: str | Path) -> str | None:
 # allows, so a tampered checkpoint cannot run code.
 # ----------------------------------------------------------------------------------------------
 
-def _split_state(value, tensors: dict, key: str):
+def split_state(value, tensors: dict, key: str, copy: bool = True):
+    """``value`` (nested dicts and lists) as JSON-able structure, its tensors moved into ``tensors`` by dotted path
+    (``copy``: as contiguous CPU copies; else as they are, e.g. sharded tensors to be read into in place)."""
     if torch.is_tensor(value):
-        tensors[key] = value.detach().cpu().contiguous()
+        tensors[key] = value.detach().cpu().contiguous() if copy else value
         return {"__tensor__": key}
     if isinstance(value, dict):
-        return {"__dict__": [[k, _split_state(v, tensors, f"{key}.{k}")] for k, v in value.items()]}
+        return {"__dict__": [[k, split_state(v, tensors, f"{key}.{k}", copy)] for k, v in value.items()]}
     if isinstance(value, (list, tuple)):
-        return [_split_state(v, tensors, f"{key}.{i}") for i, v in enumerate(value)]
+        return [split_state(v, tensors, f"{key}.{i}", copy) for i, v in enumerate(value)]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(f"cannot store {type(value).__name__} at {key!r} without pickle")
 
 
-def _join_state(value, tensors: dict):
+def join_state(value, tensors: dict):
+    """The inverse of `split_state`."""
     if isinstance(value, dict) and "__tensor__" in value:
         return tensors[value["__tensor__"]]
     if isinstance(value, dict) and "__dict__" in value:
-        return {k: _join_state(v, tensors) for k, v in value["__dict__"]}
+        return {k: join_state(v, tensors) for k, v in value["__dict__"]}
     if isinstance(value, list):
-        return [_join_state(v, tensors) for v in value]
+        return [join_state(v, tensors) for v in value]
     return value
 
 
@@ -136,7 +139,7 @@ def save_object_state(obj, folder: Path, name: str) -> None:
     from safetensors.torch import save_file
 
     tensors: dict = {}
-    skeleton = _split_state(obj.state_dict(), tensors, name)
+    skeleton = split_state(obj.state_dict(), tensors, name)
     save_file(tensors, str(folder / f"{name}.safetensors"))
     (folder / f"{name}.json").write_text(json.dumps(skeleton))
 
@@ -145,7 +148,7 @@ def load_object_state(obj, folder: Path, name: str) -> None:
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / f"{name}.safetensors"))
-    obj.load_state_dict(_join_state(json.loads((folder / f"{name}.json").read_text()), tensors))
+    obj.load_state_dict(join_state(json.loads((folder / f"{name}.json").read_text()), tensors))
 
 
 def check_safe(path: Path) -> None:

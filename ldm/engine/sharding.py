@@ -8,7 +8,7 @@ block, before it builds the optimizer, and never hands them to ``accelerator.pre
 quietly wrap them in DDP instead). What needs whole weights gets them from `Sharding.gathered`: every process
 takes part, the main process receives a plain copy (sample grids, scores, export).
 
-Checkpoints of a sharded run (`save_sharded` / `load_sharded`) are torch distributed checkpoints in safetensors
+Checkpoints of a sharded run (`TrainingState`) are torch distributed checkpoints in safetensors
 (``sharded/shard-0000R-….safetensors``, one per process, the layout in each file's header) plus a JSON file for
 what is not a tensor; nothing is unpickled. They load on any number of processes, sharded or not, because every
 tensor is named by its parameter's name, not by its place in a list.
@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 
+from ldm.engine.checkpoint import join_state, split_state
+
 logger = logging.getLogger(__name__)
-
-SHARDED_DIR = "sharded"
-
 
 def fsdp_requested() -> bool:
     """Whether the launch asked for FSDP (Accelerate sets ACCELERATE_USE_FSDP; on CPUs it then falls back to DDP
@@ -144,30 +143,6 @@ class Sharding:
 # Checkpoints: the trained modules, the optimizer and the EMA by parameter name
 # ----------------------------------------------------------------------------------------------
 
-def _flatten(value, prefix: str, tensors: dict):
-    """``value`` with its tensors moved to ``tensors`` (by dotted path, as they are: DTensors stay sharded)."""
-    if torch.is_tensor(value):
-        tensors[prefix] = value
-        return {"__tensor__": prefix}
-    if isinstance(value, dict):
-        return {"__dict__": [[k, _flatten(v, f"{prefix}.{k}", tensors)] for k, v in value.items()]}
-    if isinstance(value, (list, tuple)):
-        return [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(value)]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"cannot store {type(value).__name__} at {prefix!r} in a sharded checkpoint")
-
-
-def _unflatten(value, tensors: dict):
-    if isinstance(value, dict) and "__tensor__" in value:
-        return tensors[value["__tensor__"]]
-    if isinstance(value, dict) and "__dict__" in value:
-        return {k: _unflatten(v, tensors) for k, v in value["__dict__"]}
-    if isinstance(value, list):
-        return [_unflatten(v, tensors) for v in value]
-    return value
-
-
 class TrainingState:
     """What a sharded checkpoint holds of a run, whether this run shards or not: the trained ``modules`` (by
     name), the ``optimizer`` over them and the ``ema`` of ``ema_params`` (diffusers' EMAModel; its settings are
@@ -184,7 +159,7 @@ class TrainingState:
 
         model, optim = get_state_dict(self.container, self.optimizer)
         tensors: dict = {f"model.{k}": v for k, v in model.items()}
-        skeleton = {"optimizer": _flatten(optim, "optim", tensors)}
+        skeleton = {"optimizer": split_state(optim, tensors, "optim", copy=False)}
         if self.ema is not None:
             tensors.update({f"ema.{n}": s for n, s in zip(self.ema_names, self.ema.shadow_params)})
         return tensors, skeleton
@@ -209,7 +184,7 @@ class TrainingState:
         skeleton = json.loads((folder / "state.json").read_text())
         model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         set_state_dict(self.container, self.optimizer, model_state_dict=model,
-                       optim_state_dict=_unflatten(skeleton["optimizer"], tensors))
+                       optim_state_dict=join_state(skeleton["optimizer"], tensors))
         # the EMA's shadows were read in place
 
 
