@@ -77,9 +77,10 @@ def check_config(cfg: AutoencoderConfig, num_processes: int = 1, strategy: str =
     c = Checker(cfg)
     check_engine_settings(c)
     tc, m = cfg.train, cfg.model
-    if strategy in ("fsdp", "deepspeed_zero3"):
-        raise ValueError(f"the {strategy} strategy shards the weights, and the latent scale, held-out metrics and "
-                         f"export run on the main process with the whole VAE; use DDP or DeepSpeed ZeRO-2")
+    if strategy in ("fsdp", "deepspeed"):
+        raise ValueError(f"the {strategy} strategy is not supported by the autoencoder trainer, whose latent scale, "
+                         f"held-out metrics and export run on the main process with the whole VAE (small enough for "
+                         f"one GPU); use DDP (configs/accelerate/ddp.yaml)")
     c.require(tc.batch_size % num_processes == 0, "train.batch_size",
               f"must divide by the number of processes ({num_processes})")
     c.require(len(cfg.data.datasets) > 0 and all(cfg.data.datasets), "data.datasets", "needs at least one source")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shutil
 import time
 from typing import Callable, Iterable, Protocol
@@ -77,26 +78,23 @@ def stop_signals():
 
 
 def strategy_name(accelerator) -> str:
-    """How Accelerate distributes this run, as the config check names it. A launch asked for FSDP counts as
-    FSDP even where Accelerate falls back to DDP (on CPUs it does, silently)."""
+    """How Accelerate distributes this run, as the config check names it. A launch asked for FSDP or DeepSpeed
+    counts as such even where Accelerate falls back to DDP (on CPUs it does, silently)."""
     if fsdp_requested():
         return "fsdp"
     kind = accelerator.distributed_type
-    if kind == DistributedType.DEEPSPEED:
-        plugin = accelerator.state.deepspeed_plugin
-        return "deepspeed_zero3" if plugin is not None and plugin.zero_stage == 3 else "deepspeed"
+    if kind == DistributedType.DEEPSPEED or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "deepspeed"
     return {DistributedType.FSDP: "fsdp", DistributedType.MULTI_GPU: "multi_gpu",
             DistributedType.MULTI_CPU: "multi_cpu"}.get(kind, "no")
 
 
-# What each strategy does with the weights: every process holds all of them (DDP; DeepSpeed ZeRO-2, whose
-# optimizer states are partitioned but not the weights), or a shard (FSDP).
-SHARDING = {"no": "none", "multi_cpu": "ddp", "multi_gpu": "ddp", "deepspeed": "deepspeed", "deepspeed_zero3": "deepspeed",
-            "fsdp": "fsdp"}
+# What each strategy does with the weights: every process holds all of them (DDP), or a shard (FSDP).
+SHARDING = {"no": "none", "multi_cpu": "ddp", "multi_gpu": "ddp", "fsdp": "fsdp"}
 
 
 def memory_row(accelerator, modules, frozen=()) -> dict:
-    """How the run held its weights: ``sharding`` (none, ddp, deepspeed, fsdp), ``params_total`` (the parameters
+    """How the run held its weights: ``sharding`` (none, ddp, fsdp), ``params_total`` (the parameters
     of the trained ``modules``, each counted once), ``params_per_process`` (those of them the largest process
     holds: a sharded parameter counts its local shard) and ``params_frozen`` (those of the ``frozen`` modules,
     which every process holds whole), and on CUDA ``peak_memory_gib_per_process`` (the largest process's peak of

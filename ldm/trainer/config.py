@@ -277,7 +277,7 @@ class LDMConfig(RunConfig):
 def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -> None:
     """Reject bad values of a diffusion run before any data is read or model built, section by section, then
     the fine-tuning method's and the stage's own. ``strategy`` is how Accelerate distributes the run ("no",
-    "multi_gpu", "multi_cpu", "fsdp", "deepspeed", "deepspeed_zero3")."""
+    "multi_gpu", "multi_cpu", "fsdp", "deepspeed")."""
     c = Checker(cfg)
     check_engine_settings(c)
     check_distribution(c, num_processes, strategy)
@@ -291,14 +291,19 @@ def check_config(cfg: LDMConfig, num_processes: int = 1, strategy: str = "no") -
     check_dreambooth(c)
 
 
+DEEPSPEED_REFUSED = (
+    "DeepSpeed is not supported: its checkpoints are pickles that its own loader unpickles (torch.load with "
+    "weights_only=False), which this trainer never does with a file, and ZeRO-3 keeps the weights inside its "
+    "engine, where validation and export cannot gather them; use FSDP (configs/accelerate/fsdp.yaml), whose "
+    "fsdp_reshard_after_forward: false shards gradients and optimizer state as ZeRO-2 does, and true shards the "
+    "weights too, as ZeRO-3 does")
+
+
 def check_distribution(c: Checker, num_processes: int, strategy: str) -> None:
     """What the distribution strategy allows: the batch split evenly; under FSDP, bf16 or fp32 and torch's AdamW."""
     tc = c.cfg.train
-    if strategy == "deepspeed_zero3":
-        raise ValueError("DeepSpeed ZeRO-3 is not supported: it shards the weights inside DeepSpeed's engine, which "
-                         "this trainer's validation, sample grids and export cannot gather from; to shard the weights "
-                         "use FSDP (configs/accelerate/fsdp.yaml), or ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml) "
-                         "to shard only the optimizer state and gradients")
+    if strategy == "deepspeed":
+        raise ValueError(DEEPSPEED_REFUSED)
     if strategy == "fsdp":
         c.require(tc.mixed_precision != "fp16", "train.mixed_precision",
                   "FSDP here trains in bf16 or fp32 ('bf16' or 'no'); fp16 would need a sharded gradient scaler")
@@ -306,9 +311,6 @@ def check_distribution(c: Checker, num_processes: int, strategy: str) -> None:
                   "FSDP shards the optimizer state as torch tensors; use 'adamw' (bitsandbytes' 8-bit state cannot be "
                   "sharded this way)")
     c.at_least("train.gradient_accumulation_steps", 1)
-    if strategy == "deepspeed" and tc.gradient_accumulation_steps > 1:
-        raise ValueError(f"train.gradient_accumulation_steps={tc.gradient_accumulation_steps} is not supported under "
-                         f"DeepSpeed, whose engine accumulates by itself; use 1 and a larger per-GPU batch")
     per = num_processes * tc.gradient_accumulation_steps
     c.require(tc.batch_size % per == 0, "train.batch_size",
               f"must divide by processes x accumulation steps ({num_processes} x {tc.gradient_accumulation_steps} = "

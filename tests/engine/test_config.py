@@ -39,7 +39,7 @@ def test_accelerate_configs_parse():
         assert path.read_text().startswith("#"), f"{path} should say when to pick it"
         kinds[path.stem] = str(load_config_from_file(str(path)).distributed_type)
     assert kinds == {"cpu_2proc": "DistributedType.MULTI_GPU", "ddp": "DistributedType.MULTI_GPU",
-                     "deepspeed_zero2": "DistributedType.DEEPSPEED", "fsdp": "DistributedType.FSDP",
+                     "fsdp": "DistributedType.FSDP",
                      "fsdp_cpu_2proc": "DistributedType.FSDP"}
 
 
@@ -47,11 +47,12 @@ def test_what_each_strategy_refuses_says_why():
     from autoencoder.config import check_config as check_autoencoder
     from ldm.trainer.config import check_config
 
-    # ZeRO-3 is refused by both trainers, pointing at FSDP; the autoencoder trainer shards nothing.
-    with pytest.raises(ValueError, match="ZeRO-3 is not supported.*use FSDP"):
-        check_config(LDMConfig(), 2, "deepspeed_zero3")
-    for strategy in ("fsdp", "deepspeed_zero3"):
-        with pytest.raises(ValueError, match=f"{strategy}.*use DDP"):
+    # DeepSpeed is refused by both trainers, the diffusion trainer pointing at FSDP; the autoencoder trainer shards
+    # nothing.
+    with pytest.raises(ValueError, match="DeepSpeed is not supported: its checkpoints are pickles.*use FSDP"):
+        check_config(LDMConfig(), 2, "deepspeed")
+    for strategy in ("fsdp", "deepspeed"):
+        with pytest.raises(ValueError, match=f"{strategy} strategy is not supported.*use DDP"):
             check_autoencoder(AutoencoderConfig(), 1, strategy)
     check_config(LDMConfig(), 2, "fsdp")
     check_config(LDMConfig(), 2, "multi_gpu")
@@ -59,8 +60,23 @@ def test_what_each_strategy_refuses_says_why():
         check_config(load_config(LDMConfig, None, ["train.mixed_precision=fp16"]), 2, "fsdp")
     with pytest.raises(ValueError, match="train.optimizer='adamw8bit'.*use 'adamw'"):
         check_config(load_config(LDMConfig, None, ["train.optimizer=adamw8bit"]), 2, "fsdp")
-    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
-        check_config(load_config(LDMConfig, None, ["train.gradient_accumulation_steps=2"]), 1, "deepspeed")
+
+
+def test_a_launch_asking_for_fsdp_or_deepspeed_is_named_so_where_accelerate_falls_back_to_ddp(monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from ldm.engine.engine import strategy_name
+
+    on_cpu = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert strategy_name(on_cpu) == "multi_cpu"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert strategy_name(on_cpu) == "deepspeed"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert strategy_name(on_cpu) == "fsdp"
 
 
 @pytest.mark.parametrize("env, message", [

@@ -32,16 +32,17 @@ def _common(tmp_path, vae, data):
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def _command(args: list[str], port: int, script: Path = ROOT / "train_ldm.py") -> list[str]:
+def _command(args: list[str], port: int, script: Path = ROOT / "train_ldm.py", launch: tuple = ()) -> list[str]:
+    """``accelerate launch`` under the FSDP CPU config (2 processes unless ``launch`` options say otherwise)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(ROOT / "configs/accelerate/fsdp_cpu_2proc.yaml"), "--num_cpu_threads_per_process", "1",
+            str(ROOT / "configs/accelerate/fsdp_cpu_2proc.yaml"), "--num_cpu_threads_per_process", "1", *launch,
             "--main_process_port", str(port), str(script), "--config", str(ROOT / "configs/ldm/tiny.yaml"), *args]
 
 
-def _launch(args: list[str], port: int, script: Path = ROOT / "train_ldm.py", check: bool = True):
-    """train_ldm.py (or ``script``) on 2 processes under the FSDP CPU config; the finished process."""
-    proc = subprocess.run(_command(args, port, script), env=ENV, capture_output=True, text=True, timeout=600,
-                          cwd=ROOT)
+def _launch(args: list[str], port: int, script: Path = ROOT / "train_ldm.py", check: bool = True, launch=()):
+    """train_ldm.py (or ``script``) under the FSDP CPU config; the finished process."""
+    proc = subprocess.run(_command(args, port, script, launch), env=ENV, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -107,6 +108,29 @@ def test_sharded_checkpoint_resumes_bit_identically_and_survives_a_failed_save(t
     _launch(["name=broken", *common, "train.resume=latest"], 29537)
     a, b = load_file(tmp_path / "whole" / UNET), load_file(tmp_path / "broken" / UNET)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # On four processes each reads its quarter of the two processes' shards: the same end point.
+    _launch(["name=four", *common, f"train.resume={ckpts / 'step-3'}"], 29549, launch=("--num_processes", "4"))
+    assert read_metrics(tmp_path / "four" / "metrics.jsonl")[-1]["num_processes"] == 4
+    assert _rel(load_file(tmp_path / "four" / UNET), a) < 1e-3
+
+
+@pytest.mark.slow
+def test_two_machines_of_one_process_shard_as_one_machine_of_two(tmp_path, tiny_vae_dir, data_dir):
+    """Machine ranks 0 and 1 meeting on 127.0.0.1 (gloo), as docs/training.md launches several machines: the
+    shards span both, and the weights equal a 2-process single-machine run's bit for bit."""
+    common = _common(tmp_path, tiny_vae_dir, data_dir)
+    _launch(["name=one_machine", *common], 29551)
+    nodes = [subprocess.Popen(_command(["name=two_machines", *common], 29553, launch=(
+        "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2", "--main_process_ip",
+        "127.0.0.1")), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)]
+    for node in nodes:
+        out, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
+    last = read_metrics(tmp_path / "two_machines" / "metrics.jsonl")[-1]
+    assert last["sharding"] == "fsdp" and last["params_per_process"] <= 0.6 * last["params_total"]
+    a, b = load_file(tmp_path / "one_machine" / UNET), load_file(tmp_path / "two_machines" / UNET)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
@@ -168,3 +192,16 @@ def test_fsdp_variants_match_one_process(tmp_path, tiny_vae_dir, data_dir, varia
         print(f"EMA U-Net, accumulation, FSDP against one process: {_rel(a, b):.2e}")
         assert _rel(a, b) < 1e-3, _rel(a, b)
         assert json.loads((tmp_path / "fsdp" / "checkpoints" / "step-6" / "ema.json").read_text())
+
+
+@pytest.mark.slow
+def test_fsdp_in_bf16_computes_in_bf16_on_fp32_master_weights(tmp_path, tiny_vae_dir, data_dir):
+    common = _common(tmp_path, tiny_vae_dir, data_dir)
+    _launch(["name=bf16", *common, "train.mixed_precision=bf16"], 29555, launch=("--mixed_precision", "bf16"))
+    _launch(["name=fp32", *common], 29557)
+    first = [[r["loss"] for r in read_metrics(tmp_path / n / "metrics.jsonl") if r.get("step") == 1 and "epoch" in r][0]
+             for n in ("bf16", "fp32")]
+    assert first[0] != first[1] and first[0] == pytest.approx(first[1], rel=1e-3)  # rounded, not another model
+    exported = load_file(tmp_path / "bf16" / UNET)
+    assert {v.dtype for v in exported.values()} == {torch.float32}
+    assert read_metrics(tmp_path / "bf16" / "metrics.jsonl")[-1]["sharding"] == "fsdp"
