@@ -172,3 +172,33 @@ def record_added_conditions(monkeypatch) -> list[dict]:
 
     monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
     return seen
+
+
+def write_shards(folder: Path, num_shards: int, per_shard: int, size: int = 32, bad: dict | None = None) -> list[Path]:
+    """Webdataset shards ``shard-0000.tar``... of ``per_shard`` samples each (``s0003_0001.png`` + ``.txt``): a
+    flat colour per sample, the caption naming the sample. ``bad``: {key: "image" | "caption" | "small"} writes that
+    sample broken (bytes that are no image, no caption, an image of 4 x 4 pixels)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bad, paths = bad or {}, []
+    for s in range(num_shards):
+        path = folder / f"shard-{s:04d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(per_shard):
+                key = f"s{s:04d}_{i:04d}"
+                side = 4 if bad.get(key) == "small" else size
+                buf = io.BytesIO()
+                Image.new("RGB", (side, side), ((37 * s) % 256, (11 * i) % 256, 128)).save(buf, format="PNG")
+                files = {f"{key}.png": b"not an image" if bad.get(key) == "image" else buf.getvalue()}
+                if bad.get(key) != "caption":
+                    files[f"{key}.txt"] = f"a square of shard {s} number {i}".encode()
+                for name, data in files.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
