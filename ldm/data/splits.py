@@ -98,6 +98,40 @@ def load_splits(cfg) -> tuple[Split, Split, bool]:
     return train, val, heldout
 
 
+def stream_splits(cfg, head_size: int = 256):
+    """Splits for a run on streamed shards: (the first samples as a split, standing in for the training data at
+    set-up: a new tokenizer's captions, the sample grid's prompts; the validation split; whether it is held out;
+    the keys of the samples held out of the stream for validation; the shards; the head's skipped samples).
+
+    Validation images come from ``data.validation_dataset``, else the first ``data.validation_num_images``
+    samples of the shards, which training then skips."""
+    import datasets
+
+    from ldm.data.stream import expand_shards, stream_head
+
+    d = cfg.data
+    shards = expand_shards(d.dataset)
+    n_val = 0 if d.validation_dataset else d.validation_num_images
+    head, report = stream_head(shards, max(n_val, head_size), d.min_image_size)
+    if len(head) <= n_val:
+        raise ValueError(f"data.dataset={d.dataset!r}: only {len(head)} usable sample(s) found while holding out "
+                         f"data.validation_num_images={n_val} for validation; lower it or give data.validation_dataset")
+    features = datasets.Features({d.image_column: datasets.Image(), d.caption_column: datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({d.image_column: [im for _, im, _ in head],
+                                     d.caption_column: [c for _, _, c in head]}, features=features)
+    ds._fingerprint = Fingerprint().value([key for key, _, _ in head]).hexdigest()  # the same on every process
+    first = make_split(cfg, ds, f"{d.dataset}#head", bucketing=False)
+    if d.validation_dataset:
+        val = make_split(cfg, _load(cfg, d.validation_dataset, d.validation_split_name), d.validation_dataset, False)
+        exclude = frozenset()
+    else:
+        held = ds.select(range(n_val))
+        held._fingerprint = Fingerprint().value([key for key, _, _ in head[:n_val]]).hexdigest()
+        val = make_split(cfg, held, f"{d.dataset}#validation", bucketing=False)
+        exclude = frozenset(key for key, _, _ in head[:n_val])
+    return first, val, True, exclude, shards, report.bad_examples
+
+
 def class_split(cfg, folder: Path, prompts: list[str]) -> Split:
     """DreamBooth's class images of ``prompts`` (from an image folder with metadata.jsonl, which may also hold
     other prompts' images) as a split."""

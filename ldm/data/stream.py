@@ -200,10 +200,159 @@ class ShardStream:
                 return
             except Exception as e:  # network, file system and tar errors alike
                 error = f"{type(e).__name__}: {e}"
-                logger.warning("shard %s failed (attempt %d of %d): %s", url, attempt + 1, self.retries + 1, error)
+                if isinstance(e, FileNotFoundError) and not url.startswith(URL_SCHEMES):
+                    break  # a local file that is not there will not appear by retrying
+                logger.info("shard %s failed (attempt %d of %d): %s", url, attempt + 1, self.retries + 1, error)
         self.report.unreachable.append({"shard": url, "error": error})
-        logger.warning("shard %s skipped after %d attempts: %s", url, self.retries + 1, error)
+        logger.warning("shard %s skipped: %s", url, error)
 
 
 def _raise(exn: Exception) -> bool:
     raise exn
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer's side: the first samples (validation, a new tokenizer), and batches streamed step by step
+# ----------------------------------------------------------------------------------------------
+
+def stream_head(shards: list[str], n: int, min_size: int = 0) -> tuple[list[tuple[str, object, str]], StreamReport]:
+    """The first ``n`` good samples in the shards' own order (not permuted): [(key, image, caption)], read the
+    same way by every process."""
+    stream, out = ShardStream(shards, seed=0, stream=0, num_streams=1, min_size=min_size), []
+    for pos, url in enumerate(shards):
+        for sample in stream._raw(url, 0):
+            decoded = decode_sample(sample, min_size)
+            if isinstance(decoded, str):
+                stream.report.skip(sample.get("__key__", "?"), url, decoded)
+                continue
+            out.append((f"{url}#{sample['__key__']}", decoded[0], decoded[1]))
+            if len(out) == n:
+                return out, stream.report
+    return out, stream.report
+
+
+@dataclass
+class StreamPlan:
+    """A step's global batch from streams: this process's samples, and the choices drawn for the whole batch."""
+
+    samples: list  # [(image, caption)]: this process's share of every micro-batch, one after the other
+    size: tuple[int, int]
+    flips: object  # (B,) bool tensor for the global batch
+    crop_seeds: object  # (B,)
+    draws_seed: int
+    global_size: int
+
+    def __len__(self) -> int:
+        return self.global_size
+
+
+class StreamSource:
+    """Training batches streamed from shards: each process reads its own stream (stream = process index), takes
+    its share of every step's global batch from it, and skips the samples held out for validation. Images are
+    cut each step (no latent cache) and captions tokenized each step. ``state_dict`` is every process's cursor
+    (gathered by ``gather_state`` on all processes before a checkpoint), so a resume reads what comes next."""
+
+    batches_per_epoch = 2**62  # a stream has no fixed epoch length; epochs are counted per stream (`Cursor`)
+
+    def __init__(self, shards: list[str], seed: int, streams, accelerator, per_process: int, accumulation: int,
+                 batch_size: int, transform, tokenize, random_flip: bool, min_size: int = 0,
+                 exclude: frozenset = frozenset(), max_bad_fraction: float = 1.0):
+        self.acc, self.seed, self.streams = accelerator, seed, streams
+        self.per_process, self.accumulation, self.batch_size = per_process, accumulation, batch_size
+        self.transform, self.tokenize, self.random_flip = transform, tokenize, random_flip
+        self.exclude, self.max_bad_fraction = exclude, max_bad_fraction
+        self.stream = ShardStream(shards, seed, accelerator.process_index, accelerator.num_processes, min_size)
+        self.cursor, self.cursors = Cursor(), None
+        self.held_out = 0
+
+    def iterate(self, start: int, stop: int):
+        """(step, epoch of this process's stream, this process's samples of the step) for steps start..stop-1."""
+        samples = self.stream.samples(self.cursor)
+        for step in range(start, stop):
+            taken = []
+            while len(taken) < self.per_process * self.accumulation:
+                cursor, key, image, caption = next(samples)
+                if f"{self.stream.shards[self._shard_of(cursor)]}#{key}" in self.exclude:
+                    self.held_out += 1
+                    continue
+                taken.append((image, caption))
+                self.cursor = cursor
+            self._check_bad()
+            yield step, self.cursor.epoch, taken
+
+    def _shard_of(self, cursor: Cursor) -> int:
+        return stream_shards(len(self.stream.shards), self.seed, cursor.epoch, self.stream.stream,
+                             self.stream.num_streams)[cursor.shard]
+
+    def _check_bad(self) -> None:
+        report = self.stream.report
+        bad = sum(report.bad.values())
+        seen = bad + report.samples
+        if seen >= 100 and bad > self.max_bad_fraction * seen:
+            raise ValueError(f"{bad} of the first {seen} streamed samples could not be used ({dict(report.bad)}; "
+                             f"e.g. {report.bad_examples[:3]}), more than data.max_bad_fraction="
+                             f"{self.max_bad_fraction}; fix the shards or raise the limit")
+
+    def plan(self, step: int, samples: list) -> StreamPlan:
+        import torch
+
+        from ldm.data.batches import step_generator, step_seed
+
+        g = step_generator(self.seed, step, self.streams.augment)
+        n = self.batch_size
+        _, flip = torch.rand(n, generator=g), torch.rand(n, generator=g) < 0.5  # as BatchSource draws them
+        crop_seeds = torch.randint(0, 2**31 - 1, (n,), generator=g)
+        size = (self.transform.resolution, self.transform.resolution)
+        return StreamPlan(samples, size, flip & self.random_flip, crop_seeds,
+                          step_seed(self.seed, step, self.streams.draws), n)
+
+    def load(self, plan: StreamPlan, sl: slice) -> dict:
+        """This process's samples at the global slice ``sl``: pixels (b, 3, H, W) and token ids (b, L)."""
+        import random
+
+        import torch
+
+        k = (sl.start // self.per_process - self.acc.process_index) // self.acc.num_processes  # micro-batch
+        rows = plan.samples[k * self.per_process:(k + 1) * self.per_process]
+        flips, seeds = plan.flips[sl].tolist(), plan.crop_seeds[sl].tolist()
+        pixels = torch.stack([self.transform(image, size=plan.size, rng=random.Random(int(s)), flip=bool(f))
+                              for (image, _), f, s in zip(rows, flips, seeds)])
+        return {"pixels": pixels, "captions": self.tokenize([caption for _, caption in rows])}
+
+    # ---- position and report, checkpointed as JSON ---------------------------------------------
+
+    def gather_state(self) -> None:
+        """Every process's cursor, gathered onto every process (all must call it before a checkpoint)."""
+        import torch
+
+        mine = torch.tensor([[self.cursor.epoch, self.cursor.shard, self.cursor.sample]], device=self.acc.device)
+        self.cursors = self.acc.gather(mine).tolist()
+
+    def state_dict(self) -> dict:
+        if self.cursors is None:
+            raise RuntimeError("gather_state() must run on every process before the stream's state is saved")
+        return {"cursors": self.cursors, "num_processes": self.acc.num_processes}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_processes"] != self.acc.num_processes:
+            raise ValueError(f"the checkpoint streamed its shards on {state['num_processes']} process(es) and this "
+                             f"run has {self.acc.num_processes}: each process's stream position would not carry over; "
+                             f"resume on {state['num_processes']}")
+        self.cursor = Cursor(*state["cursors"][self.acc.process_index])
+
+    def summary(self) -> dict:
+        """Numbers for the closing summary, over every process (all must call it): samples skipped by reason,
+        shard reads that failed, samples held out for validation."""
+        from accelerate.utils import gather_object
+
+        reports = gather_object([{**self.stream.report.as_dict(), "held_out": self.held_out}])
+        bad = Counter()
+        for r in reports:
+            bad.update(r["bad"])
+        out = {"samples_streamed": sum(r["samples"] for r in reports)}
+        if bad:
+            out["bad_samples_skipped"] = dict(bad)
+        failed = [u for r in reports for u in r["unreachable"]]
+        if failed:
+            out["shard_reads_failed"] = len(failed)
+        return out

@@ -199,6 +199,9 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
             tmp.mkdir()
         acc.wait_for_everyone()
+        for obj in self.objects.values():  # state that lives on every process (a stream's position)
+            if hasattr(obj, "gather_state"):
+                obj.gather_state()
         try:
             if self.sharded:  # every process writes its shards
                 self.training.save(tmp / SHARDED_DIR, acc.is_main_process)

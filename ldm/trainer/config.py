@@ -60,6 +60,9 @@ class DataConfig:
     # Images that cannot be decoded are skipped and listed in <run>/bad_images.jsonl; more than this fraction of
     # a source is an error naming them all.
     max_bad_fraction: float = 0.01
+    # Streamed webdataset shards (data.dataset a .tar pattern, URL or folder of .tar files): samples whose image's
+    # shorter side is below this are skipped and counted (0: none).
+    min_image_size: int = 0
     caption_dropout: float = 0.1  # probability of an empty caption, for classifier-free guidance
     # Aspect-ratio bucketing: images are grouped by the nearest (h, w) of area <= resolution^2 with sides
     # in multiples of bucket_step; every batch comes from one bucket.
@@ -339,6 +342,13 @@ def check_data(c: Checker) -> None:
     c.at_least("data.validation_num_images", 1)
     c.at_least("data.max_train_samples", 1, optional=True)
     c.at_least("data.crop_scale", 1)
+    c.at_least("data.min_image_size", 0)
+    from ldm.data.stream import is_shard_spec
+
+    if d.dataset and is_shard_spec(d.dataset):  # what a stream does not do yet
+        for key, on in (("data.bucketing", d.bucketing), ("data.mask_source", d.mask_source != "none"),
+                        ("dreambooth.instance_data", bool(c.cfg.dreambooth.instance_data))):
+            c.require(not on, key, f"is not supported with streamed shards (data.dataset={d.dataset!r}) yet")
     for key in ("data.dataset", "data.image_column", "data.caption_column", "data.cache_dir"):
         c.require(bool(c.get(key)), key, "must not be empty")
     if d.mask_source != "none":

@@ -61,8 +61,8 @@ class ObjectiveInputs:
 
 
 class TextContext:
-    """Caption indices -> the U-Net's context (b, L, D): rows of the embedding cache when the text encoder is
-    frozen, else the encoder's forward. Where ``drop`` is set the empty caption stands in (classifier-free
+    """Caption indices (or, streamed, token ids (b, L)) -> the U-Net's context (b, L, D): rows of the embedding
+    cache when the text encoder is frozen, else the encoder's forward. Where ``drop`` is set the empty caption stands in (classifier-free
     guidance)."""
 
     def __init__(self, input_ids: torch.Tensor, empty_ids: torch.Tensor, encoder=None, cache: dict | None = None):
@@ -78,7 +78,7 @@ class TextContext:
             context = take(self.cache["embeds"], captions)
             context[drop] = self.empty_embed
             return context.to(device)
-        ids = self.input_ids[captions]
+        ids = captions.clone() if captions.dim() == 2 else self.input_ids[captions]  # streamed: token ids already
         ids[drop] = self.empty_ids
         return self.encoder(ids.to(device))[0]
 

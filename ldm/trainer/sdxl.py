@@ -106,6 +106,7 @@ class XLTextToImage(TextToImage):
     """Text-to-image on a Stable Diffusion XL model (module docstring)."""
 
     scored = True
+    streams = False  # its per-image arrays (size conditions, low-resolution images) are not streamed yet
 
     @classmethod
     def check(cls, c: Checker) -> None:

@@ -42,6 +42,7 @@ class TextToImage:
     """Text-to-image: the U-Net denoises latents (or pixels) under the captions' context."""
 
     scored = True  # on built-in data, validation reads its samples with the built-in scorer
+    streams = True  # trains from streamed webdataset shards (`ldm.data.stream`)
 
     def __init__(self, cfg):
         self.cfg = cfg  # checked (`check`) before the stage is made

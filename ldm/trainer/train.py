@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,7 +31,16 @@ from ldm.data.batches import (
     rank_slice,
 )
 from ldm.data.cache import Encoding, cached_posterior, latent_cache
-from ldm.data.splits import Split, check_sizes, class_split, load_splits, report_bad_images, report_unseen
+from ldm.data.splits import (
+    Split,
+    check_sizes,
+    class_split,
+    load_splits,
+    report_bad_images,
+    report_unseen,
+    stream_splits,
+)
+from ldm.data.stream import is_shard_spec
 from ldm.diffusion.gaussian import GaussianDiffusion
 from ldm.diffusion.schedulers import sampling_scheduler
 from ldm.engine.cli import run
@@ -63,6 +72,8 @@ def train(cfg: LDMConfig) -> dict:
     result = {"latent_std": round(run.latent_std, 3), "best_val_loss": round(min(vals), 5) if vals else None,
               **{k: v for k, v in engine.final_validation.items() if k.startswith("score_")}}
     data = run.data
+    if data.shards:
+        result.update(run.sources[0].summary())
     if data.unseen:
         result["images_never_seen"] = sum(data.unseen.values())
     if data.bad:
@@ -86,6 +97,8 @@ class RunData:
     unseen: dict  # buckets too small for a batch: "HxW" -> images never trained on
     bad: list  # images skipped: they cannot be decoded
     bad_report: Path | None  # the file naming them
+    shards: list[str] | None = None  # streamed webdataset shards (`ldm.data.stream`); train is then their head
+    held_out: frozenset = frozenset()  # keys of streamed samples held out for validation
 
 
 @dataclass
@@ -122,14 +135,16 @@ def build_run(cfg: LDMConfig) -> Run:
                                                         discrete_decoder=is_pixel_space(comp.vae))
 
     # Caches and batch sources; DreamBooth's prior preservation is a second source mixed into every step.
-    sources = [batch_source(cfg, engine, stage, comp, data.train, TRAIN_STREAMS,
-                            masked=cfg.data.mask_source != "none")]
+    sources = [stream_source(cfg, engine, stage, comp, data) if data.shards else
+               batch_source(cfg, engine, stage, comp, data.train, TRAIN_STREAMS, masked=cfg.data.mask_source != "none")]
     if classes is not None:
         sources.append(batch_source(cfg, engine, stage, comp, classes, CLASS_STREAMS, len(data.train.captions)))
     val = validation_set(cfg, engine, stage, comp, data.val)
     latent_std = check_latent_scale(val.mean, val.std, *latent_scale_shift(comp.vae), warn=not is_pixel_space(comp.vae))
     captions = data.train.captions + (classes.captions if classes else [])
-    text_inputs = stage.text_inputs(cfg, engine, comp, captions)
+    # streamed captions are encoded every step: there is no fixed set to cache
+    text_cfg = replace(cfg, data=replace(cfg.data, cache_text=False)) if data.shards else cfg
+    text_inputs = stage.text_inputs(text_cfg, engine, comp, captions)
 
     unet, text_encoders = prepare(cfg, engine, comp, groups)
     text_encoder = text_encoders[0]
@@ -155,6 +170,11 @@ def read_data(cfg: LDMConfig, engine, method) -> RunData:
     """The training and validation splits (built-in data is generated once, by the main process), checked by the
     method, with the images skipped because they cannot be decoded written to ``<run>/bad_images.jsonl``."""
     acc = engine.accelerator
+    if is_shard_spec(cfg.data.dataset):  # streamed: the first samples stand in for the data at set-up
+        head, val_split, heldout, held_out, shards, bad = stream_splits(cfg)
+        method.check_captions(cfg, head.captions)
+        return RunData(head, val_split, heldout, {}, bad, report_bad_images(bad, cfg.run_dir, acc.is_main_process),
+                       shards, held_out)
     with acc.main_process_first():
         train_split, val_split, heldout = load_splits(cfg)
     method.check_captions(cfg, train_split.captions)
@@ -236,6 +256,26 @@ def batch_source(cfg: LDMConfig, engine, stage: TextToImage, comp: Components, s
     return BatchSource(split, sampler, cfg.train.seed, streams, d.random_flip,
                        pixels=PixelItems.for_split(split, d, d.random_crop), caption_offset=caption_offset,
                        extras=extras)
+
+
+def stream_source(cfg: LDMConfig, engine, stage: TextToImage, comp: Components, data: RunData):
+    """Batches streamed from the run's shards (`ldm.data.stream.StreamSource`), each step's images cut and encoded
+    anew; its position is checkpointed with the run."""
+    from ldm.data.images import ImageTransform
+    from ldm.data.stream import StreamSource
+
+    if not stage.streams:
+        raise ValueError(f"streamed shards (data.dataset={cfg.data.dataset!r}) train Stable Diffusion 1.x/2.x-style "
+                         f"text-to-image models for now, not this model's stage ({type(stage).__name__})")
+    d, tc, acc = cfg.data, cfg.train, engine.accelerator
+    transform = ImageTransform(d.resolution, d.center_crop, d.random_crop, tuple(d.alpha_background), d.crop_scale)
+    source = StreamSource(data.shards, tc.seed, TRAIN_STREAMS, acc,
+                          micro_batch_size(tc.batch_size, acc.num_processes, tc.gradient_accumulation_steps),
+                          tc.gradient_accumulation_steps, tc.batch_size, transform,
+                          lambda captions: stage.tokenize(comp, captions), d.random_flip, d.min_image_size,
+                          data.held_out, d.max_bad_fraction)
+    engine.state_objects["stream"] = source
+    return source
 
 
 def mask_arrays(cfg: LDMConfig, engine, comp: Components, split: Split, cached: bool):
