@@ -203,26 +203,3 @@ def write_shards(folder: Path, num_shards: int, per_shard: int, size: int = 32, 
         paths.append(path)
     return paths
 
-
-def folder_to_shards(folder: Path, out: Path, per_shard: int) -> list[Path]:
-    """An image folder with metadata.jsonl (file_name, text) written as webdataset shards of ``per_shard`` samples
-    (``shard-0000.tar``, ...: ``<stem>.png`` + ``<stem>.txt``), in the metadata's order."""
-    import io
-    import tarfile
-
-    rows = [json.loads(line) for line in (Path(folder) / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s in range(0, len(rows), per_shard):
-        path = out / f"shard-{s // per_shard:04d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for row in rows[s:s + per_shard]:
-                stem = Path(row["file_name"]).stem
-                caption = row["text"] if isinstance(row["text"], str) else row["text"][0]
-                for name, data in ((f"{stem}.png", (Path(folder) / row["file_name"]).read_bytes()),
-                                   (f"{stem}.txt", caption.encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        paths.append(path)
-    return paths

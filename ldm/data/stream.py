@@ -356,3 +356,56 @@ class StreamSource:
         if failed:
             out["shard_reads_failed"] = len(failed)
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing shards: an image folder with metadata.jsonl, packed
+# ----------------------------------------------------------------------------------------------
+
+def pack_folder(folder: str | Path, out: str | Path, per_shard: int = 1000, image_column: str = "file_name",
+                caption_column: str = "text") -> list[Path]:
+    """Pack an image folder with ``metadata.jsonl`` (one JSON object per line: the image's file name and its
+    caption, or a list of captions: the first is kept) into webdataset shards ``out/shard-000000.tar``... of
+    ``per_shard`` samples each, keyed by the image's file stem, in the metadata's order. Each shard is written
+    under a temporary name and renamed when complete."""
+    import os
+    import tarfile
+
+    folder, out = Path(folder), Path(out)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(0, len(rows), per_shard):
+        path = out / f"shard-{s // per_shard:06d}.tar"
+        tmp = path.with_suffix(".tar.tmp")
+        with tarfile.open(tmp, "w") as tar:
+            for row in rows[s:s + per_shard]:
+                image = folder / row[image_column]
+                caption = row[caption_column] if isinstance(row[caption_column], str) else row[caption_column][0]
+                for name, data in ((f"{image.stem}{image.suffix.lower()}", image.read_bytes()),
+                                   (f"{image.stem}.txt", caption.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> None:
+    """``python -m ldm.data.stream pack FOLDER OUT [--per-shard N]``: an image folder as webdataset shards."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ldm.data.stream", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    pack = sub.add_parser("pack", help="pack an image folder with metadata.jsonl into .tar shards")
+    pack.add_argument("folder")
+    pack.add_argument("out")
+    pack.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default: %(default)s)")
+    args = parser.parse_args(argv)
+    paths = pack_folder(args.folder, args.out, args.per_shard)
+    print(f"{len(paths)} shard(s) in {args.out}: {paths[0].name} .. {paths[-1].name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -60,3 +60,16 @@ def test_sample_latency_smoke(tmp_path):
     assert results["sides"]["diffusers-eager"]["max_abs_diff_to_first_side"] < 2e-3
     assert set(results["ratios"]) == {f"diffusers-eager/ours-eager batch {b} {k}" for b in (2,)
                                       for k in ("warm", "cold")}
+
+
+def test_stream_throughput_smoke(tmp_path):
+    spec = importlib.util.spec_from_file_location("stream_throughput", BENCH.parent / "stream_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "stream.json"
+    returned = bench.main(["--preset", str(BENCH.parents[1] / "configs/ldm/tiny.yaml"), "--images", "48",
+                           "--per-shard", "8", "--steps", "3", "--warmup", "1", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results == json.loads(json.dumps(returned)) and results["shards"] == 6
+    assert results["cached_folder"]["images_per_s"] > 0 and results["streamed_shards"]["images_per_s"] > 0
+    assert math.isfinite(results["ratio_streamed_over_cached"]) and results["ratio_streamed_over_cached"] > 0

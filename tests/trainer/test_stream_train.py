@@ -16,11 +16,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import folder_to_shards, write_shards
+from tiny_models import write_shards
 
 from ldm.data.batches import TRAIN_STREAMS
 from ldm.data.images import ImageTransform
 from ldm.data.stream import StreamSource
+from ldm.data.stream import main as stream_main
 from ldm.engine.checkpoint import load_object_state
 from ldm.engine.config import load_config
 from ldm.engine.records import read_metrics
@@ -34,7 +35,7 @@ UNET = Path("pipeline") / "unet" / "diffusion_pytorch_model.safetensors"
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("shards")
-    folder_to_shards(data_dir, out, per_shard=12)  # 96 images: 8 shards
+    stream_main(["pack", str(data_dir), str(out), "--per-shard", "12"])  # 96 images: 8 shards, as a user packs them
     return out
 
 
@@ -60,7 +61,7 @@ def test_the_tiny_preset_trains_from_local_and_http_shards_alike(tmp_path, tiny_
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        remote = _cfg(tmp_path, tiny_vae_dir, f"http://127.0.0.1:{server.server_address[1]}/shard-{{0000..0007}}.tar",
+        remote = _cfg(tmp_path, tiny_vae_dir, f"http://127.0.0.1:{server.server_address[1]}/shard-{{000000..000007}}.tar",
                       "name=http")
         train(remote)
     finally:
