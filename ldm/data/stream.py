@@ -161,23 +161,34 @@ class ShardStream:
         stream_shards(len(shards), seed, 0, stream, num_streams)  # refuses too few shards now
 
     def samples(self, cursor: Cursor | None = None) -> Iterator[tuple[Cursor, str, object, str]]:
+        for after, url, sample in self.raw_samples(cursor):
+            decoded = self.decode(url, sample)
+            if decoded is not None:
+                yield after, sample["__key__"], decoded[0], decoded[1]
+
+    def decode(self, url: str, sample: dict):
+        """(image, caption) of a raw sample, or None after counting why it is skipped."""
+        decoded = decode_sample(sample, self.min_size)
+        if isinstance(decoded, str):
+            self.report.skip(sample.get("__key__", "?"), url, decoded)
+            return None
+        self.report.samples += 1
+        return decoded
+
+    def raw_samples(self, cursor: Cursor | None = None) -> Iterator[tuple[Cursor, str, dict]]:
+        """(cursor after the sample, shard, raw sample (its files' bytes by extension)) forever, from ``cursor``."""
         c = Cursor(**asdict(cursor)) if cursor is not None else Cursor()
         while True:
             order = stream_shards(len(self.shards), self.seed, c.epoch, self.stream, self.num_streams)
-            good_in_epoch = 0
+            read = 0
             for pos in range(c.shard, len(order)):
                 url, skip = self.shards[order[pos]], c.sample if pos == c.shard else 0
                 for k, sample in enumerate(self._raw(url, skip), start=skip):
-                    decoded = decode_sample(sample, self.min_size)
-                    if isinstance(decoded, str):
-                        self.report.skip(sample.get("__key__", "?"), url, decoded)
-                        continue
-                    good_in_epoch += 1
-                    self.report.samples += 1
-                    yield Cursor(c.epoch, pos, k + 1), sample["__key__"], decoded[0], decoded[1]
-            if good_in_epoch == 0 and c.shard == 0 and c.sample == 0:
-                raise RuntimeError(f"stream {self.stream} read no usable sample in a whole epoch of "
-                                   f"{len(order)} shard(s): {self.report.as_dict()}")
+                    read += 1
+                    yield Cursor(c.epoch, pos, k + 1), url, sample
+            if read == 0 and c.shard == 0 and c.sample == 0:
+                raise RuntimeError(f"stream {self.stream} read no sample in a whole epoch of {len(order)} shard(s): "
+                                   f"{self.report.as_dict()}")
             c = Cursor(c.epoch + 1, 0, 0)
 
     def _raw(self, url: str, skip: int) -> Iterator[dict]:
@@ -248,47 +259,61 @@ class StreamPlan:
 
 class StreamSource:
     """Training batches streamed from shards: each process reads its own stream (stream = process index), takes
-    its share of every step's global batch from it, and skips the samples held out for validation. Images are
-    cut each step (no latent cache) and captions tokenized each step. ``state_dict`` is every process's cursor
-    (gathered by ``gather_state`` on all processes before a checkpoint), so a resume reads what comes next."""
+    its share of every step's global batch from it, and skips the samples held out for validation. Samples are
+    shuffled in windows of ``shuffle_buffer`` (each window of raw samples in the order of a permutation drawn from
+    (seed, process, window index); only their bytes are held). Images are cut each step (no latent cache) and
+    captions tokenized each step. The position (the window's first sample, its index, how many of it were taken)
+    of every process is checkpointed (gathered by ``gather_state`` on all processes first), so a resume reads
+    exactly what comes next."""
 
     batches_per_epoch = 2**62  # a stream has no fixed epoch length; epochs are counted per stream (`Cursor`)
 
     def __init__(self, shards: list[str], seed: int, streams, accelerator, per_process: int, accumulation: int,
                  batch_size: int, transform, tokenize, random_flip: bool, min_size: int = 0,
-                 exclude: frozenset = frozenset(), max_bad_fraction: float = 1.0):
+                 exclude: frozenset = frozenset(), max_bad_fraction: float = 1.0, shuffle_buffer: int = 1):
         self.acc, self.seed, self.streams = accelerator, seed, streams
         self.per_process, self.accumulation, self.batch_size = per_process, accumulation, batch_size
         self.transform, self.tokenize, self.random_flip = transform, tokenize, random_flip
-        self.exclude, self.max_bad_fraction = exclude, max_bad_fraction
+        self.exclude, self.max_bad_fraction, self.shuffle_buffer = exclude, max_bad_fraction, shuffle_buffer
         self.stream = ShardStream(shards, seed, accelerator.process_index, accelerator.num_processes, min_size)
-        self.cursor, self.cursors = Cursor(), None
+        self.window_start, self.window_index, self.emitted = Cursor(), 0, 0
+        self.positions = None
         self.held_out = 0
 
     def iterate(self, start: int, stop: int):
         """(step, epoch of this process's stream, this process's samples of the step) for steps start..stop-1."""
-        samples = self.stream.samples(self.cursor)
+        samples = self._shuffled()
         for step in range(start, stop):
-            taken = []
-            while len(taken) < self.per_process * self.accumulation:
-                cursor, key, image, caption = next(samples)
-                if f"{self.stream.shards[self._shard_of(cursor)]}#{key}" in self.exclude:
+            taken = [next(samples) for _ in range(self.per_process * self.accumulation)]
+            yield step, self.window_start.epoch, taken
+
+    def _shuffled(self):
+        """(image, caption) in window-shuffled order from the current position, keeping the position."""
+        raw = self.stream.raw_samples(self.window_start)
+        while True:
+            window, end = [], self.window_start
+            for after, url, sample in raw:
+                end = after
+                if f"{url}#{sample['__key__']}" in self.exclude:
                     self.held_out += 1
                     continue
-                taken.append((image, caption))
-                self.cursor = cursor
-            self._check_bad()
-            yield step, self.cursor.epoch, taken
-
-    def _shard_of(self, cursor: Cursor) -> int:
-        return stream_shards(len(self.stream.shards), self.seed, cursor.epoch, self.stream.stream,
-                             self.stream.num_streams)[cursor.shard]
+                window.append((url, sample))
+                if len(window) == self.shuffle_buffer:
+                    break
+            order = np.random.default_rng([self.seed, self.stream.stream, self.window_index]).permutation(len(window))
+            for j in order[self.emitted:]:
+                self.emitted += 1
+                decoded = self.stream.decode(*window[j])
+                self._check_bad()
+                if decoded is not None:
+                    yield decoded
+            self.window_start, self.window_index, self.emitted = end, self.window_index + 1, 0
 
     def _check_bad(self) -> None:
         report = self.stream.report
         bad = sum(report.bad.values())
         seen = bad + report.samples
-        if seen >= 100 and bad > self.max_bad_fraction * seen:
+        if (seen >= 100 and bad > self.max_bad_fraction * seen) or (report.samples == 0 and bad >= 1000):
             raise ValueError(f"{bad} of the first {seen} streamed samples could not be used ({dict(report.bad)}; "
                              f"e.g. {report.bad_examples[:3]}), more than data.max_bad_fraction="
                              f"{self.max_bad_fraction}; fix the shards or raise the limit")
@@ -322,23 +347,30 @@ class StreamSource:
     # ---- position and report, checkpointed as JSON ---------------------------------------------
 
     def gather_state(self) -> None:
-        """Every process's cursor, gathered onto every process (all must call it before a checkpoint)."""
+        """Every process's position, gathered onto every process (all must call it before a checkpoint)."""
         import torch
 
-        mine = torch.tensor([[self.cursor.epoch, self.cursor.shard, self.cursor.sample]], device=self.acc.device)
-        self.cursors = self.acc.gather(mine).tolist()
+        c = self.window_start
+        mine = torch.tensor([[c.epoch, c.shard, c.sample, self.window_index, self.emitted]], device=self.acc.device)
+        self.positions = self.acc.gather(mine).tolist()
 
     def state_dict(self) -> dict:
-        if self.cursors is None:
+        if self.positions is None:
             raise RuntimeError("gather_state() must run on every process before the stream's state is saved")
-        return {"cursors": self.cursors, "num_processes": self.acc.num_processes}
+        return {"positions": self.positions, "num_processes": self.acc.num_processes,
+                "shuffle_buffer": self.shuffle_buffer}
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_processes"] != self.acc.num_processes:
             raise ValueError(f"the checkpoint streamed its shards on {state['num_processes']} process(es) and this "
                              f"run has {self.acc.num_processes}: each process's stream position would not carry over; "
                              f"resume on {state['num_processes']}")
-        self.cursor = Cursor(*state["cursors"][self.acc.process_index])
+        if state["shuffle_buffer"] != self.shuffle_buffer:
+            raise ValueError(f"data.shuffle_buffer={self.shuffle_buffer}, but the checkpoint streamed with "
+                             f"{state['shuffle_buffer']}: the order would not carry over; resume with "
+                             f"data.shuffle_buffer={state['shuffle_buffer']}")
+        epoch, shard, sample, self.window_index, self.emitted = state["positions"][self.acc.process_index]
+        self.window_start = Cursor(epoch, shard, sample)
 
     def summary(self) -> dict:
         """Numbers for the closing summary, over every process (all must call it): samples skipped by reason,

@@ -63,6 +63,9 @@ class DataConfig:
     # Streamed webdataset shards (data.dataset a .tar pattern, URL or folder of .tar files): samples whose image's
     # shorter side is below this are skipped and counted (0: none).
     min_image_size: int = 0
+    # ... and are shuffled in windows of this many samples (their bytes held in memory: about 50-100 MB per process
+    # at 500 for web images); 1: in shard order.
+    shuffle_buffer: int = 500
     caption_dropout: float = 0.1  # probability of an empty caption, for classifier-free guidance
     # Aspect-ratio bucketing: images are grouped by the nearest (h, w) of area <= resolution^2 with sides
     # in multiples of bucket_step; every batch comes from one bucket.
@@ -343,6 +346,7 @@ def check_data(c: Checker) -> None:
     c.at_least("data.max_train_samples", 1, optional=True)
     c.at_least("data.crop_scale", 1)
     c.at_least("data.min_image_size", 0)
+    c.at_least("data.shuffle_buffer", 1)
     from ldm.data.stream import is_shard_spec
 
     if d.dataset and is_shard_spec(d.dataset):  # what a stream does not do yet

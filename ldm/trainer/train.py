@@ -273,7 +273,7 @@ def stream_source(cfg: LDMConfig, engine, stage: TextToImage, comp: Components, 
                           micro_batch_size(tc.batch_size, acc.num_processes, tc.gradient_accumulation_steps),
                           tc.gradient_accumulation_steps, tc.batch_size, transform,
                           lambda captions: stage.tokenize(comp, captions), d.random_flip, d.min_image_size,
-                          data.held_out, d.max_bad_fraction)
+                          data.held_out, d.max_bad_fraction, d.shuffle_buffer)
     engine.state_objects["stream"] = source
     return source
 

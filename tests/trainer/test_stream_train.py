@@ -55,7 +55,7 @@ def test_the_tiny_preset_trains_from_local_and_http_shards_alike(tmp_path, tiny_
     local = _cfg(tmp_path, tiny_vae_dir, str(shards), "name=local")
     train(local)
     last = read_metrics(local.run_dir / "metrics.jsonl")[-1]
-    assert last["steps"] == 6 and last["samples_streamed"] >= 6 * 16 + 16  # the held-out 16 were read, not trained
+    assert last["steps"] == 6 and last["samples_streamed"] == 6 * 16  # decoded: what trained (the held-out 16 not)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
     handler.log_message = lambda *a: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -78,7 +78,8 @@ def test_a_resumed_streaming_run_is_bit_identical(tmp_path, tiny_vae_dir, shards
     shutil.copy(straight.run_dir / "config.yaml", resumed.run_dir / "config.yaml")
     grab = SimpleNamespace(load_state_dict=lambda state: grab.__dict__.update(state=state))
     load_object_state(grab, resumed.run_dir / "checkpoints" / "step-3", "stream")
-    assert grab.state["num_processes"] == 1 and len(grab.state["cursors"]) == 1  # [epoch, shard, sample]
+    assert grab.state["num_processes"] == 1 and len(grab.state["positions"]) == 1  # [epoch, shard, sample, window, taken]
+    assert grab.state["positions"][0][4] > 0  # stopped inside a shuffle window: the resume re-reads and skips
     train(resumed)
     assert _same(straight.run_dir, resumed.run_dir)
 
@@ -90,8 +91,11 @@ def test_two_processes_read_disjoint_samples_and_together_all(tmp_path):
     for rank in (0, 1):
         acc = SimpleNamespace(process_index=rank, num_processes=2, device=torch.device("cpu"))
         source = StreamSource(shard_list, 3, TRAIN_STREAMS, acc, per_process=4, accumulation=1, batch_size=8,
-                              transform=ImageTransform(32, True, False), tokenize=lambda c: c, random_flip=False)
-        seen.append([caption for _, _, batch in source.iterate(0, 6) for _, caption in batch])  # 24 = one epoch
+                              transform=ImageTransform(32, True, False), tokenize=lambda c: c, random_flip=False,
+                              shuffle_buffer=12)  # windows of two shards: 24 samples, one epoch, in 2 windows
+        seen.append([caption for _, _, batch in source.iterate(0, 6) for _, caption in batch])
+        in_shard_order = [f"a square of shard {s} number {i}" for s in range(8) for i in range(6)]
+        assert seen[-1] != sorted(seen[-1], key=in_shard_order.index)  # shuffled within windows
     assert len(seen[0]) == len(seen[1]) == 24 and not set(seen[0]) & set(seen[1])
     assert len(set(seen[0]) | set(seen[1])) == 48
 
@@ -100,10 +104,11 @@ def test_bad_samples_and_an_unreachable_shard_are_skipped_and_counted(tmp_path, 
     write_shards(tmp_path / "bad", num_shards=4, per_shard=10, bad={"s0001_0003": "image", "s0002_0005": "caption"})
     pattern = str(tmp_path / "bad" / "shard-{0000..0004}.tar")  # shard-0004 does not exist
     cfg = _cfg(tmp_path, tiny_vae_dir, pattern, "data.validation_num_images=4", "train.batch_size=8",
-               "data.max_bad_fraction=0.2", "train.checkpoint_every=0")
+               "data.max_bad_fraction=0.2", "train.checkpoint_every=0", "data.shuffle_buffer=36")  # a window an epoch
     train(cfg)
     last = read_metrics(cfg.run_dir / "metrics.jsonl")[-1]
-    # 6 steps of 8 and 4 held out: more than the 38 good samples, so each bad one is met once or twice
+    # 6 steps of 8 from windows of the 36 samples left: the first window's are all taken, so each bad one is met
+    # once or twice
     assert set(last["bad_samples_skipped"]) == {"undecodable image", "no caption"}
     assert all(1 <= n <= 2 for n in last["bad_samples_skipped"].values())
     assert last["shard_reads_failed"] >= 1
