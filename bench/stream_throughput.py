@@ -6,10 +6,13 @@ one after the other in this process.
 - **streamed shards**: the same images packed into webdataset shards (``python -m ldm.data.stream pack``) and
   streamed: each step decodes its images, cuts them, encodes them with the VAE and its captions with the text
   encoder.
+- **streamed latent shards**: those shards encoded once by ``python -m ldm.precompute`` (its time reported as
+  ``precompute_s``) and streamed: each step reads posteriors and encodes its captions.
 
 Both train the same preset (default ``configs/ldm/shapes.yaml``, the demo's model) for ``--steps`` steps; each
 side's images/s is the mean of ``images_per_s`` over the metrics rows after ``--warmup`` steps. The ratio printed
-and saved is streamed / cached (below 1: streaming trains fewer images per second). The cached side's one-off
+and saved are streamed / cached and streamed latents / cached (below 1: fewer images per second than the cached
+folder). The cached side's one-off
 cost of building its caches is in its ``wall_s`` (the whole run: set-up, training, the final validation, export).
 
     OMP_NUM_THREADS=2 python bench/stream_throughput.py --out bench/results/stream_throughput_cpu.json
@@ -76,8 +79,19 @@ def main(argv=None) -> dict:
             "streamed_shards": run(args.preset, "streamed", str(root / "shards"), root, args.steps, args.warmup,
                                    args.overrides),
         }
-    result["ratio_streamed_over_cached"] = round(result["streamed_shards"]["images_per_s"]
-                                                 / result["cached_folder"]["images_per_s"], 3)
+        from ldm.engine.config import load_config
+        from ldm.precompute import precompute
+        from ldm.trainer.config import LDMConfig
+
+        t0 = time.time()
+        precompute(load_config(LDMConfig, args.preset, [f"data.dataset={root / 'shards'}", *args.overrides]),
+                   root / "latents")
+        spent = round(time.time() - t0, 1)
+        result["streamed_latent_shards"] = {**run(args.preset, "latents", str(root / "latents"), root, args.steps,
+                                                  args.warmup, args.overrides), "precompute_s": spent}
+    cached = result["cached_folder"]["images_per_s"]
+    result["ratio_streamed_over_cached"] = round(result["streamed_shards"]["images_per_s"] / cached, 3)
+    result["ratio_streamed_latents_over_cached"] = round(result["streamed_latent_shards"]["images_per_s"] / cached, 3)
     result.update({"images": args.images, "shards": len(shards), "preset": Path(args.preset).name,
                    "overrides": args.overrides, "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "device": "cuda" if torch.cuda.is_available() else f"cpu ({platform.processor() or 'unknown'})",

@@ -98,16 +98,26 @@ def load_splits(cfg) -> tuple[Split, Split, bool]:
     return train, val, heldout
 
 
-def stream_splits(cfg, head_size: int = 256):
-    """Splits for a run on streamed shards: (the first samples as a split, standing in for the training data at
-    set-up: a new tokenizer's captions, the sample grid's prompts; the validation split; whether it is held out;
-    the keys of the samples held out of the stream for validation; the shards; the head's skipped samples).
+@dataclass
+class StreamData:
+    """What set-up reads of streamed shards (`stream_splits`)."""
 
-    Validation images come from ``data.validation_dataset``, else the first ``data.validation_num_images``
-    samples of the shards, which training then skips."""
+    first: Split  # the first samples, standing in for the training data at set-up (tokenizer, grid prompts)
+    val: Split
+    exclude: frozenset  # keys ("shard#key") held out of the stream for validation
+    shards: list
+    bad: list  # the first samples' skipped ones
+    val_latents: tuple | None = None  # (mean, std) (V, C, h, w) when the shards hold precomputed latents
+    vae: str | None = None  # the encoder fingerprint precomputed latents were made with
+
+
+def stream_splits(cfg, head_size: int = 256) -> StreamData:
+    """Splits for a run on streamed shards (images, or latents from `ldm.precompute`). Validation images come
+    from ``data.validation_dataset``, else the first ``data.validation_num_images`` samples of the shards, which
+    training then skips."""
     import datasets
 
-    from ldm.data.stream import expand_shards, stream_head
+    from ldm.data.stream import Latent, expand_shards, stream_head
 
     d = cfg.data
     shards = expand_shards(d.dataset)
@@ -116,20 +126,30 @@ def stream_splits(cfg, head_size: int = 256):
     if len(head) <= n_val:
         raise ValueError(f"data.dataset={d.dataset!r}: only {len(head)} usable sample(s) found while holding out "
                          f"data.validation_num_images={n_val} for validation; lower it or give data.validation_dataset")
-    features = datasets.Features({d.image_column: datasets.Image(), d.caption_column: datasets.Value("string")})
-    ds = datasets.Dataset.from_dict({d.image_column: [im for _, im, _ in head],
-                                     d.caption_column: [c for _, _, c in head]}, features=features)
+    latent = isinstance(head[0][1], Latent)
+    if latent and d.random_flip:
+        raise ValueError(f"data.random_flip=true cannot flip the precomputed latents of data.dataset={d.dataset!r}; "
+                         f"set it to false")
+    columns = {d.caption_column: [c for _, _, c in head]}
+    if not latent:
+        columns[d.image_column] = [im for _, im, _ in head]
+    features = {d.caption_column: datasets.Value("string"), **({} if latent else {d.image_column: datasets.Image()})}
+    ds = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
     ds._fingerprint = Fingerprint().value([key for key, _, _ in head]).hexdigest()  # the same on every process
-    first = make_split(cfg, ds, f"{d.dataset}#head", bucketing=False)
+    out = StreamData(make_split(cfg, ds, f"{d.dataset}#head", bucketing=False), None, frozenset(), shards,
+                     report.bad_examples, vae=head[0][1].vae if latent else None)
     if d.validation_dataset:
-        val = make_split(cfg, _load(cfg, d.validation_dataset, d.validation_split_name), d.validation_dataset, False)
-        exclude = frozenset()
-    else:
-        held = ds.select(range(n_val))
-        held._fingerprint = Fingerprint().value([key for key, _, _ in head[:n_val]]).hexdigest()
-        val = make_split(cfg, held, f"{d.dataset}#validation", bucketing=False)
-        exclude = frozenset(key for key, _, _ in head[:n_val])
-    return first, val, True, exclude, shards, report.bad_examples
+        out.val = make_split(cfg, _load(cfg, d.validation_dataset, d.validation_split_name), d.validation_dataset,
+                             False)
+        return out
+    held = ds.select(range(n_val))
+    held._fingerprint = Fingerprint().value([key for key, _, _ in head[:n_val]]).hexdigest()
+    out.val, out.exclude = make_split(cfg, held, f"{d.dataset}#validation", bucketing=False), frozenset(
+        key for key, _, _ in head[:n_val])
+    if latent:
+        out.val_latents = (torch.stack([x.mean for _, x, _ in head[:n_val]]),
+                           torch.stack([x.std for _, x, _ in head[:n_val]]))
+    return out
 
 
 def class_split(cfg, folder: Path, prompts: list[str]) -> Split:

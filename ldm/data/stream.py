@@ -28,7 +28,7 @@ import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -119,13 +119,24 @@ def open_shard(url: str, timeout: float = 60.0):
     return open(url, "rb")
 
 
+class Latent(NamedTuple):
+    """A precomputed sample's VAE posterior (`ldm.precompute`): mean and std (C, h, w), float32."""
+
+    mean: object
+    std: object
+    vae: str  # the encoder's fingerprint
+
+
 def decode_sample(sample: dict, min_size: int = 0):
-    """(RGB image, caption) of a webdataset sample, or the reason it is skipped."""
+    """(RGB image, or `Latent` for a latent shard's sample, caption) of a webdataset sample, or the reason it is
+    skipped."""
     from PIL import Image
 
     from ldm.data.images import to_rgb
 
     key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None and "mean.npy" in sample:
+        return _decode_latent(sample)
     if key is None:
         return f"no image: the sample has {sorted(k for k in sample if not k.startswith('__'))}"
     caption = None
@@ -147,6 +158,20 @@ def decode_sample(sample: dict, min_size: int = 0):
     if min(image.size) < min_size:
         return f"too small: {image.size[0]}x{image.size[1]} < {min_size}"
     return to_rgb(image), caption
+
+
+def _decode_latent(sample: dict):
+    import torch
+
+    try:
+        mean, std = (torch.from_numpy(np.load(io.BytesIO(sample[k])).astype(np.float32)) for k in ("mean.npy", "std.npy"))
+        meta = json.loads(sample["json"])
+        caption = sample["txt"].decode("utf-8", errors="replace").strip()
+    except Exception as e:  # numpy, json and missing files alike
+        return f"bad latent sample: {type(e).__name__}: {e}"
+    if not caption:
+        return "no caption: a latent sample without .txt"
+    return Latent(mean, std, meta.get("vae", "")), caption
 
 
 class ShardStream:
@@ -339,10 +364,14 @@ class StreamSource:
 
         k = (sl.start // self.per_process - self.acc.process_index) // self.acc.num_processes  # micro-batch
         rows = plan.samples[k * self.per_process:(k + 1) * self.per_process]
+        captions = self.tokenize([caption for _, caption in rows])
+        if isinstance(rows[0][0], Latent):  # precomputed: cut and encoded once (no flips)
+            return {"mean": torch.stack([r[0].mean for r in rows]), "std": torch.stack([r[0].std for r in rows]),
+                    "captions": captions}
         flips, seeds = plan.flips[sl].tolist(), plan.crop_seeds[sl].tolist()
         pixels = torch.stack([self.transform(image, size=plan.size, rng=random.Random(int(s)), flip=bool(f))
                               for (image, _), f, s in zip(rows, flips, seeds)])
-        return {"pixels": pixels, "captions": self.tokenize([caption for _, caption in rows])}
+        return {"pixels": pixels, "captions": captions}
 
     # ---- position and report, checkpointed as JSON ---------------------------------------------
 

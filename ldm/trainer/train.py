@@ -99,6 +99,8 @@ class RunData:
     bad_report: Path | None  # the file naming them
     shards: list[str] | None = None  # streamed webdataset shards (`ldm.data.stream`); train is then their head
     held_out: frozenset = frozenset()  # keys of streamed samples held out for validation
+    val_latents: tuple | None = None  # (mean, std) of the validation samples of precomputed latent shards
+    latent_vae: str | None = None  # the encoder fingerprint of precomputed latent shards
 
 
 @dataclass
@@ -139,7 +141,7 @@ def build_run(cfg: LDMConfig) -> Run:
                batch_source(cfg, engine, stage, comp, data.train, TRAIN_STREAMS, masked=cfg.data.mask_source != "none")]
     if classes is not None:
         sources.append(batch_source(cfg, engine, stage, comp, classes, CLASS_STREAMS, len(data.train.captions)))
-    val = validation_set(cfg, engine, stage, comp, data.val)
+    val = validation_set(cfg, engine, stage, comp, data.val, data.val_latents)
     latent_std = check_latent_scale(val.mean, val.std, *latent_scale_shift(comp.vae), warn=not is_pixel_space(comp.vae))
     captions = data.train.captions + (classes.captions if classes else [])
     # streamed captions are encoded every step: there is no fixed set to cache
@@ -171,10 +173,10 @@ def read_data(cfg: LDMConfig, engine, method) -> RunData:
     method, with the images skipped because they cannot be decoded written to ``<run>/bad_images.jsonl``."""
     acc = engine.accelerator
     if is_shard_spec(cfg.data.dataset):  # streamed: the first samples stand in for the data at set-up
-        head, val_split, heldout, held_out, shards, bad = stream_splits(cfg)
-        method.check_captions(cfg, head.captions)
-        return RunData(head, val_split, heldout, {}, bad, report_bad_images(bad, cfg.run_dir, acc.is_main_process),
-                       shards, held_out)
+        s = stream_splits(cfg)
+        method.check_captions(cfg, s.first.captions)
+        return RunData(s.first, s.val, True, {}, s.bad, report_bad_images(s.bad, cfg.run_dir, acc.is_main_process),
+                       s.shards, s.exclude, s.val_latents, s.vae)
     with acc.main_process_first():
         train_split, val_split, heldout = load_splits(cfg)
     method.check_captions(cfg, train_split.captions)
@@ -224,13 +226,14 @@ def posterior_cache(cfg: LDMConfig, engine, comp: Components, split: Split, flip
     return latent_cache(encoding, split, PixelItems.for_split(split, cfg.data), cache_place(cfg, engine), flips)
 
 
-def validation_set(cfg: LDMConfig, engine, stage: TextToImage, comp: Components, split: Split) -> ValidationSet:
-    """The validation images' posteriors (V, C, h, w), from their cache, their first captions, and the stage's
+def validation_set(cfg: LDMConfig, engine, stage: TextToImage, comp: Components, split: Split,
+                   latents: tuple | None = None) -> ValidationSet:
+    """The validation images' posteriors (V, C, h, w), from their cache (or ``latents``, precomputed), their first captions, and the stage's
     arrays of them. The std is zero when training uses the posterior mean, so the validation loss and the latent
     scale check see what training sees."""
     every = list(range(len(split)))
-    mean, std = cached_posterior(posterior_cache(cfg, engine, comp, split, flips=False), every,
-                                 torch.zeros(len(split), dtype=torch.bool))
+    mean, std = latents if latents is not None else cached_posterior(
+        posterior_cache(cfg, engine, comp, split, flips=False), every, torch.zeros(len(split), dtype=torch.bool))
     if cfg.diffusion.latent_posterior == "mean":
         std = torch.zeros_like(std)
     captions = split.first_captions()
@@ -268,6 +271,9 @@ def stream_source(cfg: LDMConfig, engine, stage: TextToImage, comp: Components, 
         raise ValueError(f"streamed shards (data.dataset={cfg.data.dataset!r}) train Stable Diffusion 1.x/2.x-style "
                          f"text-to-image models for now, not this model's stage ({type(stage).__name__})")
     d, tc, acc = cfg.data, cfg.train, engine.accelerator
+    if data.latent_vae is not None and data.latent_vae != encoder_fingerprint(comp.vae):
+        raise ValueError(f"data.dataset={d.dataset!r} holds latents precomputed with another VAE encoder than this "
+                         f"run's; precompute them again with this run's VAE (python -m ldm.precompute)")
     transform = ImageTransform(d.resolution, d.center_crop, d.random_crop, tuple(d.alpha_background), d.crop_scale)
     source = StreamSource(data.shards, tc.seed, TRAIN_STREAMS, acc,
                           micro_batch_size(tc.batch_size, acc.num_processes, tc.gradient_accumulation_steps),

@@ -73,3 +73,4 @@ def test_stream_throughput_smoke(tmp_path):
     assert results == json.loads(json.dumps(returned)) and results["shards"] == 6
     assert results["cached_folder"]["images_per_s"] > 0 and results["streamed_shards"]["images_per_s"] > 0
     assert math.isfinite(results["ratio_streamed_over_cached"]) and results["ratio_streamed_over_cached"] > 0
+    assert results["streamed_latent_shards"]["images_per_s"] > 0 and results["ratio_streamed_latents_over_cached"] > 0

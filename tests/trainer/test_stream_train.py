@@ -166,3 +166,26 @@ def test_two_processes_stream_and_resume_bit_identically(tmp_path, tiny_vae_dir,
     shutil.copy(tmp_path / "straight" / "config.yaml", tmp_path / "resumed" / "config.yaml")
     launch("name=resumed", "train.resume=latest")
     assert _same(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_latent_shards_are_precomputed_resumably_and_train(tmp_path, tiny_vae_dir, shards):
+    from ldm.precompute import precompute
+
+    cfg = _cfg(tmp_path, tiny_vae_dir, str(shards), "name=latents")
+    out = tmp_path / "latents"
+    first = precompute(cfg, out)
+    assert first["shards_written"] == 8 and first["samples"] == 96
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in shards.iterdir())
+    kept = (out / "shard-000003.tar").read_bytes()
+    (out / "shard-000005.tar").unlink()  # as if killed while writing it
+    again = precompute(cfg, out)
+    assert again["shards_written"] == 1 and again["shards_skipped"] == 7
+    assert (out / "shard-000003.tar").read_bytes() == kept
+    latent_run = _cfg(tmp_path, tiny_vae_dir, str(out), "name=from_latents")
+    train(latent_run)
+    last = read_metrics(latent_run.run_dir / "metrics.jsonl")[-1]
+    assert last["samples_streamed"] == 6 * 16 and last["best_val_loss"] < 2
+    with pytest.raises(ValueError, match="precomputed with another VAE encoder"):
+        train(_cfg(tmp_path, "builtin", str(out), "name=other_vae"))
+    with pytest.raises(ValueError, match="data.random_flip=true cannot flip the precomputed latents"):
+        train(_cfg(tmp_path, tiny_vae_dir, str(out), "name=flip", "data.random_flip=true"))
