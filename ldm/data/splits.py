@@ -109,6 +109,7 @@ class StreamData:
     bad: list  # the first samples' skipped ones
     val_latents: tuple | None = None  # (mean, std) (V, C, h, w) when the shards hold precomputed latents
     vae: str | None = None  # the encoder fingerprint precomputed latents were made with
+    latent_size: tuple | None = None  # (h, w) of precomputed latents
 
 
 def stream_splits(cfg, head_size: int = 256) -> StreamData:
@@ -137,7 +138,8 @@ def stream_splits(cfg, head_size: int = 256) -> StreamData:
     ds = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
     ds._fingerprint = Fingerprint().value([key for key, _, _ in head]).hexdigest()  # the same on every process
     out = StreamData(make_split(cfg, ds, f"{d.dataset}#head", bucketing=False), None, frozenset(), shards,
-                     report.bad_examples, vae=head[0][1].vae if latent else None)
+                     report.bad_examples, vae=head[0][1].vae if latent else None,
+                     latent_size=tuple(head[0][1].mean.shape[-2:]) if latent else None)
     if d.validation_dataset:
         out.val = make_split(cfg, _load(cfg, d.validation_dataset, d.validation_split_name), d.validation_dataset,
                              False)

@@ -101,6 +101,7 @@ class RunData:
     held_out: frozenset = frozenset()  # keys of streamed samples held out for validation
     val_latents: tuple | None = None  # (mean, std) of the validation samples of precomputed latent shards
     latent_vae: str | None = None  # the encoder fingerprint of precomputed latent shards
+    latent_size: tuple | None = None  # their (h, w)
 
 
 @dataclass
@@ -176,7 +177,7 @@ def read_data(cfg: LDMConfig, engine, method) -> RunData:
         s = stream_splits(cfg)
         method.check_captions(cfg, s.first.captions)
         return RunData(s.first, s.val, True, {}, s.bad, report_bad_images(s.bad, cfg.run_dir, acc.is_main_process),
-                       s.shards, s.exclude, s.val_latents, s.vae)
+                       s.shards, s.exclude, s.val_latents, s.vae, s.latent_size)
     with acc.main_process_first():
         train_split, val_split, heldout = load_splits(cfg)
     method.check_captions(cfg, train_split.captions)
@@ -274,6 +275,11 @@ def stream_source(cfg: LDMConfig, engine, stage: TextToImage, comp: Components, 
     if data.latent_vae is not None and data.latent_vae != encoder_fingerprint(comp.vae):
         raise ValueError(f"data.dataset={d.dataset!r} holds latents precomputed with another VAE encoder than this "
                          f"run's; precompute them again with this run's VAE (python -m ldm.precompute)")
+    want = (d.resolution // vae_scale_factor(comp.vae),) * 2
+    if data.latent_size is not None and data.latent_size != want:
+        raise ValueError(f"data.dataset={d.dataset!r} holds latents of {data.latent_size[0]}x{data.latent_size[1]}, "
+                         f"images of {data.latent_size[0] * vae_scale_factor(comp.vae)} px, but data.resolution="
+                         f"{d.resolution} needs {want[0]}x{want[1]}; precompute them at this resolution")
     transform = ImageTransform(d.resolution, d.center_crop, d.random_crop, tuple(d.alpha_background), d.crop_scale)
     source = StreamSource(data.shards, tc.seed, TRAIN_STREAMS, acc,
                           micro_batch_size(tc.batch_size, acc.num_processes, tc.gradient_accumulation_steps),

@@ -187,5 +187,7 @@ def test_latent_shards_are_precomputed_resumably_and_train(tmp_path, tiny_vae_di
     assert last["samples_streamed"] == 6 * 16 and last["best_val_loss"] < 2
     with pytest.raises(ValueError, match="precomputed with another VAE encoder"):
         train(_cfg(tmp_path, "builtin", str(out), "name=other_vae"))
+    with pytest.raises(ValueError, match="holds latents of 8x8, images of 32 px, but data.resolution=64 needs 16x16"):
+        train(_cfg(tmp_path, tiny_vae_dir, str(out), "name=size", "data.resolution=64"))
     with pytest.raises(ValueError, match="data.random_flip=true cannot flip the precomputed latents"):
         train(_cfg(tmp_path, tiny_vae_dir, str(out), "name=flip", "data.random_flip=true"))
