@@ -52,15 +52,14 @@ def launch_settings() -> dict:
     return {"reshard_after_forward": env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"}
 
 
-def _plain_skeleton(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``module`` whose parameters take no memory (meta tensors), to be filled from a full state dict;
-    buffers are copied as they are (small, and some are not in the state dict)."""
-    skeleton = copy.deepcopy(module)
-    for sub in skeleton.modules():
+def _empty_parameters(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every parameter replaced by a meta tensor of its shape (no memory), buffers kept as they
+    are (small, and some are not in the state dict); it is filled again from a full state dict."""
+    for sub in module.modules():
         for name, p in list(sub._parameters.items()):
             if p is not None:
                 sub._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
-    return skeleton
+    return module
 
 
 class Sharding:
@@ -91,7 +90,7 @@ class Sharding:
             dist.broadcast(on_device, src=0)
             tensor.data.copy_(on_device)
         if self.accelerator.is_main_process:
-            self.skeletons[id(module)] = _plain_skeleton(module)
+            self.skeletons[id(module)] = _empty_parameters(copy.deepcopy(module))
         options = {"mesh": self.mesh, "mp_policy": self.policy, **self.settings}
         for block in blocks:
             fully_shard(block, **options)
@@ -125,11 +124,7 @@ class Sharding:
             yield out
         finally:
             for plain in filled:  # give the memory back until the next time
-                for sub in plain.modules():
-                    for name, p in list(sub._parameters.items()):
-                        if p is not None:
-                            sub._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="meta"),
-                                                                       p.requires_grad)
+                _empty_parameters(plain)
 
     def remap(self, groups: list[dict], before: dict[int, str], modules: dict[str, torch.nn.Module]) -> list[dict]:
         """Parameter groups built before sharding, pointed at the sharded parameters (sharding replaces each
