@@ -182,6 +182,10 @@ class BatchSource:
             out[name] = extra.load(items, flips, crop_seeds)
         return out
 
+    def summary(self) -> dict:
+        """Numbers for the closing summary: none beyond the split's (its skipped images, its unseen buckets)."""
+        return {}
+
 
 class DatasetSource:
     """Batches of a map-style dataset (items are dicts of tensors): this process's share of every step's

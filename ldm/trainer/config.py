@@ -347,12 +347,10 @@ def check_data(c: Checker) -> None:
     c.at_least("data.crop_scale", 1)
     c.at_least("data.min_image_size", 0)
     c.at_least("data.shuffle_buffer", 1)
-    from ldm.data.stream import is_shard_spec
+    from ldm.trainer.data import data_source_for
 
-    if d.dataset and is_shard_spec(d.dataset):  # what a stream does not do yet
-        for key, on in (("data.bucketing", d.bucketing), ("data.mask_source", d.mask_source != "none"),
-                        ("dreambooth.instance_data", bool(c.cfg.dreambooth.instance_data))):
-            c.require(not on, key, f"is not supported with streamed shards (data.dataset={d.dataset!r}) yet")
+    if d.dataset:
+        data_source_for(c.cfg).check(c)
     for key in ("data.dataset", "data.image_column", "data.caption_column", "data.cache_dir"):
         c.require(bool(c.get(key)), key, "must not be empty")
     if d.mask_source != "none":

@@ -15,32 +15,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
-from ldm.data.batches import (
-    CLASS_STREAMS,
-    TRAIN_STREAMS,
-    BatchSource,
-    CachedArrays,
-    CutArrays,
-    GlobalBatchSampler,
-    PixelItems,
-    micro_batch_size,
-    rank_slice,
-)
-from ldm.data.cache import Encoding, cached_posterior, latent_cache
-from ldm.data.splits import (
-    Split,
-    check_sizes,
-    class_split,
-    load_splits,
-    report_bad_images,
-    report_unseen,
-    stream_splits,
-)
-from ldm.data.stream import is_shard_spec
+from ldm.data.batches import CLASS_STREAMS, BatchSource, micro_batch_size, rank_slice
+from ldm.data.cache import cached_posterior
+from ldm.data.splits import Split, check_sizes, class_split
 from ldm.diffusion.gaussian import GaussianDiffusion
 from ldm.diffusion.schedulers import sampling_scheduler
 from ldm.engine.cli import run
@@ -48,14 +28,15 @@ from ldm.engine.engine import Engine
 from ldm.methods.base import ExportJob
 from ldm.methods.registry import method_for
 from ldm.models.components import Components, build_components
-from ldm.models.vae import encode, encoder_fingerprint, is_pixel_space
+from ldm.models.vae import is_pixel_space
 from ldm.trainer.config import LDMConfig, check_config
+from ldm.trainer.data import RunData, batch_source, data_source_for, posterior_cache
 from ldm.trainer.optimizers import make_optimizer
-from ldm.trainer.stage import TextToImage, cache_place
+from ldm.trainer.stage import TextToImage
 from ldm.trainer.stages import stage_for
 from ldm.trainer.validation import ValidationSet, Validator, check_latent_scale
 from pipelines.fast import compile_model, set_channels_last
-from pipelines.latents import latent_scale_shift, vae_scale_factor
+from pipelines.latents import latent_scale_shift
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +53,7 @@ def train(cfg: LDMConfig) -> dict:
     result = {"latent_std": round(run.latent_std, 3), "best_val_loss": round(min(vals), 5) if vals else None,
               **{k: v for k, v in engine.final_validation.items() if k.startswith("score_")}}
     data = run.data
-    if data.shards:
-        result.update(run.sources[0].summary())
+    result.update(run.sources[0].summary())
     if data.unseen:
         result["images_never_seen"] = sum(data.unseen.values())
     if data.bad:
@@ -85,23 +65,6 @@ def train(cfg: LDMConfig) -> dict:
         **({"buckets never trained on": data.unseen} if data.unseen else {}),
         **({"skipped images": data.bad_report} if data.bad_report else {})}, plot_keys=("loss", "mse", "val_loss"),
         modules=engine.trained_modules.values(), frozen=[*run.comp.text_encoders(), run.comp.vae])
-
-
-@dataclass
-class RunData:
-    """The run's splits and what reading them found."""
-
-    train: Split
-    val: Split
-    heldout: bool  # whether the validation images are held out of training
-    unseen: dict  # buckets too small for a batch: "HxW" -> images never trained on
-    bad: list  # images skipped: they cannot be decoded
-    bad_report: Path | None  # the file naming them
-    shards: list[str] | None = None  # streamed webdataset shards (`ldm.data.stream`); train is then their head
-    held_out: frozenset = frozenset()  # keys of streamed samples held out for validation
-    val_latents: tuple | None = None  # (mean, std) of the validation samples of precomputed latent shards
-    latent_vae: str | None = None  # the encoder fingerprint of precomputed latent shards
-    latent_size: tuple | None = None  # their (h, w)
 
 
 @dataclass
@@ -127,7 +90,8 @@ def build_run(cfg: LDMConfig) -> Run:
     validator. The order is part of the run: every random draw of set-up comes from the seed, in this order."""
     engine = Engine(cfg, check_config, "training", cfg.train.validate_every)
     acc, stage, method = engine.accelerator, stage_for(cfg), method_for(cfg)
-    data = read_data(cfg, engine, method)
+    data_source = data_source_for(cfg)
+    data = data_source.read(cfg, engine, method)
     comp = build_networks(cfg, engine, stage, data.train)
     db = cfg.dreambooth
     classes = draw_class_images(cfg, stage, comp, engine) if db.class_prompt or db.class_prompts else None
@@ -138,15 +102,14 @@ def build_run(cfg: LDMConfig) -> Run:
                                                         discrete_decoder=is_pixel_space(comp.vae))
 
     # Caches and batch sources; DreamBooth's prior preservation is a second source mixed into every step.
-    sources = [stream_source(cfg, engine, stage, comp, data) if data.shards else
-               batch_source(cfg, engine, stage, comp, data.train, TRAIN_STREAMS, masked=cfg.data.mask_source != "none")]
+    sources = [data_source.batches(cfg, engine, stage, comp, data)]
     if classes is not None:
         sources.append(batch_source(cfg, engine, stage, comp, classes, CLASS_STREAMS, len(data.train.captions)))
     val = validation_set(cfg, engine, stage, comp, data.val, data.val_latents)
     latent_std = check_latent_scale(val.mean, val.std, *latent_scale_shift(comp.vae), warn=not is_pixel_space(comp.vae))
     captions = data.train.captions + (classes.captions if classes else [])
-    # streamed captions are encoded every step: there is no fixed set to cache
-    text_cfg = replace(cfg, data=replace(cfg.data, cache_text=False)) if data.shards else cfg
+    # without a fixed set of captions (a stream's) the text encoder runs every step
+    text_cfg = cfg if data_source.fixed_captions else replace(cfg, data=replace(cfg.data, cache_text=False))
     text_inputs = stage.text_inputs(text_cfg, engine, comp, captions)
 
     unet, text_encoders = prepare(cfg, engine, comp, groups)
@@ -168,23 +131,6 @@ def build_run(cfg: LDMConfig) -> Run:
 # ----------------------------------------------------------------------------------------------
 # Set-up
 # ----------------------------------------------------------------------------------------------
-
-def read_data(cfg: LDMConfig, engine, method) -> RunData:
-    """The training and validation splits (built-in data is generated once, by the main process), checked by the
-    method, with the images skipped because they cannot be decoded written to ``<run>/bad_images.jsonl``."""
-    acc = engine.accelerator
-    if is_shard_spec(cfg.data.dataset):  # streamed: the first samples stand in for the data at set-up
-        s = stream_splits(cfg)
-        method.check_captions(cfg, s.first.captions)
-        return RunData(s.first, s.val, True, {}, s.bad, report_bad_images(s.bad, cfg.run_dir, acc.is_main_process),
-                       s.shards, s.exclude, s.val_latents, s.vae, s.latent_size)
-    with acc.main_process_first():
-        train_split, val_split, heldout = load_splits(cfg)
-    method.check_captions(cfg, train_split.captions)
-    bad = train_split.bad + val_split.bad
-    return RunData(train_split, val_split, heldout, report_unseen(train_split, cfg.train.batch_size), bad,
-                   report_bad_images(bad, cfg.run_dir, acc.is_main_process))
-
 
 def build_networks(cfg: LDMConfig, engine, stage: TextToImage, train_split: Split) -> Components:
     """The run's networks (`build_components`), the frozen VAE on the device; a tokenizer learned from the
@@ -219,14 +165,6 @@ def draw_class_images(cfg: LDMConfig, stage: TextToImage, comp: Components, engi
         return class_split(cfg, folder, prompts)
 
 
-def posterior_cache(cfg: LDMConfig, engine, comp: Components, split: Split, flips: bool) -> dict:
-    """The VAE posterior cache of ``split`` (``flips``: both orientations)."""
-    vae = comp.vae
-    encoding = Encoding(lambda pixels: encode(vae, pixels), encoder_fingerprint(vae), vae.config.latent_channels,
-                        vae_scale_factor(vae))
-    return latent_cache(encoding, split, PixelItems.for_split(split, cfg.data), cache_place(cfg, engine), flips)
-
-
 def validation_set(cfg: LDMConfig, engine, stage: TextToImage, comp: Components, split: Split,
                    latents: tuple | None = None) -> ValidationSet:
     """The validation images' posteriors (V, C, h, w), from their cache (or ``latents``, precomputed), their first captions, and the stage's
@@ -239,67 +177,6 @@ def validation_set(cfg: LDMConfig, engine, stage: TextToImage, comp: Components,
         std = torch.zeros_like(std)
     captions = split.first_captions()
     return ValidationSet(mean, std, stage.tokenize(comp, captions), captions, stage.validation_arrays(engine, split))
-
-
-def batch_source(cfg: LDMConfig, engine, stage: TextToImage, comp: Components, split: Split, streams,
-                 caption_offset: int = 0, masked: bool = False):
-    """The split's batches, read from its latent cache (with the stage's arrays beside) or, when each step crops
-    anew, as pixels; with the masked loss's masks when ``masked``."""
-    d = cfg.data
-    sampler = GlobalBatchSampler(split.groups, len(split), cfg.train.batch_size, cfg.train.seed, drop_last=True)
-    cached = d.cache_latents and not d.random_crop
-    extras = {"mask": mask_arrays(cfg, engine, comp, split, cached)} if masked else {}
-    if cached:
-        extras.update(stage.arrays(engine, split, d.random_flip))
-        return BatchSource(split, sampler, cfg.train.seed, streams, d.random_flip,
-                           latents=posterior_cache(cfg, engine, comp, split, d.random_flip),
-                           caption_offset=caption_offset, extras=extras)
-    if d.cache_latents:
-        logger.info("data.random_crop=true: each step crops anew, so images are encoded every step (no latent cache)")
-    extras.update(stage.cut_arrays(engine, split))
-    return BatchSource(split, sampler, cfg.train.seed, streams, d.random_flip,
-                       pixels=PixelItems.for_split(split, d, d.random_crop), caption_offset=caption_offset,
-                       extras=extras)
-
-
-def stream_source(cfg: LDMConfig, engine, stage: TextToImage, comp: Components, data: RunData):
-    """Batches streamed from the run's shards (`ldm.data.stream.StreamSource`), each step's images cut and encoded
-    anew; its position is checkpointed with the run."""
-    from ldm.data.images import ImageTransform
-    from ldm.data.stream import StreamSource
-
-    if not stage.streams:
-        raise ValueError(f"streamed shards (data.dataset={cfg.data.dataset!r}) train Stable Diffusion 1.x/2.x-style "
-                         f"text-to-image models for now, not this model's stage ({type(stage).__name__})")
-    d, tc, acc = cfg.data, cfg.train, engine.accelerator
-    if data.latent_vae is not None and data.latent_vae != encoder_fingerprint(comp.vae):
-        raise ValueError(f"data.dataset={d.dataset!r} holds latents precomputed with another VAE encoder than this "
-                         f"run's; precompute them again with this run's VAE (python -m ldm.precompute)")
-    want = (d.resolution // vae_scale_factor(comp.vae),) * 2
-    if data.latent_size is not None and data.latent_size != want:
-        raise ValueError(f"data.dataset={d.dataset!r} holds latents of {data.latent_size[0]}x{data.latent_size[1]}, "
-                         f"images of {data.latent_size[0] * vae_scale_factor(comp.vae)} px, but data.resolution="
-                         f"{d.resolution} needs {want[0]}x{want[1]}; precompute them at this resolution")
-    transform = ImageTransform(d.resolution, d.center_crop, d.random_crop, tuple(d.alpha_background), d.crop_scale)
-    source = StreamSource(data.shards, tc.seed, TRAIN_STREAMS, acc,
-                          micro_batch_size(tc.batch_size, acc.num_processes, tc.gradient_accumulation_steps),
-                          tc.gradient_accumulation_steps, tc.batch_size, transform,
-                          lambda captions: stage.tokenize(comp, captions), d.random_flip, d.min_image_size,
-                          data.held_out, d.max_bad_fraction, d.shuffle_buffer)
-    engine.state_objects["stream"] = source
-    return source
-
-
-def mask_arrays(cfg: LDMConfig, engine, comp: Components, split: Split, cached: bool):
-    """The masked loss's masks: cached at latent size beside cached latents, else cut each step as the pixels."""
-    from ldm.data.masks import MaskItems, mask_cache
-
-    d = cfg.data
-    masks = MaskItems(split, d.resolution, d.image_column, d.center_crop, d.random_crop and not cached,
-                      d.mask_source, d.mask_column, d.crop_scale)
-    if not cached:
-        return CutArrays(masks)
-    return CachedArrays(mask_cache(masks, split, vae_scale_factor(comp.vae), cache_place(cfg, engine), d.random_flip))
 
 
 def prepare(cfg: LDMConfig, engine, comp: Components, groups: list[dict]):
