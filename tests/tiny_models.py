@@ -174,10 +174,12 @@ def record_added_conditions(monkeypatch) -> list[dict]:
     return seen
 
 
-def write_shards(folder: Path, num_shards: int, per_shard: int, size: int = 32, bad: dict | None = None) -> list[Path]:
+def write_shards(folder: Path, num_shards: int, per_shard: int, size: int = 32, bad: dict | None = None,
+                 shapes: list[tuple[int, int]] | None = None) -> list[Path]:
     """Webdataset shards ``shard-0000.tar``... of ``per_shard`` samples each (``s0003_0001.png`` + ``.txt``): a
     flat colour per sample, the caption naming the sample. ``bad``: {key: "image" | "caption" | "small"} writes that
-    sample broken (bytes that are no image, no caption, an image of 4 x 4 pixels)."""
+    sample broken (bytes that are no image, no caption, an image of 4 x 4 pixels). ``shapes``: (width, height) of the
+    samples in turn, instead of ``size`` squares."""
     import io
     import tarfile
 
@@ -190,9 +192,9 @@ def write_shards(folder: Path, num_shards: int, per_shard: int, size: int = 32, 
         with tarfile.open(path, "w") as tar:
             for i in range(per_shard):
                 key = f"s{s:04d}_{i:04d}"
-                side = 4 if bad.get(key) == "small" else size
+                shape = shapes[(s * per_shard + i) % len(shapes)] if shapes else (size, size)
                 buf = io.BytesIO()
-                Image.new("RGB", (side, side), ((37 * s) % 256, (11 * i) % 256, 128)).save(buf, format="PNG")
+                Image.new("RGB", (4, 4) if bad.get(key) == "small" else shape, ((37 * s) % 256, (11 * i) % 256, 128)).save(buf, format="PNG")
                 files = {f"{key}.png": b"not an image" if bad.get(key) == "image" else buf.getvalue()}
                 if bad.get(key) != "caption":
                     files[f"{key}.txt"] = f"a square of shard {s} number {i}".encode()

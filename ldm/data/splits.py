@@ -110,6 +110,8 @@ class StreamData:
     val_latents: tuple | None = None  # (mean, std) (V, C, h, w) when the shards hold precomputed latents
     vae: str | None = None  # the encoder fingerprint precomputed latents were made with
     latent_size: tuple | None = None  # (h, w) of precomputed latents
+    text: str | None = None  # the fingerprint of the text encoder whose embeddings precomputed latents carry
+    val_arrays: dict | None = None  # per-image arrays of precomputed validation samples: "time_ids" (V, 6)
 
 
 def stream_splits(cfg, head_size: int = 256) -> StreamData:
@@ -128,18 +130,20 @@ def stream_splits(cfg, head_size: int = 256) -> StreamData:
         raise ValueError(f"data.dataset={d.dataset!r}: only {len(head)} usable sample(s) found while holding out "
                          f"data.validation_num_images={n_val} for validation; lower it or give data.validation_dataset")
     latent = isinstance(head[0][1], Latent)
-    if latent and d.random_flip:
-        raise ValueError(f"data.random_flip=true cannot flip the precomputed latents of data.dataset={d.dataset!r}; "
-                         f"set it to false")
+    for key, on in (("data.random_flip", d.random_flip), ("data.bucketing", d.bucketing)):
+        if latent and on:  # precomputed latents are cut once, square, unflipped
+            raise ValueError(f"{key}=true cannot be applied to the precomputed (square, unflipped) latents of "
+                             f"data.dataset={d.dataset!r}; set it to false")
     columns = {d.caption_column: [c for _, _, c in head]}
     if not latent:
         columns[d.image_column] = [im for _, im, _ in head]
     features = {d.caption_column: datasets.Value("string"), **({} if latent else {d.image_column: datasets.Image()})}
     ds = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
     ds._fingerprint = Fingerprint().value([key for key, _, _ in head]).hexdigest()  # the same on every process
-    out = StreamData(make_split(cfg, ds, f"{d.dataset}#head", bucketing=False), None, frozenset(), shards,
+    out = StreamData(make_split(cfg, ds, f"{d.dataset}#head", bucketing=d.bucketing), None, frozenset(), shards,
                      report.bad_examples, vae=head[0][1].vae if latent else None,
-                     latent_size=tuple(head[0][1].mean.shape[-2:]) if latent else None)
+                     latent_size=tuple(head[0][1].mean.shape[-2:]) if latent else None,
+                     text=head[0][1].text if latent else None)
     if d.validation_dataset:
         out.val = make_split(cfg, _load(cfg, d.validation_dataset, d.validation_split_name), d.validation_dataset,
                              False)
@@ -151,6 +155,8 @@ def stream_splits(cfg, head_size: int = 256) -> StreamData:
     if latent:
         out.val_latents = (torch.stack([x.mean for _, x, _ in head[:n_val]]),
                            torch.stack([x.std for _, x, _ in head[:n_val]]))
+        if all(x.time_ids is not None for _, x, _ in head[:n_val]):
+            out.val_arrays = {"time_ids": torch.tensor([x.time_ids for _, x, _ in head[:n_val]], dtype=torch.float32)}
     return out
 
 

@@ -125,6 +125,9 @@ class Latent(NamedTuple):
     mean: object
     std: object
     vae: str  # the encoder's fingerprint
+    context: object = None  # the frozen text encoder's embedding of the caption (L, D), when precomputed
+    text: str | None = None  # that encoder's fingerprint (`ldm.models.text.text_fingerprint`)
+    time_ids: list | None = None  # the image's size conditions as cut (SDXL's `ldm.data.size_conditions`)
 
 
 def decode_sample(sample: dict, min_size: int = 0):
@@ -164,14 +167,16 @@ def _decode_latent(sample: dict):
     import torch
 
     try:
-        mean, std = (torch.from_numpy(np.load(io.BytesIO(sample[k])).astype(np.float32)) for k in ("mean.npy", "std.npy"))
+        mean, std, context = (torch.from_numpy(np.load(io.BytesIO(sample[k])).astype(np.float32)) if k in sample
+                              else None for k in ("mean.npy", "std.npy", "ctx.npy"))
         meta = json.loads(sample["json"])
         caption = sample["txt"].decode("utf-8", errors="replace").strip()
     except Exception as e:  # numpy, json and missing files alike
         return f"bad latent sample: {type(e).__name__}: {e}"
     if not caption:
         return "no caption: a latent sample without .txt"
-    return Latent(mean, std, meta.get("vae", "")), caption
+    return Latent(mean, std, meta.get("vae", ""), context, meta.get("text") if context is not None else None,
+                  meta.get("time_ids")), caption
 
 
 class ShardStream:
@@ -267,6 +272,19 @@ def stream_head(shards: list[str], n: int, min_size: int = 0) -> tuple[list[tupl
     return out, stream.report
 
 
+class Share(NamedTuple):
+    """This process's samples of one step, [(image or `Latent`, caption)], and the (h, w) they are cut to."""
+
+    samples: list
+    size: tuple
+
+
+def _size(image) -> tuple[int, int]:
+    """(width, height) of an image, or of the pixels a `Latent` stands for (its latent size: all latents of a run
+    share one factor, so buckets compare alike)."""
+    return (image.mean.shape[-1], image.mean.shape[-2]) if isinstance(image, Latent) else image.size
+
+
 @dataclass
 class StreamPlan:
     """A step's global batch from streams: this process's samples, and the choices drawn for the whole batch."""
@@ -295,25 +313,68 @@ class StreamSource:
 
     def __init__(self, shards: list[str], seed: int, streams, accelerator, per_process: int, accumulation: int,
                  batch_size: int, transform, tokenize, random_flip: bool, min_size: int = 0,
-                 exclude: frozenset = frozenset(), max_bad_fraction: float = 1.0, shuffle_buffer: int = 1):
+                 exclude: frozenset = frozenset(), max_bad_fraction: float = 1.0, shuffle_buffer: int = 1,
+                 buckets: list[tuple[int, int]] | None = None, contexts: bool = False, arrays: dict | None = None):
         self.acc, self.seed, self.streams = accelerator, seed, streams
         self.per_process, self.accumulation, self.batch_size = per_process, accumulation, batch_size
         self.transform, self.tokenize, self.random_flip = transform, tokenize, random_flip
         self.exclude, self.max_bad_fraction, self.shuffle_buffer = exclude, max_bad_fraction, shuffle_buffer
         self.stream = ShardStream(shards, seed, accelerator.process_index, accelerator.num_processes, min_size)
+        self.buckets = buckets  # aspect buckets (h, w), or None: every image cut to a square
+        self.contexts = contexts  # latent samples' precomputed text embeddings stand in for their captions' ids
+        self.arrays = arrays or {}  # name -> the stage's per-sample arrays (``load_rows``): SDXL's size conditions
         self.window_start, self.window_index, self.emitted = Cursor(), 0, 0
+        self.pending: list[tuple] = []  # positions of the samples waiting in bucket queues
         self.positions = None
         self.held_out = 0
 
     def iterate(self, start: int, stop: int):
-        """(step, epoch of this process's stream, this process's samples of the step) for steps start..stop-1."""
-        samples = self._shuffled()
+        """(step, epoch of this process's stream, this process's `Share` of the step) for steps start..stop-1."""
+        shares = self._shares()
         for step in range(start, stop):
-            taken = [next(samples) for _ in range(self.per_process * self.accumulation)]
-            yield step, self.window_start.epoch, taken
+            yield step, self.window_start.epoch, next(shares)
+
+    def _shares(self):
+        """This process's share of each step: the next samples in window-shuffled order, or with aspect buckets
+        the samples of the first bucket to fill a share, in the order they came (each bucket waits in its queue;
+        the queues hold at most buckets x (share - 1) samples, which are what a checkpoint's ``pending`` names)."""
+        share = self.per_process * self.accumulation
+        samples = self._shuffled()
+        if self.buckets is None:
+            square = (self.transform.resolution,) * 2
+            while True:
+                yield Share([next(samples)[1] for _ in range(share)], square)
+        from ldm.data.buckets import nearest_bucket
+
+        queues = {}
+        for pos, sample in self._replay(samples):
+            g = nearest_bucket(*_size(sample[0]), self.buckets)
+            queue = queues.setdefault(g, [])
+            queue.append((pos, sample))
+            if len(queue) == share:
+                del queues[g]
+                self.pending = sorted(p for q in queues.values() for p, _ in q)
+                yield Share([sample for _, sample in queue], self.buckets[g])
+
+    def _replay(self, samples):
+        """``samples`` (positioned), after the samples a checkpoint left waiting in bucket queues (``pending``):
+        read again from the first of them up to the checkpoint's position, keeping only those."""
+        pending, head = set(self.pending), (self.window_index, self.emitted)
+        if pending:
+            first = min(pending)
+            self.window_start, self.window_index, self.emitted = Cursor(*first[:3]), first[3], first[4]
+            samples = self._shuffled()
+            for pos, sample in samples:
+                if pos in pending:
+                    yield pos, sample
+                if (self.window_index, self.emitted) == head:
+                    break
+        yield from samples
 
     def _shuffled(self):
-        """(image, caption) in window-shuffled order from the current position, keeping the position."""
+        """(position, (image, caption)) in window-shuffled order from the current position, keeping the position;
+        a sample's position (epoch, shard, sample of the window's start, window index, its place in the window)
+        is where a stream restarted would give it first."""
         raw = self.stream.raw_samples(self.window_start)
         while True:
             window, end = [], self.window_start
@@ -326,12 +387,14 @@ class StreamSource:
                 if len(window) == self.shuffle_buffer:
                     break
             order = np.random.default_rng([self.seed, self.stream.stream, self.window_index]).permutation(len(window))
+            start = self.window_start
             for j in order[self.emitted:]:
+                pos = (start.epoch, start.shard, start.sample, self.window_index, self.emitted)
                 self.emitted += 1
                 decoded = self.stream.decode(*window[j])
                 self._check_bad()
                 if decoded is not None:
-                    yield decoded
+                    yield pos, decoded
             self.window_start, self.window_index, self.emitted = end, self.window_index + 1, 0
 
     def _check_bad(self) -> None:
@@ -343,7 +406,7 @@ class StreamSource:
                              f"e.g. {report.bad_examples[:3]}), more than data.max_bad_fraction="
                              f"{self.max_bad_fraction}; fix the shards or raise the limit")
 
-    def plan(self, step: int, samples: list) -> StreamPlan:
+    def plan(self, step: int, share: Share) -> StreamPlan:
         import torch
 
         from ldm.data.batches import step_generator, step_seed
@@ -352,54 +415,62 @@ class StreamSource:
         n = self.batch_size
         _, flip = torch.rand(n, generator=g), torch.rand(n, generator=g) < 0.5  # as BatchSource draws them
         crop_seeds = torch.randint(0, 2**31 - 1, (n,), generator=g)
-        size = (self.transform.resolution, self.transform.resolution)
-        return StreamPlan(samples, size, flip & self.random_flip, crop_seeds,
+        return StreamPlan(share.samples, share.size, flip & self.random_flip, crop_seeds,
                           step_seed(self.seed, step, self.streams.draws), n)
 
     def load(self, plan: StreamPlan, sl: slice) -> dict:
-        """This process's samples at the global slice ``sl``: pixels (b, 3, H, W) and token ids (b, L)."""
+        """This process's samples at the global slice ``sl``: pixels (b, 3, H, W) or precomputed posteriors
+        (b, C, h, w), and token ids (b, L) or precomputed text embeddings (b, L, D) as "captions"."""
         import random
 
         import torch
 
         k = (sl.start // self.per_process - self.acc.process_index) // self.acc.num_processes  # micro-batch
         rows = plan.samples[k * self.per_process:(k + 1) * self.per_process]
-        captions = self.tokenize([caption for _, caption in rows])
+        if self.contexts:
+            captions = torch.stack([latent.context for latent, _ in rows])
+        else:
+            captions = self.tokenize([caption for _, caption in rows])
+        flips, seeds = plan.flips[sl].tolist(), plan.crop_seeds[sl].tolist()
+        out = {name: arrays.load_rows(rows, plan.size, flips, seeds) for name, arrays in self.arrays.items()}
         if isinstance(rows[0][0], Latent):  # precomputed: cut and encoded once (no flips)
             return {"mean": torch.stack([r[0].mean for r in rows]), "std": torch.stack([r[0].std for r in rows]),
-                    "captions": captions}
-        flips, seeds = plan.flips[sl].tolist(), plan.crop_seeds[sl].tolist()
+                    "captions": captions, **out}
         pixels = torch.stack([self.transform(image, size=plan.size, rng=random.Random(int(s)), flip=bool(f))
                               for (image, _), f, s in zip(rows, flips, seeds)])
-        return {"pixels": pixels, "captions": captions}
+        return {"pixels": pixels, "captions": captions, **out}
 
     # ---- position and report, checkpointed as JSON ---------------------------------------------
 
     def gather_state(self) -> None:
         """Every process's position, gathered onto every process (all must call it before a checkpoint)."""
-        import torch
+        from accelerate.utils import gather_object
 
         c = self.window_start
-        mine = torch.tensor([[c.epoch, c.shard, c.sample, self.window_index, self.emitted]], device=self.acc.device)
-        self.positions = self.acc.gather(mine).tolist()
+        mine = [c.epoch, c.shard, c.sample, self.window_index, self.emitted]
+        self.positions = gather_object([{"position": mine, "pending": [list(p) for p in self.pending]}])
 
     def state_dict(self) -> dict:
         if self.positions is None:
             raise RuntimeError("gather_state() must run on every process before the stream's state is saved")
-        return {"positions": self.positions, "num_processes": self.acc.num_processes,
-                "shuffle_buffer": self.shuffle_buffer}
+        return {"positions": [p["position"] for p in self.positions], "pending": [p["pending"] for p in self.positions],
+                "num_processes": self.acc.num_processes, "shuffle_buffer": self.shuffle_buffer,
+                "buckets": [list(b) for b in self.buckets] if self.buckets is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_processes"] != self.acc.num_processes:
             raise ValueError(f"the checkpoint streamed its shards on {state['num_processes']} process(es) and this "
                              f"run has {self.acc.num_processes}: each process's stream position would not carry over; "
                              f"resume on {state['num_processes']}")
-        if state["shuffle_buffer"] != self.shuffle_buffer:
-            raise ValueError(f"data.shuffle_buffer={self.shuffle_buffer}, but the checkpoint streamed with "
-                             f"{state['shuffle_buffer']}: the order would not carry over; resume with "
-                             f"data.shuffle_buffer={state['shuffle_buffer']}")
+        for key, now, then in (("data.shuffle_buffer", self.shuffle_buffer, state["shuffle_buffer"]),
+                               ("aspect buckets", self.buckets and [list(b) for b in self.buckets],
+                                state.get("buckets"))):
+            if now != then:
+                raise ValueError(f"{key}={now}, but the checkpoint streamed with {then}: the order would not carry "
+                                 f"over; resume with the checkpoint's data settings")
         epoch, shard, sample, self.window_index, self.emitted = state["positions"][self.acc.process_index]
         self.window_start = Cursor(epoch, shard, sample)
+        self.pending = [tuple(p) for p in state.get("pending", [[]] * self.acc.num_processes)[self.acc.process_index]]
 
     def summary(self) -> dict:
         """Numbers for the closing summary, over every process (all must call it): samples skipped by reason,

@@ -93,3 +93,12 @@ def tokenize(tokenizer: CLIPTokenizer, captions: list[str]):
         captions = TextualInversionLoaderMixin().maybe_convert_prompt(list(captions), tokenizer)
     return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
+
+
+def text_fingerprint(text_encoder, tokenizer: CLIPTokenizer) -> str:
+    """A hash of what a caption's embedding depends on: the encoder's weights, the tokenizer's ids of a probe
+    caption and its length; precomputed embeddings made under another fingerprint are not used."""
+    from ldm.data.cache import Fingerprint
+
+    probe = tokenize(tokenizer, ["a photo of a cat, 1girl, sks; 0123 ÄÖ"])
+    return Fingerprint().tensors(text_encoder.state_dict()).value([probe.tolist(), "text-v1"]).hexdigest()

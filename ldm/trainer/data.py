@@ -48,6 +48,7 @@ class RunData:
     bad: list  # images skipped: they cannot be decoded
     bad_report: Path | None  # the file naming them
     val_latents: tuple | None = None  # (mean, std) of the validation images when precomputed (no images to encode)
+    val_arrays: dict | None = None  # and their per-image arrays (SDXL's "time_ids"), in place of the stage's
     state: object = None  # what the data source keeps from ``read`` for ``batches``
 
 
@@ -105,7 +106,7 @@ class ShardData(DataSource):
 
     def check(self, c) -> None:
         d = c.cfg.data
-        for key, on in (("data.bucketing", d.bucketing), ("data.mask_source", d.mask_source != "none"),
+        for key, on in (("data.mask_source", d.mask_source != "none"),
                         ("dreambooth.instance_data", bool(c.cfg.dreambooth.instance_data))):
             c.require(not on, key, f"is not supported with streamed shards (data.dataset={d.dataset!r}) yet")
 
@@ -115,7 +116,8 @@ class ShardData(DataSource):
         s = stream_splits(cfg)
         method.check_captions(cfg, s.first.captions)
         return RunData(s.first, s.val, True, {}, s.bad,
-                       report_bad_images(s.bad, cfg.run_dir, engine.accelerator.is_main_process), s.val_latents, s)
+                       report_bad_images(s.bad, cfg.run_dir, engine.accelerator.is_main_process), s.val_latents,
+                       s.val_arrays, s)
 
     def batches(self, cfg, engine, stage, comp, data: RunData):
         """Batches streamed from the run's shards, each step's images cut and encoded anew (or their precomputed
@@ -128,12 +130,15 @@ class ShardData(DataSource):
                              f"style text-to-image models for now, not this model's stage ({type(stage).__name__})")
         d, tc, acc, s = cfg.data, cfg.train, engine.accelerator, data.state
         check_precomputed(d, comp.vae, s.vae, s.latent_size)
+        contexts = precomputed_text(d, comp, s.text)
         transform = ImageTransform(d.resolution, d.center_crop, d.random_crop, tuple(d.alpha_background), d.crop_scale)
         source = StreamSource(s.shards, tc.seed, TRAIN_STREAMS, acc,
                               micro_batch_size(tc.batch_size, acc.num_processes, tc.gradient_accumulation_steps),
                               tc.gradient_accumulation_steps, tc.batch_size, transform,
                               lambda captions: stage.tokenize(comp, captions), d.random_flip, d.min_image_size,
-                              s.exclude, d.max_bad_fraction, d.shuffle_buffer)
+                              s.exclude, d.max_bad_fraction, d.shuffle_buffer,
+                              buckets=data.train.buckets if d.bucketing else None, contexts=contexts,
+                              arrays=stage.stream_arrays())
         engine.state_objects["stream"] = source
         return source
 
@@ -149,6 +154,24 @@ def check_precomputed(d, vae, fingerprint: str | None, size: tuple | None) -> No
         raise ValueError(f"data.dataset={d.dataset!r} holds latents of {size[0]}x{size[1]}, images of "
                          f"{size[0] * vae_scale_factor(vae)} px, but data.resolution={d.resolution} needs "
                          f"{want[0]}x{want[1]}; precompute them at this resolution")
+
+
+def precomputed_text(d, comp, fingerprint: str | None) -> bool:
+    """Whether the text embeddings precomputed into latent shards (made by the encoder of ``fingerprint``) stand in
+    for the run's text encoder: only when it is frozen and the same, else it encodes the captions every step."""
+    if fingerprint is None:
+        return False
+    from ldm.models.text import text_fingerprint
+
+    if comp.train_text_encoder:
+        logger.info("data.dataset=%r holds text embeddings, but the text encoder trains: it encodes the captions "
+                    "every step", d.dataset)
+        return False
+    if fingerprint != text_fingerprint(comp.text_encoder, comp.tokenizer):
+        logger.warning("data.dataset=%r holds text embeddings of another text encoder or tokenizer than this run's: "
+                       "they are not used, and the captions are encoded every step", d.dataset)
+        return False
+    return True
 
 
 DATA_SOURCES: dict[str, DataSource] = {"shards": ShardData(), "table": TableData()}  # asked in this order

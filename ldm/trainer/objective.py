@@ -61,9 +61,9 @@ class ObjectiveInputs:
 
 
 class TextContext:
-    """Caption indices (or, streamed, token ids (b, L)) -> the U-Net's context (b, L, D): rows of the embedding
-    cache when the text encoder is frozen, else the encoder's forward. Where ``drop`` is set the empty caption stands in (classifier-free
-    guidance)."""
+    """Caption indices (or, streamed, token ids (b, L), or precomputed embeddings (b, L, D)) -> the U-Net's context
+    (b, L, D): rows of the embedding cache when the text encoder is frozen, else the encoder's forward. Where
+    ``drop`` is set the empty caption stands in (classifier-free guidance)."""
 
     def __init__(self, input_ids: torch.Tensor, empty_ids: torch.Tensor, encoder=None, cache: dict | None = None):
         if (encoder is None) == (cache is None):
@@ -78,9 +78,21 @@ class TextContext:
             context = take(self.cache["embeds"], captions)
             context[drop] = self.empty_embed
             return context.to(device)
+        if captions.is_floating_point():  # streamed with precomputed embeddings (b, L, D): the encoder is frozen
+            context = captions.clone()
+            context[drop] = self.empty_context()
+            return context.to(device)
         ids = captions.clone() if captions.dim() == 2 else self.input_ids[captions]  # streamed: token ids already
         ids[drop] = self.empty_ids
         return self.encoder(ids.to(device))[0]
+
+    @torch.no_grad()
+    def empty_context(self) -> torch.Tensor:
+        """The frozen encoder's embedding of the empty caption (L, D), on the CPU, computed once."""
+        if self.empty_embed is None:
+            device = next(self.encoder.parameters()).device
+            self.empty_embed = self.encoder(self.empty_ids[None].to(device))[0][0].float().cpu()
+        return self.empty_embed
 
     def encode(self, captions: torch.Tensor, drop: torch.Tensor, device) -> tuple[torch.Tensor, dict]:
         """(context, more U-Net conditions by name): none besides the context here."""

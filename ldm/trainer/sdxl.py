@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ldm.data.cache import Fingerprint, build_or_open, take
-from ldm.data.size_conditions import SizeConditions
+from ldm.data.size_conditions import SizeConditions, StreamedSizeConditions
 from ldm.engine.config import Checker
 from ldm.methods.registry import METHODS
 from ldm.models.text import tokenize
@@ -63,7 +63,7 @@ class XLTextContext:
             context, pooled = take(cache["embeds"], captions), take(cache["pooled"], captions)
             context[drop], pooled[drop] = self.empty
             return context.to(device), {"text_embeds": pooled.to(device)}
-        ids = self.inputs.input_ids[captions]
+        ids = captions.clone() if captions.dim() == 3 else self.inputs.input_ids[captions]  # streamed: ids (b, 2, L)
         if not self.force_zeros:
             ids[drop] = self.inputs.empty_ids
         context, pooled = encode_token_ids(self.encoders, ids.unbind(1), device)
@@ -106,7 +106,6 @@ class XLTextToImage(TextToImage):
     """Text-to-image on a Stable Diffusion XL model (module docstring)."""
 
     scored = True
-    streams = False  # its per-image arrays (size conditions, low-resolution images) are not streamed yet
 
     @classmethod
     def check(cls, c: Checker) -> None:
@@ -145,6 +144,9 @@ class XLTextToImage(TextToImage):
 
     def validation_arrays(self, engine, split) -> dict:
         return {"time_ids": SizeConditions(split, self.cfg.data, random_crop=False).all()}
+
+    def stream_arrays(self) -> dict:
+        return {"time_ids": StreamedSizeConditions(self.cfg.data)}
 
     def tokenize(self, comp, captions: list[str]) -> torch.Tensor:
         """(N, 2, L): the ids of both tokenizers."""

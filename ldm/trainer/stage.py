@@ -42,7 +42,7 @@ class TextToImage:
     """Text-to-image: the U-Net denoises latents (or pixels) under the captions' context."""
 
     scored = True  # on built-in data, validation reads its samples with the built-in scorer
-    streams = True  # trains from streamed webdataset shards (`ldm.data.stream`)
+    streams = True  # trains from streamed webdataset shards (`ldm.data.stream`), with `stream_arrays`
 
     def __init__(self, cfg):
         self.cfg = cfg  # checked (`check`) before the stage is made
@@ -81,6 +81,11 @@ class TextToImage:
 
     def validation_arrays(self, engine, split) -> dict:
         """The same arrays (V, ...) of the validation images, for the objective's validation inputs."""
+        return {}
+
+    def stream_arrays(self) -> dict:
+        """The per-image arrays, by name, of streamed samples: each with ``load_rows(rows, size, flips, crop_seeds)``
+        for a step's [(image or precomputed latent, caption)] cut to ``size``; none here."""
         return {}
 
     def tokenize(self, comp, captions: list[str]) -> torch.Tensor:

@@ -178,7 +178,7 @@ class SuperResolution(TextToImage):
     model's samples, not by validation."""
 
     scored = False
-    streams = False  # its per-image arrays (size conditions, low-resolution images) are not streamed yet
+    streams = False  # its low-resolution images are not streamed yet
     GRID_IMAGES = 8  # the validation grid upscales this many validation images
 
     def __init__(self, cfg):

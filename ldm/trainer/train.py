@@ -105,7 +105,7 @@ def build_run(cfg: LDMConfig) -> Run:
     sources = [data_source.batches(cfg, engine, stage, comp, data)]
     if classes is not None:
         sources.append(batch_source(cfg, engine, stage, comp, classes, CLASS_STREAMS, len(data.train.captions)))
-    val = validation_set(cfg, engine, stage, comp, data.val, data.val_latents)
+    val = validation_set(cfg, engine, stage, comp, data.val, data.val_latents, data.val_arrays)
     latent_std = check_latent_scale(val.mean, val.std, *latent_scale_shift(comp.vae), warn=not is_pixel_space(comp.vae))
     captions = data.train.captions + (classes.captions if classes else [])
     # without a fixed set of captions (a stream's) the text encoder runs every step
@@ -166,17 +166,21 @@ def draw_class_images(cfg: LDMConfig, stage: TextToImage, comp: Components, engi
 
 
 def validation_set(cfg: LDMConfig, engine, stage: TextToImage, comp: Components, split: Split,
-                   latents: tuple | None = None) -> ValidationSet:
-    """The validation images' posteriors (V, C, h, w), from their cache (or ``latents``, precomputed), their first captions, and the stage's
-    arrays of them. The std is zero when training uses the posterior mean, so the validation loss and the latent
-    scale check see what training sees."""
+                   latents: tuple | None = None, arrays: dict | None = None) -> ValidationSet:
+    """The validation images' posteriors (V, C, h, w), from their cache (or ``latents``, precomputed), their first
+    captions, and the stage's arrays of them (or those of ``arrays`` the stage streams, precomputed). The std is zero
+    when training uses the posterior mean, so the validation loss and the latent scale check see what training
+    sees."""
     every = list(range(len(split)))
     mean, std = latents if latents is not None else cached_posterior(
         posterior_cache(cfg, engine, comp, split, flips=False), every, torch.zeros(len(split), dtype=torch.bool))
     if cfg.diffusion.latent_posterior == "mean":
         std = torch.zeros_like(std)
     captions = split.first_captions()
-    return ValidationSet(mean, std, stage.tokenize(comp, captions), captions, stage.validation_arrays(engine, split))
+    if arrays is not None:
+        arrays = {name: a for name, a in arrays.items() if name in stage.stream_arrays()}
+    return ValidationSet(mean, std, stage.tokenize(comp, captions), captions,
+                         arrays if arrays is not None else stage.validation_arrays(engine, split))
 
 
 def prepare(cfg: LDMConfig, engine, comp: Components, groups: list[dict]):

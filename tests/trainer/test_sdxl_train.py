@@ -648,3 +648,40 @@ def test_the_sdxl_dreambooth_preset_runs_at_tiny_sizes(tmp_path, xl_dir):
     for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
         assert (cfg.run_dir / "lora" / name).is_file()
     assert len(list((cfg.run_dir / "class_images").glob("*.png"))) == 2
+
+
+def test_sdxl_streams_shards_with_each_cuts_size_conditions_and_precomputed_latents_with_theirs(
+        tmp_path, xl_dir, mixed_dir, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from ldm.data.stream import main as stream_main
+    from ldm.precompute import precompute
+
+    shards = tmp_path / "shards"
+    stream_main(["pack", str(mixed_dir), str(shards), "--per-shard", "6"])
+    seen, real = [], UNet2DConditionModel.forward
+
+    def spy(self, sample, timestep, *args, added_cond_kwargs=None, **kwargs):
+        if torch.is_grad_enabled():
+            seen.append((tuple(sample.shape[-2:]), added_cond_kwargs["time_ids"].clone()))
+        return real(self, sample, timestep, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    cfg = _cfg(tmp_path, xl_dir, str(shards), "data.bucketing=true", "data.bucket_step=8", "data.random_crop=true",
+               "data.random_flip=true", "train.max_steps=4", "data.shuffle_buffer=8")
+    train(cfg)
+    originals, factor = {(h, w) for w, h in SIZES}, 4  # the tiny VAE's
+    assert len(seen) == 4 and {s[0] for s in seen} != {(8, 8)}  # several buckets
+    for latent_size, time_ids in seen:
+        for h, w, top, left, th, tw in time_ids.int().tolist():
+            assert (h, w) in originals and (th, tw) == (latent_size[0] * factor, latent_size[1] * factor)
+            assert 0 <= top <= h - th + 8 and 0 <= left <= w - tw + 8  # a crop inside the resized image
+
+    seen.clear()
+    out = tmp_path / "latents"
+    counts = precompute(_cfg(tmp_path, xl_dir, str(shards)), out)
+    assert counts["samples"] == 24 and not counts["text_embeddings"]  # two encoders: they run every step
+    run = _cfg(tmp_path, xl_dir, str(out), "name=xl_latents", "train.max_steps=2")
+    train(run)
+    assert len(seen) == 2
+    assert all((h, w) in originals and (th, tw) == (32, 32) for _, ids in seen for h, w, _, _, th, tw in ids.tolist())

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import write_shards
+from tiny_models import sd_folder, write_shards
 
 from ldm.data.batches import TRAIN_STREAMS
 from ldm.data.images import ImageTransform
@@ -93,11 +93,54 @@ def test_two_processes_read_disjoint_samples_and_together_all(tmp_path):
         source = StreamSource(shard_list, 3, TRAIN_STREAMS, acc, per_process=4, accumulation=1, batch_size=8,
                               transform=ImageTransform(32, True, False), tokenize=lambda c: c, random_flip=False,
                               shuffle_buffer=12)  # windows of two shards: 24 samples, one epoch, in 2 windows
-        seen.append([caption for _, _, batch in source.iterate(0, 6) for _, caption in batch])
+        seen.append([caption for _, _, share in source.iterate(0, 6) for _, caption in share.samples])
         in_shard_order = [f"a square of shard {s} number {i}" for s in range(8) for i in range(6)]
         assert seen[-1] != sorted(seen[-1], key=in_shard_order.index)  # shuffled within windows
     assert len(seen[0]) == len(seen[1]) == 24 and not set(seen[0]) & set(seen[1])
     assert len(set(seen[0]) | set(seen[1])) == 48
+
+
+SHAPES = [(32, 32), (48, 24), (24, 48), (40, 24), (32, 32), (24, 40)]  # (w, h): buckets 32x32, 24x40, 40x24
+
+
+def test_aspect_buckets_on_a_stream_give_one_bucket_per_share_from_a_bounded_queue(tmp_path):
+    from ldm.data.buckets import make_buckets, nearest_bucket
+
+    write_shards(tmp_path, num_shards=6, per_shard=12, shapes=SHAPES)
+    shape_of = {f"a square of shard {s} number {i}": SHAPES[(s * 12 + i) % len(SHAPES)] for s in range(6)
+                for i in range(12)}
+    buckets = make_buckets(32, 8, 2.0)
+    acc = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+    source = StreamSource(sorted(str(p) for p in tmp_path.glob("*.tar")), 3, TRAIN_STREAMS, acc, per_process=4,
+                          accumulation=1, batch_size=4, transform=ImageTransform(32, True, False), tokenize=lambda c: c,
+                          random_flip=False, shuffle_buffer=10, buckets=buckets)
+    seen, sizes = [], set()
+    for step, _, share in source.iterate(0, 30):  # 120 samples: over one epoch of 72
+        assert {buckets[nearest_bucket(*shape_of[c], buckets)] for _, c in share.samples} == {share.size}
+        assert len(source.pending) <= len(buckets) * (4 - 1)
+        pixels = source.load(source.plan(step, share), slice(0, 4))["pixels"]
+        assert pixels.shape == (4, 3, *share.size)
+        seen += [c for _, c in share.samples]
+        sizes.add(share.size)
+    assert sizes == {(32, 32), (24, 40), (40, 24)}
+    assert len(set(seen[:60])) == 60  # no sample twice within the first epoch
+
+
+def test_a_bucketed_streaming_run_trains_and_resumes_bit_identically(tmp_path, tiny_vae_dir):
+    write_shards(tmp_path / "mixed", num_shards=6, per_shard=12, shapes=SHAPES)
+    extra = ("data.bucketing=true", "data.bucket_step=8", "data.shuffle_buffer=20", "data.validation_num_images=8",
+             "train.batch_size=4")
+    straight = _cfg(tmp_path, tiny_vae_dir, str(tmp_path / "mixed"), "name=b_straight", *extra)
+    train(straight)
+    resumed = _cfg(tmp_path, tiny_vae_dir, str(tmp_path / "mixed"), "name=b_resumed", "train.resume=latest", *extra)
+    (resumed.run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight.run_dir / "checkpoints" / "step-3", resumed.run_dir / "checkpoints" / "step-3")
+    shutil.copy(straight.run_dir / "config.yaml", resumed.run_dir / "config.yaml")
+    grab = SimpleNamespace(load_state_dict=lambda state: grab.__dict__.update(state=state))
+    load_object_state(grab, resumed.run_dir / "checkpoints" / "step-3", "stream")
+    assert grab.state["pending"][0]  # samples waited in bucket queues at the checkpoint: the resume reads them again
+    train(resumed)
+    assert _same(straight.run_dir, resumed.run_dir)
 
 
 def test_bad_samples_and_an_unreachable_shard_are_skipped_and_counted(tmp_path, tiny_vae_dir):
@@ -189,5 +232,40 @@ def test_latent_shards_are_precomputed_resumably_and_train(tmp_path, tiny_vae_di
         train(_cfg(tmp_path, "builtin", str(out), "name=other_vae"))
     with pytest.raises(ValueError, match="holds latents of 8x8, images of 32 px, but data.resolution=64 needs 16x16"):
         train(_cfg(tmp_path, tiny_vae_dir, str(out), "name=size", "data.resolution=64"))
-    with pytest.raises(ValueError, match="data.random_flip=true cannot flip the precomputed latents"):
+    with pytest.raises(ValueError, match="data.random_flip=true cannot be applied to the precomputed"):
         train(_cfg(tmp_path, tiny_vae_dir, str(out), "name=flip", "data.random_flip=true"))
+
+
+def test_latent_shards_carry_a_frozen_text_encoders_embeddings_which_training_reads(tmp_path, tiny_vae_dir, shards,
+                                                                                      monkeypatch, caplog):
+    import io
+    import tarfile
+
+    import numpy as np
+
+    import ldm.trainer.data
+    from ldm.precompute import precompute
+
+    captions = [f"a square of shard {s} number {i}" for s in range(8) for i in range(12)]
+    base = sd_folder(tmp_path / "sd", tiny_vae_dir, captions)
+    extra = (f"model.pretrained={base}", "train.learning_rate=0.001")
+    out = tmp_path / "latents"
+    assert precompute(_cfg(tmp_path, tiny_vae_dir, str(shards), *extra), out)["text_embeddings"]
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        context = np.load(io.BytesIO(tar.extractfile("00000.ctx.npy").read()))
+    assert context.shape == (16, 32) and context.dtype == np.float16  # (max_length, hidden size)
+
+    read = _cfg(tmp_path, tiny_vae_dir, str(out), "name=read", *extra)
+    train(read)
+    monkeypatch.setattr(ldm.trainer.data, "precomputed_text", lambda *a: False)  # the encoder runs every step
+    encoded = _cfg(tmp_path, tiny_vae_dir, str(out), "name=encoded", *extra)
+    train(encoded)
+    a, b = load_file(read.run_dir / UNET), load_file(encoded.run_dir / UNET)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)  # the same training, up to float16 embeddings
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # ... which were read, not recomputed
+    monkeypatch.undo()
+
+    other = sd_folder(tmp_path / "other", tiny_vae_dir, ["another vocabulary altogether"])
+    with caplog.at_level("WARNING"):
+        train(_cfg(tmp_path, tiny_vae_dir, str(out), "name=other", f"model.pretrained={other}", "train.max_steps=1"))
+    assert "holds text embeddings of another text encoder or tokenizer" in caplog.text
