@@ -205,3 +205,21 @@ def write_shards(folder: Path, num_shards: int, per_shard: int, size: int = 32, 
         paths.append(path)
     return paths
 
+
+def sidecar_folder(root, data_dir, n=12, start=0, ext=".txt", repeat_folder=None):
+    """``n`` of the shapes images with their captions as tag lists in caption files; with ``repeat_folder``
+    (e.g. "3_blob") another 4 images in that sub-folder with no caption files."""
+    import json
+    import shutil
+
+    rows = [json.loads(line) for line in (data_dir / "metadata.jsonl").read_text().splitlines()]
+    root.mkdir(parents=True, exist_ok=True)
+    for row in rows[start:start + n]:
+        shutil.copy(data_dir / row["file_name"], root / row["file_name"])
+        text = row["text"] if isinstance(row["text"], str) else row["text"][0]
+        (root / row["file_name"]).with_suffix(ext).write_text(f"sks, {text}, plain, small")
+    if repeat_folder:
+        (root / repeat_folder).mkdir()
+        for row in rows[start + n:start + n + 4]:
+            shutil.copy(data_dir / row["file_name"], root / repeat_folder / row["file_name"])
+    return root

@@ -142,14 +142,17 @@ class BatchSource:
 
     def __init__(self, split, sampler: GlobalBatchSampler, seed: int, streams: Streams, random_flip: bool,
                  latents: dict | None = None, pixels: PixelItems | None = None, caption_offset: int = 0,
-                 extras: dict | None = None):
+                 extras: dict | None = None, tags: list | None = None, tokenize=None):
         """``extras``: name -> `CachedArrays` (beside cached latents) or `CutArrays` (beside pixels): the masked
-        loss's "mask", a super-resolution stage's "low_res"."""
+        loss's "mask", a super-resolution stage's "low_res". ``tags``: the `ldm.data.tags.TagRules` of each source
+        of the split (by ``split.sources``), which change the captions every step; they are then loaded as token
+        ids by ``tokenize``."""
         if (latents is None) == (pixels is None):
             raise ValueError("a batch source reads either cached latents or pixels")
         self.split, self.sampler, self.seed, self.streams = split, sampler, seed, streams
         self.random_flip, self.latents, self.pixels, self.caption_offset = random_flip, latents, pixels, caption_offset
         self.extras = extras or {}
+        self.tags, self.tokenize = (tags, tokenize) if tags and any(rule.active for rule in tags) else (None, None)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -180,7 +183,16 @@ class BatchSource:
             out = {"pixels": torch.stack([self.pixels[k] for k in keys]), "captions": plan.captions[sl]}
         for name, extra in self.extras.items():
             out[name] = extra.load(items, flips, crop_seeds)
+        if self.tags is not None:
+            out["captions"] = self.tokenize(self.tag_captions(items, plan.captions[sl], crop_seeds))
         return out
+
+    def tag_captions(self, items: list[int], captions: torch.Tensor, crop_seeds: torch.Tensor) -> list[str]:
+        """The drawn captions with their source's tag rules applied, each from its own seed."""
+        sources = self.split.sources
+        return [self.tags[0 if sources is None else int(sources[i])].apply(
+                    self.split.captions[int(c) - self.caption_offset], random.Random(2 * int(seed) + 1))
+                for i, c, seed in zip(items, captions.tolist(), crop_seeds.tolist())]
 
     def summary(self) -> dict:
         """Numbers for the closing summary: none beyond the split's (its skipped images, its unseen buckets)."""
@@ -228,10 +240,14 @@ class GlobalBatchSampler:
     remainder dropped when ``drop_last``, else kept as a smaller batch), then shuffle all groups'
     batches together. The same (seed, epoch) always gives the same batches, and every epoch has the
     same number of them, so training resumes at (epoch, batch index) computed from the step alone.
+
+    ``repeats`` (one number >= 0 per item) makes item i come repeats[i] times an epoch on average: floor(r) times
+    always, and its fraction as a share of the group's round(sum of fractions) extra places, drawn each epoch
+    without replacement in proportion to the fractions (so a group's number of places is the same every epoch).
     """
 
     def __init__(self, groups: Sequence[int] | None, num_items: int, batch_size: int, seed: int,
-                 drop_last: bool = True):
+                 drop_last: bool = True, repeats: Sequence[float] | None = None):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if seed < 0:
@@ -241,13 +257,33 @@ class GlobalBatchSampler:
         group_of = np.zeros(num_items, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
         self.members = [np.flatnonzero(group_of == g) for g in np.unique(group_of)]  # sorted item ids per group
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+        self.repeats = None if repeats is None or np.all(np.asarray(repeats) == 1) else np.asarray(repeats, float)
+        if self.repeats is not None and (len(self.repeats) != num_items or (self.repeats < 0).any()):
+            raise ValueError(f"repeats needs one number >= 0 per item ({num_items}), got {len(self.repeats)}")
         self._last: tuple[int, list[list[int]]] | None = None  # (epoch, batches): asked for at every step
         if len(self) == 0:
             sizes = {int(group_of[m[0]]): len(m) for m in self.members}
             raise ValueError(f"no group has a full batch of {batch_size}; items per group: {sizes}")
 
+    def _places(self, members: np.ndarray) -> int:
+        """Places of a group in every epoch: its items, or the sum of their repeats."""
+        if self.repeats is None:
+            return len(members)
+        r = self.repeats[members]
+        return int(np.floor(r).sum() + round(float((r - np.floor(r)).sum())))
+
+    def _epoch_items(self, members: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """A group's items of one epoch, each as often as its repeats say (see the class docstring)."""
+        if self.repeats is None:
+            return members
+        r = self.repeats[members]
+        whole, frac = np.floor(r).astype(np.int64), r - np.floor(r)
+        extra = round(float(frac.sum()))
+        chosen = rng.choice(members, size=extra, replace=False, p=frac / frac.sum()) if extra else members[:0]
+        return np.concatenate([np.repeat(members, whole), chosen])
+
     def __len__(self) -> int:
-        per_group = (len(m) // self.batch_size if self.drop_last else -(-len(m) // self.batch_size)
+        per_group = (self._places(m) // self.batch_size if self.drop_last else -(-self._places(m) // self.batch_size)
                      for m in self.members)
         return sum(per_group)
 
@@ -260,7 +296,7 @@ class GlobalBatchSampler:
         rng = np.random.default_rng([self.seed, epoch])
         batches = []
         for members in self.members:
-            shuffled = rng.permutation(members)
+            shuffled = rng.permutation(self._epoch_items(members, rng))
             stop = len(shuffled) - len(shuffled) % self.batch_size if self.drop_last else len(shuffled)
             batches += [shuffled[i:i + self.batch_size].tolist() for i in range(0, stop, self.batch_size)]
         self._last = (epoch, [batches[i] for i in rng.permutation(len(batches))])

@@ -2,7 +2,8 @@
 
 A source is anything `load_source` reads: a built-in dataset, an image folder (images + a
 ``metadata.jsonl``/``metadata.csv`` with ``file_name`` and a caption column, `datasets`' ``imagefolder``
-layout), a ``save_to_disk`` folder, parquet/arrow files, or a Hub dataset id; `instance_dataset` pairs every
+layout), a folder of images with caption sidecars (``0001.png`` + ``0001.txt``, in kohya-ss's ``N_name``
+sub-folders or not: `sidecar_dataset`), a ``save_to_disk`` folder, parquet/arrow files, or a Hub dataset id; `instance_dataset` pairs every
 image of a folder with one prompt (DreamBooth's subject). Built-in datasets are generated into the image-folder
 layout, so the demo runs the user's data path."""
 
@@ -13,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,13 +57,14 @@ def resolve_data_dir(dataset: str, data_root: str = "data", split: str = "train"
 def load_source(source: str, *, split: str = "train", data_root: str = "data", resolution: int = 32,
                 image_column: str = "image", caption_column: str = "text",
                 cache_dir: str | None = None, max_bad_fraction: float = 0.01,
-                bad: list | None = None) -> datasets.Dataset:
+                bad: list | None = None, caption_extension: str = ".txt") -> datasets.Dataset:
     """Load one split of an image-caption source, its image column decoding to PIL images.
 
     ``source`` is tried in this order:
       1. a built-in dataset name (`BUILTIN_DATASETS`), generated under ``data_root`` at ``resolution``;
       2. a folder: ``Dataset``/``DatasetDict.save_to_disk`` output, else an image folder with
-         ``metadata.jsonl``/``metadata.csv``, else a folder of ``.parquet`` or ``.arrow`` files;
+         ``metadata.jsonl``/``metadata.csv``, else a folder of ``.parquet`` or ``.arrow`` files, else a folder
+         of images with ``caption_extension`` sidecars (`sidecar_dataset`);
       3. a single ``.parquet``/``.arrow`` file, or a glob pattern matching such files;
       4. a Hugging Face Hub dataset id.
     A source without named splits (one file, a glob, a saved ``Dataset``) has the single split "train";
@@ -81,7 +84,7 @@ def load_source(source: str, *, split: str = "train", data_root: str = "data", r
         ds, base = _load_folder(folder, "train", cache_dir, caption_column), folder  # the folder is the split
     elif Path(source).expanduser().is_dir():
         base = Path(source).expanduser()
-        ds = _load_folder(base, split, cache_dir, caption_column)
+        ds = _load_folder(base, split, cache_dir, caption_column, caption_extension)
     elif Path(source).expanduser().is_file() or _GLOB_CHARS & set(source):
         files, base = _data_files(source)
         ds = _load_files(source, files, split, cache_dir)
@@ -149,8 +152,10 @@ def drop_bad_images(ds: datasets.Dataset, image_column: str, source: str, max_ba
     return ds.select([i for i in range(len(ds)) if i not in skip])
 
 
-def _load_folder(folder: Path, split: str, cache_dir: str | None, caption_column: str = "text") -> datasets.Dataset:
-    """A ``save_to_disk`` folder, an image folder with metadata, or a folder of parquet/arrow files."""
+def _load_folder(folder: Path, split: str, cache_dir: str | None, caption_column: str = "text",
+                 caption_extension: str = ".txt") -> datasets.Dataset:
+    """A ``save_to_disk`` folder, an image folder with metadata, a folder of parquet/arrow files, or images with
+    caption sidecars."""
     import datasets
 
     if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
@@ -163,14 +168,53 @@ def _load_folder(folder: Path, split: str, cache_dir: str | None, caption_column
         loaded = datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=cache_dir)
         return _pick_split(loaded, split, str(folder))
     suffixes = {p.suffix for p in folder.rglob("*") if p.suffix in FILE_BUILDERS}
+    if not suffixes and split == "train":
+        sidecars = sidecar_dataset(folder, caption_extension, caption_column)
+        if sidecars is not None:
+            return sidecars
     if len(suffixes) != 1:
         found = "both .parquet and .arrow files" if suffixes else "no dataset"
         raise ValueError(f"folder {str(folder)!r} holds {found}; valid: a save_to_disk dataset "
                          f"(dataset_dict.json or state.json), images with {' or '.join(METADATA_FILES)}, "
+                         f"images with caption files beside them (data.caption_extension={caption_extension!r}), "
                          f"or only {' or only '.join(FILE_BUILDERS)} files")
     builder = FILE_BUILDERS[suffixes.pop()]
     loaded = datasets.load_dataset(builder, data_dir=str(folder), cache_dir=cache_dir)
     return _pick_split(loaded, split, str(folder))
+
+
+REPEATS_COLUMN = "_repeats"  # how many times an image comes each epoch (kohya-ss's N_name folders, data.sources)
+_REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+def sidecar_dataset(folder: Path, caption_extension: str = ".txt", caption_column: str = "text"):
+    """The images under ``folder`` (sub-folders too) captioned by the text file beside each (``0001.png`` +
+    ``0001.txt``), or None when no image has one. A sub-folder named ``N_name`` (kohya-ss's layout:
+    ``10_sks dog``) repeats its images N times an epoch (the ``_repeats`` column), and captions its images that
+    have no caption file with ``name``; other images without a caption file are skipped, with a count logged."""
+    import datasets
+
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    rows, missing = [], []
+    for path in images:
+        sidecar = path.with_suffix(caption_extension)
+        match = next((m for m in (_REPEAT_FOLDER.match(part) for part in path.relative_to(folder).parts[:-1]) if m),
+                     None)
+        if sidecar.is_file():
+            caption = sidecar.read_text(encoding="utf-8", errors="replace").strip()
+        elif match is not None:
+            caption = match.group(2)
+        else:
+            missing.append(str(path.relative_to(folder)))
+            continue
+        rows.append((str(path), caption, float(match.group(1)) if match is not None else 1.0))
+    if not rows:
+        return None
+    if missing:
+        logger.warning("%d of %d images of %s have no %s caption file beside them and are skipped: %s",
+                       len(missing), len(images), folder, caption_extension, missing[:20])
+    return datasets.Dataset.from_dict({"image": [r[0] for r in rows], caption_column: [r[1] for r in rows],
+                                       REPEATS_COLUMN: [r[2] for r in rows]})
 
 
 def _read_metadata(folder: Path, caption_column: str):

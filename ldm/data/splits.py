@@ -13,7 +13,14 @@ import torch
 
 from ldm.data.builtin import BUILTIN_DATASETS
 from ldm.data.cache import Fingerprint
-from ldm.data.sources import captions_of, drop_bad_images, image_sizes, instance_dataset, load_source
+from ldm.data.sources import (
+    REPEATS_COLUMN,
+    captions_of,
+    drop_bad_images,
+    image_sizes,
+    instance_dataset,
+    load_source,
+)
 from ldm.data.buckets import make_buckets, nearest_bucket
 
 logger = logging.getLogger(__name__)
@@ -31,6 +38,8 @@ class Split:
     buckets: list[tuple[int, int]]
     fingerprint: str  # of the data and its transform, for cache keys
     bad: list = field(default_factory=list)  # images skipped because they cannot be decoded
+    repeats: np.ndarray | None = None  # (N,) times each image comes an epoch on average (None: once)
+    sources: np.ndarray | None = None  # (N,) the data.sources entry of each image (None: one source)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -57,7 +66,39 @@ def _load(cfg, source: str, split: str, bad: list | None = None):
     d = cfg.data
     return load_source(source, split=split, data_root=d.data_root, resolution=d.resolution,
                        image_column=d.image_column, caption_column=d.caption_column,
-                       max_bad_fraction=d.max_bad_fraction, bad=bad)
+                       max_bad_fraction=d.max_bad_fraction, bad=bad, caption_extension=d.caption_extension)
+
+
+SOURCE_COLUMN = "_source"  # the index in data.sources of each image's source
+
+
+def _load_sources(cfg, bad: list) -> datasets.Dataset:
+    """The images of every ``data.sources`` entry in one table, with each image's repeats an epoch (the entry's
+    repeats, or its weight's share of all places, times its folder's ``N_name`` repeats) and its entry's index."""
+    import datasets
+
+    d, parts = cfg.data, []
+    for k, entry in enumerate(d.sources):
+        ds = load_source(entry.dataset, split=d.split, data_root=d.data_root, resolution=d.resolution,
+                         image_column=d.image_column, caption_column=d.caption_column,
+                         max_bad_fraction=d.max_bad_fraction, bad=bad,
+                         caption_extension=entry.caption_extension or d.caption_extension)
+        base = np.asarray(ds[REPEATS_COLUMN], dtype=np.float64) if REPEATS_COLUMN in ds.column_names \
+            else np.ones(len(ds))
+        ds = ds.select_columns([d.image_column, d.caption_column])
+        if isinstance(ds.features[d.caption_column], datasets.Value):  # one caption type for every source
+            ds = ds.map(lambda row: {d.caption_column: [row[d.caption_column]]},
+                        features=datasets.Features({**ds.features, d.caption_column: [datasets.Value("string")]}))
+        parts.append((entry, ds, base))
+    total, weights = sum(len(ds) for _, ds, _ in parts), [e.weight for e, _, _ in parts]
+    out = []
+    for k, (entry, ds, base) in enumerate(parts):
+        if weights[0] is not None:  # the entry's share of all places, spread over its images as their repeats say
+            base = base * (entry.weight / sum(weights)) * total / base.sum()
+        else:
+            base = base * entry.repeats
+        out.append(ds.add_column(REPEATS_COLUMN, base.tolist()).add_column(SOURCE_COLUMN, [k] * len(ds)))
+    return datasets.concatenate_datasets(out)
 
 
 def load_splits(cfg) -> tuple[Split, Split, bool]:
@@ -74,6 +115,9 @@ def load_splits(cfg) -> tuple[Split, Split, bool]:
         source = cfg.dreambooth.instance_data
         train_ds = instance_dataset(source, cfg.dreambooth.instance_prompt, d.image_column, d.caption_column)
         train_ds = drop_bad_images(train_ds, d.image_column, source, d.max_bad_fraction, bad_train)
+    elif d.sources:
+        source = "+".join(entry.dataset for entry in d.sources)
+        train_ds = _load_sources(cfg, bad_train)
     else:
         train_ds = _load(cfg, d.dataset, d.split, bad_train)
     val_ds, heldout = None, True
@@ -81,7 +125,7 @@ def load_splits(cfg) -> tuple[Split, Split, bool]:
         pass  # a handful of subject images: validate on them
     elif d.validation_dataset:
         val_ds = _load(cfg, d.validation_dataset, d.validation_split_name, bad_val)
-    elif d.dataset in BUILTIN_DATASETS:
+    elif d.dataset in BUILTIN_DATASETS and not d.sources:
         val_ds = _load(cfg, d.dataset, "heldout", bad_val)
     elif d.validation_fraction > 0:
         parts = train_ds.train_test_split(test_size=d.validation_fraction, seed=cfg.train.seed, shuffle=True)
@@ -92,8 +136,10 @@ def load_splits(cfg) -> tuple[Split, Split, bool]:
         train_ds = train_ds.shuffle(seed=cfg.train.seed).select(range(d.max_train_samples))
     if len(val_ds) > d.validation_num_images:
         val_ds = val_ds.shuffle(seed=0).select(range(d.validation_num_images))
-    train = make_split(cfg, train_ds, source, bucketing=d.bucketing)
-    val = make_split(cfg, val_ds, d.validation_dataset or source, bucketing=False)
+    files = [entry.dataset for entry in d.sources] if d.sources and not cfg.dreambooth.instance_data else None
+    train = make_split(cfg, train_ds, source, bucketing=d.bucketing, files=files)
+    val = make_split(cfg, val_ds, d.validation_dataset or source, bucketing=False,
+                     files=None if d.validation_dataset else files)
     train.bad, val.bad = bad_train, bad_val
     return train, val, heldout
 
@@ -170,7 +216,7 @@ def class_split(cfg, folder: Path, prompts: list[str]) -> Split:
     return make_split(cfg, ds, str(folder), bucketing=cfg.data.bucketing)
 
 
-def make_split(cfg, ds, source: str, bucketing: bool) -> Split:
+def make_split(cfg, ds, source: str, bucketing: bool, files: list[str] | None = None) -> Split:
     d = cfg.data
     if len(ds) == 0:
         raise ValueError(f"data source {source!r} has no images")
@@ -190,9 +236,13 @@ def make_split(cfg, ds, source: str, bucketing: bool) -> Split:
     fp = Fingerprint().value([source, len(ds), getattr(ds, "_fingerprint", None), d.image_column,
                               d.resolution, d.center_crop, bucketing, d.bucket_step, d.bucket_max_ratio,
                               d.alpha_background] + ([d.crop_scale] if d.crop_scale != 1 else []))
-    if Path(source).exists():
-        fp.files(source)
-    return Split(ds, captions, np.asarray(start), sizes, groups, buckets, fp.hexdigest())
+    for path in files if files is not None else [source]:  # a folder's files: a changed image makes a new key
+        if Path(path).exists():
+            fp.files(path)
+    repeats = np.asarray(ds[REPEATS_COLUMN], dtype=np.float64) if REPEATS_COLUMN in ds.column_names else None
+    sources = np.asarray(ds[SOURCE_COLUMN], dtype=np.int64) if SOURCE_COLUMN in ds.column_names else None
+    return Split(ds, captions, np.asarray(start), sizes, groups, buckets, fp.hexdigest(), repeats=repeats,
+                 sources=sources)
 
 
 def check_sizes(cfg, split: Split, vae_factor: int) -> None:

@@ -100,6 +100,8 @@ def _check_value(key: str, value, typ):
             raise ValueError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(typ)
         return [_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(typ):  # a list's entries: a section each
+        return from_dict(typ, value, f"{key}.")
     return _check_scalar(key, value, typ)
 
 
@@ -253,9 +255,13 @@ class Checker:
         self.cfg = cfg
 
     def get(self, key: str):
+        """The value at a dotted key; ``name[k]`` takes entry k of a list."""
         node = self.cfg
         for part in key.split("."):
-            node = getattr(node, part)
+            name, _, index = part.partition("[")
+            node = getattr(node, name)
+            if index:
+                node = node[int(index.rstrip("]"))]
         return node
 
     def require(self, ok: bool, key: str, valid: str) -> None:

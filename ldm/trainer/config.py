@@ -40,6 +40,21 @@ ModelFamily = typing.Literal[tuple(PIPELINES)]
 
 
 @dataclass
+class SourceConfig:
+    """One entry of ``data.sources``: a source mixed with the others into every epoch."""
+
+    dataset: str = ""  # as data.dataset: an image folder (metadata or caption files), a saved dataset, files
+    repeats: float = 1.0  # times each image comes an epoch (fractions: on average)
+    # Or the source's share of every epoch's places (relative to the other sources' weights; all sources give one
+    # or none): its images come weight / sum(weights) x all images / its images times an epoch.
+    weight: float | None = None
+    caption_extension: str | None = None  # None: data.caption_extension
+    shuffle_tags: bool | None = None  # None: data.shuffle_tags, and so on
+    keep_tokens: int | None = None
+    tag_dropout: float | None = None
+
+
+@dataclass
 class DataConfig:
     # Where the images come from: a built-in name ("shapes", "digits"), an image folder with
     # metadata.jsonl/csv, a `save_to_disk` folder, parquet/arrow file(s) or a glob, or a hub dataset id.
@@ -48,6 +63,19 @@ class DataConfig:
     data_root: str = "data"  # where built-in datasets are generated
     image_column: str = "image"
     caption_column: str = "text"  # a string or a list of strings per image (one drawn per step)
+    # A folder of images without metadata is captioned by the file beside each image with this extension
+    # (0001.png + 0001.txt; kohya-ss's other convention: .caption); in N_name sub-folders each image comes N times
+    # an epoch.
+    caption_extension: str = ".txt"
+    # Comma-separated tag captions, changed every step (then the text encoder runs every step: nothing to cache):
+    # the tags after the first keep_tokens shuffled, each dropped with probability tag_dropout.
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    tag_dropout: float = 0.0
+    # Several sources in one run (kohya-ss's subsets, SimpleTuner's backends), each with its repeats or weight and
+    # its caption settings: [{dataset: /data/a, repeats: 2}, {dataset: /data/b, shuffle_tags: true}]. When given,
+    # these are the training data and data.dataset is not read.
+    sources: list[SourceConfig] = field(default_factory=list)
     resolution: int = 32  # side of the square images, or the area (resolution^2) of the buckets
     center_crop: bool = True  # else top-left (or random with random_crop)
     random_crop: bool = False  # a new crop every step: latents cannot be cached then
@@ -347,6 +375,11 @@ def check_data(c: Checker) -> None:
     c.at_least("data.crop_scale", 1)
     c.at_least("data.min_image_size", 0)
     c.at_least("data.shuffle_buffer", 1)
+    c.require(d.caption_extension.startswith(".") and len(d.caption_extension) > 1, "data.caption_extension",
+              "must be a file extension with its dot, such as '.txt' or '.caption'")
+    c.at_least("data.keep_tokens", 0)
+    c.within("data.tag_dropout", 0, 1)
+    check_sources(c)
     from ldm.trainer.data import data_source_for
 
     if d.dataset:
@@ -355,6 +388,30 @@ def check_data(c: Checker) -> None:
         c.require(bool(c.get(key)), key, "must not be empty")
     if d.mask_source != "none":
         c.within("data.mask_floor", 0, 1)
+
+
+def check_sources(c: Checker) -> None:
+    """Each ``data.sources`` entry: a local map-style source, repeats or a weight (all entries weighted or none), its
+    caption settings."""
+    from ldm.data.stream import is_shard_spec
+
+    d = c.cfg.data
+    c.require(not (d.sources and c.cfg.dreambooth.instance_data), "data.sources",
+              "cannot be mixed with dreambooth.instance_data; give the subject's images as a source instead")
+    weighted = {entry.weight is not None for entry in d.sources}
+    c.require(len(weighted) <= 1, "data.sources", "needs a weight on every entry or on none")
+    for k, e in enumerate(d.sources):
+        key = f"data.sources[{k}]"
+        c.require(bool(e.dataset) and not is_shard_spec(e.dataset), f"{key}.dataset",
+                  f"must name an image folder, saved dataset or files (streamed shards go in data.dataset), got "
+                  f"{e.dataset!r}")
+        c.require(e.repeats >= 0, f"{key}.repeats", f"must be >= 0, got {e.repeats}")
+        c.require(e.weight is None or e.weight > 0, f"{key}.weight", f"must be > 0, got {e.weight}")
+        c.require(e.keep_tokens is None or e.keep_tokens >= 0, f"{key}.keep_tokens", f"must be >= 0, got {e.keep_tokens}")
+        c.require(e.tag_dropout is None or 0 <= e.tag_dropout < 1, f"{key}.tag_dropout",
+                  f"must be in [0, 1), got {e.tag_dropout}")
+        c.require(e.caption_extension is None or (e.caption_extension.startswith(".") and len(e.caption_extension) > 1),
+                  f"{key}.caption_extension", "must be a file extension with its dot, such as '.txt'")
 
 
 def check_model(c: Checker) -> None:

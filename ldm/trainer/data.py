@@ -30,6 +30,7 @@ from ldm.data.batches import (
 )
 from ldm.data.cache import Encoding, latent_cache
 from ldm.data.splits import Split, load_splits, report_bad_images, report_unseen, stream_splits
+from ldm.data.tags import TagRules
 from ldm.models.vae import encode, encoder_fingerprint
 from ldm.trainer.stage import cache_place
 from pipelines.latents import vae_scale_factor
@@ -55,9 +56,11 @@ class RunData:
 class DataSource:
     """One kind of training data (see the module docstring)."""
 
-    fixed_captions = True  # every caption is known at set-up, so a frozen text encoder's outputs can be cached
+    def fixed_captions(self, cfg) -> bool:
+        """Whether every caption is known at set-up, so that a frozen text encoder's outputs can be cached."""
+        return True
 
-    def matches(self, dataset: str) -> bool:
+    def matches(self, cfg) -> bool:
         raise NotImplementedError
 
     def check(self, c) -> None:
@@ -75,8 +78,11 @@ class DataSource:
 class TableData(DataSource):
     """A map-style `datasets` table, cached (see the module docstring)."""
 
-    def matches(self, dataset: str) -> bool:
+    def matches(self, cfg) -> bool:
         return True
+
+    def fixed_captions(self, cfg) -> bool:
+        return not any(rule.active for rule in tag_rules(cfg.data))
 
     def read(self, cfg, engine, method) -> RunData:
         """The training and validation splits (built-in data is generated once, by the main process), checked by
@@ -91,22 +97,24 @@ class TableData(DataSource):
 
     def batches(self, cfg, engine, stage, comp, data: RunData):
         return batch_source(cfg, engine, stage, comp, data.train, TRAIN_STREAMS,
-                            masked=cfg.data.mask_source != "none")
+                            masked=cfg.data.mask_source != "none", tags=tag_rules(cfg.data))
 
 
 class ShardData(DataSource):
     """Webdataset shards of images or precomputed latents, streamed (see the module docstring)."""
 
-    fixed_captions = False  # streamed captions are encoded every step: there is no fixed set to cache
+    def fixed_captions(self, cfg) -> bool:
+        return False  # streamed captions are encoded every step: there is no fixed set to cache
 
-    def matches(self, dataset: str) -> bool:
+    def matches(self, cfg) -> bool:
         from ldm.data.stream import is_shard_spec
 
-        return is_shard_spec(dataset)
+        return not cfg.data.sources and is_shard_spec(cfg.data.dataset)
 
     def check(self, c) -> None:
         d = c.cfg.data
-        for key, on in (("data.mask_source", d.mask_source != "none"),
+        for key, on in (("data.mask_source", d.mask_source != "none"), ("data.shuffle_tags", d.shuffle_tags),
+                        ("data.tag_dropout", d.tag_dropout > 0),
                         ("dreambooth.instance_data", bool(c.cfg.dreambooth.instance_data))):
             c.require(not on, key, f"is not supported with streamed shards (data.dataset={d.dataset!r}) yet")
 
@@ -179,7 +187,17 @@ DATA_SOURCES: dict[str, DataSource] = {"shards": ShardData(), "table": TableData
 
 def data_source_for(cfg) -> DataSource:
     """The data source of the run's ``data.dataset``: the first in `DATA_SOURCES` that takes it."""
-    return next(source for source in DATA_SOURCES.values() if source.matches(cfg.data.dataset))
+    return next(source for source in DATA_SOURCES.values() if source.matches(cfg))
+
+
+def tag_rules(d) -> list[TagRules]:
+    """The tag rules of each ``data.sources`` entry (its own settings, else ``data.*``'s), or of ``data.dataset``."""
+    def pick(entry, key):
+        value = getattr(entry, key) if entry is not None else None
+        return getattr(d, key) if value is None else value
+
+    return [TagRules(pick(e, "shuffle_tags"), pick(e, "keep_tokens"), pick(e, "tag_dropout"))
+            for e in (d.sources or [None])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,24 +212,27 @@ def posterior_cache(cfg, engine, comp, split: Split, flips: bool) -> dict:
     return latent_cache(encoding, split, PixelItems.for_split(split, cfg.data), cache_place(cfg, engine), flips)
 
 
-def batch_source(cfg, engine, stage, comp, split: Split, streams, caption_offset: int = 0, masked: bool = False):
+def batch_source(cfg, engine, stage, comp, split: Split, streams, caption_offset: int = 0, masked: bool = False,
+                 tags: list[TagRules] | None = None):
     """The split's batches, read from its latent cache (with the stage's arrays beside) or, when each step crops
-    anew, as pixels; with the masked loss's masks when ``masked``."""
+    anew, as pixels; with the masked loss's masks when ``masked``, captions changed by ``tags`` every step."""
     d = cfg.data
-    sampler = GlobalBatchSampler(split.groups, len(split), cfg.train.batch_size, cfg.train.seed, drop_last=True)
+    texts = {"tags": tags, "tokenize": lambda captions: stage.tokenize(comp, captions)}
+    sampler = GlobalBatchSampler(split.groups, len(split), cfg.train.batch_size, cfg.train.seed, drop_last=True,
+                                 repeats=split.repeats)
     cached = d.cache_latents and not d.random_crop
     extras = {"mask": mask_arrays(cfg, engine, comp, split, cached)} if masked else {}
     if cached:
         extras.update(stage.arrays(engine, split, d.random_flip))
         return BatchSource(split, sampler, cfg.train.seed, streams, d.random_flip,
                            latents=posterior_cache(cfg, engine, comp, split, d.random_flip),
-                           caption_offset=caption_offset, extras=extras)
+                           caption_offset=caption_offset, extras=extras, **texts)
     if d.cache_latents:
         logger.info("data.random_crop=true: each step crops anew, so images are encoded every step (no latent cache)")
     extras.update(stage.cut_arrays(engine, split))
     return BatchSource(split, sampler, cfg.train.seed, streams, d.random_flip,
                        pixels=PixelItems.for_split(split, d, d.random_crop), caption_offset=caption_offset,
-                       extras=extras)
+                       extras=extras, **texts)
 
 
 def mask_arrays(cfg, engine, comp, split: Split, cached: bool):

@@ -109,7 +109,7 @@ def build_run(cfg: LDMConfig) -> Run:
     latent_std = check_latent_scale(val.mean, val.std, *latent_scale_shift(comp.vae), warn=not is_pixel_space(comp.vae))
     captions = data.train.captions + (classes.captions if classes else [])
     # without a fixed set of captions (a stream's) the text encoder runs every step
-    text_cfg = cfg if data_source.fixed_captions else replace(cfg, data=replace(cfg.data, cache_text=False))
+    text_cfg = cfg if data_source.fixed_captions(cfg) else replace(cfg, data=replace(cfg.data, cache_text=False))
     text_inputs = stage.text_inputs(text_cfg, engine, comp, captions)
 
     unet, text_encoders = prepare(cfg, engine, comp, groups)
