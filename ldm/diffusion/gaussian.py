@@ -92,6 +92,17 @@ def discretized_gaussian_nll(x, mean, logvar, bins: int = 256) -> torch.Tensor:
     return -log_p
 
 
+def pointwise_distance(diff: torch.Tensor, distance: str = "l2", c: float = 0.1) -> torch.Tensor:
+    """The per-element loss of a prediction's error ``diff``: squared ("l2"), pseudo-Huber ("huber":
+    2c(√(d² + c²) − c), about d² near 0 and 2c|d| far out) or "smooth_l1" (2(√(d² + c²) − c))."""
+    if distance == "l2":
+        return diff ** 2
+    if distance not in DISTANCES:
+        raise ValueError(f"distance {distance!r} is not one of {DISTANCES}")
+    root = torch.sqrt(diff ** 2 + c * c) - c
+    return 2 * c * root if distance == "huber" else 2 * root
+
+
 def mean_flat(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over all but the batch dimension: (B, ...) -> (B,). With ``weight`` (broadcastable to x, e.g.
     (B, 1, h, w)), the weighted mean Σ w·x / Σ w per sample, so its scale does not depend on how much of the
@@ -103,6 +114,7 @@ def mean_flat(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tens
 
 
 LOSS_TYPES = ("simple", "vlb")
+DISTANCES = ("l2", "huber", "smooth_l1")  # L_simple's distance between the prediction and its target
 # Input values per network pass when the likelihood bound batches timesteps (GaussianDiffusion.nll_bpd). On
 # the 2-core CPU, a study model's full bound on 4 shapes images took 50 s at one t per pass and 17 / 12.6 /
 # 12.2 / 17 s at 2^16 / 2^17 / 2^18 / 2^19 values (its strided bound on 32 images 7.6 / 6.4 / 8.4 / 8.1 s).
@@ -333,6 +345,21 @@ class GaussianDiffusion:
             tables[key] = self._snr_weight_table(snr_gamma).to(t.device)
         return tables[key][t]
 
+    def debiased_weights(self, t) -> torch.Tensor:
+        """Debiased-estimation weights (Yu et al. 2024): 1/√SNR(t) on the ε error (SNR capped at 1000, as
+        kohya-ss caps it), expressed for this prediction type's error (× SNR/(SNR + 1) for v, × SNR for x_0), 1
+        where SNR is 0; float32 on t's device."""
+        tables = self.__dict__.setdefault("_debiased_tables", {})
+        if t.device not in tables:
+            snr = self.snr
+            w = 1 / snr.clamp(min=1e-12, max=1000).sqrt()
+            if self.prediction_type == PredictionType.V:
+                w = w * snr / (snr + 1)
+            elif self.prediction_type == PredictionType.X0:
+                w = w * snr
+            tables[t.device] = torch.where(snr == 0, torch.ones_like(w), w).float().to(t.device)
+        return tables[t.device][t]
+
     def _snr_weight_table(self, snr_gamma: float) -> torch.Tensor:
         snr = self.snr
         clipped = snr.clamp(max=snr_gamma)
@@ -348,7 +375,8 @@ class GaussianDiffusion:
 
     def training_losses(self, model: Callable, x0, t, noise=None, model_kwargs: dict | None = None,
                         snr_gamma: float | None = None, vlb_weight: float = 0.001, loss_type: str = "simple",
-                        weight: torch.Tensor | None = None) -> dict:
+                        weight: torch.Tensor | None = None, input_noise=None, debiased: bool = False,
+                        distance: str = "l2", huber_c: float = 0.1) -> dict:
         """Loss terms for one batch: ``mse`` (L_simple), ``vb`` (when the variance is learned) and ``loss``.
 
         ``loss_type="simple"``: L_simple, and with learned variance the hybrid loss L_simple + λ L_vlb
@@ -356,6 +384,12 @@ class GaussianDiffusion:
         mean is detached inside it so that L_vlb only trains Σ_θ. ``loss_type="vlb"``: the bound alone trains
         mean and variance (Sohl-Dickstein et al. 2015; Improved DDPM's L_vlb). ``weight`` (B, 1, h, w) weighs
         every term per pixel (a masked loss), normalised per sample by its sum.
+
+        ``input_noise``: the noise that makes x_t when it is not the target's (input perturbation, Ning et al.
+        2023: noise + γ ξ in, noise out). ``debiased``: L_simple weighted by 1/√SNR(t) in ε units (Yu et al. 2024),
+        expressed for this prediction type as the min-SNR weights are. ``distance``: L_simple's "l2" (the squared
+        error), or the pseudo-Huber "huber" 2c(√(d² + c²) − c) or "smooth_l1" 2(√(d² + c²) − c) with c =
+        ``huber_c``, less swayed by outliers (the term keeps its name ``mse``).
         """
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}")
@@ -363,12 +397,15 @@ class GaussianDiffusion:
             raise ValueError("loss_type 'vlb' trains the variance too: it needs a learned variance "
                              "(diffusion.learned_variance=true)")
         noise = torch.randn_like(x0) if noise is None else noise
-        xt = self.q_sample(x0, t, noise)
+        xt = self.q_sample(x0, t, noise if input_noise is None else input_noise)
         model_output = model(xt, t, **(model_kwargs or {}))
         mean_out, var_values = self.split_output(model_output, xt)
-        mse = mean_flat((mean_out.float() - self.training_target(x0, noise, t).float()) ** 2, weight)
+        mse = mean_flat(pointwise_distance(mean_out.float() - self.training_target(x0, noise, t).float(), distance,
+                                           huber_c), weight)
         if snr_gamma is not None:
             mse = mse * self.snr_weights(t, snr_gamma)
+        if debiased:
+            mse = mse * self.debiased_weights(t)
         terms = {"mse": mse}
         if loss_type == "vlb":
             terms["vb"] = self.vb_terms_bpd(model_output.float(), x0.float(), xt.float(), t,

@@ -108,10 +108,38 @@ TIMESTEP_SAMPLERS = {"uniform": TimestepSampler, "logit_normal": LogitNormalTime
                      "importance": ImportanceTimesteps}
 
 
+class TimestepRange:
+    """A sampler confined to timesteps [low, high) (kohya-ss's min/max timestep): the inner sampler draws over
+    high - low timesteps and its draws are shifted by ``low``; its loss history and weights are those of the
+    range."""
+
+    def __init__(self, inner: TimestepSampler, low: int):
+        self.inner, self.low = inner, low
+        self.checkpointed = inner.checkpointed
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        t, weights = self.inner.sample(n, generator)
+        return t + self.low, weights
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        self.inner.update(t - self.low, losses)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
 def make_timestep_sampler(name: str, num_timesteps: int, mean: float = 0.0, std: float = 1.0,
-                          gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TimestepSampler:
+                          gather: Callable[[torch.Tensor], torch.Tensor] | None = None, low: int = 0,
+                          high: int | None = None) -> TimestepSampler | TimestepRange:
     """The sampler ``diffusion.timestep_sampling`` names (``mean``/``std``: the logit-normal's settings; ``gather``:
-    the importance sampler's, for several processes)."""
+    the importance sampler's, for several processes), over timesteps [low, high) (default: all)."""
     if name not in TIMESTEP_SAMPLERS:
         raise ValueError(f"diffusion.timestep_sampling={name!r} is not one of {list(TIMESTEP_SAMPLERS)}")
-    return TIMESTEP_SAMPLERS[name].build(num_timesteps, mean, std, gather)
+    high = num_timesteps if high is None else high
+    if not 0 <= low < high <= num_timesteps:
+        raise ValueError(f"the timestep range [{low}, {high}) must lie within [0, {num_timesteps}) and hold a step")
+    sampler = TIMESTEP_SAMPLERS[name].build(high - low, mean, std, gather)
+    return sampler if (low, high) == (0, num_timesteps) else TimestepRange(sampler, low)

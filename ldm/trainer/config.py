@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ldm.data.masks import MASK_SOURCES
-from ldm.diffusion.gaussian import BETA_SCHEDULES, LOSS_TYPES, PredictionType
+from ldm.diffusion.gaussian import BETA_SCHEDULES, DISTANCES, LOSS_TYPES, PredictionType
 from ldm.diffusion.schedulers import SAMPLERS
 from ldm.diffusion.timesteps import TIMESTEP_SAMPLERS
 from ldm.engine.config import Checker, EngineSettings, RunConfig, check_engine_settings
@@ -24,6 +24,7 @@ from pipelines.fast import COMPILE_MODES
 BetaSchedule = typing.Literal[BETA_SCHEDULES]
 PredictionName = typing.Literal[tuple(p.value for p in PredictionType)]
 LossType = typing.Literal[LOSS_TYPES]
+Distance = typing.Literal[DISTANCES]
 TimestepSampling = typing.Literal[tuple(TIMESTEP_SAMPLERS)]
 SamplerName = typing.Literal[tuple(SAMPLERS)]
 Optimizer = typing.Literal[tuple(OPTIMIZERS)]
@@ -189,6 +190,19 @@ class DiffusionConfig:
     timestep_sampling: TimestepSampling = "uniform"
     timestep_mean: float = 0.0
     timestep_std: float = 1.0
+    # Train only timesteps in [min_timestep, max_timestep) (None: T), drawn by timestep_sampling over that range.
+    min_timestep: int = 0
+    max_timestep: int | None = None
+    # Input perturbation (Ning et al. 2023): x_t is made with noise + input_perturbation * N(0, 1) while the
+    # target keeps the noise (diffusers and kohya-ss use 0.1); 0: off.
+    input_perturbation: float = 0.0
+    # Debiased estimation (Yu et al. 2024): L_simple weighted by 1/sqrt(SNR) in epsilon units (for v-prediction
+    # x SNR/(SNR+1), for sample x SNR; kohya-ss weighs v-prediction by 1/(SNR+1) instead).
+    debiased_estimation: bool = False
+    # L_simple's distance: l2 (squared error), huber (pseudo-Huber 2c(sqrt(d^2 + c^2) - c)) or smooth_l1
+    # (2(sqrt(d^2 + c^2) - c)), c = huber_c: less swayed by outlier images (the logged term keeps the name mse).
+    distance: Distance = "l2"
+    huber_c: float = 0.1
     # The latent each step trains on: a fresh posterior sample z ~ q(z|x) (as Stable Diffusion's training does),
     # or the posterior mean. Use "mean" when the VAE's posterior std is large against its latents' spread
     # (docs/training.md, "The objective"): the model then need not draw the encoder's noise.
@@ -202,7 +216,9 @@ class TrainConfig(EngineSettings):
 
     gradient_accumulation_steps: int = 1
     text_encoder_learning_rate: float | None = None  # None: same as learning_rate
-    optimizer: Optimizer = "adamw"  # adamw (fused on CUDA and CPU) | adamw8bit (needs bitsandbytes)
+    # adamw (fused on CUDA and CPU) | adamw8bit (needs bitsandbytes) | adafactor (factored state, no momentum) |
+    # prodigy (estimates its own step size: learning_rate 1.0, scaling it)
+    optimizer: Optimizer = "adamw"
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
@@ -455,6 +471,13 @@ def check_diffusion(c: Checker) -> None:
     c.at_least("diffusion.offset_noise", 0)
     c.require(math.isfinite(dif.timestep_mean), "diffusion.timestep_mean", "needs a finite number")
     c.positive("diffusion.timestep_std")
+    c.at_least("diffusion.input_perturbation", 0)
+    c.positive("diffusion.huber_c")
+    c.at_least("diffusion.min_timestep", 0)
+    top = dif.num_train_timesteps if uses_own_schedule(cfg) else 10**9  # a pretrained schedule's length: at run time
+    c.require(dif.max_timestep is None or dif.min_timestep < dif.max_timestep <= top, "diffusion.max_timestep",
+              f"must lie in (diffusion.min_timestep={dif.min_timestep}, {top}] or be null")
+    c.require(dif.min_timestep < top, "diffusion.min_timestep", f"must be below the {top} training timesteps")
     c.require(not (uses_own_schedule(cfg) and dif.rescale_betas_zero_snr and dif.prediction_type == "epsilon"),
               "diffusion.prediction_type", "a zero-terminal-SNR schedule (rescale_betas_zero_snr) needs v_prediction "
               "or sample: at t=T-1 x_t holds no x_0, so ε cannot give it back")

@@ -32,6 +32,7 @@ class ObjectiveInputs:
     weights: torch.Tensor  # (b,) loss weight of each example (importance-sampled timesteps; ones otherwise)
     pixel_weights: torch.Tensor | None = None  # (b, 1, h, w) loss weight of each latent pixel (a masked loss)
     conditions: dict[str, torch.Tensor] = field(default_factory=dict)  # more network inputs, (b, ...) each
+    input_noise: torch.Tensor | None = None  # (b, C, h, w) the noise x_t is made with, when not ``noise``
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -45,10 +46,13 @@ class ObjectiveInputs:
             pixel_weights = torch.cat([p.pixel_weights if p.pixel_weights is not None else
                                        torch.ones(len(p), 1, *p.latents.shape[-2:], device=p.latents.device)
                                        for p in parts])
+        input_noise = None
+        if any(p.input_noise is not None for p in parts):
+            input_noise = torch.cat([p.input_noise if p.input_noise is not None else p.noise for p in parts])
         return cls(torch.cat([p.latents for p in parts]), torch.cat([p.timesteps for p in parts]),
                    torch.cat([p.noise for p in parts]), torch.cat([p.context for p in parts]),
                    torch.cat([p.weights for p in parts]), pixel_weights,
-                   {k: torch.cat([p.conditions[k] for p in parts]) for k in parts[0].conditions})
+                   {k: torch.cat([p.conditions[k] for p in parts]) for k in parts[0].conditions}, input_noise)
 
     def rows(self, sl: slice, device) -> ObjectiveInputs:
         """Rows ``sl`` on ``device``."""
@@ -57,7 +61,7 @@ class ObjectiveInputs:
 
         return ObjectiveInputs(take(self.latents), take(self.timesteps), take(self.noise), take(self.context),
                                take(self.weights), take(self.pixel_weights),
-                               {k: take(v) for k, v in self.conditions.items()})
+                               {k: take(v) for k, v in self.conditions.items()}, take(self.input_noise))
 
 
 class TextContext:
@@ -122,7 +126,7 @@ class LatentDiffusionObjective:
         loss weight of pixels a mask leaves out."""
         self.diffusion, self.d, self.caption_dropout, self.text = diffusion, dcfg, caption_dropout, text
         self.timesteps = make_timestep_sampler(dcfg.timestep_sampling, diffusion.num_timesteps, dcfg.timestep_mean,
-                                               dcfg.timestep_std, gather)
+                                               dcfg.timestep_std, gather, dcfg.min_timestep, dcfg.max_timestep)
         self.vae, self.prior_loss_weight, self.mask_floor = vae, prior_loss_weight, mask_floor
         self.scale, self.shift = latent_scale_shift(vae)
         self.channels = vae.config.latent_channels
@@ -140,7 +144,10 @@ class LatentDiffusionObjective:
         drop = torch.rand(n, generator=g) < self.caption_dropout
         if d.offset_noise:  # a per-(image, channel) constant lets the model change the mean brightness
             noise = noise + d.offset_noise * torch.randn((n, self.channels, 1, 1), generator=g)
-        return {"t": t, "noise": noise, "posterior": posterior, "drop": drop, "weights": weights}
+        out = {"t": t, "noise": noise, "posterior": posterior, "drop": drop, "weights": weights}
+        if d.input_perturbation:  # the noise x_t is made with; the target keeps `noise`
+            out["input_noise"] = noise + d.input_perturbation * torch.randn(shape, generator=g)
+        return out
 
     def inputs(self, batch: dict, draws: dict, sl: slice, device) -> ObjectiveInputs:
         """The inputs of the slice ``sl`` of a global batch that ``batch`` was loaded from."""
@@ -154,9 +161,12 @@ class LatentDiffusionObjective:
             eps = torch.zeros_like(eps)
         z0 = scaled_sample(mean.to(device), std.to(device), eps, self.scale, self.shift)
         context, conditions = self.text.encode(batch["captions"], draws["drop"][sl], device)  # (b, L, D), by name
-        return ObjectiveInputs(z0, draws["t"][sl].to(device), draws["noise"][sl].to(device), context,
-                               draws["weights"][sl].to(device), self.pixel_weights(batch, z0.shape[-2:], device),
-                               conditions)
+        inputs = ObjectiveInputs(z0, draws["t"][sl].to(device), draws["noise"][sl].to(device), context,
+                                 draws["weights"][sl].to(device), self.pixel_weights(batch, z0.shape[-2:], device),
+                                 conditions)
+        if "input_noise" in draws:
+            inputs.input_noise = draws["input_noise"][sl].to(device)
+        return inputs
 
     def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The posterior (mean, std) (b, C, h, w) of pixels cut this step, encoded under the step's autocast."""
@@ -194,7 +204,9 @@ class LatentDiffusionObjective:
         d = self.d
         all_terms = self.diffusion.training_losses(self.network(unet, inputs), inputs.latents, inputs.timesteps,
                                                    inputs.noise, snr_gamma=d.snr_gamma, vlb_weight=d.vlb_weight,
-                                                   loss_type=d.loss_type, weight=inputs.pixel_weights)
+                                                   loss_type=d.loss_type, weight=inputs.pixel_weights,
+                                                   input_noise=inputs.input_noise, debiased=d.debiased_estimation,
+                                                   distance=d.distance, huber_c=d.huber_c)
         self.timesteps.update(inputs.timesteps, all_terms["loss"].detach())
         all_terms["loss"] = all_terms["loss"] * inputs.weights
         n = len(parts[0][0]["captions"])

@@ -81,6 +81,10 @@ def test_sources_mix_by_repeats_or_weights(tmp_path, data_dir):
     ("data.sources=[{dataset: a, tag_dropout: 1.0}]", r"data.sources\[0\].tag_dropout"),
     ("data.sources=[{dataset: a, colour: 1}]", r"unknown config key\(s\) \['data.sources\[0\].colour'\]"),
     ("data.caption_extension=txt", "data.caption_extension"),
+    ("diffusion.max_timestep=1001", r"diffusion.max_timestep=1001 is not valid"),
+    ("diffusion.min_timestep=1000", r"diffusion.min_timestep=1000 is not valid"),
+    ("diffusion.distance=l1", r"diffusion.distance='l1' is not one of \['l2', 'huber', 'smooth_l1'\]"),
+    ("diffusion.huber_c=0", "diffusion.huber_c"),
 ])
 def test_bad_source_settings_are_refused_by_name(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):

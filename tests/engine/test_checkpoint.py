@@ -35,7 +35,11 @@ def _weights(run_dir):
 
 
 @pytest.mark.parametrize("extra", [[], ["train.gradient_accumulation_steps=2", "train.ema_decay=0.9",
-                                        "data.random_flip=true"]])
+                                        "data.random_flip=true"],
+                                   ["train.optimizer=adafactor"], ["train.optimizer=prodigy", "train.learning_rate=1.0"],
+                                   ["diffusion.input_perturbation=0.1", "diffusion.debiased_estimation=true",
+                                    "diffusion.min_timestep=10", "diffusion.max_timestep=90",
+                                    "diffusion.distance=huber", "diffusion.timestep_sampling=importance"]])
 def test_resume_is_bitwise_identical(tmp_path, data_dir, extra, monkeypatch):
     # 88 images in batches of 16: 5 batches per epoch, so step 4 is mid-epoch 0 and step 8 mid-epoch 1.
     full = _cfg(tmp_path, data_dir, "full", *extra)
