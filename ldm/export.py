@@ -24,6 +24,16 @@ def load_for_export(folder: str | Path):
     return (SuperResolutionPipeline if sr else LDMPipeline).from_pretrained(folder)
 
 
+def single_file_modelspec(pipe, title: str) -> dict[str, str]:
+    """The ``modelspec.*`` entries of a single file of ``pipe`` (`pipelines.modelspec`)."""
+    from pipelines.latents import vae_scale_factor
+    from pipelines.modelspec import modelspec
+
+    if pipe.vae is None:  # pixel space: the single-file layout refuses it, with its reason
+        return {}
+    return modelspec(pipe.unet.config, pipe.scheduler.config, vae_scale_factor(pipe.vae), title)
+
+
 def main(argv=None) -> None:
     """``python -m ldm.export single-file --pipeline runs/demo/pipeline --out demo.safetensors [--dtype fp16]``:
     one .safetensors file in Stable Diffusion's (or SDXL's) original layout (AUTOMATIC1111, ComfyUI, diffusers'
@@ -50,7 +60,7 @@ def main(argv=None) -> None:
 
         logging.basicConfig(level=logging.INFO)
         pipe = load_for_export(args.pipeline)
-        out = to_single_file(pipe, args.out, args.dtype)
+        out = to_single_file(pipe, args.out, args.dtype, single_file_modelspec(pipe, Path(args.out).stem))
         loader = getattr(pipe, "saved_class_name", "StableDiffusionPipeline")
         print(f"wrote {out} and its config folder {config_dir(out)} (diffusers: {loader}."
               f"from_single_file({str(out)!r}, config={str(config_dir(out))!r}, local_files_only=True))")

@@ -366,13 +366,14 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def to_single_file(pipe, out_path: str | Path, dtype=None) -> Path:
+def to_single_file(pipe, out_path: str | Path, dtype=None, metadata: dict[str, str] | None = None) -> Path:
     """Write ``pipe``'s U-Net, VAE and text encoder into one ``.safetensors`` file in the original layout (for a
     Stable Diffusion XL pipeline, its two text encoders in SDXL's layout and the ``v_pred`` / ``ztsnr`` markers
     its schedule calls for), and beside it ``<stem>.config/``, its config folder without weights; return the
     file's path. ``dtype`` (a torch.dtype, "fp16", "bf16" or "fp32") converts the floating-point weights; None
-    keeps theirs. Each is written beside its target and moved in place complete: a failed write leaves the
-    previous ones intact."""
+    keeps theirs. A Stable Diffusion 1.x/2.x file gets its original config beside it (``<stem>.yaml``,
+    `pipelines.ldm_yaml`), which AUTOMATIC1111 reads. ``metadata``: more header entries (``modelspec.*``). Each is
+    written beside its target and moved in place complete: a failed write leaves the previous ones intact."""
     from safetensors.torch import save_file
 
     out_path, dtype = Path(out_path), resolve_dtype(dtype)
@@ -394,8 +395,29 @@ def to_single_file(pipe, out_path: str | Path, dtype=None) -> Path:
     configs = config_dir(out_path)
     # the config folder first: a file in place always has its configs (in its metadata and beside it)
     atomic_save_dir(lambda d: write_configs(pipe, Path(d)), configs)
-    atomic_save(lambda p: save_file(state, p, metadata={"format": "pt", **folder_metadata(configs)}), out_path)
+    if text_encoder_2 is None:  # AUTOMATIC1111's and Forge's config beside it: the schedule's prediction type
+        _write_original_config(pipe, out_path)
+    metadata = {"format": "pt", **folder_metadata(configs), **(metadata or {})}
+    atomic_save(lambda p: save_file(state, p, metadata=metadata), out_path)
     return out_path
+
+
+def _write_original_config(pipe, out_path: Path) -> None:
+    """``<stem>.yaml`` beside a Stable Diffusion 1.x/2.x file (`pipelines.ldm_yaml`), or a warning saying why the
+    original code (AUTOMATIC1111) cannot build this model."""
+    import logging
+
+    import yaml
+
+    from pipelines.ldm_yaml import original_config, yaml_path
+
+    try:
+        text = yaml.safe_dump(original_config(pipe), sort_keys=False)
+    except ValueError as e:
+        logging.getLogger(__name__).warning("no %s beside %s for AUTOMATIC1111: %s", yaml_path(out_path).name,
+                                            out_path.name, e)
+        return
+    atomic_save(lambda p: Path(p).write_text(text, encoding="utf-8"), yaml_path(out_path))
 
 
 # ---- reading ------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ optimizer's parameter groups) and ``export``. The trainer never asks which metho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ldm.diffusion.schedulers import sampling_scheduler
@@ -27,6 +27,7 @@ class ExportJob:
     unet: object
     text_encoder: object
     run_dir: Path
+    metadata: dict = field(default_factory=dict)  # the run's kohya-ss ``ss_*`` entries for shared files
 
     def save_pipeline(self, folder: str = "pipeline") -> dict[str, Path]:
         """The stage's pipeline of the trained networks, sampling with ``sample.scheduler``, as ``<run>/<folder>``."""

@@ -18,6 +18,7 @@ import torch
 from ldm.diffusion.schedulers import sampling_scheduler
 from ldm.engine.config import Checker
 from ldm.methods.base import ExportJob, Method
+from ldm.methods.metadata import network_metadata, run_modelspec
 from ldm.models.components import pretrained_folder
 from pipelines.files import atomic_save_dir
 
@@ -76,10 +77,10 @@ def add_lora(unet, text_encoders: list, fc) -> list[torch.nn.Parameter]:
 
 
 def save_lora(folder: str | Path, unet, text_encoder, lora_format: str = "diffusers",
-              text_encoder_2=None) -> list[Path]:
+              text_encoder_2=None, metadata=None) -> list[Path]:
     """Write the adapters (U-Net and, when adapted, text-encoder layers; SDXL's second text encoder's too) into
     ``folder``: diffusers' layout (``pytorch_lora_weights.safetensors``), kohya-ss's (``lora_kohya.safetensors``)
-    or both."""
+    or both. ``metadata(layout)``: more header entries for the file of that layout ("diffusers" or "kohya")."""
     from safetensors.torch import save_file
 
     from pipelines.sdxl import is_sdxl_unet
@@ -92,6 +93,8 @@ def save_lora(folder: str | Path, unet, text_encoder, lora_format: str = "diffus
     written = []
     if lora_format in ("diffusers", "both"):
         written.append(_save_diffusers_layout(folder, unet, adapted, sdxl))
+        if metadata is not None:
+            add_metadata(written[-1], metadata("diffusers"))
     if lora_format in ("kohya", "both"):
         from diffusers.utils import convert_state_dict_to_kohya
         from peft.utils import get_peft_model_state_dict
@@ -112,9 +115,20 @@ def save_lora(folder: str | Path, unet, text_encoder, lora_format: str = "diffus
         for key in kohya:
             if key.endswith(".alpha"):
                 kohya[key] = torch.tensor(float(next(a for p, a in alphas.items() if key.startswith(p))))
-        save_file(kohya, str(Path(folder) / KOHYA_FILE), metadata={"format": "pt"})
+        save_file(kohya, str(Path(folder) / KOHYA_FILE),
+                  metadata={"format": "pt", **(metadata("kohya") if metadata is not None else {})})
         written.append(Path(folder) / KOHYA_FILE)
     return written
+
+
+def add_metadata(path: Path, extra: dict[str, str]) -> None:
+    """Write ``extra`` into a safetensors file's header beside what it holds (the file is rewritten)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        kept, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={**kept, **extra})
 
 
 def _save_diffusers_layout(folder, unet, adapted: dict, sdxl: bool) -> Path:
@@ -199,8 +213,12 @@ class LoRA(Method):
     def export(self, job: ExportJob) -> dict[str, Path]:
         cfg, run_dir = job.cfg, job.run_dir
         fc = cfg.finetune
-        atomic_save_dir(lambda d: save_lora(d, job.unet, job.text_encoder, fc.lora_format, job.comp.text_encoder_2),
-                        run_dir / "lora")
+        def metadata(layout: str) -> dict[str, str]:
+            implementation = "diffusers" if layout == "diffusers" else "https://github.com/kohya-ss/sd-scripts"
+            return {**run_modelspec(cfg, job.comp, "lora", implementation), **job.metadata, **network_metadata(fc)}
+
+        atomic_save_dir(lambda d: save_lora(d, job.unet, job.text_encoder, fc.lora_format, job.comp.text_encoder_2,
+                                            metadata), run_dir / "lora")
         saved = {"lora": lora_file(run_dir / "lora")}
         if fc.merged_export:
             from pipelines import LDMPipeline

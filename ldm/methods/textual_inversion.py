@@ -25,6 +25,7 @@ import torch
 
 from ldm.engine.config import Checker
 from ldm.methods.base import ExportJob, Method
+from ldm.methods.metadata import run_modelspec
 from pipelines.files import atomic_save_dir
 
 logger = logging.getLogger(__name__)
@@ -89,21 +90,24 @@ def a1111_name(placeholder: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "", placeholder) or "embedding"
 
 
-def save_embeddings(folder: str | Path, placeholder: str, vectors: torch.Tensor) -> list[Path]:
-    """Write the vectors into ``folder`` in diffusers' layout and in AUTOMATIC1111's; return both paths."""
+def save_embeddings(folder: str | Path, placeholder: str, vectors: torch.Tensor,
+                    metadata: dict[str, str] | None = None) -> list[Path]:
+    """Write the vectors into ``folder`` in diffusers' layout and in AUTOMATIC1111's, with ``metadata`` in their
+    headers; return both paths."""
     from safetensors.torch import save_file
 
-    vectors = vectors.contiguous()
+    vectors, more = vectors.contiguous(), metadata or {}
     paths = [Path(folder) / EMBEDS_FILE, Path(folder) / f"{a1111_name(placeholder)}.safetensors"]
-    save_file({placeholder: vectors}, str(paths[0]), metadata={"format": "pt"})
-    save_file({"emb_params": vectors}, str(paths[1]), metadata={"format": "pt", "name": placeholder})
+    save_file({placeholder: vectors}, str(paths[0]), metadata={"format": "pt", **more})
+    save_file({"emb_params": vectors}, str(paths[1]), metadata={"format": "pt", "name": placeholder, **more})
     return paths
 
 
 SDXL_EMBEDDING_KEYS = ["clip_g", "clip_l"]  # an SDXL embedding as AUTOMATIC1111 and ComfyUI read it: one per encoder
 
 
-def save_sdxl_embedding(folder: str | Path, placeholder: str, vectors: list[torch.Tensor]) -> Path:
+def save_sdxl_embedding(folder: str | Path, placeholder: str, vectors: list[torch.Tensor],
+                        metadata: dict[str, str] | None = None) -> Path:
     """Write an SDXL embedding, the first encoder's (CLIP-L's) rows as ``clip_l`` and the second's (bigG's) as
     ``clip_g``, into ``folder/<name>.safetensors``; return its path."""
     from safetensors.torch import save_file
@@ -112,7 +116,7 @@ def save_sdxl_embedding(folder: str | Path, placeholder: str, vectors: list[torc
         raise ValueError(f"an SDXL embedding holds two encoders' vectors (clip_l, clip_g), got {len(vectors)}")
     path = Path(folder) / f"{a1111_name(placeholder)}.safetensors"
     save_file({"clip_l": vectors[0].contiguous(), "clip_g": vectors[1].contiguous()}, str(path),
-              metadata={"format": "pt", "name": placeholder})
+              metadata={"format": "pt", "name": placeholder, **(metadata or {})})
     return path
 
 
@@ -200,8 +204,9 @@ class TextualInversion(Method):
         fc, folder = job.cfg.finetune, job.run_dir / "textual_inversion"
         sides = [(job.comp.tokenizer, job.text_encoder)] + job.comp.text_sides()[1:]
         vectors = [learned_embeddings(encoder, tokenizer, fc) for tokenizer, encoder in sides]
+        metadata = {**run_modelspec(job.cfg, job.comp, "textual-inversion"), **job.metadata}
         if len(vectors) == 1:
-            atomic_save_dir(lambda d: save_embeddings(d, fc.placeholder_token, vectors[0]), folder)
+            atomic_save_dir(lambda d: save_embeddings(d, fc.placeholder_token, vectors[0], metadata), folder)
             return {"textual_inversion": folder / EMBEDS_FILE}
-        atomic_save_dir(lambda d: save_sdxl_embedding(d, fc.placeholder_token, vectors), folder)
+        atomic_save_dir(lambda d: save_sdxl_embedding(d, fc.placeholder_token, vectors, metadata), folder)
         return {"textual_inversion": folder / f"{a1111_name(fc.placeholder_token)}.safetensors"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -26,6 +27,7 @@ from ldm.diffusion.schedulers import sampling_scheduler
 from ldm.engine.cli import run
 from ldm.engine.engine import Engine
 from ldm.methods.base import ExportJob
+from ldm.methods.metadata import training_metadata
 from ldm.methods.registry import method_for
 from ldm.models.components import Components, build_components
 from ldm.models.vae import is_pixel_space
@@ -42,13 +44,16 @@ logger = logging.getLogger(__name__)
 
 
 def train(cfg: LDMConfig) -> dict:
+    started = time.time()
     run = build_run(cfg)
     engine, acc = run.engine, run.engine.accelerator
     step = engine.fit(run.sources[0], run.step, run.validate)
     saved = {}
     with engine.ema_weights(), engine.whole(run.unet, run.text_encoder) as (unet, text_encoder):
         if acc.is_main_process:  # once, from whole weights (gathered from every process under FSDP)
-            saved = method_for(cfg).export(ExportJob(cfg, run.stage, run.comp, unet, text_encoder, cfg.run_dir))
+            metadata = training_metadata(cfg, run.comp, run.data.train, step, started)
+            saved = method_for(cfg).export(ExportJob(cfg, run.stage, run.comp, unet, text_encoder, cfg.run_dir,
+                                                     metadata))
     vals = [r["val_loss"] for r in engine.metrics.rows() if "val_loss" in r]
     result = {"latent_std": round(run.latent_std, 3), "best_val_loss": round(min(vals), 5) if vals else None,
               **{k: v for k, v in engine.final_validation.items() if k.startswith("score_")}}

@@ -3,11 +3,13 @@ LDMPipeline and diffusers' StableDiffusionPipeline alike; merging at scale s equ
 class images are drawn once and reused; the prior-preservation loss sees the class half of the batch."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_models import sd_folder, tiny_vae
 
@@ -100,6 +102,22 @@ def test_kohya_layout_loads_in_diffusers_and_ours_and_draws_the_same(tmp_path, b
     downs = [k for k in kohya if k.endswith(".lora_down.weight")]
     assert len(downs) == len([k for k in kohya if k.endswith(".alpha")]) == len(load_file(folder / LORA_FILE)) // 2
     assert all(float(kohya[k]) == 8.0 for k in kohya if k.endswith(".alpha"))  # scale 8 / rank 4 = 2
+    # both files carry the run's kohya-ss ss_* entries and Stability's modelspec.* entries, with the run's values
+    for name, implementation in ((KOHYA_FILE, "https://github.com/kohya-ss/sd-scripts"), (LORA_FILE, "diffusers")):
+        with safe_open(str(folder / name), framework="pt") as f:
+            meta = f.metadata()
+        assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
+        assert meta["ss_network_alpha"] == "8.0" and meta["ss_network_train_unet_only"] == "False"
+        assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_v_parameterization"] == "True"
+        assert meta["ss_learning_rate"] == str(cfg.train.learning_rate) and meta["ss_steps"] == str(cfg.train.max_steps)
+        assert meta["ss_resolution"] == "(32, 32)" and meta["ss_num_train_images"].isdigit()
+        assert sum(json.loads(meta["ss_tag_frequency"])[Path(str(cfg.data.dataset)).name].values()) > 0
+        assert json.loads(meta["ss_dataset_dirs"])[Path(str(cfg.data.dataset)).name]["n_repeats"] == 1
+        assert meta["modelspec.architecture"] == "stable-diffusion-v1-lora"
+        assert meta["modelspec.implementation"] == implementation and meta["modelspec.prediction_type"] == "v"
+        assert meta["modelspec.resolution"] == "32x32" and meta["modelspec.title"] == cfg.name
+    with safe_open(str(folder / LORA_FILE), framework="pt") as f:  # diffusers' own entries are kept
+        assert "lora_adapter_metadata" in f.metadata()
     reference = StableDiffusionPipeline.from_pretrained(base["sd"])
     reference.load_lora_weights(str(folder), weight_name=LORA_FILE)
     # the diffusers-layout file carries the adapters' config: they load at the trained scale alpha / rank = 2

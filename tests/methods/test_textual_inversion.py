@@ -63,6 +63,12 @@ def test_only_the_new_rows_train_and_both_layouts_load_in_diffusers_and_ours(tmp
     assert list(learned) == [TOKEN] and learned[TOKEN].shape == (2, 32)
     a1111 = load_file(out / "zap.safetensors")
     assert list(a1111) == ["emb_params"] and torch.equal(a1111["emb_params"], learned[TOKEN])
+    from safetensors import safe_open
+
+    with safe_open(str(out / "zap.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["name"] == TOKEN and meta["modelspec.architecture"] == "stable-diffusion-v1-textual-inversion"
+    assert meta["modelspec.trigger_phrase"] == TOKEN and meta["ss_steps"] == str(cfg.train.max_steps)
 
     # The checkpoint: U-Net and every old embedding row bit for bit the pretrained ones; the new rows moved
     # away from the initializer's row.
