@@ -39,11 +39,12 @@ logger = logging.getLogger(__name__)
 
 
 def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm", variance: str | None = None,
-                  embeddings: list[str] = ()):
+                  embeddings: list[str] = (), lora_scale: float = 1.0):
     """An LDMPipeline from a folder or a single ``.safetensors`` file (`pipelines.single_file`), or a
     `CascadePipeline` from a cascade folder (one with cascade.json), with the adapters of ``lora`` (a folder or
     a .safetensors file) and the textual-inversion ``embeddings`` (folders or files) on the (base) text-to-image
-    model, sampling it with ``scheduler`` and, for a learned-variance model, ``variance`` (`with_variance`)."""
+    model, sampling it with ``scheduler`` and, for a learned-variance model, ``variance`` (`with_variance`). A LoHa or
+    LoKr file (peft's layout) is merged in at ``lora_scale``; LoRA and DoRA adapters are scaled when drawing."""
     from pipelines import CascadePipeline, LDMPipeline
     from pipelines.cascade import CASCADE_FILE
 
@@ -57,8 +58,13 @@ def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm
         pipe = LDMPipeline.from_pretrained(pipeline)
     pipe.scheduler = with_variance(sampling_scheduler(pipe.scheduler, scheduler), variance)
     if lora:
+        from ldm.methods.lycoris import merge_adapters, peft_layout_configs
+
         path = Path(lora)
-        if path.is_dir():  # a run's lora/ folder: diffusers' layout, else kohya's
+        file = lora_file(path) if path.is_dir() else path
+        if file.is_file() and peft_layout_configs(file) is not None:
+            merge_adapters(pipe, file, lora_scale)
+        elif path.is_dir():  # a run's lora/ folder: diffusers' layout, else kohya's
             pipe.load_lora_weights(str(path), weight_name=lora_file(path).name)
         elif path.is_file():
             pipe.load_lora_weights(str(path.parent), weight_name=path.name)
@@ -128,7 +134,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     with user_errors(args.debug):
         logging.basicConfig(level=logging.INFO)
-        pipe = load_pipeline(args.pipeline, args.lora, args.scheduler, args.variance, args.embedding)
+        pipe = load_pipeline(args.pipeline, args.lora, args.scheduler, args.variance, args.embedding, args.lora_scale)
         pipe.set_progress_bar_config(disable=True)
         kwargs = {"cross_attention_kwargs": {"scale": args.lora_scale}} if args.lora else {}
         if args.noise_level is not None:

@@ -29,6 +29,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 # AUTOMATIC1111, ComfyUI and Forge load and diffusers' load_lora_weights converts.
 KOHYA_FILE = "lora_kohya.safetensors"
 LORA_FORMATS = ("diffusers", "kohya", "both")
+LORA_TYPES = ("lora", "loha", "lokr")  # peft's LoraConfig, LoHaConfig, LoKrConfig (`ldm.methods.lycoris`)
 # diffusers' attention (to_q/k/v/out.0), its feed-forward (ff.net.0.proj, ff.net.2), and the ResNet convs.
 UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 UNET_FEED_FORWARD = ["ff.net.0.proj", "ff.net.2"]
@@ -42,35 +43,53 @@ def unet_targets(fc) -> list[str]:
     return UNET_ATTENTION + (UNET_FEED_FORWARD if fc.lora_feed_forward else []) + (UNET_CONV if fc.lora_conv else [])
 
 
+def adapter_config(fc, targets: list[str]):
+    """The peft config of ``finetune.lora_type`` (and ``lora_dora``) on ``targets``; every kind starts at the base
+    model (LoRA and DoRA with a zero B, LoHa and LoKr with a zero factor)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    alpha = fc.lora_alpha if fc.lora_alpha is not None else fc.lora_rank
+    if fc.lora_type == "loha":
+        return LoHaConfig(r=fc.lora_rank, alpha=alpha, module_dropout=fc.lora_dropout, target_modules=targets)
+    if fc.lora_type == "lokr":
+        return LoKrConfig(r=fc.lora_rank, alpha=alpha, module_dropout=fc.lora_dropout, target_modules=targets)
+    return LoraConfig(r=fc.lora_rank, lora_alpha=alpha, lora_dropout=fc.lora_dropout, init_lora_weights="gaussian",
+                      target_modules=targets, use_dora=fc.lora_dora)
+
+
+def adapter_kind(model) -> str:
+    """"lora", "dora", "loha" or "lokr": the kind of a peft-adapted model's adapters."""
+    config = model.peft_config["default"]
+    kind = str(getattr(config.peft_type, "value", config.peft_type)).lower()
+    return "dora" if kind == "lora" and getattr(config, "use_dora", False) else kind
+
+
 def add_lora(unet, text_encoders: list, fc) -> list[torch.nn.Parameter]:
     """Freeze the base models, attach adapters (the text encoders' only with ``lora_text_encoder``), cast
     the base to ``finetune.base_dtype`` and the adapters to fp32; return the trainable parameters. The
     settings were checked with the rest of the config (`ldm.trainer.config.check_config`)."""
-    from peft import LoraConfig
-
     alpha = fc.lora_alpha if fc.lora_alpha is not None else fc.lora_rank
     unet.requires_grad_(False)
     for text_encoder in text_encoders:
         text_encoder.requires_grad_(False)
     base = DTYPES[fc.base_dtype]
     unet.to(dtype=base)
-    # Gaussian A and zero B: the adapted model starts exactly at the base model.
-    unet.add_adapter(LoraConfig(r=fc.lora_rank, lora_alpha=alpha, lora_dropout=fc.lora_dropout,
-                                init_lora_weights="gaussian", target_modules=unet_targets(fc)))
+    # The adapted model starts exactly at the base model (a zero factor).
+    unet.add_adapter(adapter_config(fc, unet_targets(fc)))
     for text_encoder in text_encoders if fc.lora_text_encoder else []:
         from peft import inject_adapter_in_model
 
         text_encoder.to(dtype=base)
         # peft directly: transformers 5's `add_adapter` insists on a newer peft than this one needs.
-        inject_adapter_in_model(LoraConfig(r=fc.lora_rank, lora_alpha=alpha, lora_dropout=fc.lora_dropout,
-                                           init_lora_weights="gaussian", target_modules=TEXT_ATTENTION), text_encoder)
+        inject_adapter_in_model(adapter_config(fc, TEXT_ATTENTION), text_encoder)
     from diffusers.training_utils import cast_training_params
 
     models = [unet, *text_encoders]
     cast_training_params(models, dtype=torch.float32)  # adapters train in fp32 whatever the base
     params = [p for m in models for p in m.parameters() if p.requires_grad]
     n_base = sum(p.numel() for m in models for p in m.parameters()) - sum(p.numel() for p in params)
-    logger.info("LoRA rank %d alpha %s on %s: %.2fM trainable of %.1fM parameters", fc.lora_rank, alpha,
+    logger.info("%s rank %d alpha %s on %s: %.2fM trainable of %.1fM parameters",
+                "DoRA" if fc.lora_dora else {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}[fc.lora_type], fc.lora_rank, alpha,
                 "U-Net + text encoder" if fc.lora_text_encoder else "U-Net",
                 sum(p.numel() for p in params) / 1e6, n_base / 1e6)
     return params
@@ -90,12 +109,20 @@ def save_lora(folder: str | Path, unet, text_encoder, lora_format: str = "diffus
     sdxl = is_sdxl_unet(unet.config)
     encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2 if sdxl else None}
     adapted = {name: e for name, e in encoders.items() if e is not None and getattr(e, "peft_config", None)}
-    written = []
-    if lora_format in ("diffusers", "both"):
+    written, kind = [], adapter_kind(unet)
+    if lora_format in ("diffusers", "both") and kind in ("loha", "lokr"):  # diffusers reads LoRA and DoRA only
+        from ldm.methods.lycoris import save_peft_layout
+
+        written.append(save_peft_layout(Path(folder) / LORA_FILE, {"unet": unet, **adapted},
+                                        metadata("diffusers") if metadata is not None else {}))
+    elif lora_format in ("diffusers", "both"):
         written.append(_save_diffusers_layout(folder, unet, adapted, sdxl))
         if metadata is not None:
             add_metadata(written[-1], metadata("diffusers"))
-    if lora_format in ("kohya", "both"):
+    if lora_format in ("kohya", "both") and kind != "lora":
+        written.append(_save_lycoris_layout(folder, unet, adapted, sdxl,
+                                            metadata("kohya") if metadata is not None else {}))
+    elif lora_format in ("kohya", "both"):
         from diffusers.utils import convert_state_dict_to_kohya
         from peft.utils import get_peft_model_state_dict
 
@@ -119,6 +146,25 @@ def save_lora(folder: str | Path, unet, text_encoder, lora_format: str = "diffus
                   metadata={"format": "pt", **(metadata("kohya") if metadata is not None else {})})
         written.append(Path(folder) / KOHYA_FILE)
     return written
+
+
+def _save_lycoris_layout(folder, unet, adapted: dict, sdxl: bool, metadata: dict[str, str]) -> Path:
+    """LyCORIS's layout of LoHa, LoKr or DoRA adapters (`ldm.methods.lycoris`), under kohya-ss's module names."""
+    from safetensors.torch import save_file
+
+    from ldm.methods.lycoris import lycoris_state
+
+    prefixes = {"text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
+    models = {"lora_unet_": unet, **{prefixes[name]: encoder for name, encoder in adapted.items()}}
+
+    def rename(module: str, prefix: str) -> str:
+        if prefix == "lora_unet_":
+            return next(iter(kohya_unet_names({f"{module}.lora_x": None}, unet.config))).rsplit(".lora_", 1)[0]
+        return module if module.startswith("text_model.") else f"text_model.{module}"
+
+    state = lycoris_state(models, rename)
+    save_file(state, str(Path(folder) / KOHYA_FILE), metadata={"format": "pt", **metadata})
+    return Path(folder) / KOHYA_FILE
 
 
 def add_metadata(path: Path, extra: dict[str, str]) -> None:
@@ -175,7 +221,12 @@ def lora_file(folder: str | Path) -> Path:
 
 def merge_into(pipe, lora_dir: str | Path, scale: float = 1.0):
     """Load the adapters of ``lora_dir`` into ``pipe``, fuse them at ``scale`` and drop the adapter modules,
-    leaving a plain pipeline whose weights include the update."""
+    leaving a plain pipeline whose weights include the update (LoHa and LoKr through peft, the others through
+    diffusers' loader)."""
+    from ldm.methods.lycoris import merge_adapters, peft_layout_configs
+
+    if peft_layout_configs(lora_file(lora_dir)) is not None:
+        return merge_adapters(pipe, lora_file(lora_dir), scale)
     pipe.load_lora_weights(str(lora_dir), weight_name=lora_file(lora_dir).name)
     pipe.fuse_lora(lora_scale=scale)
     pipe.unload_lora_weights()
@@ -198,6 +249,11 @@ class LoRA(Method):
         c.positive("finetune.lora_alpha", optional=True)
         c.within("finetune.lora_dropout", 0, 1)
         c.require(math.isfinite(fc.merge_scale), "finetune.merge_scale", "needs a finite number")
+        c.require(not (fc.lora_dora and fc.lora_type != "lora"), "finetune.lora_dora",
+                  f"DoRA is LoRA's: it needs finetune.lora_type=lora, got {fc.lora_type!r}")
+        c.require(not (fc.lora_type != "lora" and fc.merged_export and fc.lora_format == "kohya"),
+                  "finetune.lora_format", f"a {fc.lora_type} adapter merges from peft's layout: 'diffusers' or 'both' "
+                                          f"with finetune.merged_export=true")
         c.require(fc.base_dtype in ("fp32", tc.mixed_precision), "finetune.base_dtype",
                   f"{fc.base_dtype!r} needs train.mixed_precision={fc.base_dtype!r} (got {tc.mixed_precision!r}) so "
                   f"that inputs meet the base weights in that dtype; or fp32")

@@ -70,9 +70,12 @@ def training_metadata(cfg, comp, split, steps: int, started: float | None = None
 
 def network_metadata(fc) -> dict[str, str]:
     """kohya-ss's entries of a LoRA network: its module, rank, alpha, dropout, whether the text encoder trained."""
-    values = {"ss_network_module": "networks.lora", "ss_network_dim": fc.lora_rank,
+    plain = fc.lora_type == "lora" and not fc.lora_dora
+    values = {"ss_network_module": "networks.lora" if plain else "lycoris.kohya", "ss_network_dim": fc.lora_rank,
               "ss_network_alpha": fc.lora_alpha if fc.lora_alpha is not None else fc.lora_rank,
               "ss_network_dropout": fc.lora_dropout, "ss_network_train_unet_only": not fc.lora_text_encoder}
+    if not plain:  # LyCORIS's arguments: the algorithm, and DoRA's weight decomposition
+        values["ss_network_args"] = json.dumps({"algo": fc.lora_type, **({"dora_wd": "True"} if fc.lora_dora else {})})
     return {k: str(v) for k, v in values.items()}
 
 

@@ -13,7 +13,7 @@ from ldm.diffusion.gaussian import BETA_SCHEDULES, DISTANCES, LOSS_TYPES, Predic
 from ldm.diffusion.schedulers import SAMPLERS
 from ldm.diffusion.timesteps import TIMESTEP_SAMPLERS
 from ldm.engine.config import Checker, EngineSettings, RunConfig, check_engine_settings
-from ldm.methods.lora import DTYPES, LORA_FORMATS
+from ldm.methods.lora import DTYPES, LORA_FORMATS, LORA_TYPES
 from ldm.methods.registry import METHODS
 from ldm.trainer.optimizers import OPTIMIZERS
 from ldm.trainer.stages import STAGES, stage_class
@@ -31,6 +31,7 @@ Optimizer = typing.Literal[tuple(OPTIMIZERS)]
 CompileMode = typing.Literal[("auto", *COMPILE_MODES)]
 FinetuneMethod = typing.Literal[tuple(METHODS)]
 LoraFormat = typing.Literal[LORA_FORMATS]
+LoraType = typing.Literal[LORA_TYPES]
 BaseDtype = typing.Literal[tuple(DTYPES)]
 StageName = typing.Literal[tuple(STAGES)]
 MaskSource = typing.Literal[MASK_SOURCES]
@@ -246,6 +247,10 @@ class FinetuneConfig:
     # full (every U-Net weight) | lora (low-rank adapters only, through peft) | textual_inversion (new token
     # embeddings only: placeholder_token's num_vectors rows of the text encoder's embedding table)
     method: FinetuneMethod = "full"
+    # lora (low-rank products), loha (a Hadamard product of two: more expressive at the same size) or lokr (a
+    # Kronecker product), as LyCORIS names them; lora_dora learns each output row's magnitude apart (DoRA)
+    lora_type: LoraType = "lora"
+    lora_dora: bool = False
     lora_rank: int = 4
     lora_alpha: float | None = None  # None: equal to the rank (scale 1)
     lora_dropout: float = 0.0

@@ -332,3 +332,40 @@ def test_generate_cli_with_lora(tmp_path, base, capsys):
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="does not exist"):  # --debug keeps the traceback
         main(["--pipeline", str(base["sd"]), "--lora", str(tmp_path / "nope"), "--debug", PROMPT])
+
+
+@pytest.mark.parametrize("kind", [["finetune.lora_type=loha"], ["finetune.lora_type=lokr"], ["finetune.lora_dora=true"]])
+def test_loha_lokr_and_dora_merge_alike_in_ours_and_in_lycoris_own_loader(tmp_path, base, kind):
+    """Our merge (peft for LoHa and LoKr, diffusers' loader for DoRA) and LyCORIS's loader reading the LyCORIS-layout
+    file into the base U-Net give the same weights."""
+    from lycoris.wrapper import LycorisNetwork, create_lycoris_from_weights
+
+    cfg = _cfg(tmp_path, base, *kind, "finetune.lora_format=both", "finetune.lora_conv=true", "finetune.lora_alpha=8",
+               "train.max_steps=3")
+    train(cfg)
+    folder = cfg.run_dir / "lora"
+    ours = merge_into(LDMPipeline.from_pretrained(base["sd"]), folder).unet.state_dict()
+    pre = load_file(base["sd"] / "unet" / "diffusion_pytorch_model.safetensors")
+    assert max((ours[k] - pre[k]).abs().max().item() for k in pre) > 1e-4  # the adapters trained
+    kohya = load_file(folder / KOHYA_FILE)
+    suffix = {"finetune.lora_type=loha": ".hada_w1_a", "finetune.lora_type=lokr": ".lokr_w1",
+              "finetune.lora_dora=true": ".dora_scale"}[kind[0]]
+    assert any(k.endswith(suffix) for k in kohya)
+    unet = LDMPipeline.from_pretrained(base["sd"]).unet
+    network = create_lycoris_from_weights(
+        1.0, None, unet, weights_sd={k.replace("lora_unet", LycorisNetwork.LORA_PREFIX, 1): v for k, v in kohya.items()})
+    network = network[0] if isinstance(network, tuple) else network
+    assert len(network.loras) == len({k.split(".")[0] for k in kohya})  # every module found and read
+    for module in network.loras:
+        module.merge_to(1.0)
+    theirs = unet.state_dict()
+    assert max((theirs[k] - ours[k]).abs().max().item() for k in ours) <= 1e-6
+    if "dora" not in kind[0]:  # ldm.generate --lora merges a LoHa or LoKr file through peft
+        from ldm.generate import load_pipeline
+
+        drawn = load_pipeline(str(base["sd"]), str(folder)).unet.state_dict()
+        assert all(torch.equal(drawn[k], ours[k]) for k in ours)
+    with safe_open(str(folder / KOHYA_FILE), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(meta["ss_network_args"])["algo"] == cfg.finetune.lora_type
