@@ -39,13 +39,19 @@ def family_of(path) -> str | None:
 
 def _file_family(path: Path) -> str | None:
     """"sdxl" for a file holding SDXL base's OpenCLIP text encoder, "sd" for another with a U-Net in the
-    original layout; None for a file that is not safetensors or holds neither."""
-    if path.suffix != ".safetensors":
-        return None
-    from safetensors import safe_open
+    original layout; None for a file that is neither safetensors nor a (weights-only) pickle checkpoint, or holds
+    neither."""
+    from pipelines.pickles import PICKLE_SUFFIXES, read_pickle_checkpoint
 
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
+    if path.suffix in PICKLE_SUFFIXES:
+        keys = list(read_pickle_checkpoint(path))
+    elif path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    else:
+        return None
     if any(k.startswith(XL_FILE_KEY) for k in keys):
         return "sdxl"
     if any(k.startswith(SD_FILE_KEY) for k in keys) and not any(k.startswith("conditioner.") for k in keys):

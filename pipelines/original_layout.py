@@ -422,6 +422,20 @@ def _write_original_config(pipe, out_path: Path) -> None:
 
 # ---- reading ------------------------------------------------------------------------------------------------
 
+def _from_pickle(path: Path, config: str | Path | None, **kwargs) -> dict:
+    """The components of a pickle checkpoint: its tensors (`read_pickle_checkpoint`) written as a temporary
+    ``.safetensors`` file and read as one, with the configs of ``config`` or the ``<stem>.config`` folder."""
+    from safetensors.torch import save_file
+
+    from pipelines.pickles import read_pickle_checkpoint
+
+    if config is None and (config_dir(path) / "model_index.json").is_file():
+        config = config_dir(path)
+    with tempfile.TemporaryDirectory(prefix="single-file-ckpt.") as tmp:
+        safe = Path(tmp) / f"{path.stem}.safetensors"
+        save_file({k: v.contiguous() for k, v in read_pickle_checkpoint(path).items()}, str(safe))
+        return load_components(safe, config, **kwargs)
+
 def stored_configs(path: str | Path) -> dict[str, str]:
     """{relative path: text} of the config folder kept in the file's metadata ({} when it keeps none)."""
     from safetensors import safe_open
@@ -529,6 +543,10 @@ def load_components(path: str | Path, config: str | Path | None = None, **kwargs
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r} is not a file")
+    from pipelines.pickles import PICKLE_SUFFIXES
+
+    if path.suffix in PICKLE_SUFFIXES:
+        return _from_pickle(path, config, **kwargs)
     if config is not None:
         if not (Path(config) / "model_index.json").is_file():
             raise FileNotFoundError(f"config={str(config)!r} is not a diffusers folder (no model_index.json)")

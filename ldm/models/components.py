@@ -127,9 +127,12 @@ def pretrained_folder(cfg, accelerator=None) -> Path | None:
         return None
     path = Path(cfg.model.pretrained)
     if path.is_file():
-        if path.suffix != ".safetensors":
-            raise ValueError(f"model.pretrained={str(path)!r} is a file but not .safetensors: give a diffusers "
-                             f"pipeline folder or a single .safetensors file in Stable Diffusion's layout")
+        from pipelines.pickles import PICKLE_SUFFIXES
+
+        if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
+            raise ValueError(f"model.pretrained={str(path)!r} is a file but not .safetensors (or a .ckpt, read as "
+                             f"tensors only): give a diffusers pipeline folder or a single file in Stable Diffusion's "
+                             f"layout")
         from pipelines.single_file import materialize
 
         stat = path.stat()

@@ -275,3 +275,31 @@ def test_training_starts_from_a_single_file(tmp_path, tiny_cfg, data_dir, tiny_v
     start = base.unet.state_dict()
     moved = max((v - start[k]).abs().max().item() for k, v in out.unet.state_dict().items())
     assert 0 < moved < 1e-5, moved
+
+
+class _Payload:
+    """What a hostile pickle holds: unpickling it would run code (here, create a file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_a_ckpt_is_read_as_tensors_only_and_a_hostile_one_is_refused_without_running(tmp_path, exported):
+    import shutil
+
+    tensors = load_file(exported["file"])
+    torch.save({"state_dict": tensors, "global_step": 10}, tmp_path / "model.ckpt")  # CompVis' wrapper
+    shutil.copytree(config_dir(exported["file"]), tmp_path / "model.config")
+    pipe = LDMPipeline.from_single_file(tmp_path / "model.ckpt")
+    assert_same_weights(pipe, LDMPipeline.from_single_file(exported["file"]))
+    marker = tmp_path / "payload-ran"
+    torch.save({"state_dict": tensors, "extra": _Payload(marker)}, tmp_path / "hostile.ckpt")
+    shutil.copytree(config_dir(exported["file"]), tmp_path / "hostile.config")
+    with pytest.raises(ValueError, match="asks to build more than tensors.*nothing in it ran"):
+        LDMPipeline.from_single_file(tmp_path / "hostile.ckpt")
+    assert not marker.exists()
