@@ -538,7 +538,8 @@ def load_components(path: str | Path, config: str | Path | None = None, **kwargs
     ``StableDiffusionXLPipeline.from_single_file``, with text_encoder_2, tokenizer_2 and
     force_zeros_for_empty_prompt too. ``config`` is a diffusers folder holding the architecture's configs (a
     ``<stem>.config`` folder, or a Stable Diffusion 1.x / XL folder for a file made elsewhere); None uses the
-    configs kept in the file's metadata, else the ``<stem>.config`` folder beside it. ``kwargs`` go to
+    configs kept in the file's metadata, else the ``<stem>.config`` folder beside it, else configs read from
+    the file's keys and shapes (`pipelines.architectures`: Stable Diffusion 1.x, 2.x, XL base). ``kwargs`` go to
     diffusers' loader (e.g. torch_dtype)."""
     path = Path(path)
     if not path.is_file():
@@ -558,7 +559,8 @@ def load_components(path: str | Path, config: str | Path | None = None, **kwargs
             return _components_from(path, Path(tmp), **kwargs)
     if (config_dir(path) / "model_index.json").is_file():
         return _components_from(path, config_dir(path), **kwargs)
-    raise ValueError(f"{str(path)!r} keeps no configs in its metadata and has no {config_dir(path).name} folder "
-                     f"beside it: pass config=<a diffusers folder of the same architecture> (e.g. a Stable "
-                     f"Diffusion 1.5 or XL base folder; its weights are not read), or copy such a folder to "
-                     f"{str(config_dir(path))!r}")
+    from pipelines.architectures import write_configs
+
+    with tempfile.TemporaryDirectory(prefix="single-file-config.") as tmp:  # a file from elsewhere: its keys tell
+        write_configs(path, Path(tmp))
+        return _components_from(path, Path(tmp), **kwargs)
