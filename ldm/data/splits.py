@@ -72,13 +72,16 @@ def _load(cfg, source: str, split: str, bad: list | None = None):
 SOURCE_COLUMN = "_source"  # the index in data.sources of each image's source
 
 
-def _load_sources(cfg, bad: list) -> datasets.Dataset:
-    """The images of every ``data.sources`` entry in one table, with each image's repeats an epoch (the entry's
-    repeats, or its weight's share of all places, times its folder's ``N_name`` repeats) and its entry's index."""
+def _load_sources(cfg, bad: list, regularisation: bool = False) -> datasets.Dataset:
+    """The images of every ``data.sources`` entry (its regularisation entries with ``regularisation``) in one table,
+    with each image's repeats an epoch (the entry's repeats, or its weight's share of all places, times its
+    folder's ``N_name`` repeats) and its entry's index."""
     import datasets
 
     d, parts = cfg.data, []
     for k, entry in enumerate(d.sources):
+        if entry.regularisation != regularisation:
+            continue
         ds = load_source(entry.dataset, split=d.split, data_root=d.data_root, resolution=d.resolution,
                          image_column=d.image_column, caption_column=d.caption_column,
                          max_bad_fraction=d.max_bad_fraction, bad=bad,
@@ -89,10 +92,10 @@ def _load_sources(cfg, bad: list) -> datasets.Dataset:
         if isinstance(ds.features[d.caption_column], datasets.Value):  # one caption type for every source
             ds = ds.map(lambda row: {d.caption_column: [row[d.caption_column]]},
                         features=datasets.Features({**ds.features, d.caption_column: [datasets.Value("string")]}))
-        parts.append((entry, ds, base))
-    total, weights = sum(len(ds) for _, ds, _ in parts), [e.weight for e, _, _ in parts]
+        parts.append((k, entry, ds, base))
+    total, weights = sum(len(ds) for _, _, ds, _ in parts), [e.weight for _, e, _, _ in parts]
     out = []
-    for k, (entry, ds, base) in enumerate(parts):
+    for k, entry, ds, base in parts:
         if weights[0] is not None:  # the entry's share of all places, spread over its images as their repeats say
             base = base * (entry.weight / sum(weights)) * total / base.sum()
         else:
@@ -204,6 +207,15 @@ def stream_splits(cfg, head_size: int = 256) -> StreamData:
         if all(x.time_ids is not None for _, x, _ in head[:n_val]):
             out.val_arrays = {"time_ids": torch.tensor([x.time_ids for _, x, _ in head[:n_val]], dtype=torch.float32)}
     return out
+
+
+def regularisation_split(cfg) -> Split | None:
+    """The images of the ``data.sources`` entries marked ``regularisation``, as a split (None without any)."""
+    if not any(e.regularisation for e in cfg.data.sources):
+        return None
+    ds = _load_sources(cfg, [], regularisation=True)
+    return make_split(cfg, ds, "+".join(e.dataset for e in cfg.data.sources if e.regularisation),
+                      bucketing=cfg.data.bucketing, files=[e.dataset for e in cfg.data.sources if e.regularisation])
 
 
 def class_split(cfg, folder: Path, prompts: list[str]) -> Split:

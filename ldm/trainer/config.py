@@ -54,6 +54,9 @@ class SourceConfig:
     shuffle_tags: bool | None = None  # None: data.shuffle_tags, and so on
     keep_tokens: int | None = None
     tag_dropout: float | None = None
+    # Regularisation images (kohya-ss's is_reg): not trained on as the subject, but mixed into every step as
+    # DreamBooth's class images are, their loss weighted by dreambooth.prior_loss_weight.
+    regularisation: bool = False
 
 
 @dataclass
@@ -419,6 +422,12 @@ def check_sources(c: Checker) -> None:
     d = c.cfg.data
     c.require(not (d.sources and c.cfg.dreambooth.instance_data), "data.sources",
               "cannot be mixed with dreambooth.instance_data; give the subject's images as a source instead")
+    c.require(not d.sources or not all(e.regularisation for e in d.sources), "data.sources",
+              "needs at least one source that is not regularisation images")
+    c.require(not (any(e.regularisation for e in d.sources) and (c.cfg.dreambooth.class_prompt
+                                                                   or c.cfg.dreambooth.class_prompts)),
+              "data.sources", "regularisation images come either from a source or from dreambooth.class_prompt, "
+                              "not both")
     weighted = {entry.weight is not None for entry in d.sources}
     c.require(len(weighted) <= 1, "data.sources", "needs a weight on every entry or on none")
     for k, e in enumerate(d.sources):

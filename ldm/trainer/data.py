@@ -29,7 +29,14 @@ from ldm.data.batches import (
     micro_batch_size,
 )
 from ldm.data.cache import Encoding, latent_cache
-from ldm.data.splits import Split, load_splits, report_bad_images, report_unseen, stream_splits
+from ldm.data.splits import (
+    Split,
+    load_splits,
+    regularisation_split,
+    report_bad_images,
+    report_unseen,
+    stream_splits,
+)
 from ldm.data.tags import TagRules
 from ldm.models.vae import encode, encoder_fingerprint
 from ldm.trainer.stage import cache_place
@@ -51,6 +58,7 @@ class RunData:
     val_latents: tuple | None = None  # (mean, std) of the validation images when precomputed (no images to encode)
     val_arrays: dict | None = None  # and their per-image arrays (SDXL's "time_ids"), in place of the stage's
     state: object = None  # what the data source keeps from ``read`` for ``batches``
+    regularisation: Split | None = None  # images mixed into every step as DreamBooth's class images are
 
 
 class DataSource:
@@ -90,10 +98,11 @@ class TableData(DataSource):
         acc = engine.accelerator
         with acc.main_process_first():
             train_split, val_split, heldout = load_splits(cfg)
+            regularisation = regularisation_split(cfg)
         method.check_captions(cfg, train_split.captions)
         bad = train_split.bad + val_split.bad
         return RunData(train_split, val_split, heldout, report_unseen(train_split, cfg.train.batch_size), bad,
-                       report_bad_images(bad, cfg.run_dir, acc.is_main_process))
+                       report_bad_images(bad, cfg.run_dir, acc.is_main_process), regularisation=regularisation)
 
     def batches(self, cfg, engine, stage, comp, data: RunData):
         return batch_source(cfg, engine, stage, comp, data.train, TRAIN_STREAMS,

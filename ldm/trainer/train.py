@@ -99,7 +99,7 @@ def build_run(cfg: LDMConfig) -> Run:
     data = data_source.read(cfg, engine, method)
     comp = build_networks(cfg, engine, stage, data.train)
     db = cfg.dreambooth
-    classes = draw_class_images(cfg, stage, comp, engine) if db.class_prompt or db.class_prompts else None
+    classes = draw_class_images(cfg, stage, comp, engine) if db.class_prompt or db.class_prompts else data.regularisation
     groups = method.trainable(cfg, comp)
     # Training never clips x̂_0 (improved-diffusion's losses do not); on pixels the bound's t = 0 term is the
     # discretized decoder of 8-bit images.

@@ -36,3 +36,17 @@ def test_a_mix_of_sources_with_tag_shuffling_trains_and_resumes_bit_identically(
     train(resumed)
     x, y = load_file(straight.run_dir / UNET), load_file(resumed.run_dir / UNET)
     assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_regularisation_source_is_mixed_into_every_step_as_class_images(tmp_path, tiny_cfg, data_dir):
+    from ldm.data.splits import load_splits, regularisation_split
+
+    subject = sidecar_folder(tmp_path / "subject", data_dir, n=8)
+    reg = sidecar_folder(tmp_path / "reg", data_dir, n=12, start=40)
+    cfg = tiny_cfg(f"data.sources=[{{dataset: {subject}, repeats: 2}}, {{dataset: {reg}, regularisation: true}}]",
+                   "train.max_steps=3", "train.batch_size=4", "dreambooth.prior_loss_weight=0.5",
+                   "train.log_every=1")
+    assert len(load_splits(cfg)[0]) == 8 and len(regularisation_split(cfg)) == 12
+    train(cfg)
+    rows = [r for r in read_metrics(cfg.run_dir / "metrics.jsonl") if "prior_loss" in r]
+    assert len(rows) == 3 and all(r["prior_loss"] > 0 for r in rows)
