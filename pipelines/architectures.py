@@ -149,8 +149,9 @@ def text_config(shapes: dict, prefix: str, open_clip: bool, penultimate: bool, p
     return config
 
 
-def _byte_symbols() -> list[str]:
-    """CLIP's printable stand-ins for the 256 byte values, in its order (printable bytes first, as themselves)."""
+def clip_bytes() -> tuple[list[int], list[int]]:
+    """(byte values, their printable stand-ins' code points) in CLIP's order: the printable bytes first, as
+    themselves, then the others mapped past 255."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
     for b in range(256):
@@ -158,7 +159,12 @@ def _byte_symbols() -> list[str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return [chr(c) for c in cs]
+    return bs, cs
+
+
+def _byte_symbols() -> list[str]:
+    """CLIP's printable stand-ins for the 256 byte values, in its vocabulary's order."""
+    return [chr(c) for c in clip_bytes()[1]]
 
 
 def write_tokenizer(folder: Path, pad: str = "<|endoftext|>") -> None:

@@ -21,15 +21,10 @@ def _byte_symbols() -> list[str]:
     from tokenizers import pre_tokenizers
 
     # The byte-level alphabet (printable stand-ins for the 256 byte values), in byte order.
+    from pipelines.architectures import clip_bytes
+
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    symbols = [chr(c) for _, c in sorted(zip(bs, cs))]
+    symbols = [chr(c) for _, c in sorted(zip(*clip_bytes()))]
     assert set(symbols) == set(alphabet)
     return symbols
 
