@@ -56,10 +56,15 @@ def sha(path: Path) -> str:
     """SHA-256 of a safetensors file with its JSON header's keys sorted: safetensors writes the header's
     ``__metadata__`` in whatever order its hash map gives, which changes from process to process, so the raw
     bytes of a file with two or more metadata entries (a LoRA file, an AUTOMATIC1111 embedding) differ between
-    identical runs. The tensors' bytes and every header value are hashed as written."""
+    identical runs. The tensors' bytes and every header value are hashed as written, but for the descriptive
+    entries (kohya-ss's ``ss_*`` and Stability's ``modelspec.*``: dates, times, the run's name), which say how a file
+    was made, not what it holds."""
     data = path.read_bytes()
     size = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + size])
+    meta = header.get("__metadata__") or {}
+    if meta:
+        header["__metadata__"] = {k: v for k, v in meta.items() if not k.startswith(("ss_", "modelspec."))}
     return hashlib.sha256(json.dumps(header, sort_keys=True).encode() + data[8 + size:]).hexdigest()
 
 
