@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
 
 
@@ -24,6 +26,7 @@ def test_log_window_divides_warmup_and_steps():
     assert bench.log_every_for(steps=12, warmup=0) == 3  # the longest window giving >= 4 timed rows
 
 
+@pytest.mark.slow  # ~6 s: `make test-slow`
 def test_cpu_tiny_smoke(tmp_path):
     bench = _load_bench()
     out = tmp_path / "results.json"
@@ -44,6 +47,7 @@ def test_cpu_tiny_smoke(tmp_path):
     assert results["ours_setup_and_cache_s"] is not None and results["ours_setup_and_cache_s"] > 0
 
 
+@pytest.mark.slow  # ~13 s of sampling: `make test-slow`
 def test_sample_latency_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("sample_latency", BENCH.with_name("sample_latency.py"))
     bench = importlib.util.module_from_spec(spec)

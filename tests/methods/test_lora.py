@@ -73,6 +73,7 @@ def test_only_adapters_train_and_both_pipelines_load_them(tmp_path, base):
     assert np.abs(a - plain).max() > 1e-3  # the adapters change the images
 
 
+@pytest.mark.slow  # ~15 s of compiling: `make test-slow`
 def test_lora_trains_the_same_with_the_unet_compiled_by_blocks(tmp_path, base, monkeypatch):
     # aot_eager: dynamo's capture and the forward/backward split around peft's layers, without code generation
     import ldm.trainer.train

@@ -60,6 +60,7 @@ def _rel(a: dict, b: dict) -> float:
     return float(num / sum((b[k].double() ** 2).sum() for k in b) ** 0.5)
 
 
+@pytest.mark.slow  # two gloo processes, ~20 s: `make test-slow` with the other FSDP tests
 def test_fsdp_shards_the_weights_and_matches_one_process(tmp_path, tiny_vae_dir, data_dir):
     common = _common(tmp_path, tiny_vae_dir, data_dir)
     proc = _launch(["name=fsdp", *common], 29531)
