@@ -143,14 +143,23 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load a pipeline folder. A Stable Diffusion XL folder loads as `LDMXLPipeline` (the family is read from
-        the folder); a class that cannot draw the folder's family says so instead of dropping its components."""
+        the folder); a class that cannot draw the folder's family says so instead of dropping its components. The
+        path must be a folder here (``hf://<org>/<model>`` asks the Hub), its weights safetensors, and a folder
+        whose weight files lack a tensor of a model (or hold one it has not) is refused naming them
+        (`pipelines.local`)."""
         from pipelines.families import family_of
+        from pipelines.local import check_weights, resolve
 
-        family = family_of(pretrained_model_name_or_path)
+        name, local = resolve(pretrained_model_name_or_path)
+        family = family_of(name) if local else None
         if family is not None and family != cls.family:
-            return cls._family_class(family, f"{pretrained_model_name_or_path} holds").from_pretrained(
-                pretrained_model_name_or_path, **kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            return cls._family_class(family, f"{name} holds").from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if local:
+            kwargs = {"local_files_only": True, "use_safetensors": True, **kwargs}
+        pipe = super().from_pretrained(name, **kwargs)
+        if local:
+            check_weights(pipe, name)
+        return pipe
 
     @classmethod
     def _family_class(cls, family: str, what: str):
