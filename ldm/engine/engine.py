@@ -32,6 +32,7 @@ from ldm.engine.checkpoint import CheckpointManager, list_checkpoints, read_trai
 from ldm.engine.config import LR_SCHEDULES, config_differences, save_config, to_yaml
 from ldm.engine.errors import STOP_SIGNALS, NonFinite, Preempted
 from ldm.engine.records import MetricsWriter, format_summary, plot_curves
+from ldm.engine.runlock import lock_run_folder, release_run_folder
 from ldm.engine.sharding import EMASettings, Sharding, TrainingState, fsdp_requested
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ class Engine:
         self.sharding = Sharding(acc, self.tc.mixed_precision) \
             if strategy_name(acc) == "fsdp" and acc.num_processes > 1 else None
         self.resume_from = resolve_resume(self.tc.resume, self.run_dir / "checkpoints")  # a wrong path fails now
+        if acc.is_main_process:  # one run per folder, for the whole run (`ldm.engine.runlock`)
+            lock_run_folder(self.run_dir)
         self._claim_run_folder()
         if acc.is_main_process:
             save_config(cfg, self.run_dir / "config.yaml")
@@ -467,4 +470,5 @@ class Engine:
         # was still exporting left that one hanging at exit, in gloo's destructor (seen once in a 2-process run).
         acc.wait_for_everyone()
         acc.end_training()
+        release_run_folder(self.run_dir)
         return final

@@ -204,6 +204,23 @@ def test_runs_do_not_mix(tiny_cfg):
     assert list_checkpoints(first.run_dir / "checkpoints") == []
 
 
+def test_a_second_run_under_the_same_name_fails_at_once_naming_the_holder(tiny_cfg):
+    cfg = tiny_cfg("train.max_steps=1", "name=busy")
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); from ldm.engine.runlock import lock_run_folder; "
+            f"lock_run_folder({str(cfg.run_dir)!r}); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=rf"/busy is in use by another run \(PID {holder.pid}\)"):
+            train(cfg)
+        assert not (cfg.run_dir / "metrics.jsonl").exists() and not (cfg.run_dir / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    train(cfg)  # the lock went with its process
+    assert read_metrics(cfg.run_dir / "metrics.jsonl")[-1]["steps"] == 1
+
+
 # ---- preemption --------------------------------------------------------------------------------
 
 def _launch(run_args: list[str], cwd: Path) -> subprocess.Popen:
