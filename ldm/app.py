@@ -155,7 +155,10 @@ def editor_image_and_mask(value) -> tuple[Image.Image | None, Image.Image | None
     background = value.get("background") if isinstance(value, dict) else value
     if background is None:
         return None, None
-    image = Image.fromarray(np.asarray(background)[..., :3].astype(np.uint8), "RGB")
+    from ldm.data.images import to_rgb
+
+    # as training reads images: transparency over white (not the colour under it), 16-bit greys scaled
+    image = to_rgb(background if isinstance(background, Image.Image) else Image.fromarray(np.asarray(background)))
     mask = np.zeros(image.size[::-1], bool)
     for layer in (value.get("layers") or []) if isinstance(value, dict) else []:
         layer = np.asarray(layer)

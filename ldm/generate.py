@@ -86,15 +86,14 @@ def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm
 
 def from_image(pipe, args) -> tuple:
     """The image-to-image or inpainting pipeline sharing ``pipe``'s components, and its call arguments."""
-    from PIL import Image
-
+    from ldm.data.images import open_image, open_mask
     from pipelines import CascadePipeline, LDMImg2ImgPipeline, LDMInpaintPipeline
 
     if isinstance(pipe, CascadePipeline):
         raise ValueError("--image is for text-to-image pipelines, not cascades")
-    image = Image.open(args.image).convert("RGB")
+    image = open_image(args.image)  # as training reads images: 16-bit, transparency, palettes
     if args.mask:
-        extra = {"image": image, "mask_image": Image.open(args.mask).convert("L"),
+        extra = {"image": image, "mask_image": open_mask(args.mask),
                  "strength": 1.0 if args.strength is None else args.strength}
         return LDMInpaintPipeline.from_pipe(pipe), extra
     extra = {"image": image, "strength": 0.8 if args.strength is None else args.strength}

@@ -49,6 +49,26 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     return image.convert("RGB")
 
 
+def to_mask(image: Image.Image) -> Image.Image:
+    """An 8-bit greyscale mask that means what the file shows: 16-bit and float greyscale scaled as `to_rgb` scales
+    them, transparent pixels black (not painted)."""
+    return to_rgb(image, background=(0, 0, 0)).convert("L")
+
+
+def open_image(path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """The image file at ``path`` as training reads it (`to_rgb`: 16-bit, transparency, palettes, CMYK)."""
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(image, background)
+
+
+def open_mask(path) -> Image.Image:
+    """The mask file at ``path`` as training reads it (`to_mask`)."""
+    with Image.open(path) as image:
+        image.load()
+        return to_mask(image)
+
+
 class ImageTransform:
     """Resize an image to cover a (height, width) target, crop it, maybe mirror it, map it to [-1, 1].
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ldm.data.cache import CachePlace, Encoding, Fingerprint, latent_cache
-from ldm.data.images import ImageTransform
+from ldm.data.images import ImageTransform, open_mask, to_mask
 from ldm.data.images import downsample
 
 logger = logging.getLogger(__name__)
@@ -107,12 +107,11 @@ class MaskItems(torch.utils.data.Dataset):
                 mask = image.convert("RGBA").getchannel("A")
         elif self.source == "file":
             if self.paths[i].is_file():
-                with Image.open(self.paths[i]) as m:
-                    mask = m.convert("L")
+                mask = open_mask(self.paths[i])
         else:
             value = self.mask_ds[i][self.column]
             if value is not None:
-                mask = value.convert("L")
+                mask = to_mask(value)
         if mask is None:
             return Image.new("L", image.size, 255)
         if mask.size != image.size:
