@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -138,14 +139,25 @@ def png_parameters(settings: dict) -> str:
 
 
 def save_with_settings(image: Image.Image, path: Path, settings: dict) -> Path:
+    """Save ``image`` with its settings in the PNG at ``path``, or at ``<stem>-1.png``, ``-2``... when that name is
+    taken (two images drawn in the same second with the same seed): a saved image is never replaced. Returns the
+    path written."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", png_parameters(settings))
     info.add_text("settings", json.dumps(settings))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
+    target, n = path, 0
+    while True:  # claim a free name first (O_EXCL: two drawings at once cannot claim the same one)
+        try:
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            break
+        except FileExistsError:
+            n += 1
+            target = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    tmp = target.with_suffix(".tmp.png")
     image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
-    return path
+    tmp.replace(target)
+    return target
 
 
 def editor_image_and_mask(value) -> tuple[Image.Image | None, Image.Image | None]:

@@ -30,3 +30,13 @@ def test_sixteen_bit_grey_and_transparent_inputs_read_as_training_reads_them(tmp
     assert (np.asarray(extra["image"]) == 255).all()  # white where transparent, not the red under it
     image, _ = editor_image_and_mask({"background": hidden, "layers": []})
     assert (np.asarray(image) == 255).all()
+
+
+def test_the_page_never_replaces_an_image_it_saved(tmp_path):
+    from ldm.app import save_with_settings
+
+    path = tmp_path / "20261207-101010-0.png"
+    first = save_with_settings(Image.new("RGB", (4, 4), "red"), path, {"prompt": "a", "seed": 0})
+    second = save_with_settings(Image.new("RGB", (4, 4), "blue"), path, {"prompt": "b", "seed": 0})
+    assert first == path and second == tmp_path / "20261207-101010-0-1.png"
+    assert Image.open(first).getpixel((0, 0)) == (255, 0, 0) and Image.open(second).getpixel((0, 0)) == (0, 0, 255)
