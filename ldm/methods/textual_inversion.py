@@ -38,6 +38,12 @@ def vector_tokens(placeholder: str, num_vectors: int) -> list[str]:
     return [placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)]
 
 
+def is_a_word(tokenizer, token: str) -> bool:
+    """Whether the tokenizer already keeps ``token`` whole: a new embedding under it would take that word over in
+    every prompt and caption that uses it."""
+    return token in tokenizer.get_vocab() or len(tokenizer.tokenize(token)) == 1
+
+
 def add_placeholder(tokenizer, text_encoder, fc, name: str = "this model's tokenizer") -> list[torch.nn.Parameter]:
     """Add ``fc.placeholder_token``'s vectors to the tokenizer and the text encoder, initialised from
     ``fc.initializer_token``; freeze everything else. Returns the parameter to optimise (the embedding table,
@@ -47,8 +53,7 @@ def add_placeholder(tokenizer, text_encoder, fc, name: str = "this model's token
         raise ValueError(f"finetune.initializer_token={fc.initializer_token!r} is {len(init)} tokens for {name} "
                          f"({tokenizer.tokenize(fc.initializer_token)}); pick a word it keeps whole (one token)")
     tokens = vector_tokens(fc.placeholder_token, fc.num_vectors)
-    # a word the tokenizer already keeps whole would lose its meaning in every other caption
-    taken = [t for t in tokens if t in tokenizer.get_vocab() or len(tokenizer.tokenize(t)) == 1]
+    taken = [t for t in tokens if is_a_word(tokenizer, t)]
     if taken:
         raise ValueError(f"finetune.placeholder_token={fc.placeholder_token!r}: {taken} already in the vocabulary of {name}; "
                          f"pick a new word, e.g. '<{fc.placeholder_token.strip('<>')}-new>'")
@@ -149,6 +154,12 @@ def load_embedding(pipe, path: str | Path) -> None:
             if keys in (["emb_params"], SDXL_EMBEDDING_KEYS):
                 token = (f.metadata() or {}).get("name") or path.stem
             vectors = {k: f.get_tensor(k) for k in keys} if keys == SDXL_EMBEDDING_KEYS else None
+    if token is None and len(keys) == 1:  # diffusers' layout: {token: vectors}
+        token = keys[0]
+    if token is not None and is_a_word(pipe.tokenizer, token):
+        raise ValueError(f"{path} would be loaded under {token!r}, a word {type(pipe).__name__}'s tokenizer already "
+                         f"keeps whole: it would take that word over in every prompt; rename the file (AUTOMATIC1111's "
+                         f"embeddings are called by their file's name), e.g. to <{token}>.safetensors")
     two_encoders = getattr(pipe, "text_encoder_2", None) is not None
     if two_encoders != (keys == SDXL_EMBEDDING_KEYS):
         raise ValueError(f"{path} holds {'an SDXL embedding (clip_l, clip_g)' if not two_encoders else 'one encoder'}"

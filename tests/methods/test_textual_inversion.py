@@ -152,3 +152,18 @@ def test_textual_inversion_on_uncaptioned_photos_through_dreambooth_instance_dat
     blue = LDMPipeline.from_pretrained(base["sd"])
     row = blue.text_encoder.get_input_embeddings().weight[blue.tokenizer.convert_tokens_to_ids("blue</w>")]
     assert (learned[0] - row).abs().max() > 1e-3  # it trained from the initializer
+
+
+def test_an_embedding_under_an_ordinary_word_is_refused_not_loaded(tmp_path, base):
+    from safetensors.torch import save_file
+
+    from ldm.methods.textual_inversion import load_embedding
+
+    pipe = LDMPipeline.from_pretrained(base["sd"])
+    assert pipe.tokenizer.tokenize("red") == ["red</w>"]  # a word of this tokenizer
+    save_file({"emb_params": torch.zeros(1, 32)}, str(tmp_path / "red.safetensors"))  # AUTOMATIC1111's layout
+    save_file({"red": torch.zeros(1, 32)}, str(tmp_path / "learned_embeds.safetensors"))  # diffusers' layout
+    for path in (tmp_path / "red.safetensors", tmp_path / "learned_embeds.safetensors"):
+        with pytest.raises(ValueError, match="under 'red', a word .* already keeps whole"):
+            load_embedding(pipe, path)
+    assert "red" not in pipe.tokenizer.get_vocab()  # nothing was added
