@@ -236,6 +236,9 @@ def _read_metadata(folder: Path, caption_column: str):
             raise ValueError(f"{path}:{number}: not a JSON object ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             raise ValueError(f"{path}:{number}: needs a \"file_name\" string, got {line.strip()[:120]!r}")
+        if not _inside(folder, row["file_name"]):
+            raise ValueError(f"{path}:{number}: file_name {row['file_name']!r} points outside the dataset folder "
+                             f"{str(folder)!r}; image paths are relative to it and stay inside it")
         if caption_column in row:
             try:
                 captions_of(row[caption_column])
@@ -249,11 +252,19 @@ def _read_metadata(folder: Path, caption_column: str):
     if not ({str, list} <= kinds):
         return None
     columns = sorted({k for r in rows for k in r} - {"file_name"})
-    data = {"image": [str(folder / r["file_name"]) for r in rows]}
+    data = {"image": [os.path.normpath(folder.resolve() / r["file_name"]) for r in rows]}  # absolute: read as given
     for col in columns:
         values = [r.get(col) for r in rows]
         data[col] = [[v] if isinstance(v, str) else v for v in values] if col == caption_column else values
     return datasets.Dataset.from_dict(data)
+
+
+def _inside(folder: Path, name: str) -> bool:
+    """Whether ``name`` (a metadata file_name) is a relative path that stays inside ``folder``."""
+    if Path(name).is_absolute() or "://" in name:
+        return False
+    root = folder.resolve()
+    return Path(os.path.normpath(root / name)).is_relative_to(root)  # by the names: a symlinked image is fine
 
 
 def _has_metadata(folder: Path) -> bool:

@@ -337,3 +337,25 @@ def test_global_batch_sampler_one_group_and_remainders():
     with pytest.raises(ValueError, match="no group has a full batch of 8"):
         GlobalBatchSampler([0, 0, 1, 1, 1], 5, batch_size=8, seed=0)
 
+
+
+@pytest.mark.parametrize("outside", ["../outside/secret.png", "/etc/secret.png"])
+def test_metadata_paths_stay_inside_the_dataset_folder(tmp_path, outside):
+    folder = tmp_path / "folder"
+    records = _image_folder(folder)
+    (tmp_path / "outside").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside" / "secret.png")
+    rows = [{**r, "text": [c, c]} if i else {**r, "text": c} for i, (r, c) in enumerate(zip(records, CAPTIONS))]
+    rows[1]["file_name"] = outside  # a mix of string and list captions: the project's own reader reads it
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"metadata.jsonl:2: file_name .* points outside the dataset folder"):
+        _load(tmp_path, folder)
+
+
+def test_a_relative_dataset_path_with_mixed_captions_loads(tmp_path, monkeypatch):
+    folder = tmp_path / "folder"
+    records = _image_folder(folder)
+    rows = [{**r, "text": [c, c]} if i else {**r, "text": c} for i, (r, c) in enumerate(zip(records, CAPTIONS))]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)
+    assert len(load_source("folder", cache_dir=str(tmp_path / "hf"))) == len(rows)  # not folder/folder/...
