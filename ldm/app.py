@@ -12,9 +12,11 @@
   from ``metrics.jsonl``, and its sample grids with a slider over the steps; while a run is going the page
   refreshes them every few seconds.
 
-It binds to 127.0.0.1 and has no authentication: before exposing it (``--host 0.0.0.0``), put it behind a
-reverse proxy that authenticates, or pass ``--auth user:password``. Anyone who can reach the page can read the
-runs folder and make the machine sample.
+It binds to 127.0.0.1 and has no authentication. Another ``--host`` (``0.0.0.0``: every interface) needs a
+login: ``--auth-file FILE`` (a file holding ``user:password``), the ``LDM_APP_AUTH`` environment variable, or
+``--auth user:password`` (which other users of the machine can read in its process list); without one it is
+refused unless ``--insecure-no-auth`` says that the network in front of it authenticates (a reverse proxy).
+Anyone who can reach the page can read the runs folder and make the machine sample.
 """
 
 from __future__ import annotations
@@ -422,11 +424,51 @@ def main(argv=None) -> None:
     parser.add_argument("--out-dir", default=None, help="where drawn images go (default: <runs-dir>/app-images)")
     parser.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only (see the docstring)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--auth", default=None, help="user:password required to open the page")
+    parser.add_argument("--auth", default=None, help="user:password required to open the page (visible in the "
+                                                     "process list: prefer --auth-file or LDM_APP_AUTH)")
+    parser.add_argument("--auth-file", default=None, help="a file holding user:password")
+    parser.add_argument("--insecure-no-auth", action="store_true",
+                        help="serve a non-local --host without a login (only behind something that authenticates)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    try:
+        auth = login(args.auth, args.auth_file, os.environ.get(AUTH_ENV))
+        check_exposure(args.host, auth, args.insecure_no_auth)
+    except ValueError as e:
+        parser.error(str(e))
     serve(Path(args.runs_dir), Path(args.out_dir) if args.out_dir else None, args.host, args.port, auth)
+
+
+AUTH_ENV = "LDM_APP_AUTH"
+LOOPBACK = ("localhost", "::1")
+
+
+def login(auth: str | None, auth_file: str | None, env: str | None) -> tuple[str, str] | None:
+    """(user, password) from ``--auth``, else the ``--auth-file``'s first line, else the environment variable;
+    None without any. Each must read ``user:password`` with both parts."""
+    if auth:
+        source, text = "--auth", auth
+    elif auth_file:
+        lines = Path(auth_file).read_text(encoding="utf-8").strip().splitlines()
+        source, text = "--auth-file", lines[0] if lines else ""
+    elif env:
+        source, text = AUTH_ENV, env
+    else:
+        return None
+    user, sep, password = text.partition(":")
+    if not (sep and user and password):
+        raise ValueError(f"{source} must read user:password (both parts, split at the first colon); got "
+                         f"{'an empty part' if sep else 'no colon'}")
+    return user, password
+
+
+def check_exposure(host: str, auth, insecure: bool) -> None:
+    """Refuse a non-loopback ``host`` without a login, unless ``insecure`` (the network in front authenticates)."""
+    local = host in LOOPBACK or host.startswith("127.")
+    if not local and auth is None and not insecure:
+        raise ValueError(f"--host {host} serves the page beyond this machine, where anyone who reaches it could load "
+                         f"any folder as a model and make the machine sample: give a login (--auth-file, "
+                         f"{AUTH_ENV}, or --auth), or pass --insecure-no-auth if the network in front authenticates")
 
 
 def serve(runs_dir: Path, out_dir: Path | None = None, host: str = "127.0.0.1", port: int = 7860, auth=None,

@@ -1,6 +1,7 @@
-"""Image-to-image and inpainting inputs (the command line and the web page) read files as training reads them:
-a 16-bit grey PNG keeps its grey (a plain convert("RGB") made it white), a transparent PNG shows white where it is
-transparent (not the colour hidden under the alpha), and a 16-bit mask keeps its level."""
+"""What users hand the commands and the page: image-to-image and inpainting inputs read as training reads them (a
+16-bit grey PNG keeps its grey where a plain convert("RGB") made it white, a transparent PNG shows white where it is
+transparent, not the colour hidden under the alpha, a 16-bit mask keeps its level); the page never replaces an
+image it saved, and will not serve beyond this machine without a login, which is checked"""
 
 from types import SimpleNamespace
 
@@ -40,3 +41,23 @@ def test_the_page_never_replaces_an_image_it_saved(tmp_path):
     second = save_with_settings(Image.new("RGB", (4, 4), "blue"), path, {"prompt": "b", "seed": 0})
     assert first == path and second == tmp_path / "20261207-101010-0-1.png"
     assert Image.open(first).getpixel((0, 0)) == (255, 0, 0) and Image.open(second).getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_the_page_refuses_to_serve_beyond_this_machine_without_a_login(tmp_path, capsys):
+    import pytest
+
+    from ldm.app import check_exposure, login, main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--host", "0.0.0.0", "--runs-dir", str(tmp_path)])
+    assert stop.value.code == 2 and "--insecure-no-auth" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["--auth", "user", "--runs-dir", str(tmp_path)])  # no colon: a message, not a traceback
+    assert stop.value.code == 2 and "--auth must read user:password" in capsys.readouterr().err
+    secret = tmp_path / "login"
+    secret.write_text("ann:s3cret:with:colons\n")
+    assert login(None, str(secret), None) == ("ann", "s3cret:with:colons")
+    assert login(None, None, "bob:pw") == ("bob", "pw") and login(None, None, None) is None
+    check_exposure("0.0.0.0", ("ann", "pw"), False)
+    check_exposure("0.0.0.0", None, True)  # the user says the network in front authenticates
+    check_exposure("127.0.0.1", None, False)
