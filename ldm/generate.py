@@ -38,6 +38,18 @@ from pipelines.files import atomic_save
 logger = logging.getLogger(__name__)
 
 
+def check_out(out: str) -> None:
+    """Refuse an ``--out`` that could not be written: not a .png, or in a folder this user cannot write."""
+    import os
+
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--out {out!r} must end in .png (the grid is a PNG, its images are written beside it)")
+    folder = next(p for p in [path.parent, *path.parent.parents] if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise PermissionError(f"--out {out!r}: {str(folder)!r} is not a folder this user can write")
+
+
 def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm", variance: str | None = None,
                   embeddings: list[str] = (), lora_scale: float = 1.0):
     """An LDMPipeline from a folder or a single ``.safetensors`` file (`pipelines.single_file`), or a
@@ -58,30 +70,49 @@ def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm
         pipe = LDMPipeline.from_pretrained(pipeline)
     pipe.scheduler = with_variance(sampling_scheduler(pipe.scheduler, scheduler), variance)
     if lora:
-        from ldm.methods.lycoris import merge_adapters, peft_layout_configs
-
-        path = Path(lora)
-        file = lora_file(path) if path.is_dir() else path
-        if file.is_file() and peft_layout_configs(file) is not None:
-            merge_adapters(pipe, file, lora_scale)
-        elif path.is_dir():  # a run's lora/ folder: diffusers' layout, else kohya's
-            pipe.load_lora_weights(str(path), weight_name=lora_file(path).name)
-        elif path.is_file():
-            pipe.load_lora_weights(str(path.parent), weight_name=path.name)
-        else:
-            raise FileNotFoundError(f"--lora {lora!r} does not exist")
+        add_lora(pipe, lora, lora_scale)
     for embedding in embeddings:
-        path = Path(embedding)
-        if path.is_dir():  # a run's textual_inversion/ folder
-            path = embedding_file(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"--embedding {embedding!r} is neither a textual_inversion folder holding "
-                                    f"{EMBEDS_FILE} (or an SDXL embedding) nor a file")
-        load_embedding(pipe, path)
+        add_embedding(pipe, embedding)
     pipe = cascade or pipe
     if torch.cuda.is_available():
         pipe = pipe.to("cuda")
     return pipe
+
+
+def add_lora(pipe, lora: str, lora_scale: float = 1.0) -> None:
+    """The adapters of ``lora`` (a run's lora/ folder or a .safetensors file) on ``pipe``: a LoHa or LoKr file
+    (peft's layout) merged in at ``lora_scale``, LoRA and DoRA loaded (scaled when drawing)."""
+    from ldm.methods.lycoris import merge_adapters, peft_layout_configs
+
+    path = Path(lora)
+    if not path.exists():
+        raise FileNotFoundError(f"--lora {lora!r} does not exist")
+    file = lora_file(path) if path.is_dir() else path
+    if file.suffix != ".safetensors":
+        raise ValueError(f"--lora {lora!r} is not a .safetensors file: adapter files are read as safetensors only "
+                         f"(a .bin/.pt/.ckpt is a pickle, which could run code when loaded)")
+    if file.is_file() and peft_layout_configs(file) is not None:
+        merge_adapters(pipe, file, lora_scale)
+    elif path.is_dir():  # a run's lora/ folder: diffusers' layout, else kohya's
+        pipe.load_lora_weights(str(path), weight_name=lora_file(path).name)
+    elif path.is_file():
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    else:
+        raise FileNotFoundError(f"--lora {lora!r} does not exist")
+
+
+def add_embedding(pipe, embedding: str) -> None:
+    """The textual-inversion embedding of ``embedding`` (a run's textual_inversion/ folder or a .safetensors file)."""
+    path = Path(embedding)
+    if path.is_dir():  # a run's textual_inversion/ folder
+        path = embedding_file(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--embedding {embedding!r} is neither a textual_inversion folder holding "
+                                f"{EMBEDS_FILE} (or an SDXL embedding) nor a file")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"--embedding {embedding!r} is not a .safetensors file: embeddings are read as safetensors "
+                         f"only (a .bin/.pt is a pickle, which could run code when loaded)")
+    load_embedding(pipe, path)
 
 
 def from_image(pipe, args) -> tuple:
@@ -133,6 +164,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     with user_errors(args.debug):
         logging.basicConfig(level=logging.INFO)
+        check_out(args.out)  # before minutes of sampling
         pipe = load_pipeline(args.pipeline, args.lora, args.scheduler, args.variance, args.embedding, args.lora_scale)
         pipe.set_progress_bar_config(disable=True)
         kwargs = {"cross_attention_kwargs": {"scale": args.lora_scale}} if args.lora else {}

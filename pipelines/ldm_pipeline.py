@@ -24,6 +24,19 @@ from pipelines.latents import latent_scale_shift, unscale_latents, vae_scale_fac
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def warn_truncated(tokenizer, texts: list[str]) -> list[str]:
+    """Warn, with the words dropped, for each text longer than the tokenizer's length (the text encoder sees only
+    its first tokens); return the dropped parts ("" where nothing is cut)."""
+    limit = tokenizer.model_max_length
+    dropped = []
+    for text, ids in zip(texts, tokenizer(list(texts), truncation=False, add_special_tokens=False).input_ids):
+        cut = tokenizer.decode(ids[limit - 2:]) if len(ids) > limit - 2 else ""  # two places: start and end
+        if cut:
+            logger.warning("prompt longer than the text encoder's %d tokens; it does not see: %r", limit, cut)
+        dropped.append(cut)
+    return dropped
 LEARNED_VARIANCE = ("learned", "learned_range")
 # Schedulers whose `step` splits a [mean, variance] model output by itself (by comparing channel counts).
 # Others with a learned `variance_type` (DPM-Solver family, SA-Solver) slice `model_output[:, :3]`, which is
@@ -369,6 +382,7 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
 
     def _encode(self, texts, n, device, lora_scale=None):
         texts = self.maybe_convert_prompt(texts, self.tokenizer)  # multi-vector textual-inversion tokens
+        warn_truncated(self.tokenizer, texts)
         ids = self.tokenizer(
             texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
             return_tensors="pt",

@@ -26,7 +26,7 @@ from diffusers.utils import scale_lora_layers, unscale_lora_layers
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from pipelines.img2img import LDMImg2ImgPipeline, LDMInpaintPipeline
-from pipelines.ldm_pipeline import Conditioning, LDMPipeline, Sampling
+from pipelines.ldm_pipeline import Conditioning, LDMPipeline, Sampling, warn_truncated
 
 
 def time_ids(original_size, crops_coords_top_left, target_size) -> list[int]:
@@ -116,6 +116,8 @@ class LDMXLPipeline(StableDiffusionXLLoraLoaderMixin, LDMPipeline):
             ids = []
             for tokenizer, _ in encoders:
                 converted = self.maybe_convert_prompt(texts, tokenizer)  # multi-vector textual-inversion tokens
+                if tokenizer is encoders[0][0]:
+                    warn_truncated(tokenizer, converted)
                 ids.append(tokenizer(converted, padding="max_length", max_length=tokenizer.model_max_length,
                                      truncation=True, return_tensors="pt").input_ids)
             context, pooled = encode_token_ids([e for _, e in encoders], ids, device)

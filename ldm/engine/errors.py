@@ -41,7 +41,16 @@ class NonFinite(Exception):
                          f"keep train.max_grad_norm > 0, or set train.on_nonfinite=skip_step")
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+def _file_errors() -> tuple:
+    """The errors libraries raise for a damaged file: safetensors' (a cut or corrupt header)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return ()
+    return (SafetensorError,)
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, *_file_errors())
 USER_ERROR_EXIT_CODE = 2
 
 

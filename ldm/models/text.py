@@ -97,3 +97,18 @@ def text_fingerprint(text_encoder, tokenizer: CLIPTokenizer) -> str:
 
     probe = tokenize(tokenizer, ["a photo of a cat, 1girl, sks; 0123 ÄÖ"])
     return Fingerprint().tensors(text_encoder.state_dict()).value([probe.tolist(), "text-v1"]).hexdigest()
+
+
+def report_truncated(tokenizer: CLIPTokenizer, captions: list[str]) -> int:
+    """Log how many ``captions`` are longer than the tokenizer's length (the text encoder sees only their start),
+    with examples of what it does not see; return that count."""
+    import logging
+
+    limit = tokenizer.model_max_length - 2  # the start and end tokens take two places
+    ids = tokenizer(list(captions), truncation=False, add_special_tokens=False).input_ids
+    cut = [(c, tokenizer.decode(i[limit:])) for c, i in zip(captions, ids) if len(i) > limit]
+    if cut:
+        logging.getLogger(__name__).warning(
+            "%d of %d captions are longer than the text encoder's %d tokens and lose their end, e.g. %s", len(cut),
+            len(captions), tokenizer.model_max_length, [f"...{lost!r}" for _, lost in cut[:3]])
+    return len(cut)

@@ -61,3 +61,35 @@ def test_the_page_refuses_to_serve_beyond_this_machine_without_a_login(tmp_path,
     check_exposure("0.0.0.0", ("ann", "pw"), False)
     check_exposure("0.0.0.0", None, True)  # the user says the network in front authenticates
     check_exposure("127.0.0.1", None, False)
+
+
+def test_bad_outputs_pickled_adapters_cut_prompts_and_damaged_files_are_said_in_one_line(tmp_path, caplog):
+    import logging
+
+    import pytest
+    from transformers import CLIPTokenizer
+
+    from ldm.engine.errors import user_errors
+    from ldm.generate import add_embedding, add_lora, check_out
+    from pipelines.architectures import write_tokenizer
+    from pipelines.ldm_pipeline import warn_truncated
+
+    with pytest.raises(ValueError, match="must end in .png"):
+        check_out(str(tmp_path / "grid.jpg"))
+    check_out(str(tmp_path / "new" / "grid.png"))  # a folder to be made is fine
+    for path, call in ((tmp_path / "adapter.bin", add_lora), (tmp_path / "word.pt", add_embedding)):
+        path.write_bytes(b"\x80\x04 a pickle")
+        with pytest.raises(ValueError, match="is a pickle, which could run code"):
+            call(None, str(path))
+    write_tokenizer(tmp_path / "tok")
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "tok")
+    with caplog.at_level(logging.WARNING):
+        cut = warn_truncated(tokenizer, ["a cat " * 50 + "wearing a tiny red hat", "a dog"])
+    assert cut[0].endswith("wearing a tiny red hat") and cut[1] == "" and "does not see" in caplog.text
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"\xff" * 16)
+    with pytest.raises(SystemExit) as stop, user_errors():
+        from safetensors.torch import load_file
+
+        load_file(damaged)
+    assert stop.value.code == 2
