@@ -1,5 +1,9 @@
 """Latent diffusion: train, fine-tune and run text-to-image models (VAE + CLIP text encoder + U-Net)."""
 
+from pipelines import quiet as _quiet
+
+_quiet.install()  # before any library logs what does not concern a user
+
 _PIPELINES = ("LDMPipeline", "LDMXLPipeline", "LDMXLImg2ImgPipeline", "LDMXLInpaintPipeline", "LDMImg2ImgPipeline", "LDMInpaintPipeline", "SuperResolutionPipeline", "CascadePipeline")
 
 __all__ = [*_PIPELINES, "GaussianDiffusion"]

@@ -1,5 +1,9 @@
 """Inference pipelines. Imported lazily, so that `pipelines.files` needs neither diffusers nor transformers."""
 
+from pipelines import quiet as _quiet
+
+_quiet.install()  # before any library logs what does not concern a user
+
 __all__ = ["CascadeOutput", "CascadePipeline", "LDMImg2ImgPipeline", "LDMInpaintPipeline", "LDMPipeline", "LDMXLImg2ImgPipeline",
            "LDMXLInpaintPipeline", "LDMXLPipeline",
            "SuperResolutionPipeline", "from_single_file", "low_res_scheduler", "rescale_latent_space",

@@ -93,3 +93,13 @@ def test_bad_outputs_pickled_adapters_cut_prompts_and_damaged_files_are_said_in_
 
         load_file(damaged)
     assert stop.value.code == 2
+
+
+def test_commands_do_not_print_library_notices_that_do_not_concern_the_user():
+    import subprocess
+    import sys
+
+    for command in (["-m", "ldm.generate", "--help"], ["train_ldm.py", "--help"]):
+        done = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=120,
+                              cwd=str(__import__("conftest").ROOT))
+        assert done.returncode == 0 and "torchvision" not in done.stderr, done.stderr
