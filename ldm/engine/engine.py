@@ -390,7 +390,8 @@ class Engine:
         bad = self.accelerator.reduce(torch.stack(flags), reduction="max")
         if float(bad.max()) >= 0:
             saved = list_checkpoints(self.ckpt.root)
-            raise NonFinite(int(bad[0]) if bad[0] >= 0 else done, saved[-1] if saved else None)
+            raise NonFinite(int(bad[0]) if bad[0] >= 0 else done, saved[-1] if saved else None,
+                            self.tc.checkpoint_every)
 
     def _stop_requested(self, stop: dict) -> bool:
         """Whether any process was signalled (agreed across processes, so all stop at the same step)."""

@@ -33,11 +33,16 @@ class NonFinite(Exception):
 
     exit_code = NONFINITE_EXIT_CODE
 
-    def __init__(self, step: int, last_good):
+    def __init__(self, step: int, last_good, checkpoint_every: int = 0):
         self.step, self.last_good = step, last_good
+        if last_good:
+            kept = f"the last good checkpoint is {last_good}"
+        elif checkpoint_every:
+            kept = f"there is no good checkpoint: it came before the first one (train.checkpoint_every={checkpoint_every})"
+        else:
+            kept = "there is no checkpoint (train.checkpoint_every=0 writes none)"
         super().__init__(f"the loss or the gradients became non-finite at step {step} (train.on_nonfinite=stop): "
-                         f"no checkpoint or export was written after it; the last good checkpoint is "
-                         f"{last_good or 'none (set train.checkpoint_every)'}. Lower train.learning_rate, "
+                         f"no checkpoint or export was written after it; {kept}. Lower train.learning_rate, "
                          f"keep train.max_grad_norm > 0, or set train.on_nonfinite=skip_step")
 
 
@@ -61,13 +66,20 @@ def user_errors(debug: bool = False):
     try:
         yield
     except (Preempted, NonFinite) as e:
-        print(f"{type(e).__name__.lower()}: {e}", file=sys.stderr)
+        _say(f"{type(e).__name__.lower()}: {e}")
         sys.exit(e.exit_code)
     except USER_ERRORS as e:
         if debug:
             raise
-        print(f"error: {e}\n(run with --debug for the traceback)", file=sys.stderr)
+        _say(f"error: {e}\n(run with --debug for the traceback)")
         sys.exit(USER_ERROR_EXIT_CODE)
+
+
+def _say(message: str) -> None:
+    """``message`` on stderr on lines of its own, below any progress bar still drawn."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 def die_with_parent() -> None:

@@ -103,3 +103,22 @@ def test_commands_do_not_print_library_notices_that_do_not_concern_the_user():
         done = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=120,
                               cwd=str(__import__("conftest").ROOT))
         assert done.returncode == 0 and "torchvision" not in done.stderr, done.stderr
+
+
+def test_a_stop_message_is_true_and_on_a_line_of_its_own(capsys):
+    import pytest
+    from tqdm.auto import tqdm
+
+    from ldm.engine.errors import NonFinite, user_errors
+
+    assert "came before the first one (train.checkpoint_every=10)" in str(NonFinite(5, None, 10))
+    assert "train.checkpoint_every=0 writes none" in str(NonFinite(5, None, 0))
+    assert "the last good checkpoint is runs/x/checkpoints/step-4" in str(NonFinite(5, "runs/x/checkpoints/step-4", 4))
+    bar = tqdm(total=10, file=__import__("sys").stderr, dynamic_ncols=False, ncols=60)
+    bar.update(3)
+    with pytest.raises(SystemExit), user_errors():
+        raise NonFinite(5, None, 10)
+    bar.close()
+    err = capsys.readouterr().err
+    line = next(part for part in err.replace("\r", "\n").split("\n") if "nonfinite:" in part)
+    assert line.startswith("nonfinite:")  # not glued to the bar's "it/s]"
