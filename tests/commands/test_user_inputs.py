@@ -3,6 +3,7 @@
 transparent, not the colour hidden under the alpha, a 16-bit mask keeps its level); the page never replaces an
 image it saved, and will not serve beyond this machine without a login, which is checked"""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -101,7 +102,7 @@ def test_commands_do_not_print_library_notices_that_do_not_concern_the_user():
 
     for command in (["-m", "ldm.generate", "--help"], ["train_ldm.py", "--help"]):
         done = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=120,
-                              cwd=str(__import__("conftest").ROOT))
+                              cwd=str(Path(__file__).resolve().parents[2]))
         assert done.returncode == 0 and "torchvision" not in done.stderr, done.stderr
 
 

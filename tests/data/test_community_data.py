@@ -4,6 +4,7 @@ captions shuffled and dropped every step with the first tags kept in place."""
 
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +16,9 @@ from ldm.data.splits import load_splits
 from ldm.data.tags import TagRules
 from ldm.engine.config import load_config
 from ldm.trainer.config import LDMConfig, check_config
-from conftest import ROOT
 from tiny_models import sidecar_folder
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_caption_files_and_repeat_folders_are_read_and_uncaptioned_images_skipped(tmp_path, data_dir, caplog):
