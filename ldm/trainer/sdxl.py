@@ -28,7 +28,7 @@ from ldm.data.cache import Fingerprint, build_or_open, take
 from ldm.data.size_conditions import SizeConditions, StreamedSizeConditions
 from ldm.engine.config import Checker
 from ldm.methods.registry import METHODS
-from ldm.models.text import report_truncated, tokenize
+from ldm.models.text import tokenize
 from ldm.models.vae import encode
 from ldm.trainer.objective import LatentDiffusionObjective, ObjectiveInputs
 from ldm.trainer.stage import TextToImage
@@ -154,7 +154,6 @@ class XLTextToImage(TextToImage):
 
     def text_inputs(self, cfg, engine, comp, captions: list[str]) -> XLTextInputs:
         """Both encoders' outputs for every caption and the empty one, computed once by the main process."""
-        report_truncated(comp.tokenizer, captions)
         ids, empty = self.tokenize(comp, captions), self.tokenize(comp, [""])
         encoders = [comp.text_encoder.to(engine.device), comp.text_encoder_2.to(engine.device)]
         if comp.train_text_encoder or not cfg.data.cache_text:  # they run every step

@@ -16,7 +16,7 @@ import torch
 from ldm.data.batches import CachedArrays
 from ldm.data.cache import CachePlace, text_cache
 from ldm.engine.config import Checker
-from ldm.models.text import report_truncated, tokenize
+from ldm.models.text import tokenize
 from ldm.models.vae import is_pixel_space
 from ldm.trainer.objective import LatentDiffusionObjective, TextContext
 from ldm.trainer.validation import ValidationSet, sample_grid
@@ -94,7 +94,6 @@ class TextToImage:
 
     def text_inputs(self, cfg, engine, comp, captions: list[str]) -> TextInputs:
         """Every caption's ids, and their embeddings' cache when the text encoder is frozen."""
-        report_truncated(comp.tokenizer, captions)
         input_ids, empty_ids = self.tokenize(comp, captions), self.tokenize(comp, [""])[0]
         cached = cfg.data.cache_text and not comp.train_text_encoder
         cache = text_cache(comp.text_encoder, input_ids, empty_ids, cfg.data.cache_dir, engine.accelerator) \

@@ -30,6 +30,7 @@ from ldm.methods.base import ExportJob
 from ldm.methods.metadata import training_metadata
 from ldm.methods.registry import method_for
 from ldm.models.components import Components, build_components
+from ldm.models.text import report_truncated
 from ldm.models.vae import is_pixel_space
 from ldm.trainer.config import LDMConfig, check_config
 from ldm.trainer.data import RunData, batch_source, data_source_for, posterior_cache
@@ -63,6 +64,8 @@ def train(cfg: LDMConfig) -> dict:
         result["images_never_seen"] = sum(data.unseen.values())
     if data.bad:
         result["bad_images_skipped"] = len(data.bad)
+    if run.captions_truncated:
+        result["captions_truncated"] = run.captions_truncated
     return engine.finish(result, {
         "validation set": "held-out" if data.heldout else "training images (no held-out split given)",
         "weights": "EMA" if engine.ema is not None else "trained", **saved,
@@ -87,6 +90,7 @@ class Run:
     unet: torch.nn.Module  # prepared (wrapped under DDP)
     text_encoder: torch.nn.Module
     latent_std: float
+    captions_truncated: int = 0  # captions longer than the text encoder's tokens (they lose their end)
 
 
 def build_run(cfg: LDMConfig) -> Run:
@@ -116,6 +120,7 @@ def build_run(cfg: LDMConfig) -> Run:
     # without a fixed set of captions (a stream's) the text encoder runs every step
     text_cfg = cfg if data_source.fixed_captions(cfg) else replace(cfg, data=replace(cfg.data, cache_text=False))
     text_inputs = stage.text_inputs(text_cfg, engine, comp, captions)
+    truncated = report_truncated(comp.tokenizer, captions)  # counted for the summary too
 
     unet, text_encoders = prepare(cfg, engine, comp, groups)
     text_encoder = text_encoders[0]
@@ -130,7 +135,7 @@ def build_run(cfg: LDMConfig) -> Run:
         encoder.train(comp.train_text_encoder)
     step = forward_backward(engine, objective, sources, unet, text_encoders, comp.train_text_encoder)
     return Run(engine=engine, stage=stage, comp=comp, data=data, sources=sources, step=step, validate=validate,
-               unet=unet, text_encoder=text_encoder, latent_std=latent_std)
+               unet=unet, text_encoder=text_encoder, latent_std=latent_std, captions_truncated=truncated)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,9 +15,13 @@ UNET = "pipeline/unet/diffusion_pytorch_model.safetensors"
 
 def test_a_folder_of_caption_files_trains(tmp_path, tiny_cfg, data_dir):
     folder = sidecar_folder(tmp_path / "kohya", data_dir, n=24, repeat_folder="2_blob")
+    long = next(folder.glob("*.txt"))
+    long.write_text("sks, " + ", ".join(["a red circle"] * 12))  # far past the tiny tokenizer's 16 tokens
     cfg = tiny_cfg("train.max_steps=3", "train.batch_size=4", "data.validation_num_images=4", data=folder)
-    train(cfg)
-    assert read_metrics(cfg.run_dir / "metrics.jsonl")[-1]["steps"] == 3
+    result = train(cfg)
+    last = read_metrics(cfg.run_dir / "metrics.jsonl")[-1]
+    assert last["steps"] == 3 and result["captions_truncated"] >= 1  # named in the summary and the last row
+    assert last["captions_truncated"] == result["captions_truncated"]
 
 
 def test_a_mix_of_sources_with_tag_shuffling_trains_and_resumes_bit_identically(tmp_path, tiny_cfg, data_dir):
