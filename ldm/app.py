@@ -213,12 +213,18 @@ class DrawRequest:
 class Drawer:
     """Loads pipelines on demand (the last one stays loaded) and draws with them."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, lora_roots: tuple[Path, ...] = ()):
+        """``lora_roots``: the folders the LoRA box may take adapters from (the runs folder); none: any path."""
         self.out_dir, self.key, self.pipe = Path(out_dir), None, None
+        self.lora_roots = tuple(Path(r).resolve() for r in lora_roots)
 
     def load(self, folder: str, lora: str | None, scheduler: str):
         from ldm.generate import load_pipeline
 
+        lora = (lora or "").strip() or None
+        if lora and self.lora_roots and not any(Path(lora).resolve().is_relative_to(r) for r in self.lora_roots):
+            raise ValueError(f"the LoRA box takes adapters under {', '.join(map(str, self.lora_roots))} (a run's "
+                             f"lora/ folder or a file copied there); {lora!r} is outside")
         folder = (folder or "").strip()
         if not folder:
             raise ValueError("choose a pipeline folder (a run's pipeline/ or any path)")
@@ -305,7 +311,7 @@ def build_app(runs_dir: Path, out_dir: Path | None = None):
     import gradio as gr
 
     runs_dir = Path(runs_dir)
-    drawer = Drawer(out_dir or runs_dir / "app-images")
+    drawer = Drawer(out_dir or runs_dir / "app-images", lora_roots=(runs_dir,))
     runs_dir = runs_dir.resolve()
     with gr.Blocks(title="latent diffusion") as app:
         gr.Markdown("# Latent diffusion: draw and watch runs")

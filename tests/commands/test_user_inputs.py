@@ -123,3 +123,17 @@ def test_a_stop_message_is_true_and_on_a_line_of_its_own(capsys):
     err = capsys.readouterr().err
     line = next(part for part in err.replace("\r", "\n").split("\n") if "nonfinite:" in part)
     assert line.startswith("nonfinite:")  # not glued to the bar's "it/s]"
+
+
+def test_the_page_takes_adapters_from_the_runs_folder_only(tmp_path):
+    import pytest
+
+    from ldm.app import Drawer
+
+    drawer = Drawer(tmp_path / "images", lora_roots=(tmp_path / "runs",))
+    with pytest.raises(ValueError, match="the LoRA box takes adapters under .*runs.*'/etc/x.safetensors' is outside"):
+        drawer.load(str(tmp_path / "runs" / "a" / "pipeline"), "/etc/x.safetensors", "ddpm")
+    with pytest.raises(ValueError, match=r"is outside"):
+        drawer.load(str(tmp_path / "runs" / "a" / "pipeline"), str(tmp_path / "runs" / ".." / "x"), "ddpm")
+    with pytest.raises(ValueError, match="is not a pipeline folder"):  # inside: goes on to the folder's own check
+        drawer.load(str(tmp_path / "runs" / "a" / "pipeline"), str(tmp_path / "runs" / "a" / "lora"), "ddpm")
