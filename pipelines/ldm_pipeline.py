@@ -26,17 +26,23 @@ logger = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
+def truncated_parts(tokenizer, texts: list[str]) -> list[str]:
+    """What the text encoder does not see of each text: its words past the tokenizer's length ("" for a text
+    that fits; the start and end tokens take two places)."""
+    limit = tokenizer.model_max_length - 2
+    ids = tokenizer(list(texts), truncation=False, add_special_tokens=False).input_ids
+    return [tokenizer.decode(i[limit:]) if len(i) > limit else "" for i in ids]
+
+
 def warn_truncated(tokenizer, texts: list[str]) -> list[str]:
-    """Warn, with the words dropped, for each text longer than the tokenizer's length (the text encoder sees only
-    its first tokens); return the dropped parts ("" where nothing is cut)."""
-    limit = tokenizer.model_max_length
-    dropped = []
-    for text, ids in zip(texts, tokenizer(list(texts), truncation=False, add_special_tokens=False).input_ids):
-        cut = tokenizer.decode(ids[limit - 2:]) if len(ids) > limit - 2 else ""  # two places: start and end
-        if cut:
-            logger.warning("prompt longer than the text encoder's %d tokens; it does not see: %r", limit, cut)
-        dropped.append(cut)
+    """Warn, with the words dropped, for each text longer than the tokenizer's length; return the dropped parts."""
+    dropped = truncated_parts(tokenizer, texts)
+    for cut in filter(None, dropped):
+        logger.warning("prompt longer than the text encoder's %d tokens; it does not see: %r",
+                       tokenizer.model_max_length, cut)
     return dropped
+
+
 LEARNED_VARIANCE = ("learned", "learned_range")
 # Schedulers whose `step` splits a [mean, variance] model output by itself (by comparing channel counts).
 # Others with a learned `variance_type` (DPM-Solver family, SA-Solver) slice `model_output[:, :3]`, which is

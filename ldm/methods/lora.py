@@ -157,9 +157,11 @@ def _save_lycoris_layout(folder, unet, adapted: dict, sdxl: bool, metadata: dict
     prefixes = {"text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
     models = {"lora_unet_": unet, **{prefixes[name]: encoder for name, encoder in adapted.items()}}
 
-    def rename(module: str, prefix: str) -> str:
+    from pipelines.original_layout import original_unet_module
+
+    def rename(module: str, prefix: str) -> str:  # kohya-ss's names, as kohya_unet_names gives them
         if prefix == "lora_unet_":
-            return next(iter(kohya_unet_names({f"{module}.lora_x": None}, unet.config))).rsplit(".lora_", 1)[0]
+            return original_unet_module(module, unet.config) if sdxl else module
         return module if module.startswith("text_model.") else f"text_model.{module}"
 
     state = lycoris_state(models, rename)

@@ -104,11 +104,11 @@ def report_truncated(tokenizer: CLIPTokenizer, captions: list[str]) -> int:
     with examples of what it does not see; return that count."""
     import logging
 
-    limit = tokenizer.model_max_length - 2  # the start and end tokens take two places
-    ids = tokenizer(list(captions), truncation=False, add_special_tokens=False).input_ids
-    cut = [(c, tokenizer.decode(i[limit:])) for c, i in zip(captions, ids) if len(i) > limit]
+    from pipelines.ldm_pipeline import truncated_parts
+
+    cut = [lost for lost in truncated_parts(tokenizer, captions) if lost]
     if cut:
         logging.getLogger(__name__).warning(
             "%d of %d captions are longer than the text encoder's %d tokens and lose their end, e.g. %s", len(cut),
-            len(captions), tokenizer.model_max_length, [f"...{lost!r}" for _, lost in cut[:3]])
+            len(captions), tokenizer.model_max_length, [f"...{lost!r}" for lost in cut[:3]])
     return len(cut)
