@@ -14,7 +14,7 @@ LAUNCH    := $(BIN)/accelerate launch --num_processes 1 --num_machines 1 --mixed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo demo-xl lora-demo ti-demo mask-demo cascade-demo variance-study app lint test test-slow vae clean
+.PHONY: install demo demo-xl lora-demo ti-demo mask-demo cascade-demo variance-study variance-study-full app lint test test-slow vae clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -72,6 +72,11 @@ cascade-demo: $(STAMP)
 # DDIM, scored and bounded: runs/variance-study/results.json and quality_vs_steps.png (docs/results.md).
 variance-study: $(STAMP)
 	$(BIN)/python -m demos.variance_study --out runs/variance-study
+
+# The same study on converged models, on latents and on pixels, each cell with a bootstrap 95% band: about 2 hours
+# on 2 cores; run it again to go on after an interruption. runs/variance-study-full/ (docs/results.md).
+variance-study-full: $(STAMP)
+	$(BIN)/python -m demos.variance_study --plan full --out runs/variance-study-full
 
 # The web page on http://127.0.0.1:7860: draw with any pipeline under runs/ and watch runs (ldm/app.py).
 app: $(STAMP)

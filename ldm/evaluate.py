@@ -52,6 +52,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed-offset", type=int, default=100_000)
     parser.add_argument("--crop", type=int, nargs=2, default=None, metavar=("TOP", "LEFT"),
                         help="SDXL pipelines: the crop condition (crops_coords_top_left) to draw with (default 0 0)")
+    parser.add_argument("--bootstrap", type=int, default=0,
+                        help="resamples for a 95%% band of each score (0: none; 200 is plenty)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     args = parser.parse_args(argv)
     with user_errors(args.debug):
@@ -64,12 +66,15 @@ def main(argv=None) -> None:
                           num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                           scheduler=args.scheduler, seed_offset=args.seed_offset,
                           guidance_rescale=args.guidance_rescale, variance=args.variance,
-                          conditions={"crops_coords_top_left": tuple(args.crop)} if args.crop else None)
+                          conditions={"crops_coords_top_left": tuple(args.crop)} if args.crop else None,
+                          bootstrap=args.bootstrap)
         keys = [k for k in result if k.endswith("_accuracy")] + [
             "frechet_distance", "frechet_distance_floor", "diversity", "diversity_real", "num_images",
             "sampling_time_s"]
         print(json.dumps({k: round(result[k], 4) if isinstance(result[k], float) else result[k] for k in keys},
                          indent=2))
+        for k, band in result.get("bands", {}).items():
+            print(f"{k}: 95% band {band['low']:.4f} to {band['high']:.4f} (bootstrap std {band['std']:.4f})")
         if "position_confusion" in result:
             print(format_confusion(result["position_confusion"]))
 

@@ -262,6 +262,19 @@ def eval_prompts(name: str) -> list[str]:
     raise ValueError(f"no built-in scorer for {name!r}; valid: {SCORED_DATASETS}")
 
 
+def score_each(name: str, images, captions) -> dict[str, np.ndarray]:
+    """Per image, 1.0 where the scorer reads the caption back (each accuracy of `score`, image by image): the
+    samples a bootstrap of the accuracies resamples."""
+    if name == "shapes":
+        rows = [score_shapes([im], [cap]) for im, cap in zip(images, captions, strict=True)]
+        return {k: np.array([r[k] for r in rows]) for k in ("colour_accuracy", "shape_accuracy",
+                                                             "position_accuracy", "all_accuracy")}
+    if name == "digits":
+        labels = np.array([digit_label(cap) for cap in captions])
+        return {"digit_accuracy": (DigitsScorer().predict(images) == labels).astype(float)}
+    raise ValueError(f"no built-in scorer for {name!r}; valid: {SCORED_DATASETS}")
+
+
 def score(name: str, images, captions) -> dict:
     if name == "shapes":
         return score_shapes(images, captions)

@@ -25,8 +25,15 @@ from tqdm.auto import tqdm
 
 from ldm.diffusion.schedulers import sampling_scheduler, with_variance
 from ldm.engine.records import make_grid
-from ldm.eval.metrics import diversity, image_frechet_distance, to_tensor
-from ldm.eval.scorers import SCORED_DATASETS, eval_prompts, real_images, score
+from ldm.eval.metrics import (
+    FixedFeatures,
+    diversity,
+    feature_stats,
+    frechet_distance,
+    image_frechet_distance,
+    to_tensor,
+)
+from ldm.eval.scorers import SCORED_DATASETS, eval_prompts, real_images, score, score_each
 from pipelines.files import atomic_save
 
 logger = logging.getLogger(__name__)
@@ -67,6 +74,33 @@ def distribution_scores(dataset: str, images: list, prompts: list[str]) -> dict:
             "diversity": diversity(generated, prompts), "diversity_real": diversity(real, prompts)}
 
 
+def bootstrap_bands(dataset: str, images: list, prompts: list[str], resamples: int = 200, seed: int = 0) -> dict:
+    """How far each accuracy and the Fréchet distance move when the same number of images is drawn again:
+    ``resamples`` bootstrap resamples of the images (with replacement, within each prompt, so every prompt keeps
+    its share), each scored against the same real reference. {metric: {"std", "low", "high"}}, low and high
+    the 2.5 and 97.5 percentiles: the 95 % band of a cell scored on this many images."""
+    if resamples < 2:
+        raise ValueError(f"bootstrap resamples must be at least 2, got {resamples}")
+    import numpy as np
+
+    hits = score_each(dataset, images, prompts)
+    base = list(dict.fromkeys(prompts))
+    net = FixedFeatures(layout=True)
+    reference = to_tensor(real_images(dataset, [p for p in base for _ in range(REFERENCE_PER_PROMPT)],
+                                      REFERENCE_SEED, "heldout", images[0].size[0]))
+    ref_stats, features = feature_stats(net(reference)), net(to_tensor(images))
+    groups = [np.flatnonzero(np.array(prompts) == p) for p in base]
+    rng = np.random.default_rng(seed)
+    draws = {k: [] for k in [*hits, "frechet_distance"]}
+    for _ in range(resamples):
+        idx = np.concatenate([rng.choice(g, size=len(g)) for g in groups])
+        for k, v in hits.items():
+            draws[k].append(float(v[idx].mean()))
+        draws["frechet_distance"].append(frechet_distance(*feature_stats(features[torch.from_numpy(idx)]), *ref_stats))
+    return {k: {"std": float(np.std(v)), "low": float(np.percentile(v, 2.5)), "high": float(np.percentile(v, 97.5))}
+            for k, v in draws.items()}
+
+
 def open_pipeline(pipeline, dataset: str, num_images: int):
     """Check the arguments shared by scoring and the bound; the pipeline (loaded when a folder), on the GPU
     when there is one."""
@@ -83,11 +117,11 @@ def open_pipeline(pipeline, dataset: str, num_images: int):
 def evaluate(pipeline, dataset: str, num_images: int = 96, out: str | None = None,
              num_inference_steps: int = 50, guidance_scale: float = 3.0, scheduler: str = "ddpm",
              seed_offset: int = 100_000, batch_size: int = 48, guidance_rescale: float = 0.0,
-             variance: str | None = None, conditions: dict | None = None) -> dict:
+             variance: str | None = None, conditions: dict | None = None, bootstrap: int = 0) -> dict:
     """Sample and score (module docstring). ``pipeline``: a folder or an `LDMPipeline`; ``variance``: sample a
     learned-variance model with its Σ ("learned", the default for ddpm) or a fixed one (`with_variance`);
     ``conditions``: a model family's own call arguments (SDXL's ``crops_coords_top_left``), checked against the
-    pipeline's."""
+    pipeline's; ``bootstrap``: resamples for the noise band of each score (`bootstrap_bands`; 0: none)."""
     pipe = open_pipeline(pipeline, dataset, num_images)
     conditions = dict(conditions or {})
     unknown = sorted(set(conditions) - set(inspect.signature(pipe.__call__).parameters))
@@ -110,6 +144,8 @@ def evaluate(pipeline, dataset: str, num_images: int = 96, out: str | None = Non
               "guidance_rescale": guidance_rescale, "scheduler": scheduler, "variance": variance,
               **({"conditions": conditions} if conditions else {}),
               "sampling_time_s": round(time.time() - t0, 1)}
+    if bootstrap:
+        result["bands"] = bootstrap_bands(dataset, images, prompts, bootstrap)
     if out:
         out_dir = Path(out)
         grid = make_grid(images, ncols=per_prompt)
