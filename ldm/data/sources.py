@@ -217,12 +217,12 @@ def sidecar_dataset(folder: Path, caption_extension: str = ".txt", caption_colum
                                        REPEATS_COLUMN: [r[2] for r in rows]})
 
 
-def _read_metadata(folder: Path, caption_column: str):
-    """Check a top-level ``metadata.jsonl`` line by line (errors name the file and line). When its captions mix
-    strings and lists, return the dataset built from its rows (each string caption as a one-item list, image
-    paths relative to the folder); otherwise None, and `datasets`' imagefolder loads it."""
-    import datasets
-
+def read_metadata(folder: Path, caption_column: str = "text") -> list[dict] | None:
+    """The rows of ``folder``'s top-level ``metadata.jsonl``, each checked (errors name the file and line): a JSON
+    object with a ``file_name`` that stays inside the folder, and a caption that is a string or a list of strings;
+    None when there is no such file. Every reader of a metadata file goes through this: the loader (which builds
+    the table itself when captions mix strings and lists, and otherwise leaves it to `datasets`' imagefolder,
+    after this check) and the shard packer."""
     path = folder / "metadata.jsonl"
     if not path.is_file():
         return None
@@ -248,7 +248,17 @@ def _read_metadata(folder: Path, caption_column: str):
     if not rows:
         raise ValueError(f"{path} holds no rows; each line is a JSON object such as "
                          f'{{"file_name": "0001.png", "{caption_column}": "a caption"}}')
-    kinds = {type(r.get(caption_column)) for r in rows if caption_column in r}
+    return rows
+
+
+def _read_metadata(folder: Path, caption_column: str):
+    """The dataset of a top-level ``metadata.jsonl`` whose captions mix strings and lists (each string caption as
+    a one-item list, image paths resolved inside the folder), which `datasets` cannot type; otherwise None (after
+    `read_metadata`'s checks), and `datasets`' imagefolder loads it."""
+    import datasets
+
+    rows = read_metadata(folder, caption_column)
+    kinds = {type(r.get(caption_column)) for r in rows or () if caption_column in r}
     if not ({str, list} <= kinds):
         return None
     columns = sorted({k for r in rows for k in r} - {"file_name"})

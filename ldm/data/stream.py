@@ -494,17 +494,23 @@ class StreamSource:
 # Writing shards: an image folder with metadata.jsonl, packed
 # ----------------------------------------------------------------------------------------------
 
-def pack_folder(folder: str | Path, out: str | Path, per_shard: int = 1000, image_column: str = "file_name",
-                caption_column: str = "text") -> list[Path]:
+def pack_folder(folder: str | Path, out: str | Path, per_shard: int = 1000, caption_column: str = "text"
+                ) -> list[Path]:
     """Pack an image folder with ``metadata.jsonl`` (one JSON object per line: the image's file name and its
     caption, or a list of captions: the first is kept) into webdataset shards ``out/shard-000000.tar``... of
     ``per_shard`` samples each, keyed by the image's file stem, in the metadata's order. Each shard is written
-    under a temporary name and renamed when complete."""
+    under a temporary name and renamed when complete. The metadata is read and checked as for training
+    (`ldm.data.sources.read_metadata`: image paths stay inside the folder)."""
     import os
     import tarfile
 
+    from ldm.data.sources import read_metadata
+
     folder, out = Path(folder), Path(out)
-    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metadata(folder, caption_column)
+    if rows is None:
+        raise FileNotFoundError(f"{folder} has no metadata.jsonl to pack (one JSON object per line: "
+                                f'{{"file_name": "0001.png", "{caption_column}": "a caption"}})')
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for s in range(0, len(rows), per_shard):
@@ -512,7 +518,7 @@ def pack_folder(folder: str | Path, out: str | Path, per_shard: int = 1000, imag
         tmp = path.with_suffix(".tar.tmp")
         with tarfile.open(tmp, "w") as tar:
             for row in rows[s:s + per_shard]:
-                image = folder / row[image_column]
+                image = folder / row["file_name"]
                 caption = row[caption_column] if isinstance(row[caption_column], str) else row[caption_column][0]
                 for name, data in ((f"{image.stem}{image.suffix.lower()}", image.read_bytes()),
                                    (f"{image.stem}.txt", caption.encode())):

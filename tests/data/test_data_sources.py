@@ -339,17 +339,23 @@ def test_global_batch_sampler_one_group_and_remainders():
 
 
 
+@pytest.mark.parametrize("mixed", [True, False])
 @pytest.mark.parametrize("outside", ["../outside/secret.png", "/etc/secret.png"])
-def test_metadata_paths_stay_inside_the_dataset_folder(tmp_path, outside):
+def test_metadata_paths_stay_inside_the_dataset_folder(tmp_path, outside, mixed):
+    from ldm.data.stream import pack_folder
+
     folder = tmp_path / "folder"
     records = _image_folder(folder)
     (tmp_path / "outside").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "outside" / "secret.png")
-    rows = [{**r, "text": [c, c]} if i else {**r, "text": c} for i, (r, c) in enumerate(zip(records, CAPTIONS))]
-    rows[1]["file_name"] = outside  # a mix of string and list captions: the project's own reader reads it
+    rows = [{**r, "text": [c, c]} if i and mixed else {**r, "text": c} for i, (r, c) in enumerate(zip(records, CAPTIONS))]
+    rows[1]["file_name"] = outside  # mixed string and list captions: a table built from the rows; else imagefolder
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"metadata.jsonl:2: file_name .* points outside the dataset folder"):
         _load(tmp_path, folder)
+    with pytest.raises(ValueError, match=r"metadata.jsonl:2: file_name .* points outside"):  # the same reader
+        pack_folder(folder, tmp_path / "shards")
+    assert not list((tmp_path / "shards").glob("*.tar*")) if (tmp_path / "shards").exists() else True
 
 
 def test_a_relative_dataset_path_with_mixed_captions_loads(tmp_path, monkeypatch):
