@@ -30,7 +30,7 @@ import torch
 from ldm.diffusion.schedulers import SAMPLERS, VARIANCES, sampling_scheduler, with_variance
 from ldm.engine.errors import user_errors
 from ldm.engine.records import make_grid
-from ldm.methods.lora import lora_file
+from ldm.methods.lora import load_lora_checked, lora_file
 from ldm.methods.textual_inversion import EMBEDS_FILE, embedding_file, load_embedding
 from pipelines import CascadePipeline
 from pipelines.files import atomic_save
@@ -94,9 +94,9 @@ def add_lora(pipe, lora: str, lora_scale: float = 1.0) -> None:
     if file.is_file() and peft_layout_configs(file) is not None:
         merge_adapters(pipe, file, lora_scale)
     elif path.is_dir():  # a run's lora/ folder: diffusers' layout, else kohya's
-        pipe.load_lora_weights(str(path), weight_name=lora_file(path).name)
+        load_lora_checked(pipe, path, lora_file(path).name)
     elif path.is_file():
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+        load_lora_checked(pipe, path.parent, path.name)
     else:
         raise FileNotFoundError(f"--lora {lora!r} does not exist")
 

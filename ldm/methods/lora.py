@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -221,6 +222,56 @@ def lora_file(folder: str | Path) -> Path:
     raise FileNotFoundError(f"{str(folder)!r} holds neither {LORA_FILE} nor {KOHYA_FILE}")
 
 
+_MODULE_KEY = re.compile(r"^(.*?)(?:\.lora_A|\.lora_down|\.lora\.down|_lora\.down)(?:\.[^.]+)?\.weight$")
+
+
+def file_modules(path: str | Path) -> list[str]:
+    """The modules a LoRA file adapts, as the file names them (one per down/A matrix; peft's, diffusers' older
+    and kohya's layouts)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return sorted({m.group(1) for m in map(_MODULE_KEY.match, f.keys()) if m})
+
+
+def adapted_modules(pipe, adapter: str) -> list[str]:
+    """The modules of ``pipe``'s denoiser and text encoders that carry ``adapter``, as "component.module"."""
+    out = []
+    for component in ("unet", "transformer", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        out += [f"{component}.{name}" for name, m in model.named_modules()
+                if adapter in getattr(m, "lora_A", {}) or adapter in getattr(m, "lora_down", {})]
+    return out
+
+
+def _plain(module: str) -> str:
+    """A module name without its component prefix, "." as "_": peft's and kohya's names of one module agree."""
+    module = re.sub(r"^(unet|transformer|text_encoder(_2)?)\.|^lora_(unet|te\d?)_", "", module)
+    return module.replace(".", "_")
+
+
+def load_lora_checked(pipe, folder: str | Path, weight_name: str) -> str:
+    """``pipe.load_lora_weights``, then the check diffusers leaves out: every module the file adapts must have
+    been found in the pipeline. A file for another architecture, or a hand-edited one, otherwise loads the few
+    modules whose names happen to match and drops the rest without a word. Refused (the adapter removed again)
+    naming the modules not found; returns the adapter's name."""
+    path = Path(folder) / weight_name
+    before = {a for names in pipe.get_list_adapters().values() for a in names}
+    pipe.load_lora_weights(str(folder), weight_name=weight_name)
+    adapter = next(a for names in pipe.get_list_adapters().values() for a in names if a not in before)
+    wanted, found = file_modules(path), adapted_modules(pipe, adapter)
+    if len(found) < len(wanted):
+        pipe.delete_adapters(adapter)
+        have = {_plain(f) for f in found}
+        unused = [w for w in wanted if _plain(w) not in have]
+        raise ValueError(f"LoRA {str(path)!r} adapts {len(wanted)} modules and only {len(found)} exist in this "
+                         f"pipeline (a file for another model?); not found: {unused[:8]}"
+                         + (f" and {len(unused) - 8} more" if len(unused) > 8 else ""))
+    return adapter
+
+
 def merge_into(pipe, lora_dir: str | Path, scale: float = 1.0):
     """Load the adapters of ``lora_dir`` into ``pipe``, fuse them at ``scale`` and drop the adapter modules,
     leaving a plain pipeline whose weights include the update (LoHa and LoKr through peft, the others through
@@ -229,7 +280,7 @@ def merge_into(pipe, lora_dir: str | Path, scale: float = 1.0):
 
     if peft_layout_configs(lora_file(lora_dir)) is not None:
         return merge_adapters(pipe, lora_file(lora_dir), scale)
-    pipe.load_lora_weights(str(lora_dir), weight_name=lora_file(lora_dir).name)
+    load_lora_checked(pipe, lora_dir, lora_file(lora_dir).name)
     pipe.fuse_lora(lora_scale=scale)
     pipe.unload_lora_weights()
     return pipe

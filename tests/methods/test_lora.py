@@ -370,3 +370,38 @@ def test_loha_lokr_and_dora_merge_alike_in_ours_and_in_lycoris_own_loader(tmp_pa
         meta = f.metadata()
     assert meta["ss_network_dim"] == "4" and meta["ss_network_module"] == "lycoris.kohya"
     assert json.loads(meta["ss_network_args"])["algo"] == cfg.finetune.lora_type
+
+
+def test_a_lora_whose_modules_are_not_all_in_the_pipeline_is_refused_naming_them(tmp_path, base):
+    """diffusers loads the modules whose names match and drops the others without a word (a file for another
+    model draws as a fraction of itself); add_lora refuses it and leaves no adapter behind. Files that match in
+    full, in peft's and in kohya's names, load."""
+    from safetensors.torch import save_file
+
+    from ldm.generate import add_lora
+
+    pipe = LDMPipeline.from_pretrained(base["sd"])
+    names = [n for n, _ in pipe.unet.named_modules() if n.endswith(("attn1.to_q", "attn2.to_k"))]
+    shape = {n: pipe.unet.get_submodule(n).weight.shape for n in names}
+
+    def peft(ns):
+        return {k: v for n in ns for k, v in ((f"unet.{n}.lora_A.weight", torch.randn(2, shape[n][1])),
+                                              (f"unet.{n}.lora_B.weight", torch.randn(shape[n][0], 2)))}
+
+    save_file(peft(names), tmp_path / "whole.safetensors")
+    kohya = {k: v for n in names for k, v in ((f"lora_unet_{n.replace('.', '_')}.lora_down.weight", torch.randn(2, shape[n][1])),
+                                              (f"lora_unet_{n.replace('.', '_')}.lora_up.weight", torch.randn(shape[n][0], 2)),
+                                              (f"lora_unet_{n.replace('.', '_')}.alpha", torch.tensor(2.0)))}
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    foreign = peft(names[:1])
+    other = names[0].replace("down_blocks.0", "down_blocks.7")  # SD 1.x blocks a tiny model does not have
+    foreign.update({f"unet.{other}.lora_A.weight": torch.randn(2, shape[names[0]][1]),
+                    f"unet.{other}.lora_B.weight": torch.randn(shape[names[0]][0], 2)})
+    save_file(foreign, tmp_path / "foreign.safetensors")
+
+    with pytest.raises(ValueError, match=rf"adapts 2 modules and only 1 exist .*not found: \['unet\.{other}'\]"):
+        add_lora(pipe, str(tmp_path / "foreign.safetensors"))
+    assert pipe.get_list_adapters() == {}  # nothing of it left on the pipeline
+    for name in ("whole", "kohya"):
+        add_lora(pipe, str(tmp_path / f"{name}.safetensors"))
+        pipe.unload_lora_weights()
