@@ -165,7 +165,8 @@ def _load_folder(folder: Path, split: str, cache_dir: str | None, caption_column
         mixed = _read_metadata(folder, caption_column)
         if mixed is not None:  # pyarrow cannot infer one type for strings and lists: build it from the rows
             return mixed
-        loaded = datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=cache_dir)
+        loaded = datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=cache_dir,
+                                       download_config=_local_reading())
         return _pick_split(loaded, split, str(folder))
     suffixes = {p.suffix for p in folder.rglob("*") if p.suffix in FILE_BUILDERS}
     if not suffixes and split == "train":
@@ -179,7 +180,8 @@ def _load_folder(folder: Path, split: str, cache_dir: str | None, caption_column
                          f"images with caption files beside them (data.caption_extension={caption_extension!r}), "
                          f"or only {' or only '.join(FILE_BUILDERS)} files")
     builder = FILE_BUILDERS[suffixes.pop()]
-    loaded = datasets.load_dataset(builder, data_dir=str(folder), cache_dir=cache_dir)
+    loaded = datasets.load_dataset(builder, data_dir=str(folder), cache_dir=cache_dir,
+                                   download_config=_local_reading())
     return _pick_split(loaded, split, str(folder))
 
 
@@ -277,6 +279,14 @@ def _inside(folder: Path, name: str) -> bool:
     return Path(os.path.normpath(root / name)).is_relative_to(root)  # by the names: a symlinked image is fine
 
 
+def _local_reading():
+    """`datasets`' download settings for files on this machine: its progress bar says what it does with them
+    ("Reading local files", where it would say "Downloading data" of files that are never downloaded)."""
+    import datasets
+
+    return datasets.DownloadConfig(download_desc="Reading local files")
+
+
 def _has_metadata(folder: Path) -> bool:
     """Metadata in the folder itself or in its split sub-folders (``train/metadata.jsonl``)."""
     return any(p.exists() for name in METADATA_FILES for p in (folder / name, *folder.glob(f"*/{name}")))
@@ -308,7 +318,7 @@ def _load_files(source: str, files: list[str], split: str, cache_dir: str | None
     import datasets
 
     builder = FILE_BUILDERS[Path(files[0]).suffix]
-    loaded = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir)
+    loaded = datasets.load_dataset(builder, data_files=files, cache_dir=cache_dir, download_config=_local_reading())
     return _pick_split(loaded, split, source)
 
 

@@ -137,3 +137,48 @@ def test_the_page_takes_adapters_from_the_runs_folder_only(tmp_path):
         drawer.load(str(tmp_path / "runs" / "a" / "pipeline"), str(tmp_path / "runs" / ".." / "x"), "ddpm")
     with pytest.raises(ValueError, match="is not a pipeline folder"):  # inside: goes on to the folder's own check
         drawer.load(str(tmp_path / "runs" / "a" / "pipeline"), str(tmp_path / "runs" / "a" / "lora"), "ddpm")
+
+
+def test_library_messages_that_do_not_concern_the_user_are_dropped_where_they_are_logged(tmp_path, capsys):
+    """diffusers' empty "kept in float32: []" on every cast and its "No LoRA keys" note for LoRA files without a
+    text encoder (most of them) are dropped at their loggers, and only those messages; transformers' per-file
+    bars are off; reading a local folder does not say "Downloading"."""
+    import logging
+
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers.utils import logging as transformers_logging
+
+    import pipelines  # noqa: F401  (installs the filters)
+    from ldm.data.builtin import generate_shapes
+    from ldm.data.sources import load_source
+
+    class Seen(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    seen = Seen()
+    for name in ("diffusers.models.modeling_utils", "diffusers.loaders.lora_base"):
+        logging.getLogger(name).addHandler(seen)
+    try:
+        unet = UNet2DConditionModel(block_out_channels=(8, 8), norm_num_groups=4, cross_attention_dim=8,
+                                    sample_size=8, layers_per_block=1, attention_head_dim=4,
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        unet.to(torch.float32)  # diffusers warns here, with an empty list
+        logging.getLogger("diffusers.loaders.lora_base").warning("No LoRA keys associated to CLIPTextModel found")
+        logging.getLogger("diffusers.models.modeling_utils").warning("should be kept in float32: ['norm']")
+    finally:
+        for name in ("diffusers.models.modeling_utils", "diffusers.loaders.lora_base"):
+            logging.getLogger(name).removeHandler(seen)
+    assert seen.messages == ["should be kept in float32: ['norm']"]  # a real list still gets through
+    assert not transformers_logging.is_progress_bar_enabled()
+    capsys.readouterr()
+    assert len(load_source(str(generate_shapes(tmp_path / "shapes", num_images=40, seed=0)),
+                           cache_dir=str(tmp_path / "hf"))) == 40
+    err = capsys.readouterr().err
+    assert "Reading local files" in err and "Downloading" not in err
