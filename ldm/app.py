@@ -3,8 +3,9 @@
     python -m ldm.app                        # http://127.0.0.1:7860, runs found under ./runs
     python -m ldm.app --runs-dir /data/runs --port 8000
 
-- **Draw**: a pipeline folder (any run's ``pipeline/`` under the runs folder, or a path), optionally a LoRA file
-  and scale; prompt, negative prompt, steps, guidance, scheduler, seed, size, number of images; text-to-image,
+- **Draw**: a pipeline folder (any run's ``pipeline/`` under the runs folder, or under a folder given with
+  ``--allow-dir``: the page loads nothing from elsewhere), optionally a LoRA file (under the same folders) and
+  scale; prompt, negative prompt, steps, guidance, scheduler, seed, size, number of images; text-to-image,
   image-to-image (upload) or inpainting (upload, then paint the region to draw anew). Every image is written as
   a PNG whose text chunk holds its settings (``parameters``, as AUTOMATIC1111 writes them), and the settings are
   shown beside the gallery.
@@ -16,7 +17,8 @@ It binds to 127.0.0.1 and has no authentication. Another ``--host`` (``0.0.0.0``
 login: ``--auth-file FILE`` (a file holding ``user:password``), the ``LDM_APP_AUTH`` environment variable, or
 ``--auth user:password`` (which other users of the machine can read in its process list); without one it is
 refused unless ``--insecure-no-auth`` says that the network in front of it authenticates (a reverse proxy).
-Anyone who can reach the page can read the runs folder and make the machine sample.
+Anyone who can reach the page can read the runs folder and make the machine sample. Uploads are limited to
+``--max-upload-mb`` (20).
 """
 
 from __future__ import annotations
@@ -213,21 +215,27 @@ class DrawRequest:
 class Drawer:
     """Loads pipelines on demand (the last one stays loaded) and draws with them."""
 
-    def __init__(self, out_dir: Path, lora_roots: tuple[Path, ...] = ()):
-        """``lora_roots``: the folders the LoRA box may take adapters from (the runs folder); none: any path."""
+    def __init__(self, out_dir: Path, roots: tuple[Path, ...] = ()):
+        """``roots``: the folders the pipeline and LoRA boxes may load from (the runs folder and any
+        ``--allow-dir``), checked by resolved path; none: any path."""
         self.out_dir, self.key, self.pipe = Path(out_dir), None, None
-        self.lora_roots = tuple(Path(r).resolve() for r in lora_roots)
+        self.roots = tuple(Path(r).resolve() for r in roots)
+
+    def _inside_roots(self, path: str, box: str, what: str) -> None:
+        if self.roots and not any(Path(path).resolve().is_relative_to(r) for r in self.roots):
+            raise ValueError(f"the {box} box takes {what} under {', '.join(map(str, self.roots))}; {path!r} is "
+                             f"outside (start the page with --allow-dir FOLDER to add a folder)")
 
     def load(self, folder: str, lora: str | None, scheduler: str):
         from ldm.generate import load_pipeline
 
         lora = (lora or "").strip() or None
-        if lora and self.lora_roots and not any(Path(lora).resolve().is_relative_to(r) for r in self.lora_roots):
-            raise ValueError(f"the LoRA box takes adapters under {', '.join(map(str, self.lora_roots))} (a run's "
-                             f"lora/ folder or a file copied there); {lora!r} is outside")
+        if lora:
+            self._inside_roots(lora, "LoRA", "adapters (a run's lora/ folder or a file copied there)")
         folder = (folder or "").strip()
         if not folder:
-            raise ValueError("choose a pipeline folder (a run's pipeline/ or any path)")
+            raise ValueError("choose a pipeline folder (a run's pipeline/)")
+        self._inside_roots(folder, "pipeline", "pipeline folders")
         if not (Path(folder) / "model_index.json").is_file():
             raise ValueError(f"{folder!r} is not a pipeline folder (it has no model_index.json)")
         key = (folder, lora or None, scheduler)
@@ -306,12 +314,13 @@ def page_errors(fn):
     return wrapped
 
 
-def build_app(runs_dir: Path, out_dir: Path | None = None):
-    """The page: a Draw tab and a Runs tab over the runs under ``runs_dir``; drawn images go to ``out_dir``."""
+def build_app(runs_dir: Path, out_dir: Path | None = None, allow_dirs: tuple[Path, ...] = ()):
+    """The page: a Draw tab and a Runs tab over the runs under ``runs_dir``; drawn images go to ``out_dir``; the
+    Draw tab loads pipelines and LoRAs from ``runs_dir`` and ``allow_dirs`` only."""
     import gradio as gr
 
     runs_dir = Path(runs_dir)
-    drawer = Drawer(out_dir or runs_dir / "app-images", lora_roots=(runs_dir,))
+    drawer = Drawer(out_dir or runs_dir / "app-images", roots=(runs_dir, *map(Path, allow_dirs)))
     runs_dir = runs_dir.resolve()
     with gr.Blocks(title="latent diffusion") as app:
         gr.Markdown("# Latent diffusion: draw and watch runs")
@@ -435,17 +444,26 @@ def main(argv=None) -> None:
     parser.add_argument("--auth-file", default=None, help="a file holding user:password")
     parser.add_argument("--insecure-no-auth", action="store_true",
                         help="serve a non-local --host without a login (only behind something that authenticates)")
+    parser.add_argument("--allow-dir", action="append", default=[], metavar="FOLDER",
+                        help="another folder the page may load pipelines and LoRAs from (besides --runs-dir); repeatable")
+    parser.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
+                        help="the largest file the page accepts (image-to-image and inpainting uploads)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request the page makes of itself
     try:
         auth = login(args.auth, args.auth_file, os.environ.get(AUTH_ENV))
         check_exposure(args.host, auth, args.insecure_no_auth)
     except ValueError as e:
         parser.error(str(e))
-    serve(Path(args.runs_dir), Path(args.out_dir) if args.out_dir else None, args.host, args.port, auth)
+    if args.max_upload_mb <= 0:
+        parser.error(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    serve(Path(args.runs_dir), Path(args.out_dir) if args.out_dir else None, args.host, args.port, auth,
+          allow_dirs=tuple(Path(d) for d in args.allow_dir), max_upload_mb=args.max_upload_mb)
 
 
 AUTH_ENV = "LDM_APP_AUTH"
+MAX_UPLOAD_MB = 20.0  # a 4096 px PNG is well under it
 LOOPBACK = ("localhost", "::1")
 
 
@@ -478,14 +496,19 @@ def check_exposure(host: str, auth, insecure: bool) -> None:
 
 
 def serve(runs_dir: Path, out_dir: Path | None = None, host: str = "127.0.0.1", port: int = 7860, auth=None,
-          block: bool = True):
+          block: bool = True, allow_dirs: tuple[Path, ...] = (), max_upload_mb: float = MAX_UPLOAD_MB):
     """Build the page and serve it; the runs folder (sample grids) and the images folder are the only files it
-    serves beyond Gradio's own. ``block=False`` returns the running app (``app.close()`` stops it)."""
+    serves beyond Gradio's own; uploads larger than ``max_upload_mb`` are refused. ``block=False`` returns the
+    running app (``app.close()`` stops it)."""
     out_dir = out_dir or Path(runs_dir) / "app-images"
-    app = build_app(runs_dir, out_dir)
-    app.queue().launch(server_name=host, server_port=port, auth=auth, show_error=False, quiet=not block,
+    app = build_app(runs_dir, out_dir, allow_dirs)
+    app.queue().launch(server_name=host, server_port=port, auth=auth, show_error=False, quiet=True,
                        allowed_paths=[str(Path(runs_dir).resolve()), str(Path(out_dir).resolve())],
-                       prevent_thread_lock=not block)
+                       max_file_size=int(max_upload_mb * 2 ** 20), prevent_thread_lock=True)
+    if not block:
+        return app
+    print(f"serving on http://{host}:{port} (runs under {Path(runs_dir).resolve()}); Ctrl-C stops")
+    app.block_thread()
     return app
 
 

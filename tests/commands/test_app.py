@@ -102,7 +102,7 @@ def test_draw_inpaint_and_watch_a_run_in_chromium(runs_dir, tmp_path):
             page.screenshot(path=str(tmp_path / "inpaint.png"), full_page=True)
 
             # a folder that is not a pipeline: a message on the page, no stack trace
-            page.fill("#pipeline input", str(tmp_path))
+            page.fill("#pipeline input", str(runs_dir / "no-such-run"))  # under the runs folder, not a pipeline
             page.press("#pipeline input", "Enter")
             page.check("#mode input[value=text-to-image]")
             page.click("#generate")

@@ -125,18 +125,44 @@ def test_a_stop_message_is_true_and_on_a_line_of_its_own(capsys):
     assert line.startswith("nonfinite:")  # not glued to the bar's "it/s]"
 
 
-def test_the_page_takes_adapters_from_the_runs_folder_only(tmp_path):
+def test_the_page_loads_pipelines_and_adapters_from_the_runs_folder_and_allowed_folders_only(tmp_path):
     import pytest
 
     from ldm.app import Drawer
 
-    drawer = Drawer(tmp_path / "images", lora_roots=(tmp_path / "runs",))
-    with pytest.raises(ValueError, match="the LoRA box takes adapters under .*runs.*'/etc/x.safetensors' is outside"):
+    drawer = Drawer(tmp_path / "images", roots=(tmp_path / "runs", tmp_path / "models"))
+    with pytest.raises(ValueError, match="the LoRA box takes adapters .*under .*runs.*'/etc/x.safetensors' is outside"):
         drawer.load(str(tmp_path / "runs" / "a" / "pipeline"), "/etc/x.safetensors", "ddpm")
     with pytest.raises(ValueError, match=r"is outside"):
         drawer.load(str(tmp_path / "runs" / "a" / "pipeline"), str(tmp_path / "runs" / ".." / "x"), "ddpm")
+    with pytest.raises(ValueError, match=r"the pipeline box takes pipeline folders under .*'/home' is outside .*--allow-dir"):
+        drawer.load("/home", None, "ddpm")
+    with pytest.raises(ValueError, match=r"is outside"):
+        drawer.load(str(tmp_path / "runs" / ".." / "elsewhere"), None, "ddpm")
     with pytest.raises(ValueError, match="is not a pipeline folder"):  # inside: goes on to the folder's own check
         drawer.load(str(tmp_path / "runs" / "a" / "pipeline"), str(tmp_path / "runs" / "a" / "lora"), "ddpm")
+    with pytest.raises(ValueError, match="is not a pipeline folder"):  # an --allow-dir folder
+        drawer.load(str(tmp_path / "models" / "sd"), None, "ddpm")
+
+
+def test_the_page_refuses_uploads_over_its_limit(tmp_path):
+    import socket
+
+    import httpx
+
+    from ldm.app import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = serve(tmp_path / "runs", tmp_path / "images", port=port, block=False, max_upload_mb=0.05)
+    try:
+        url = f"http://127.0.0.1:{port}/gradio_api/upload"
+        small = httpx.post(url, files={"files": ("a.png", b"x" * 10_000, "image/png")}, timeout=30)
+        large = httpx.post(url, files={"files": ("b.png", b"x" * 200_000, "image/png")}, timeout=30)
+    finally:
+        app.close()
+    assert small.status_code == 200 and large.status_code == 413
 
 
 def test_library_messages_that_do_not_concern_the_user_are_dropped_where_they_are_logged(tmp_path, capsys):
