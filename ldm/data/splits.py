@@ -236,15 +236,17 @@ def make_split(cfg, ds, source: str, bucketing: bool, files: list[str] | None = 
     for value in ds[d.caption_column]:
         captions += captions_of(value)
         start.append(len(captions))
+    stored = image_sizes(ds, d.image_column)  # (w, h), from file headers
     if bucketing:
         buckets = make_buckets(d.resolution, d.bucket_step, d.bucket_max_ratio)
-        groups = [nearest_bucket(w, h, buckets) for w, h in image_sizes(ds, d.image_column)]
+        groups = [nearest_bucket(w, h, buckets) for w, h in stored]
         sizes = [buckets[g] for g in groups]
         counts = np.bincount(groups, minlength=len(buckets))
         logger.info("aspect buckets (h x w): images %s",
                     {f"{h}x{w}": int(n) for (h, w), n in zip(buckets, counts) if n})
     else:
         buckets, groups, sizes = [(d.resolution, d.resolution)], None, [(d.resolution, d.resolution)] * len(ds)
+    report_upscaled(stored, sizes, source)
     fp = Fingerprint().value([source, len(ds), getattr(ds, "_fingerprint", None), d.image_column,
                               d.resolution, d.center_crop, bucketing, d.bucket_step, d.bucket_max_ratio,
                               d.alpha_background] + ([d.crop_scale] if d.crop_scale != 1 else []))
@@ -255,6 +257,18 @@ def make_split(cfg, ds, source: str, bucketing: bool, files: list[str] | None = 
     sources = np.asarray(ds[SOURCE_COLUMN], dtype=np.int64) if SOURCE_COLUMN in ds.column_names else None
     return Split(ds, captions, np.asarray(start), sizes, groups, buckets, fp.hexdigest(), repeats=repeats,
                  sources=sources)
+
+
+def report_upscaled(stored: list[tuple[int, int]], sizes: list[tuple[int, int]], source: str) -> int:
+    """Log how many images are smaller than what they train at (and so are enlarged, softer than the rest), with
+    the smallest; return the count."""
+    small = [(w, h, th, tw) for (w, h), (th, tw) in zip(stored, sizes) if max(tw / w, th / h) > 1]  # cover scale
+    if small:
+        w, h, th, tw = min(small, key=lambda s: s[0] * s[1])
+        logger.warning("%d of %d images of %s are smaller than the size they train at and are enlarged (the smallest "
+                       "%dx%d to cover %dx%d); they train softer than the others: lower data.resolution, or leave "
+                       "them out", len(small), len(stored), source, w, h, tw, th)
+    return len(small)
 
 
 def check_sizes(cfg, split: Split, vae_factor: int) -> None:

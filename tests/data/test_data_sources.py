@@ -365,3 +365,25 @@ def test_a_relative_dataset_path_with_mixed_captions_loads(tmp_path, monkeypatch
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.chdir(tmp_path)
     assert len(load_source("folder", cache_dir=str(tmp_path / "hf"))) == len(rows)  # not folder/folder/...
+
+
+def test_images_smaller_than_their_training_size_are_counted_in_a_warning(tmp_path, caplog):
+    from ldm.data.splits import make_split
+    from ldm.engine.config import load_config
+    from ldm.trainer.config import LDMConfig
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, size in (("small.png", (16, 16)), ("wide.png", (60, 30)), ("big.png", (48, 48))):
+        Image.new("RGB", size, "red").save(folder / name)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "a red square"}) + "\n"
+                                                   for n in ("small.png", "wide.png", "big.png")))
+    ds = load_source(str(folder), cache_dir=str(tmp_path / "hf"))
+    cfg = load_config(LDMConfig, "configs/ldm/tiny.yaml", ["data.resolution=32", "data.bucket_step=8"])
+    with caplog.at_level("WARNING", logger="ldm.data.splits"):
+        make_split(cfg, ds, str(folder), bucketing=False)
+    assert "2 of 3 images" in caplog.text and "the smallest 16x16 to cover 32x32" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ldm.data.splits"):  # buckets: the wide one trains at 24x40, not enlarged
+        make_split(cfg, ds, str(folder), bucketing=True)
+    assert "1 of 3 images" in caplog.text and "16x16" in caplog.text
