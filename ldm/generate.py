@@ -34,6 +34,7 @@ from ldm.methods.lora import load_lora_checked, lora_file
 from ldm.methods.textual_inversion import EMBEDS_FILE, embedding_file, load_embedding
 from pipelines import CascadePipeline
 from pipelines.files import atomic_save
+from pipelines.local import check_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ def add_lora(pipe, lora: str, lora_scale: float = 1.0) -> None:
     if file.suffix != ".safetensors":
         raise ValueError(f"--lora {lora!r} is not a .safetensors file: adapter files are read as safetensors only "
                          f"(a .bin/.pt/.ckpt is a pickle, which could run code when loaded)")
+    if file.is_file():
+        check_safetensors(file, "--lora")
     if file.is_file() and peft_layout_configs(file) is not None:
         merge_adapters(pipe, file, lora_scale)
     elif path.is_dir():  # a run's lora/ folder: diffusers' layout, else kohya's
@@ -112,6 +115,7 @@ def add_embedding(pipe, embedding: str) -> None:
     if path.suffix != ".safetensors":
         raise ValueError(f"--embedding {embedding!r} is not a .safetensors file: embeddings are read as safetensors "
                          f"only (a .bin/.pt is a pickle, which could run code when loaded)")
+    check_safetensors(path, "--embedding")
     load_embedding(pipe, path)
 
 

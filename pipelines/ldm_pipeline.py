@@ -167,15 +167,23 @@ class LDMPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInve
         whose weight files lack a tensor of a model (or hold one it has not) is refused naming them
         (`pipelines.local`)."""
         from pipelines.families import family_of
-        from pipelines.local import check_weights, resolve
+        from pipelines.local import check_folder, check_weights, resolve
 
         name, local = resolve(pretrained_model_name_or_path)
+        if local:
+            check_folder(name)
         family = family_of(name) if local else None
         if family is not None and family != cls.family:
             return cls._family_class(family, f"{name} holds").from_pretrained(pretrained_model_name_or_path, **kwargs)
         if local:
             kwargs = {"local_files_only": True, "use_safetensors": True, **kwargs}
-        pipe = super().from_pretrained(name, **kwargs)
+        try:
+            pipe = super().from_pretrained(name, **kwargs)
+        except OSError as e:
+            if local:
+                raise
+            raise FileNotFoundError(f"{pretrained_model_name_or_path}: not in this machine's Hugging Face cache, and the "
+                                    f"Hub could not give it ({str(e).split('(')[0].strip()})") from None
         if local:
             check_weights(pipe, name)
         return pipe

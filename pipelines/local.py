@@ -10,6 +10,8 @@ from pathlib import Path
 
 HUB_PREFIX = "hf://"
 WEIGHTED = ("unet", "vae", "text_encoder", "text_encoder_2")  # the components whose weight files are checked
+LIBRARIES = ("diffusers", "transformers", "pipelines", None)  # where a folder's component classes may come from
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def resolve(name: str | Path) -> tuple[str, bool]:
@@ -22,6 +24,47 @@ def resolve(name: str | Path) -> tuple[str, bool]:
         raise FileNotFoundError(f"{text!r} is not a folder here (nothing is fetched from the Hugging Face Hub unless "
                                 f"asked for: hf://<org>/<model>)")
     return text, True
+
+
+def check_folder(folder: str | Path) -> None:
+    """Refuse, before any library reads it, a pipeline folder that names code of its own for a component (a
+    module in the folder: diffusers would ask to run it) or whose component holds its weights only as pickles
+    (which can run code when unpickled), naming them."""
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a pipeline folder (it has no model_index.json)")
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index} is not JSON ({e.msg} at line {e.lineno})") from None
+    for name, entry in entries.items():
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2:
+            continue
+        if entry[0] not in LIBRARIES:
+            raise ValueError(f"{index} names code of its own for {name!r} ({entry[0]}.{entry[1]}); code that comes "
+                             f"with a model folder is never run here: use a folder of diffusers and transformers "
+                             f"components")
+        part = folder / name
+        if part.is_dir() and not any(part.glob("*.safetensors")):
+            pickles = sorted(f.name for f in part.iterdir() if f.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise ValueError(f"{part} holds its weights only as pickles ({', '.join(pickles)}), which can run code "
+                                 f"when loaded and are not read; use a safetensors copy of the model (convert it "
+                                 f"yourself only if you trust where it came from)")
+
+
+def check_safetensors(path: str | Path, what: str) -> None:
+    """Refuse a file that is not a readable safetensors file (cut short, damaged, another format), naming it and
+    ``what`` it was given as."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{what} {str(path)!r} is not a readable safetensors file ({e}): damaged, cut short, or "
+                         f"another format") from None
 
 
 def _file_keys(folder: Path) -> set[str] | None:

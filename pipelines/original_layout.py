@@ -548,6 +548,9 @@ def load_components(path: str | Path, config: str | Path | None = None, **kwargs
 
     if path.suffix in PICKLE_SUFFIXES:
         return _from_pickle(path, config, **kwargs)
+    from pipelines.local import check_safetensors
+
+    check_safetensors(path, "the single file")
     if config is not None:
         if not (Path(config) / "model_index.json").is_file():
             raise FileNotFoundError(f"config={str(config)!r} is not a diffusers folder (no model_index.json)")

@@ -15,13 +15,19 @@ def read_pickle_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     build anything more (code to run) is refused, and nothing in it runs. CompVis' ``{"state_dict": ...}``
     wrapper is unwrapped."""
     import pickle
+    import re
+    import warnings
 
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol: the refusal below says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{str(path)!r} is a pickle that asks to build more than tensors ({str(e).splitlines()[0]}); "
-                         f"it is refused and nothing in it ran. Use a .safetensors file of the model, or convert "
-                         f"this one only if you trust where it came from") from None
+        asked = re.search(r"Unsupported global: GLOBAL ([\w.]+)|Unsupported operand \d+|[\w.]+ was not an allowed global",
+                          str(e))
+        raise ValueError(f"{str(path)!r} is a pickle that asks to build more than tensors"
+                         f"{f' ({asked.group(0)})' if asked else ''}; it is refused and nothing in it ran. Use a "
+                         f".safetensors file of the model") from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict):

@@ -6,6 +6,8 @@ logged (and only those):
 - diffusers' warning that no module "should be kept in float32" (an empty list) when a model is cast;
 - diffusers' note that a LoRA file has no text-encoder keys (most have none; a file whose modules are not all
   found is refused by `ldm.methods.lora.load_lora_checked`, naming them);
+- transformers' note on how it starts the rows of new tokens (a textual inversion's, which the loader then
+  overwrites with the embedding);
 - transformers' per-file "Loading weights" and "Writing model shards" bars (its own switch), which interleave with
   the project's progress bars for the fraction of a second each takes."""
 
@@ -16,7 +18,9 @@ import logging
 DROPPED = {"transformers.utils.import_utils": ("requires torchvision (not installed); falling back to",),
            "diffusers.models.modeling_utils": ("that should be kept in float32: []",),
            "diffusers.loaders.lora_base": ("No LoRA keys associated to",),
-           "diffusers.loaders.peft": ("No LoRA keys associated to",)}
+           "diffusers.loaders.peft": ("No LoRA keys associated to",),
+           # a textual inversion's new token rows, which the loader then sets to the embedding's vectors
+           "transformers.modeling_utils": ("The new embeddings will be initialized from a multivariate normal",)}
 
 
 class _Drop(logging.Filter):

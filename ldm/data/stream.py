@@ -540,8 +540,12 @@ def main(argv=None) -> None:
     pack.add_argument("folder")
     pack.add_argument("out")
     pack.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default: %(default)s)")
+    pack.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     args = parser.parse_args(argv)
-    paths = pack_folder(args.folder, args.out, args.per_shard)
+    from ldm.engine.errors import user_errors
+
+    with user_errors(args.debug):
+        paths = pack_folder(args.folder, args.out, args.per_shard)
     print(f"{len(paths)} shard(s) in {args.out}: {paths[0].name} .. {paths[-1].name}")
 
 

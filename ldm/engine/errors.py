@@ -47,15 +47,20 @@ class NonFinite(Exception):
 
 
 def _file_errors() -> tuple:
-    """The errors libraries raise for a damaged file: safetensors' (a cut or corrupt header)."""
+    """The errors libraries raise for a file that cannot be read: safetensors' (a cut or corrupt header) and
+    PIL's decompression bomb (its other errors are OSErrors)."""
+    from PIL.Image import DecompressionBombError
+
     try:
         from safetensors import SafetensorError
     except ImportError:
-        return ()
-    return (SafetensorError,)
+        return (DecompressionBombError,)
+    return (SafetensorError, DecompressionBombError)
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, *_file_errors())
+# OSError covers what cannot be read or written (a damaged weight file, an image PIL cannot identify, a model not
+# on this machine, a full disk): each is one line, without the traceback.
+USER_ERRORS = (ValueError, OSError, *_file_errors())
 USER_ERROR_EXIT_CODE = 2
 
 
