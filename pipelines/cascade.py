@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.files import replace_dir
+from pipelines.files import replace_dir, usual_modes
 from pipelines.ldm_pipeline import LDMPipeline, _is_int
 from pipelines.sr_pipeline import SuperResolutionPipeline
 
@@ -100,6 +100,7 @@ class CascadePipeline:
                 stage.save_pretrained(tmp / f"stage_{i}")
                 spec["stages"].append({"folder": f"stage_{i}", **d})
             (tmp / CASCADE_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+            usual_modes(tmp)
             replace_dir(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

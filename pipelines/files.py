@@ -40,6 +40,21 @@ def atomic_save(write_fn, path: str | Path) -> None:
             os.remove(tmp)
 
 
+def usual_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes the umask gives new files and folders: mkdtemp makes the
+    folder 0700, and libraries that write through temporary files (safetensors, diffusers' configs) leave them
+    0600, so a model folder shared with other users or a container could not be read."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            file = os.path.join(root, name)
+            if not os.path.islink(file):
+                os.chmod(file, 0o666 & ~mask)
+
+
 def atomic_save_dir(write_fn, path: str | Path) -> None:
     """Call ``write_fn(tmp_dir)`` then swap the folder into ``path``; the old folder survives a failure."""
     path = Path(path)
@@ -47,7 +62,7 @@ def atomic_save_dir(write_fn, path: str | Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp."))
     try:
         write_fn(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the usual permissions
+        usual_modes(tmp)
         replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
