@@ -10,6 +10,7 @@ run folder and into every checkpoint by the engine; `config_differences` says wh
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -297,6 +298,20 @@ class Checker:
         self.require(0 <= v < 2**32, key, "needs an integer in [0, 2**32) (numpy's seed range)")
 
 
+def warn_long_warmup(warmup, max_steps) -> bool:
+    """Warn when the learning-rate warm-up takes half the run or more (a preset's warm-up kept when the run was
+    cut short): the rate spends the run below what train.learning_rate asks, and never gets there when the
+    warm-up is longer than the run."""
+    if not (isinstance(warmup, int) and isinstance(max_steps, int) and max_steps >= 1 and 2 * warmup >= max_steps):
+        return False
+    reach = "never reaches train.learning_rate: it gets to " + f"{max_steps / warmup:.0%} of it" if warmup > max_steps \
+        else f"reaches train.learning_rate only at step {warmup}"
+    logging.getLogger(__name__).warning(
+        "train.warmup_steps=%d against train.max_steps=%d: the learning rate %s; set train.warmup_steps to a small part "
+        "of the run (e.g. %d)", warmup, max_steps, reach, max(max_steps // 20, 1))
+    return True
+
+
 def check_engine_settings(c: Checker) -> None:
     """The engine's settings (`EngineSettings`), common to both trainers."""
     c.seed("train.seed")
@@ -304,6 +319,7 @@ def check_engine_settings(c: Checker) -> None:
     c.at_least("train.max_steps", 1)
     c.positive("train.learning_rate")
     c.at_least("train.warmup_steps", 0)
+    warn_long_warmup(c.get("train.warmup_steps"), c.get("train.max_steps"))
     c.at_least("train.weight_decay", 0)
     c.at_least("train.max_grad_norm", 0)
     c.at_least("train.log_every", 1)

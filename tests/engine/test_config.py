@@ -158,3 +158,21 @@ def test_both_trainers_extend_the_engine_settings():
     assert AETrainConfig().batch_size == 32 and TrainConfig().batch_size == 64
     assert not hasattr(AETrainConfig(), "validate_every")
     assert "export_dir" in AutoencoderConfig.RUN_SETTINGS and "export_dir" not in LDMConfig.RUN_SETTINGS
+
+
+def test_a_warm_up_of_half_the_run_or_more_is_warned_about(caplog):
+    from ldm.engine.config import load_config
+    from ldm.trainer.config import LDMConfig, check_config
+
+    with caplog.at_level("WARNING", logger="ldm.engine.config"):
+        check_config(load_config(LDMConfig, "configs/ldm/tiny.yaml", ["train.max_steps=200", "train.warmup_steps=1000"]))
+    assert "train.warmup_steps=1000 against train.max_steps=200: the learning rate never reaches " \
+           "train.learning_rate: it gets to 20% of it" in caplog.text and "(e.g. 10)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ldm.engine.config"):
+        check_config(load_config(LDMConfig, "configs/ldm/tiny.yaml", ["train.max_steps=200", "train.warmup_steps=120"]))
+    assert "reaches train.learning_rate only at step 120" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ldm.engine.config"):
+        check_config(load_config(LDMConfig, "configs/ldm/tiny.yaml", ["train.max_steps=200", "train.warmup_steps=10"]))
+    assert "warmup" not in caplog.text
