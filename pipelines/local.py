@@ -41,7 +41,7 @@ def check_folder(folder: str | Path) -> None:
     for name, entry in entries.items():
         if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2:
             continue
-        if entry[0] not in LIBRARIES:
+        if not _known_library(entry[0]) or (folder / name / f"{entry[0]}.py").exists():
             raise ValueError(f"{index} names code of its own for {name!r} ({entry[0]}.{entry[1]}); code that comes "
                              f"with a model folder is never run here: use a folder of diffusers and transformers "
                              f"components")
@@ -52,6 +52,21 @@ def check_folder(folder: str | Path) -> None:
                 raise ValueError(f"{part} holds its weights only as pickles ({', '.join(pickles)}), which can run code "
                                  f"when loaded and are not read; use a safetensors copy of the model (convert it "
                                  f"yourself only if you trust where it came from)")
+
+
+def _known_library(library) -> bool:
+    """A library a component class may come from: diffusers, transformers, this package, or one of diffusers'
+    pipeline modules (a real Stable Diffusion 1.x index names its safety checker ``stable_diffusion``)."""
+    import importlib.util
+
+    if library in LIBRARIES:
+        return True
+    if not (isinstance(library, str) and library.isidentifier()):
+        return False
+    try:
+        return importlib.util.find_spec(f"diffusers.pipelines.{library}") is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def check_safetensors(path: str | Path, what: str) -> None:
