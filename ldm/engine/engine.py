@@ -463,7 +463,8 @@ class Engine:
             self.metrics.close()
             plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png", keys=plot_keys)
             saved = ", ".join(str(p) for p in list_checkpoints(self.ckpt.root)) or "-"
-            shown = {k: (f"{v:.4f}" if isinstance(v, float) and abs(v) < 1e4 else v) for k, v in final.items()}
+            shown = {k: (f"{v:.4f}".rstrip("0").rstrip(".") if isinstance(v, float) and abs(v) < 1e4 else v)
+                     for k, v in final.items()}  # 637.1, not 637.1000
             print(format_summary(f"{self.title} run {self.cfg.name}", {
                 **shown, **paths, "loss plot": self.run_dir / "loss.png", "metrics": self.run_dir / "metrics.jsonl",
                 "checkpoints": saved}))

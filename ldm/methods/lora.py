@@ -329,6 +329,8 @@ class LoRA(Method):
         atomic_save_dir(lambda d: save_lora(d, job.unet, job.text_encoder, fc.lora_format, job.comp.text_encoder_2,
                                             metadata), run_dir / "lora")
         saved = {"lora": lora_file(run_dir / "lora")}
+        if (run_dir / "lora" / KOHYA_FILE).is_file() and saved["lora"].name != KOHYA_FILE:  # lora_format=both
+            saved["lora (kohya layout)"] = run_dir / "lora" / KOHYA_FILE
         if fc.merged_export:
             from pipelines import LDMPipeline
 

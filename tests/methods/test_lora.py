@@ -93,10 +93,15 @@ def test_lora_trains_the_same_with_the_unet_compiled_by_blocks(tmp_path, base, m
     assert runs[1][1].keys() == runs[0][1].keys()  # no compiled-module prefixes in the exported names
 
 
-def test_kohya_layout_loads_in_diffusers_and_ours_and_draws_the_same(tmp_path, base):
+def test_kohya_layout_loads_in_diffusers_and_ours_and_draws_the_same(tmp_path, base, capsys):
+    import re
+
     cfg = _cfg(tmp_path, base, "finetune.lora_format=both", "finetune.lora_alpha=8", "finetune.lora_text_encoder=true")
     train(cfg)
     folder = cfg.run_dir / "lora"
+    summary = capsys.readouterr().out
+    assert f"lora (kohya layout)  {folder / KOHYA_FILE}" in summary  # every file written is listed
+    assert not re.search(r"\d\.\d*00\b", summary.split("lora")[0])  # 12.4, not 12.4000
     kohya = load_file(folder / KOHYA_FILE)
     assert kohya and all(k.startswith(("lora_unet_", "lora_te_")) for k in kohya)
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in kohya)
