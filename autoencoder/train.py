@@ -144,7 +144,7 @@ def train(cfg: AutoencoderConfig) -> dict:
     engine = Engine(cfg, check_config, "autoencoder")
     acc, tc = engine.accelerator, cfg.train
     bad: list = []
-    with acc.main_process_first():  # built-in data is generated once, by the main process
+    with engine.setting_up(), acc.main_process_first():  # built-in data is generated once, by the main process
         train_ds = image_datasets(cfg.data, "train", bad)
     bad_report = report_bad_images(bad, cfg.run_dir, acc.is_main_process)
     source = DatasetSource(train_ds, GlobalBatchSampler(None, len(train_ds), tc.batch_size, tc.seed),

@@ -128,6 +128,7 @@ class Engine:
         self.sharding = Sharding(acc, self.tc.mixed_precision) \
             if strategy_name(acc) == "fsdp" and acc.num_processes > 1 else None
         self.resume_from = resolve_resume(self.tc.resume, self.run_dir / "checkpoints")  # a wrong path fails now
+        self.made_folder = not self.run_dir.exists()  # a set-up failure removes what this run made
         if acc.is_main_process:  # one run per folder, for the whole run (`ldm.engine.runlock`)
             lock_run_folder(self.run_dir)
         self._claim_run_folder()
@@ -147,6 +148,19 @@ class Engine:
         self.state_objects: dict = {}  # name -> object whose state_dict is checkpointed (LR schedule, EMA)
 
     # ---- set-up ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def setting_up(self):
+        """Around a run's set-up (data, networks, caches): when it fails, the run folder this run made is removed
+        again (nothing in it is a run yet), so it does not show among the runs; a folder that was there stays."""
+        try:
+            yield
+        except BaseException:
+            release_run_folder(self.run_dir)
+            if self.made_folder and self.accelerator.is_main_process \
+                    and not (self.run_dir / "metrics.jsonl").exists():
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
 
     def _claim_run_folder(self) -> None:
         """A run folder holds one run. Resuming checks the checkpoint's config against this one (settings of

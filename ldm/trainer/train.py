@@ -98,6 +98,11 @@ def build_run(cfg: LDMConfig) -> Run:
     what trains, build the caches and batch sources, prepare for Accelerate, and make the objective, step and
     validator. The order is part of the run: every random draw of set-up comes from the seed, in this order."""
     engine = Engine(cfg, check_config, "training", cfg.train.validate_every)
+    with engine.setting_up():  # a failure here leaves no run folder behind
+        return _build_run(cfg, engine)
+
+
+def _build_run(cfg: LDMConfig, engine: Engine) -> Run:
     acc, stage, method = engine.accelerator, stage_for(cfg), method_for(cfg)
     data_source = data_source_for(cfg)
     data = data_source.read(cfg, engine, method)

@@ -384,3 +384,26 @@ def test_an_fsdp_launch_with_settings_it_cannot_honour_is_refused(tmp_path, tiny
     assert "error: fsdp_activation_checkpointing: true is not used by this trainer" in proc.stderr
     assert "train.gradient_checkpointing=true" in proc.stderr and "exitcode  : 2" in proc.stderr
     assert not (tmp_path / "tiny" / "metrics.jsonl").exists()
+
+
+def test_a_run_that_fails_while_setting_up_leaves_no_run_folder(tmp_path):
+    """A run whose data cannot be read made a folder holding only its config and lock, which then showed among
+    the runs (the page's list); it is removed again. A folder that was there before is left as it was."""
+    import pytest
+
+    from ldm.engine.config import load_config
+    from ldm.trainer.config import LDMConfig
+    from ldm.trainer.train import train
+
+    def cfg(name):
+        return load_config(LDMConfig, "configs/ldm/tiny.yaml", [
+            f"output_dir={tmp_path / 'runs'}", f"name={name}", f"data.dataset={tmp_path / 'no-such-folder'}"])
+
+    with pytest.raises(ValueError, match="no-such-folder"):
+        train(cfg("new"))
+    assert not (tmp_path / "runs" / "new").exists()
+    (tmp_path / "runs" / "old").mkdir(parents=True)
+    (tmp_path / "runs" / "old" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="no-such-folder"):
+        train(cfg("old"))
+    assert (tmp_path / "runs" / "old" / "notes.txt").read_text() == "mine"
