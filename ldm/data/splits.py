@@ -133,6 +133,11 @@ def load_splits(cfg) -> tuple[Split, Split, bool]:
     elif d.validation_fraction > 0:
         parts = train_ds.train_test_split(test_size=d.validation_fraction, seed=cfg.train.seed, shuffle=True)
         train_ds, val_ds = parts["train"], parts["test"]
+        if len(val_ds) < cfg.train.batch_size:
+            logger.warning("data.validation_fraction=%g of %d images holds out %d, fewer than a batch "
+                           "(train.batch_size=%d): the validation loss moves with which images they happen to be; "
+                           "raise the fraction, or give data.validation_dataset", d.validation_fraction,
+                           len(train_ds) + len(val_ds), len(val_ds), cfg.train.batch_size)
     if val_ds is None:
         val_ds, heldout = train_ds, False
     if d.max_train_samples is not None and len(train_ds) > d.max_train_samples and not cfg.dreambooth.instance_data:

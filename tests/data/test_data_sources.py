@@ -387,3 +387,18 @@ def test_images_smaller_than_their_training_size_are_counted_in_a_warning(tmp_pa
     with caplog.at_level("WARNING", logger="ldm.data.splits"):  # buckets: the wide one trains at 24x40, not enlarged
         make_split(cfg, ds, str(folder), bucketing=True)
     assert "1 of 3 images" in caplog.text and "16x16" in caplog.text
+
+
+def test_a_held_out_fraction_smaller_than_a_batch_is_warned_about(tmp_path, caplog):
+    from ldm.data.splits import load_splits
+    from ldm.engine.config import load_config
+    from ldm.trainer.config import LDMConfig
+
+    folder = tmp_path / "folder"
+    records = _image_folder(folder)  # a few images: 1 % of them is one
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({**r, "text": c}) + "\n" for r, c in zip(records, CAPTIONS)))
+    cfg = load_config(LDMConfig, "configs/ldm/tiny.yaml", [f"data.dataset={folder}", "data.validation_fraction=0.01",
+                                                            f"data.cache_dir={tmp_path / 'hf'}", "train.batch_size=2"])
+    with caplog.at_level("WARNING", logger="ldm.data.splits"):
+        load_splits(cfg)
+    assert "data.validation_fraction=0.01 of" in caplog.text and "holds out 1, fewer than a batch" in caplog.text
