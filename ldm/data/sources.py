@@ -162,6 +162,7 @@ def _load_folder(folder: Path, split: str, cache_dir: str | None, caption_column
         loaded = datasets.load_from_disk(str(folder))
         return _pick_split(loaded, split, str(folder))
     if _has_metadata(folder):
+        check_metadata_files(folder, caption_column)
         mixed = _read_metadata(folder, caption_column)
         if mixed is not None:  # pyarrow cannot infer one type for strings and lists: build it from the rows
             return mixed
@@ -219,7 +220,28 @@ def sidecar_dataset(folder: Path, caption_extension: str = ".txt", caption_colum
                                        REPEATS_COLUMN: [r[2] for r in rows]})
 
 
-def read_metadata(folder: Path, caption_column: str = "text") -> list[dict] | None:
+def check_metadata_files(folder: Path, caption_column: str = "text") -> None:
+    """Check every metadata file `datasets`' imagefolder would read in ``folder`` (top level and split
+    sub-folders, ``.jsonl`` and ``.csv``) as `read_metadata` checks a ``metadata.jsonl``: each image path stays
+    inside ``folder``; errors name the file and line."""
+    import csv
+
+    for base in (folder, *sorted(p for p in folder.iterdir() if p.is_dir())):
+        read_metadata(base, caption_column, root=folder)
+        path = base / "metadata.csv"
+        if not path.is_file():
+            continue
+        with open(path, newline="", encoding="utf-8") as f:
+            for number, row in enumerate(csv.DictReader(f), start=2):
+                name = row.get("file_name")
+                if not isinstance(name, str):
+                    raise ValueError(f"{path}:{number}: needs a file_name column, got {sorted(row)}")
+                if not _inside(folder, name, base):
+                    raise ValueError(f"{path}:{number}: file_name {name!r} points outside the dataset folder "
+                                     f"{str(folder)!r}; image paths are relative to it and stay inside it")
+
+
+def read_metadata(folder: Path, caption_column: str = "text", root: Path | None = None) -> list[dict] | None:
     """The rows of ``folder``'s top-level ``metadata.jsonl``, each checked (errors name the file and line): a JSON
     object with a ``file_name`` that stays inside the folder, and a caption that is a string or a list of strings;
     None when there is no such file. Every reader of a metadata file goes through this: the loader (which builds
@@ -238,9 +260,9 @@ def read_metadata(folder: Path, caption_column: str = "text") -> list[dict] | No
             raise ValueError(f"{path}:{number}: not a JSON object ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             raise ValueError(f"{path}:{number}: needs a \"file_name\" string, got {line.strip()[:120]!r}")
-        if not _inside(folder, row["file_name"]):
+        if not _inside(root or folder, row["file_name"], folder):
             raise ValueError(f"{path}:{number}: file_name {row['file_name']!r} points outside the dataset folder "
-                             f"{str(folder)!r}; image paths are relative to it and stay inside it")
+                             f"{str(root or folder)!r}; image paths are relative to it and stay inside it")
         if caption_column in row:
             try:
                 captions_of(row[caption_column])
@@ -271,12 +293,13 @@ def _read_metadata(folder: Path, caption_column: str):
     return datasets.Dataset.from_dict(data)
 
 
-def _inside(folder: Path, name: str) -> bool:
-    """Whether ``name`` (a metadata file_name) is a relative path that stays inside ``folder``."""
+def _inside(folder: Path, name: str, base: Path | None = None) -> bool:
+    """Whether ``name`` (a metadata file_name, relative to ``base``: the metadata file's folder, by default
+    ``folder``) is a relative path that stays inside ``folder``."""
     if Path(name).is_absolute() or "://" in name:
         return False
     root = folder.resolve()
-    return Path(os.path.normpath(root / name)).is_relative_to(root)  # by the names: a symlinked image is fine
+    return Path(os.path.normpath((base or folder).resolve() / name)).is_relative_to(root)  # by names: symlinks fine
 
 
 def _local_reading():

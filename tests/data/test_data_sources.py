@@ -402,3 +402,21 @@ def test_a_held_out_fraction_smaller_than_a_batch_is_warned_about(tmp_path, capl
     with caplog.at_level("WARNING", logger="ldm.data.splits"):
         load_splits(cfg)
     assert "data.validation_fraction=0.01 of" in caplog.text and "holds out 1, fewer than a batch" in caplog.text
+
+
+@pytest.mark.parametrize("layout", ["metadata.csv", "train/metadata.jsonl", "train/metadata.csv"])
+def test_every_metadata_file_keeps_its_paths_inside_the_dataset_folder(tmp_path, layout):
+    """datasets' imagefolder answers a csv (or a split sub-folder's file) naming ../secret.png with a
+    DatasetGenerationError traceback; the same check as for metadata.jsonl names the file and line."""
+    folder = tmp_path / "folder"
+    meta = folder / layout
+    records = _image_folder(meta.parent)
+    Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
+    names = [r["file_name"] for r in records]
+    names[1] = "../../secret.png" if layout.startswith("train/") else "../secret.png"
+    if layout.endswith(".csv"):
+        meta.write_text("file_name,text\n" + "".join(f"{n},{c}\n" for n, c in zip(names, CAPTIONS)))
+    else:
+        meta.write_text("".join(json.dumps({"file_name": n, "text": c}) + "\n" for n, c in zip(names, CAPTIONS)))
+    with pytest.raises(ValueError, match=rf"{meta.name}:\d: file_name '.*secret.png' points outside the dataset folder"):
+        _load(tmp_path, folder)
