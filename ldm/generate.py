@@ -119,6 +119,17 @@ def add_embedding(pipe, embedding: str) -> None:
     load_embedding(pipe, path)
 
 
+def _read_input(read, path: str, flag: str):
+    """``read(path)``, its failure (no such file, not an image, a decompression bomb) one message naming the flag
+    and the file."""
+    from PIL import Image
+
+    try:
+        return read(path)
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{flag} {path!r} cannot be read as an image ({getattr(e, 'strerror', None) or e})") from None
+
+
 def from_image(pipe, args) -> tuple:
     """The image-to-image or inpainting pipeline sharing ``pipe``'s components, and its call arguments."""
     from ldm.data.images import open_image, open_mask
@@ -126,9 +137,9 @@ def from_image(pipe, args) -> tuple:
 
     if isinstance(pipe, CascadePipeline):
         raise ValueError("--image is for text-to-image pipelines, not cascades")
-    image = open_image(args.image)  # as training reads images: 16-bit, transparency, palettes
+    image = _read_input(open_image, args.image, "--image")  # as training reads images: 16-bit, transparency
     if args.mask:
-        extra = {"image": image, "mask_image": open_mask(args.mask),
+        extra = {"image": image, "mask_image": _read_input(open_mask, args.mask, "--mask"),
                  "strength": 1.0 if args.strength is None else args.strength}
         return LDMInpaintPipeline.from_pipe(pipe), extra
     extra = {"image": image, "strength": 0.8 if args.strength is None else args.strength}

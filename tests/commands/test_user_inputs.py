@@ -208,3 +208,16 @@ def test_library_messages_that_do_not_concern_the_user_are_dropped_where_they_ar
                            cache_dir=str(tmp_path / "hf"))) == 40
     err = capsys.readouterr().err
     assert "Reading local files" in err and "Downloading" not in err
+
+
+def test_an_image_input_that_cannot_be_read_names_its_flag_and_file(tmp_path, monkeypatch):
+    import pytest
+
+    (tmp_path / "text.png").write_text("not an image")
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    monkeypatch.setattr(LDMPipeline, "from_pipe", classmethod(lambda cls, pipe, **kw: pipe))
+    with pytest.raises(ValueError, match=r"--image '.*text.png' cannot be read as an image \(cannot identify"):
+        from_image(SimpleNamespace(), SimpleNamespace(image=str(tmp_path / "text.png"), mask=None, strength=None))
+    with pytest.raises(ValueError, match=r"--mask '.*nope.png' cannot be read as an image \(No such file"):
+        from_image(SimpleNamespace(), SimpleNamespace(image=str(tmp_path / "ok.png"), mask=str(tmp_path / "nope.png"),
+                                                      strength=None))
