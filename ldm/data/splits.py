@@ -241,7 +241,8 @@ def make_split(cfg, ds, source: str, bucketing: bool, files: list[str] | None = 
     for value in ds[d.caption_column]:
         captions += captions_of(value)
         start.append(len(captions))
-    stored = image_sizes(ds, d.image_column)  # (w, h), from file headers
+    # (w, h) from file headers; a stream's first samples of precomputed latents have no images
+    stored = image_sizes(ds, d.image_column) if d.image_column in ds.column_names else None
     if bucketing:
         buckets = make_buckets(d.resolution, d.bucket_step, d.bucket_max_ratio)
         groups = [nearest_bucket(w, h, buckets) for w, h in stored]
@@ -251,7 +252,8 @@ def make_split(cfg, ds, source: str, bucketing: bool, files: list[str] | None = 
                     {f"{h}x{w}": int(n) for (h, w), n in zip(buckets, counts) if n})
     else:
         buckets, groups, sizes = [(d.resolution, d.resolution)], None, [(d.resolution, d.resolution)] * len(ds)
-    report_upscaled(stored, sizes, source)
+    if stored is not None:
+        report_upscaled(stored, sizes, source)
     fp = Fingerprint().value([source, len(ds), getattr(ds, "_fingerprint", None), d.image_column,
                               d.resolution, d.center_crop, bucketing, d.bucket_step, d.bucket_max_ratio,
                               d.alpha_background] + ([d.crop_scale] if d.crop_scale != 1 else []))
