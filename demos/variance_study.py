@@ -52,6 +52,9 @@ MODELS = {
     "vlb": ["diffusion.learned_variance=true", "diffusion.loss_type=vlb", "diffusion.timestep_sampling=importance"],
 }
 SAMPLERS = ("ddpm", "ddim")
+# How a cell's 95 % band is made (`ldm.eval.scoring.bootstrap_bands`); a study whose bands were made otherwise is not
+# gone on with.
+BANDS = "accuracy: bootstrap percentiles; Frechet distance: estimate +- 1.96 bootstrap std"
 SCORES = ("colour_accuracy", "shape_accuracy", "position_accuracy", "all_accuracy", "frechet_distance",
           "frechet_distance_floor", "diversity", "diversity_real")
 
@@ -120,8 +123,8 @@ def run_study(out: Path, spaces: dict[str, Space], guidance_scale: float = 1.0, 
             raise ValueError(f"--num-images must be at least {2 * prompts} (two per held-out prompt, for diversity), "
                              f"got {space.num_images}")
     settings = {"spaces": {k: dataclasses.asdict(v) for k, v in spaces.items()}, "guidance_scale": guidance_scale,
-                "models": list(models), "extra": list(extra), "bootstrap": bootstrap, "nll_images": nll_images,
-                "nll_stride": nll_stride, "check_images": check_images}
+                "models": list(models), "extra": list(extra), "bootstrap": bootstrap, "bands": BANDS,
+                "nll_images": nll_images, "nll_stride": nll_stride, "check_images": check_images}
     settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
     out.mkdir(parents=True, exist_ok=True)
     records, t0 = load_records(out, settings), time.time()
