@@ -21,6 +21,18 @@ def warn_if_cpu_threads_capped(accelerator) -> None:
                        torch.get_num_threads(), cores, os.environ.get("OMP_NUM_THREADS"), cores)
 
 
+def warn_if_workers_exceed_cores(num_workers: int, num_processes: int = 1) -> bool:
+    """Data-loading workers beyond the cores this process may use compete with training for them: warn, naming
+    the number that fits."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = max(cores // max(num_processes, 1), 1)
+    if num_workers < per_process:
+        return False
+    logger.warning("train.num_workers=%d data-loading workers per process, on %d core(s) per process: they compete "
+                   "with training for them; use at most %d", num_workers, per_process, max(per_process - 1, 0))
+    return True
+
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 

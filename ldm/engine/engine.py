@@ -27,7 +27,12 @@ import torch
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from ldm.engine.accelerator import keep_freed_cpu_memory, make_accelerator, warn_if_cpu_threads_capped
+from ldm.engine.accelerator import (
+    keep_freed_cpu_memory,
+    make_accelerator,
+    warn_if_cpu_threads_capped,
+    warn_if_workers_exceed_cores,
+)
 from ldm.engine.checkpoint import CheckpointManager, list_checkpoints, read_train_state, resolve_resume
 from ldm.engine.config import LR_SCHEDULES, config_differences, save_config, to_yaml
 from ldm.engine.errors import STOP_SIGNALS, NonFinite, Preempted
@@ -135,6 +140,8 @@ class Engine:
         if acc.is_main_process:
             save_config(cfg, self.run_dir / "config.yaml")
         warn_if_cpu_threads_capped(acc)
+        if self.tc.num_workers:
+            warn_if_workers_exceed_cores(self.tc.num_workers, acc.num_processes)
         self.device = acc.device
         if self.device.type == "cpu":
             keep_freed_cpu_memory()

@@ -46,8 +46,10 @@ def resolve_vae_path(spec: str) -> Path:
     """"builtin" -> the shipped VAE; anything else must be a diffusers AutoencoderKL folder."""
     path = builtin_vae_dir() if spec == "builtin" else Path(spec)
     if not (path / "config.json").is_file():
-        hint = " (the package was installed without its shipped VAE)" if spec == "builtin" else ""
-        raise FileNotFoundError(f"no AutoencoderKL folder (config.json + safetensors) at {str(path)!r}{hint}")
+        hint = " (the package was installed without its shipped VAE)" if spec == "builtin" else (
+            "; model.vae=builtin is the VAE shipped for 32 px data, model.vae=none trains on pixels, and a Stable "
+            "Diffusion folder's vae/ sub-folder is a VAE for photos")
+        raise FileNotFoundError(f"model.vae: no AutoencoderKL folder (config.json + safetensors) at {str(path)!r}{hint}")
     return path
 
 

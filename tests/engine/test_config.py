@@ -176,3 +176,27 @@ def test_a_warm_up_of_half_the_run_or_more_is_warned_about(caplog):
     with caplog.at_level("WARNING", logger="ldm.engine.config"):
         check_config(load_config(LDMConfig, "configs/ldm/tiny.yaml", ["train.max_steps=200", "train.warmup_steps=10"]))
     assert "warmup" not in caplog.text
+
+
+def test_more_data_workers_than_cores_is_warned_about(caplog, monkeypatch):
+    import os
+
+    from ldm.engine.accelerator import warn_if_workers_exceed_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    with caplog.at_level("WARNING", logger="ldm.engine.accelerator"):
+        assert warn_if_workers_exceed_cores(8) and not warn_if_workers_exceed_cores(1)
+        assert warn_if_workers_exceed_cores(1, num_processes=2)  # one core each: the worker takes it
+    assert "train.num_workers=8 data-loading workers per process, on 2 core(s) per process" in caplog.text
+    assert "use at most 1" in caplog.text
+
+
+def test_a_missing_vae_folder_names_the_choices():
+    import pytest
+
+    from ldm.models.vae import resolve_vae_path
+
+    with pytest.raises(FileNotFoundError, match=r"model.vae: no AutoencoderKL folder .*'/path/to/vae'; "
+                                                r"model.vae=builtin is the VAE shipped for 32 px data"):
+        resolve_vae_path("/path/to/vae")
+    assert (resolve_vae_path("builtin") / "config.json").is_file()
