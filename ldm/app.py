@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from ldm.engine.records import png_parameters
+
 logger = logging.getLogger(__name__)
 
 MODES = ("text-to-image", "image-to-image", "inpainting")
@@ -134,13 +136,6 @@ def sample_grids(run: Path) -> list[tuple[int, Path]]:
 
 
 # ---- drawing ------------------------------------------------------------------------------------------
-
-def png_parameters(settings: dict) -> str:
-    """AUTOMATIC1111's ``parameters`` text: the prompt, the negative prompt, then ``key: value`` pairs."""
-    rest = {k: v for k, v in settings.items() if k not in ("prompt", "negative_prompt")}
-    return (f"{settings['prompt']}\nNegative prompt: {settings.get('negative_prompt', '')}\n"
-            + ", ".join(f"{k}: {v}" for k, v in rest.items()))
-
 
 def save_with_settings(image: Image.Image, path: Path, settings: dict) -> Path:
     """Save ``image`` with its settings in the PNG at ``path``, or at ``<stem>-1.png``, ``-2``... when that name is

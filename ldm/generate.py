@@ -51,7 +51,7 @@ def check_out(out: str) -> None:
         raise PermissionError(f"--out {out!r}: {str(folder)!r} is not a folder this user can write")
 
 
-def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm", variance: str | None = None,
+def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str | None = "ddpm", variance: str | None = None,
                   embeddings: list[str] = (), lora_scale: float = 1.0):
     """An LDMPipeline from a folder or a single ``.safetensors`` file (`pipelines.single_file`), or a
     `CascadePipeline` from a cascade folder (one with cascade.json), with the adapters of ``lora`` (a folder or
@@ -69,7 +69,9 @@ def load_pipeline(pipeline: str, lora: str | None = None, scheduler: str = "ddpm
         pipe = LDMPipeline.from_single_file(pipeline)
     else:
         pipe = LDMPipeline.from_pretrained(pipeline)
-    pipe.scheduler = with_variance(sampling_scheduler(pipe.scheduler, scheduler), variance)
+    if scheduler is not None:  # None: the one saved in the folder
+        pipe.scheduler = sampling_scheduler(pipe.scheduler, scheduler)
+    pipe.scheduler = with_variance(pipe.scheduler, variance)
     if lora:
         add_lora(pipe, lora, lora_scale)
     for embedding in embeddings:
@@ -146,23 +148,86 @@ def from_image(pipe, args) -> tuple:
     return LDMImg2ImgPipeline.from_pipe(pipe), extra
 
 
+FALLBACK = {"num_inference_steps": 50, "guidance_scale": 3.0}  # for a folder without sampling.json
+
+
+def png_info(settings: dict):
+    """The PNG text chunks of an image drawn with ``settings``: AUTOMATIC1111's ``parameters`` and the JSON."""
+    import json
+
+    from PIL import PngImagePlugin
+
+    from ldm.engine.records import png_parameters
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", png_parameters(settings))
+    info.add_text("settings", json.dumps(settings))
+    return info
+
+
+def sampling_settings(args) -> dict:
+    """What to sample with: each setting the command line gives, else the one the run recorded beside its export
+    (the pipeline's sampling.json, then the LoRA's: `ldm.methods.base.write_sampling`), else `FALLBACK`; the
+    scheduler and size stay the pipeline's own unless given or recorded."""
+    from ldm.methods.base import read_sampling
+
+    recorded = {**read_sampling(args.pipeline), **(read_sampling(args.lora) if args.lora else {})}
+    given = {"scheduler": args.scheduler, "num_inference_steps": args.steps, "guidance_scale": args.guidance_scale,
+             "height": args.height, "width": args.width}
+    return {k: v for k, v in ({**FALLBACK, **recorded, **{k: v for k, v in given.items() if v is not None}}).items()
+            if v is not None}
+
+
+def draw_prompts(pipe, args, settings: dict, kwargs: dict) -> tuple[list, list]:
+    """``args.num_images`` images of each prompt (seeds ``args.seed``, +1, ...) with ``settings``, and the PNG text
+    of each."""
+    draw = {k: settings[k] for k in ("num_inference_steps", "guidance_scale", "height", "width") if k in settings}
+    if args.image:  # the input image sets the size
+        draw.pop("height", None)
+        draw.pop("width", None)
+    images, infos = [], []
+    for prompt in args.prompts:
+        gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
+        images += pipe([prompt] * args.num_images, generator=gens, guidance_rescale=args.guidance_rescale,
+                       **draw, **kwargs).images
+        infos += [png_info({"prompt": prompt, **settings, "seed": args.seed + i, "pipeline": args.pipeline,
+                            **({"lora": args.lora, "lora_scale": args.lora_scale} if args.lora else {})})
+                  for i in range(args.num_images)]
+    return images, infos
+
+
+def save_drawn(out: Path, images: list, infos: list, ncols: int) -> Path:
+    """The grid at ``out`` and each image beside it as ``<stem>-<i>.png`` with its settings in its text."""
+    grid = make_grid(images, ncols=ncols)
+    atomic_save(lambda p: grid.save(p, format="PNG"), out)
+    for i, (image, info) in enumerate(zip(images, infos)):
+        atomic_save(lambda p, im=image, pi=info: im.save(p, format="PNG", pnginfo=pi), out.with_name(f"{out.stem}-{i}.png"))
+    return out
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("prompts", nargs="+")
     parser.add_argument("--pipeline", required=True, help="a pipeline folder (ours or Stable Diffusion 1.x/2.x), or "
                         "a single .safetensors file written by `python -m ldm.export single-file`")
     parser.add_argument("--lora", default=None, help="a LoRA folder (runs/<name>/lora) or .safetensors file, in "
                                                      "diffusers' or kohya-ss's layout")
-    parser.add_argument("--lora-scale", type=float, default=1.0)
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="how much of the adapters' change to apply")
     parser.add_argument("--embedding", action="append", default=[],
                         help="a textual-inversion embedding (runs/<name>/textual_inversion or a .safetensors file, "
                              "diffusers' or AUTOMATIC1111's layout); repeatable")
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (None: what the run sampled with, from sampling.json; else 50)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance (None: the run's, from sampling.json; else 3.0)")
+    parser.add_argument("--height", type=int, default=None, help="image height (None: the run's training size)")
+    parser.add_argument("--width", type=int, default=None, help="image width (None: the run's training size)")
     parser.add_argument("--guidance-rescale", type=float, default=0.0,
                         help="rescale guided outputs towards the conditional one's std (0 off; 0.7 in Lin et al.)")
-    parser.add_argument("--scheduler", default="ddpm", choices=list(SAMPLERS))
+    parser.add_argument("--scheduler", default=None, choices=list(SAMPLERS),
+                        help="None: the run's (sampling.json), else the one saved in the pipeline folder")
     parser.add_argument("--variance", default=None, choices=list(VARIANCES),
                         help="a learned-variance model's Σ: learned (default with ddpm), or a fixed one")
     parser.add_argument("--noise-level", type=int, nargs="+", default=None,
@@ -173,14 +238,16 @@ def main(argv=None) -> None:
     parser.add_argument("--strength", type=float, default=None,
                         help="with --image: how far to noise it, 0 (keep) to 1 (pure noise); default 0.8 for "
                              "image-to-image, 1.0 for inpainting")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="samples.png")
+    parser.add_argument("--seed", type=int, default=0, help="the first image's seed; the others count up from it")
+    parser.add_argument("--out", default="samples.png", help="the grid PNG; each image is written beside it")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     args = parser.parse_args(argv)
     with user_errors(args.debug):
         logging.basicConfig(level=logging.INFO)
         check_out(args.out)  # before minutes of sampling
-        pipe = load_pipeline(args.pipeline, args.lora, args.scheduler, args.variance, args.embedding, args.lora_scale)
+        settings = sampling_settings(args)
+        pipe = load_pipeline(args.pipeline, args.lora, settings.get("scheduler"), args.variance, args.embedding,
+                             args.lora_scale)
         pipe.set_progress_bar_config(disable=True)
         kwargs = {"cross_attention_kwargs": {"scale": args.lora_scale}} if args.lora else {}
         if args.noise_level is not None:
@@ -192,17 +259,8 @@ def main(argv=None) -> None:
         if args.image:
             pipe, extra = from_image(pipe, args)
             kwargs.update(extra)
-        images = []
-        for prompt in args.prompts:
-            gens = [torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
-            images += pipe([prompt] * args.num_images, generator=gens, num_inference_steps=args.steps,
-                           guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
-                           **kwargs).images
-        out = Path(args.out)
-        grid = make_grid(images, ncols=args.num_images)
-        atomic_save(lambda p: grid.save(p, format="PNG"), out)
-        for i, image in enumerate(images):
-            atomic_save(lambda p, im=image: im.save(p, format="PNG"), out.with_name(f"{out.stem}-{i}.png"))
+        images, infos = draw_prompts(pipe, args, settings, kwargs)
+        out = save_drawn(Path(args.out), images, infos, args.num_images)
         print(f"wrote {out} ({len(images)} images) and {out.stem}-0..{len(images) - 1}.png beside it")
 
 

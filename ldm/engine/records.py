@@ -111,6 +111,13 @@ def make_grid(images: list[Image.Image], ncols: int | None = None, pad: int = 2)
     return grid
 
 
+def png_parameters(settings: dict) -> str:
+    """AUTOMATIC1111's ``parameters`` text: the prompt, the negative prompt, then ``key: value`` pairs."""
+    rest = {k: v for k, v in settings.items() if k not in ("prompt", "negative_prompt")}
+    return (f"{settings['prompt']}\nNegative prompt: {settings.get('negative_prompt', '')}\n"
+            + ", ".join(f"{k}: {v}" for k, v in rest.items()))
+
+
 def format_summary(title: str, rows: dict) -> str:
     width = max(len(k) for k in rows)
     lines = [title, "-" * len(title)] + [f"{k:<{width}}  {v}" for k, v in rows.items()]

@@ -15,6 +15,33 @@ from ldm.diffusion.schedulers import sampling_scheduler
 from ldm.engine.config import Checker
 from pipelines.files import atomic_save_dir
 
+SAMPLING_FILE = "sampling.json"  # beside an export: the settings its run sampled and validated with
+
+
+def write_sampling(folder, cfg) -> None:
+    """Write ``SAMPLING_FILE`` into ``folder``: the run's ``sample.`` settings and training size, which
+    `ldm.generate` and the page take as their defaults for what the folder holds."""
+    import json
+
+    settings = {"scheduler": cfg.sample.scheduler, "num_inference_steps": cfg.sample.num_inference_steps,
+                "guidance_scale": cfg.sample.guidance_scale, "height": cfg.data.resolution, "width": cfg.data.resolution}
+    (Path(folder) / SAMPLING_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def read_sampling(folder) -> dict:
+    """The settings ``write_sampling`` wrote in ``folder`` (a file's folder for a file), or {}."""
+    import json
+
+    folder = Path(folder)
+    path = (folder if folder.is_dir() else folder.parent) / SAMPLING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e.msg}); remove it to sample with the command's own defaults") from None
+    return data if isinstance(data, dict) else {}
+
 
 @dataclass
 class ExportJob:
@@ -34,7 +61,8 @@ class ExportJob:
         cfg, comp = self.cfg, self.comp
         pipe = self.stage.for_export(self.stage.pipeline(comp, self.unet.eval(), self.text_encoder.eval(),
                                                          sampling_scheduler(comp.scheduler, cfg.sample.scheduler)))
-        atomic_save_dir(lambda d: pipe.save_pretrained(d, safe_serialization=True), self.run_dir / folder)
+        atomic_save_dir(lambda d: (pipe.save_pretrained(d, safe_serialization=True), write_sampling(d, cfg)),
+                        self.run_dir / folder)
         return {"pipeline": self.run_dir / folder}
 
 

@@ -221,3 +221,33 @@ def test_an_image_input_that_cannot_be_read_names_its_flag_and_file(tmp_path, mo
     with pytest.raises(ValueError, match=r"--mask '.*nope.png' cannot be read as an image \(No such file"):
         from_image(SimpleNamespace(), SimpleNamespace(image=str(tmp_path / "ok.png"), mask=str(tmp_path / "nope.png"),
                                                       strength=None))
+
+
+def test_generate_draws_with_the_settings_the_run_recorded_and_writes_them_into_each_png(tmp_path, capsys):
+    """A folder's sampling.json (written at export) sets the scheduler, steps, guidance and size unless the command
+    line gives them; every PNG carries what it was drawn with; --help shows the defaults."""
+    import json
+
+    import pytest
+    from tiny_models import sd_folder, tiny_vae
+
+    from ldm.generate import main
+
+    folder = sd_folder(tmp_path / "sd", tiny_vae(tmp_path / "vae"), ["a red circle"])
+    (folder / "sampling.json").write_text(json.dumps({"scheduler": "ddim", "num_inference_steps": 2,
+                                                      "guidance_scale": 7.5, "height": 16, "width": 24}))
+    main(["--pipeline", str(folder), "--num-images", "1", "--out", str(tmp_path / "a.png"), "a red circle"])
+    image = Image.open(tmp_path / "a-0.png")
+    settings = json.loads(image.text["settings"])
+    assert image.size == (24, 16) and "guidance_scale: 7.5" in image.text["parameters"]
+    assert {k: settings[k] for k in ("scheduler", "num_inference_steps", "guidance_scale", "seed")} == {
+        "scheduler": "ddim", "num_inference_steps": 2, "guidance_scale": 7.5, "seed": 0}
+    main(["--pipeline", str(folder), "--num-images", "1", "--guidance-scale", "2", "--width", "16",
+          "--out", str(tmp_path / "b.png"), "a red circle"])  # the command line wins
+    image = Image.open(tmp_path / "b-0.png")
+    assert image.size == (16, 16) and json.loads(image.text["settings"])["guidance_scale"] == 2.0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "(default: 4)" in shown and "the run's, from sampling.json" in shown and "(default: samples.png)" in shown

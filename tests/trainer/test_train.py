@@ -53,6 +53,9 @@ def test_short_run_end_to_end(tmp_path, tiny_vae_dir, data_dir, extra):
         np.testing.assert_allclose(theirs, images, atol=1e-4)
     assert not list((cfg.run_dir / "pipeline").rglob("*.bin"))
     assert json.loads((cfg.run_dir / "pipeline" / "model_index.json").read_text())["_class_name"] != "LDMPipeline"
+    recorded = json.loads((cfg.run_dir / "pipeline" / "sampling.json").read_text())  # ldm.generate's defaults
+    assert recorded == {"scheduler": cfg.sample.scheduler, "num_inference_steps": cfg.sample.num_inference_steps,
+                        "guidance_scale": cfg.sample.guidance_scale, "height": 32, "width": 32}
 
 
 def _cache_folders(root):
