@@ -79,8 +79,9 @@ variance-study-full: $(STAMP)
 	$(BIN)/python -m demos.variance_study --plan full --out runs/variance-study-full
 
 # The web page on http://127.0.0.1:7860: draw with any pipeline under runs/ and watch runs (ldm/app.py).
+PORT ?= 7860
 app: $(STAMP)
-	$(BIN)/python -m ldm.app --runs-dir runs
+	$(BIN)/python -m ldm.app --runs-dir runs --port $(PORT)
 
 # ruff: pyflakes, import order, complexity and statement bounds (pyproject.toml [tool.ruff]).
 lint: $(STAMP)

@@ -326,6 +326,24 @@ def build_app(runs_dir: Path, out_dir: Path | None = None, allow_dirs: tuple[Pat
     return app
 
 
+PAGE_DEFAULTS = {"steps": 30, "guidance": 1.5, "scheduler": "dpm++", "size": 32}  # a folder without sampling.json
+
+
+def pipeline_defaults(folder) -> dict:
+    """The Draw tab's steps, guidance, scheduler and size for the pipeline ``folder``: what its run sampled and
+    validated with (its sampling.json: `ldm.methods.base.write_sampling`), else `PAGE_DEFAULTS`."""
+    from ldm.methods.base import read_sampling
+
+    try:
+        recorded = read_sampling(folder) if folder and Path(folder).exists() else {}
+    except ValueError:
+        recorded = {}
+    return {"steps": recorded.get("num_inference_steps", PAGE_DEFAULTS["steps"]),
+            "guidance": recorded.get("guidance_scale", PAGE_DEFAULTS["guidance"]),
+            "scheduler": recorded.get("scheduler", PAGE_DEFAULTS["scheduler"]),
+            "size": recorded.get("height", PAGE_DEFAULTS["size"])}
+
+
 def draw_tab(runs_dir: Path, drawer: Drawer) -> None:
     """The Draw tab: a pipeline, an optional LoRA, the prompt and settings, the image editor; the gallery."""
     import gradio as gr
@@ -337,6 +355,7 @@ def draw_tab(runs_dir: Path, drawer: Drawer) -> None:
             pipelines = find_pipelines(runs_dir)
             folder = gr.Dropdown(pipelines, value=pipelines[0] if pipelines else None, allow_custom_value=True,
                                  label="pipeline folder", elem_id="pipeline")
+            first = pipeline_defaults(pipelines[0] if pipelines else None)
             with gr.Row():
                 lora = gr.Textbox(label="LoRA (folder or .safetensors, optional)", elem_id="lora")
                 lora_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale")
@@ -344,13 +363,13 @@ def draw_tab(runs_dir: Path, drawer: Drawer) -> None:
             prompt = gr.Textbox(label="prompt", value="a red circle at the top left", elem_id="prompt")
             negative = gr.Textbox(label="negative prompt", elem_id="negative")
             with gr.Row():
-                steps = gr.Slider(1, 250, value=30, step=1, label="steps", elem_id="steps")
-                guidance = gr.Slider(1, 15, value=1.5, step=0.1, label="guidance")
+                steps = gr.Slider(1, 250, value=first["steps"], step=1, label="steps", elem_id="steps")
+                guidance = gr.Slider(1, 15, value=first["guidance"], step=0.1, label="guidance", elem_id="guidance")
             with gr.Row():
-                scheduler = gr.Dropdown(list(SAMPLERS), value="dpm++", label="scheduler")
+                scheduler = gr.Dropdown(list(SAMPLERS), value=first["scheduler"], label="scheduler")
                 seed = gr.Number(value=0, precision=0, label="seed")
             with gr.Row():
-                size = gr.Slider(8, 1024, value=32, step=8, label="size (text-to-image)")
+                size = gr.Slider(8, 1024, value=first["size"], step=8, label="size (text-to-image)", elem_id="size")
                 num_images = gr.Slider(1, 16, value=4, step=1, label="images", elem_id="images")
             strength = gr.Slider(0, 1, value=0.8, step=0.05, label="strength (image-to-image, inpainting)")
             editor = gr.ImageEditor(label="image (upload; for inpainting paint the region to redraw)",
@@ -363,6 +382,7 @@ def draw_tab(runs_dir: Path, drawer: Drawer) -> None:
     inputs = [folder, lora, lora_scale, mode, prompt, negative, steps, guidance, scheduler, seed, size, num_images,
               strength, editor]  # in DrawRequest's order
     go.click(page_errors(drawer.draw), inputs, [gallery, info])
+    folder.change(lambda f: tuple(pipeline_defaults(f).values()), [folder], [steps, guidance, scheduler, size])
 
 
 class RunsView:

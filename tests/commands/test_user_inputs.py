@@ -251,3 +251,15 @@ def test_generate_draws_with_the_settings_the_run_recorded_and_writes_them_into_
         main(["--help"])
     shown = " ".join(capsys.readouterr().out.split())
     assert "(default: 4)" in shown and "the run's, from sampling.json" in shown and "(default: samples.png)" in shown
+
+
+def test_the_page_takes_its_settings_from_the_selected_pipeline(tmp_path):
+    import json
+
+    from ldm.app import PAGE_DEFAULTS, pipeline_defaults
+
+    (tmp_path / "photo").mkdir()
+    (tmp_path / "photo" / "sampling.json").write_text(json.dumps({"scheduler": "ddim", "num_inference_steps": 40,
+                                                                  "guidance_scale": 7.5, "height": 64, "width": 64}))
+    assert pipeline_defaults(str(tmp_path / "photo")) == {"steps": 40, "guidance": 7.5, "scheduler": "ddim", "size": 64}
+    assert pipeline_defaults(str(tmp_path / "elsewhere")) == PAGE_DEFAULTS == pipeline_defaults(None)
