@@ -139,7 +139,7 @@ def test_kohya_layout_loads_in_diffusers_and_ours_and_draws_the_same(tmp_path, b
     # a folder with the kohya file alone: the generate CLI (and merging) find it
     only = _cfg(tmp_path, base, "name=kohya-only", "finetune.lora_format=kohya", "finetune.merged_export=true")
     result = train(only)
-    assert sorted(p.name for p in (only.run_dir / "lora").iterdir()) == [KOHYA_FILE]
+    assert sorted(p.name for p in (only.run_dir / "lora").iterdir()) == [KOHYA_FILE, "sampling.json"]  # and the run's sampling settings
     assert (only.run_dir / "pipeline" / "model_index.json").is_file() and result
 
 
