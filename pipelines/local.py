@@ -11,7 +11,6 @@ from pathlib import Path
 HUB_PREFIX = "hf://"
 WEIGHTED = ("unet", "vae", "text_encoder", "text_encoder_2")  # the components whose weight files are checked
 LIBRARIES = ("diffusers", "transformers", "pipelines", None)  # where a folder's component classes may come from
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def resolve(name: str | Path) -> tuple[str, bool]:
@@ -45,6 +44,8 @@ def check_folder(folder: str | Path) -> None:
             raise ValueError(f"{index} names code of its own for {name!r} ({entry[0]}.{entry[1]}); code that comes "
                              f"with a model folder is never run here: use a folder of diffusers and transformers "
                              f"components")
+        from pipelines.pickles import PICKLE_SUFFIXES
+
         part = folder / name
         if part.is_dir() and not any(part.glob("*.safetensors")):
             pickles = sorted(f.name for f in part.iterdir() if f.suffix in PICKLE_SUFFIXES)
