@@ -17,7 +17,9 @@ and, where the plan says, DDIM (deterministic, Σ unused) at every step count of
 (colour, shape, position, Fréchet distance to held-out real images and its floor, diversity) with a bootstrap
 95 % band over its images. Each model's likelihood bound on held-out images is estimated with a stride and
 checked against the full T-step bound on a small set: bits per dimension of the scaled latents, or of 8-bit
-pixels (a discretized decoder, the literature's unit) in pixel space.
+pixels (a discretized decoder, the literature's unit) in pixel space. Paired cells (a space's ``paired_steps``)
+draw every model from the same seeds with more images and read each model's difference from ``fixed`` with a
+band on the difference itself, narrow enough to tell apart models whose own bands overlap.
 
 Plans (`PLANS`): ``quick`` is the latent study at 250 steps (about 12 minutes on a 2-core CPU; the models are far
 from converged); ``full`` trains each latent model for the demo's 900 steps and each pixel model for the pixel
@@ -69,6 +71,14 @@ class Space:
     samplers: tuple[str, ...] = SAMPLERS
     num_images: int = 48  # per cell, a multiple of the 16 held-out prompts
     overrides: tuple[str, ...] = ()  # config overrides of this space's models (before the study's own)
+    # Paired cells: every model drawn by ancestral DDPM at these step counts from the same seeds, with more
+    # images, each scored against the first model with a band on the difference (`paired_cells`).
+    paired_steps: tuple[int, ...] = ()
+    paired_images: int = 0
+
+
+# Settings that only add cells: a study started without them goes on with them, its cells done kept.
+ADDS_CELLS = ("paired_steps", "paired_images")
 
 
 PLANS = {
@@ -76,8 +86,12 @@ PLANS = {
     "quick": {"spaces": {"latent": Space("configs/ldm/shapes.yaml", 250)}, "guidance_scale": 1.0},
     # The demo's 900 steps (and the pixel preset's 1000), at the demo's guidance; 96 images per latent cell.
     # Pixel sampling is 3x a latent step's cost, so DDPM only there: DDIM does not use Σ.
-    "full": {"spaces": {"latent": Space("configs/ldm/shapes.yaml", 900, num_images=96),
-                        "pixel": Space("configs/ldm/shapes-pixel.yaml", 1000, (10, 25, 50, 250), ("ddpm",), 48)},
+    # Paired cells at few steps, where Improved DDPM's learned Σ is meant to pay, with 5x (latent) and 4x (pixel)
+    # the images.
+    "full": {"spaces": {"latent": Space("configs/ldm/shapes.yaml", 900, num_images=96, paired_steps=(2, 5, 10, 25),
+                                        paired_images=480),
+                        "pixel": Space("configs/ldm/shapes-pixel.yaml", 1000, (10, 25, 50, 250), ("ddpm",), 48,
+                                       paired_steps=(10, 25, 50), paired_images=192)},
              "guidance_scale": 1.5},
 }
 
@@ -98,8 +112,8 @@ def load_records(out: Path, settings: dict) -> list[dict]:
     if not path.is_file():
         return []
     saved = json.loads(path.read_text())
-    old = saved.get("settings", {})
-    diff = sorted(k for k in {*old, *settings} if old.get(k) != settings.get(k))
+    old, new = _without_added_cells(saved.get("settings", {})), _without_added_cells(settings)
+    diff = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
     if diff:
         raise ValueError(f"{out} holds a study with other settings ({', '.join(f'{k}: {old.get(k)!r}' for k in diff)}"
                          f"); give another --out, or remove {path} to start afresh")
@@ -107,7 +121,17 @@ def load_records(out: Path, settings: dict) -> list[dict]:
     return saved["records"]
 
 
+def _without_added_cells(settings: dict) -> dict:
+    settings = json.loads(json.dumps(settings))
+    for space in settings.get("spaces", {}).values():
+        for k in ADDS_CELLS:
+            space.pop(k, None)
+    return settings
+
+
 def _key(r: dict) -> tuple:
+    if "paired_steps" in r:
+        return "paired", r["space"], None, "ddpm", r["paired_steps"]
     kind = "cell" if "sampler" in r else "bound" if "nll_bpd" in r else "train"
     return kind, r.get("space", "latent"), r["model"], r.get("sampler"), r.get("steps")
 
@@ -140,6 +164,10 @@ def run_study(out: Path, spaces: dict[str, Space], guidance_scale: float = 1.0, 
         for name in models:
             study_model(out, space_name, space, name, guidance_scale, (nll_images, nll_stride, check_images),
                         list(extra), bootstrap, done, save)
+        for n in space.paired_steps:
+            if ("paired", space_name, None, "ddpm", n) not in done:
+                save(paired_cells(out / space_name, space_name, models, n, space.paired_images, guidance_scale,
+                                  bootstrap))
     plot(records, out / "quality_vs_steps.png")
     result = {"records": records, "settings": settings, "time_s": round(time.time() - t0, 1)}
     atomic_save(lambda p: Path(p).write_text(json.dumps(result, indent=2)), out / "results.json")
@@ -172,6 +200,39 @@ def study_model(out: Path, space_name: str, space: Space, name: str, guidance_sc
                         r["frechet_distance"])
     if ("bound", space_name, name, None, None) not in done:
         save({"space": space_name, **bound_record(pipe, name, *bound)})
+
+
+def paired_cells(out: Path, space_name: str, models, steps: int, num_images: int, guidance_scale: float,
+                 bootstrap: int) -> dict:
+    """Every model drawn by ancestral DDPM (its Σ as trained) at ``steps`` steps from the same seeds and prompts,
+    scored, and each scored against the first model with a 95 % band on the difference
+    (`ldm.eval.scoring.paired_bands`): the noise of which starting noises were drawn, shared by all, cancels."""
+    from ldm.diffusion.schedulers import sampling_scheduler
+    from ldm.eval.scorers import eval_prompts, score
+    from ldm.eval.scoring import distribution_scores, generate_for_prompts, paired_bands
+    from pipelines import LDMPipeline
+
+    base = eval_prompts("shapes")
+    if num_images < 2 * len(base):
+        raise ValueError(f"paired_images must be at least {2 * len(base)} (two per held-out prompt), got {num_images}")
+    images, t0 = {}, time.time()
+    for name in models:
+        pipe = LDMPipeline.from_pretrained(out / name / "pipeline")
+        pipe.scheduler = sampling_scheduler(pipe.scheduler, "ddpm")
+        prompts, images[name] = generate_for_prompts(pipe, base, -(-num_images // len(base)), 300_000,
+                                                     num_inference_steps=steps, guidance_scale=guidance_scale)
+    scores = {name: {**score("shapes", images[name], prompts), **distribution_scores("shapes", images[name], prompts)}
+              for name in models}
+    first = models[0]
+    differences = {name: paired_bands("shapes", images[first], images[name], prompts, max(bootstrap, 2))
+                   for name in models[1:]}
+    for name, d in differences.items():
+        logger.info("%s %s - %s at %d ddpm steps: FD %+.4f [%+.4f, %+.4f], all %+.3f", space_name, name, first, steps,
+                    d["frechet_distance"]["difference"], d["frechet_distance"]["low"], d["frechet_distance"]["high"],
+                    d["all_accuracy"]["difference"])
+    return {"space": space_name, "paired_steps": steps, "num_images": len(prompts),
+            "against": first, "scores": {n: {k: v[k] for k in SCORES if k in v} for n, v in scores.items()},
+            "differences": differences, "sampling_time_s": round(time.time() - t0, 1)}
 
 
 def bound_record(pipe, name: str, nll_images: int, nll_stride: int, check_images: int) -> dict:
@@ -263,7 +324,9 @@ def format_table(records: list[dict]) -> str:
                      f"{r['frechet_distance']:>8.3f}{_band(r, 'frechet_distance'):>7}"
                      f"{r['frechet_distance_floor']:>7.3f}{r['diversity']:>7.3f}")
     for r in records:
-        if "nll_bpd" in r:
+        if "paired_steps" in r:
+            lines.append(format_paired(r))
+        elif "nll_bpd" in r:
             check = (f"; on {r['check_images']} images full bound {r['check_full_bpd']:.4f} vs strided "
                      f"{r['check_strided_bpd']:.4f}") if "check_full_bpd" in r else ""
             lines.append(f"{r.get('space', 'latent')} {r['model']}: NLL bound {r['nll_bpd']:.4f} ± "
@@ -273,6 +336,20 @@ def format_table(records: list[dict]) -> str:
             lines.append(f"{r['space']} {r['model']}: trained {r['train_steps']} steps in {r['train_time_s']} s, "
                          f"final loss {r['final_loss']}")
     return "\n".join(lines)
+
+
+def format_paired(r: dict) -> str:
+    """A paired record: each model's scores, and how far from the first each is, with the 95 % band."""
+    against = r["against"]
+    parts = [f"{r['space']} paired, {r['num_images']} images at {r['paired_steps']} ddpm steps:"]
+    for name, v in r["scores"].items():
+        parts.append(f"  {name}: all {v['all_accuracy']:.3f}, FD {v['frechet_distance']:.4f}"
+                     f" (floor {v['frechet_distance_floor']:.4f})")
+        if name in r["differences"]:
+            d = r["differences"][name]
+            parts[-1] += "; vs {}: FD {:+.4f} [{:+.4f}, {:+.4f}], all {:+.3f} [{:+.3f}, {:+.3f}]".format(
+                against, *(d[k][x] for k in ("frechet_distance", "all_accuracy") for x in ("difference", "low", "high")))
+    return "\n".join(parts)
 
 
 def plan_spaces(plan: str, args) -> dict[str, Space]:

@@ -74,6 +74,36 @@ def distribution_scores(dataset: str, images: list, prompts: list[str]) -> dict:
             "diversity": diversity(generated, prompts), "diversity_real": diversity(real, prompts)}
 
 
+@torch.no_grad()
+def _resampled(dataset: str, image_sets: list[list], prompts: list[str], resamples: int, seed: int):
+    """Each image set's scores (accuracies, Fréchet distance) on its full sample and on ``resamples`` bootstrap
+    resamples, every set resampled at the same indices (with replacement, within each prompt, so every prompt
+    keeps its share): (full, draws), a list per set of {metric: value} and {metric: [value per resample]}."""
+    if resamples < 2:
+        raise ValueError(f"bootstrap resamples must be at least 2, got {resamples}")
+    import numpy as np
+
+    base = list(dict.fromkeys(prompts))
+    net = FixedFeatures(layout=True)
+    reference = to_tensor(real_images(dataset, [p for p in base for _ in range(REFERENCE_PER_PROMPT)],
+                                      REFERENCE_SEED, "heldout", image_sets[0][0].size[0]))
+    ref_stats = feature_stats(net(reference))
+    hits = [score_each(dataset, images, prompts) for images in image_sets]
+    features = [net(to_tensor(images)) for images in image_sets]
+    full = [{**{k: float(v.mean()) for k, v in h.items()},
+             "frechet_distance": frechet_distance(*feature_stats(f), *ref_stats)} for h, f in zip(hits, features)]
+    groups = [np.flatnonzero(np.array(prompts) == p) for p in base]
+    rng = np.random.default_rng(seed)
+    draws = [{k: [] for k in full[0]} for _ in image_sets]
+    for _ in range(resamples):
+        idx = np.concatenate([rng.choice(g, size=len(g)) for g in groups])
+        for h, f, d in zip(hits, features, draws):
+            for k, v in h.items():
+                d[k].append(float(v[idx].mean()))
+            d["frechet_distance"].append(frechet_distance(*feature_stats(f[torch.from_numpy(idx)]), *ref_stats))
+    return full, draws
+
+
 def bootstrap_bands(dataset: str, images: list, prompts: list[str], resamples: int = 200, seed: int = 0) -> dict:
     """How far each accuracy and the Fréchet distance move when the same number of images is drawn again:
     ``resamples`` bootstrap resamples of the images (with replacement, within each prompt, so every prompt keeps
@@ -82,28 +112,34 @@ def bootstrap_bands(dataset: str, images: list, prompts: list[str], resamples: i
     the resamples; for the Fréchet distance, the full sample's distance ± 1.96 std: a resample repeats about a
     third of its images, which raises the distance of every resample (a 96-image cell at 0.050 resampled to
     0.058-0.093), so its percentiles would miss the distance they are about."""
-    if resamples < 2:
-        raise ValueError(f"bootstrap resamples must be at least 2, got {resamples}")
     import numpy as np
 
-    hits = score_each(dataset, images, prompts)
-    base = list(dict.fromkeys(prompts))
-    net = FixedFeatures(layout=True)
-    reference = to_tensor(real_images(dataset, [p for p in base for _ in range(REFERENCE_PER_PROMPT)],
-                                      REFERENCE_SEED, "heldout", images[0].size[0]))
-    ref_stats, features = feature_stats(net(reference)), net(to_tensor(images))
-    groups = [np.flatnonzero(np.array(prompts) == p) for p in base]
-    rng = np.random.default_rng(seed)
-    draws = {k: [] for k in [*hits, "frechet_distance"]}
-    for _ in range(resamples):
-        idx = np.concatenate([rng.choice(g, size=len(g)) for g in groups])
-        for k, v in hits.items():
-            draws[k].append(float(v[idx].mean()))
-        draws["frechet_distance"].append(frechet_distance(*feature_stats(features[torch.from_numpy(idx)]), *ref_stats))
+    (full,), (draws,) = _resampled(dataset, [images], prompts, resamples, seed)
     bands = {k: {"std": float(np.std(v)), "low": float(np.percentile(v, 2.5)), "high": float(np.percentile(v, 97.5))}
              for k, v in draws.items()}
-    full, std = frechet_distance(*feature_stats(features), *ref_stats), bands["frechet_distance"]["std"]
-    bands["frechet_distance"].update(low=max(full - 1.96 * std, 0.0), high=full + 1.96 * std)
+    fd, std = full["frechet_distance"], bands["frechet_distance"]["std"]
+    bands["frechet_distance"].update(low=max(fd - 1.96 * std, 0.0), high=fd + 1.96 * std)
+    return bands
+
+
+def paired_bands(dataset: str, images_a: list, images_b: list, prompts: list[str], resamples: int = 200,
+                 seed: int = 0) -> dict:
+    """How much B scores above A, with a 95 % band, for two image sets drawn for the same prompts from the same
+    seeds (two models, one sampler): both are resampled at the same indices, so the noise the two share (which
+    starting noises happened to be drawn) cancels in the difference and what is left is the models' own.
+    {metric: {"difference", "std", "low", "high"}}: the difference ± 1.96 std of the resampled differences (the
+    bootstrap's upward bias on a distance is about the same for both and cancels too); a band that holds 0 does
+    not tell the two apart."""
+    import numpy as np
+
+    if not len(images_a) == len(images_b) == len(prompts):
+        raise ValueError(f"paired image sets must be the same prompts' images: got {len(images_a)} and "
+                         f"{len(images_b)} images for {len(prompts)} prompts")
+    (full_a, full_b), (draws_a, draws_b) = _resampled(dataset, [images_a, images_b], prompts, resamples, seed)
+    bands = {}
+    for k in full_a:
+        diff, std = full_b[k] - full_a[k], float(np.std(np.subtract(draws_b[k], draws_a[k])))
+        bands[k] = {"difference": diff, "std": std, "low": diff - 1.96 * std, "high": diff + 1.96 * std}
     return bands
 
 

@@ -1,6 +1,7 @@
 """The variance study end to end at toy size: every model x sampler x steps cell is scored, each model's bound
 is estimated and checked against the full bound, and the table and plot are written."""
 
+import dataclasses
 import json
 
 import pytest
@@ -54,6 +55,21 @@ def test_variance_study_writes_every_cell_with_bands_and_goes_on_after_an_interr
     redone = again["records"][-2]  # the same seeds: the same images and scores as before the interruption
     assert {**redone, "sampling_time_s": 0} == {**lost[0], "sampling_time_s": 0}
 
+    # Paired cells added to a study that has its cells: they are computed, nothing else is redone.
+    paired = {**spaces, "latent": dataclasses.replace(spaces["latent"], paired_steps=(2,), paired_images=32)}
+    more = run_study(out, paired, **kwargs)
+    assert more["records"][:-1] == again["records"]
+    pair = more["records"][-1]
+    assert (pair["space"], pair["paired_steps"], pair["num_images"], pair["against"]) == ("latent", 2, 32, "fixed")
+    assert set(pair["scores"]) == {"fixed", "vlb"} and set(pair["differences"]) == {"vlb"}
+    fd = pair["differences"]["vlb"]["frechet_distance"]
+    assert fd["difference"] == pytest.approx(pair["scores"]["vlb"]["frechet_distance"]
+                                             - pair["scores"]["fixed"]["frechet_distance"])
+    assert fd["low"] <= fd["difference"] <= fd["high"]
+    assert "latent paired, 32 images at 2 ddpm steps" in format_table(more["records"])
+    assert run_study(out, paired, **kwargs)["records"] == more["records"]
+    again = more
+
     bounded = rebound(out, nll_images=2, nll_stride=10, check_images=0)  # bound again, nothing retrained
     assert [r for r in bounded["records"] if "sampler" in r] == [r for r in again["records"] if "sampler" in r]
     assert [r["nll_stride"] for r in bounded["records"] if "nll_bpd" in r] == [10] * 2 * len(names)
@@ -81,6 +97,24 @@ def test_bootstrap_bands_are_zero_for_identical_images_and_cover_the_score():
     assert bootstrap_bands("shapes", same, prompts[:16], resamples=10)["frechet_distance"]["std"] < 1e-9
     with pytest.raises(ValueError, match="at least 2, got 1"):
         bootstrap_bands("shapes", images, prompts, resamples=1)
+
+
+def test_paired_bands_read_the_difference_of_two_image_sets_drawn_for_the_same_prompts():
+    from ldm.eval.scorers import eval_prompts, real_images
+    from ldm.eval.scoring import distribution_scores, paired_bands
+
+    prompts = [p for p in eval_prompts("shapes")[:4] for _ in range(8)]
+    a, b = real_images("shapes", prompts, seed=3), real_images("shapes", prompts, seed=4)
+    same = paired_bands("shapes", a, a, prompts, resamples=20)
+    assert all(v["difference"] == 0 and v["std"] == 0 for v in same.values())
+    bands = paired_bands("shapes", a, b, prompts, resamples=50)
+    fd = bands["frechet_distance"]
+    expected = (distribution_scores("shapes", b, prompts)["frechet_distance"]
+                - distribution_scores("shapes", a, prompts)["frechet_distance"])
+    assert fd["difference"] == pytest.approx(expected, abs=1e-6) and fd["std"] > 0
+    assert fd["low"] < fd["difference"] < fd["high"]
+    with pytest.raises(ValueError, match="got 32 and 31 images for 32 prompts"):
+        paired_bands("shapes", a, b[:-1], prompts)
 
 
 def test_with_variance_switches_a_ddpm_scheduler_only():
