@@ -31,6 +31,7 @@ from autoencoder.losses import (
 from ldm.data.batches import VAE_POSTERIOR_STREAM, DatasetSource, GlobalBatchSampler, step_generator
 from ldm.data.splits import report_bad_images
 from ldm.engine.engine import Engine
+from ldm.engine.errors import stoppable
 from ldm.eval.metrics import psnr as image_psnr
 from ldm.models.vae import load_vae
 from pipelines.files import atomic_save, atomic_save_dir
@@ -140,6 +141,7 @@ class AutoencoderStep:
         return {k: v.detach() if torch.is_tensor(v) else v for k, v in terms.items()}
 
 
+@stoppable
 def train(cfg: AutoencoderConfig) -> dict:
     engine = Engine(cfg, check_config, "autoencoder")
     acc, tc = engine.accelerator, cfg.train

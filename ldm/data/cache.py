@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list
 
+from ldm.engine.errors import check_stop
 from pipelines.files import replace_dir
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,13 @@ def build_or_open(cache_dir: str | Path, key: str, accelerator, what: str, shape
             ArrayWriter(building, shapes).close()
         accelerator.wait_for_everyone()
         arrays = open_arrays(building, mode="r+")
-        fill(arrays, accelerator.process_index, accelerator.num_processes)
+        try:
+            fill(arrays, accelerator.process_index, accelerator.num_processes)
+        except BaseException:  # stopped or failed: the half-built cache goes
+            del arrays
+            if accelerator.is_main_process:
+                shutil.rmtree(building, ignore_errors=True)
+            raise
         for arr in arrays.values():
             arr.flush()
         del arrays
@@ -216,6 +223,7 @@ def latent_cache(encoding: Encoding, split, items, place: CachePlace, flips: boo
         bar = tqdm(total=sum(len(k) for k in keys), desc="caching latents",
                    disable=not place.accelerator.is_local_main_process)
         for (b, suffix, _, start), pixels in zip(mine, loader):
+            check_stop("caching latents")
             mean, std = encoding.encode(pixels)
             rows = slice(start, start + len(pixels))
             arrays[f"mean{suffix}_{b}"][rows] = mean.detach().float().cpu().numpy()
@@ -266,6 +274,7 @@ def text_cache(text_encoder, input_ids: torch.Tensor, empty_ids: torch.Tensor, c
         device = accelerator.device
         te = text_encoder.to(device).eval()
         for s in range(0, len(input_ids), batch_size):
+            check_stop("caching text embeddings")
             arrays["embeds"][s:s + batch_size] = te(input_ids[s:s + batch_size].to(device))[0].float().cpu().numpy()
         arrays["empty"][0:1] = te(empty_ids[None].to(device))[0].float().cpu().numpy()
 

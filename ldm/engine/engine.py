@@ -35,7 +35,7 @@ from ldm.engine.accelerator import (
 )
 from ldm.engine.checkpoint import CheckpointManager, list_checkpoints, read_train_state, resolve_resume
 from ldm.engine.config import LR_SCHEDULES, config_differences, save_config, to_yaml
-from ldm.engine.errors import STOP_SIGNALS, NonFinite, Preempted
+from ldm.engine.errors import NonFinite, Preempted, StopAsked, stop_signals
 from ldm.engine.records import MetricsWriter, format_summary, plot_curves
 from ldm.engine.runlock import lock_run_folder, release_run_folder
 from ldm.engine.sharding import EMASettings, Sharding, TrainingState, fsdp_requested
@@ -50,37 +50,6 @@ class Source(Protocol):
 
     def iterate(self, start: int, stop: int) -> Iterable[tuple[int, int, object]]:
         """(step, epoch, batch) for steps start..stop-1."""
-
-
-@contextlib.contextmanager
-def stop_signals():
-    """While the body runs, SIGTERM, SIGINT and SIGUSR1 only record that a stop was asked (``stop["signal"]``),
-    so the step in progress finishes and a checkpoint is written; a second SIGINT stops at once. Handlers are
-    put back afterwards. Only the main thread can install them; elsewhere nothing changes."""
-    import signal
-    import threading
-
-    stop: dict = {"signal": None, "name": None}
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum, frame):
-        if stop["signal"] == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if stop["signal"] is None:
-            stop["signal"], stop["name"] = signum, signal.Signals(signum).name
-            logger.warning("%s received: finishing this step, then writing a checkpoint", stop["name"])
-
-    previous = {}
-    for name in STOP_SIGNALS:
-        if hasattr(signal, name):
-            previous[name] = signal.signal(getattr(signal, name), handler)
-    try:
-        yield stop
-    finally:
-        for name, old in previous.items():
-            signal.signal(getattr(signal, name), old)
 
 
 def strategy_name(accelerator) -> str:
@@ -307,30 +276,37 @@ class Engine:
         Raises `Preempted` after writing a checkpoint when the process is asked to stop (SIGTERM, SIGINT,
         SIGUSR1), and `NonFinite` (before anything non-finite is saved) when the loss or the gradients stop
         being finite under ``train.on_nonfinite=stop``."""
+        with stop_signals() as stop:
+            start = self._resume(source.batches_per_epoch)
+            if start == 0 and validate is not None:
+                self._validate(validate, 0)  # a stop here (`StopAsked`) ends the run: nothing was trained
+            self._train(source, train_step, validate, start, stop)
+            self.check_finite(self.step)  # nothing non-finite reaches validation or export
+            if validate is not None:
+                with contextlib.suppress(StopAsked):  # cut short by a stop: the checkpoint comes next
+                    self.final_validation = self._validate(validate, self.step)
+            if self._stop_requested(stop):  # no grid, scoring or export after a stop: a checkpoint to resume from
+                self._preempt(self.step, source, stop)
+        return self.step
+
+    def _train(self, source: Source, train_step, validate, start: int, stop: dict) -> None:
         acc, tc = self.accelerator, self.tc
-        start = self._resume(source.batches_per_epoch)
-        if start == 0 and validate is not None:
-            self._validate(validate, 0)
         self.window, self.window_steps = {}, 0
         bar = tqdm(total=tc.max_steps, initial=start, desc=self.title, disable=not acc.is_main_process)
         t_start = self.t_window = time.time()
         self.paused = self.window_paused = 0.0
-        with stop_signals() as stop:
-            for step, epoch, batch in source.iterate(start, tc.max_steps):
-                terms = train_step(step, batch)
-                self._optimize(step, terms)
-                self.step = done = step + 1
-                bar.update(1)
+        for step, epoch, batch in source.iterate(start, tc.max_steps):
+            terms = train_step(step, batch)
+            self._optimize(step, terms)
+            self.step = done = step + 1
+            bar.update(1)
+            with contextlib.suppress(StopAsked):  # a validation cut short by a stop: the checkpoint comes next
                 self._after_step(done, epoch, terms, source, validate, bar)
-                if self._stop_requested(stop):
-                    bar.close()
-                    self._preempt(done, source, stop)
+            if self._stop_requested(stop):
+                bar.close()
+                self._preempt(done, source, stop)
         bar.close()
         self.train_time = time.time() - t_start - self.paused
-        self.check_finite(self.step)  # nothing non-finite reaches validation or export
-        if validate is not None:
-            self.final_validation = self._validate(validate, self.step)
-        return self.step
 
     def _resume(self, batches_per_epoch: int) -> int:
         acc, tc = self.accelerator, self.tc

@@ -9,12 +9,18 @@ import contextlib
 import logging
 import os
 import sys
+import threading
+import time
 
 logger = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; resume with train.resume=latest
 NONFINITE_EXIT_CODE = 3
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+INTERRUPTED_EXIT_CODE = 130  # stopped at once by a second signal
+# Signals this close together are one request: Ctrl-C under `accelerate launch` reaches the trainer twice (SIGINT
+# from the terminal, SIGTERM from the launcher), and must still write its checkpoint.
+SAME_REQUEST_S = 1.0
 
 
 class Preempted(Exception):
@@ -26,6 +32,83 @@ class Preempted(Exception):
         self.step, self.checkpoint = step, checkpoint
         super().__init__(f"stopped by {signal_name} after step {step}; checkpoint {checkpoint} is complete: "
                          f"run the same command with train.resume=latest to go on")
+
+
+class StopAsked(Exception):
+    """A signal asked the run to stop during a phase that is cut short rather than finished (caching, validation,
+    sampling). During training the trainer catches it and writes its checkpoint (`Preempted`); raised before the
+    first step, it ends the run with nothing to resume."""
+
+    exit_code = PREEMPTED_EXIT_CODE
+
+    def __init__(self, signal_name: str, phase: str):
+        self.signal_name, self.phase = signal_name, phase
+        super().__init__(f"stopped by {signal_name} while {phase}, before any training step: there is nothing to "
+                         f"resume; run the same command to start again (caches already built are kept)")
+
+
+_STOP: dict = {"signal": None, "name": None, "at": 0.0, "depth": 0}
+
+
+def check_stop(phase: str) -> None:
+    """Raise `StopAsked` if a stop signal has come (inside `stop_signals`), naming ``phase``, what was cut short.
+    In a run of several processes nothing is cut short (the others would wait for this one at their next
+    collective call): the phase finishes and the run stops after it."""
+    if _STOP["name"] is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise StopAsked(_STOP["name"], phase)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While the body runs, the first SIGTERM, SIGINT or SIGUSR1 only records that a stop was asked
+    (``stop["signal"]``): training finishes its step and writes a checkpoint, and the phases that can be cut short
+    stop at their next `check_stop`. Any later signal (more than `SAME_REQUEST_S` after the first) stops at once
+    (KeyboardInterrupt, exit 130). Nested uses share one record; handlers are put back when the outermost ends.
+    Only the main thread can install them; elsewhere nothing changes."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield _STOP
+        return
+    if _STOP["depth"]:
+        _STOP["depth"] += 1
+        try:
+            yield _STOP
+        finally:
+            _STOP["depth"] -= 1
+        return
+
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if _STOP["signal"] is None:
+            _STOP.update(signal=signum, name=name, at=time.monotonic())
+            logger.warning("%s received: stopping (a training step in progress finishes and a checkpoint is written "
+                           "first; a second signal stops at once, without one)", name)
+        elif time.monotonic() - _STOP["at"] > SAME_REQUEST_S:
+            raise KeyboardInterrupt(f"a second stop signal ({name})")
+
+    _STOP.update(signal=None, name=None, at=0.0, depth=1)
+    previous = {name: signal.signal(getattr(signal, name), handler) for name in STOP_SIGNALS if hasattr(signal, name)}
+    try:
+        yield _STOP
+    finally:
+        for name, old in previous.items():
+            signal.signal(getattr(signal, name), old)
+        _STOP.update(signal=None, name=None, at=0.0, depth=0)
+
+
+def stoppable(train):
+    """A trainer's ``train`` with `stop_signals` installed from its set-up to its export: a stop while caching
+    ends the run there, during training or validation it ends with a checkpoint, and one during the export (which
+    is written whole or not at all) lets it finish."""
+    import functools
+
+    @functools.wraps(train)
+    def run(*args, **kwargs):
+        with stop_signals():
+            return train(*args, **kwargs)
+
+    return run
 
 
 class NonFinite(Exception):
@@ -70,9 +153,12 @@ def user_errors(debug: bool = False):
     its exit status."""
     try:
         yield
-    except (Preempted, NonFinite) as e:
-        _say(f"{type(e).__name__.lower()}: {e}")
+    except (Preempted, NonFinite, StopAsked) as e:
+        _say(f"{'stopped' if isinstance(e, StopAsked) else type(e).__name__.lower()}: {e}")
         sys.exit(e.exit_code)
+    except KeyboardInterrupt as e:
+        _say(f"stopped at once by {e or 'an interrupt'}: nothing was saved after the last checkpoint")
+        sys.exit(INTERRUPTED_EXIT_CODE)
     except USER_ERRORS as e:
         if debug:
             raise

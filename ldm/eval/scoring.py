@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm.diffusion.schedulers import sampling_scheduler, with_variance
+from ldm.engine.errors import check_stop
 from ldm.engine.records import make_grid
 from ldm.eval.metrics import (
     FixedFeatures,
@@ -47,6 +48,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], batch_size: int = 48, *
     pipe.set_progress_bar_config(disable=True)
     images = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="sampling"):
+        check_stop("sampling")
         p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
         gens = [torch.Generator().manual_seed(seed) for seed in s]
         images += pipe(p, generator=gens, **kwargs).images

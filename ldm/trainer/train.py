@@ -26,6 +26,7 @@ from ldm.diffusion.gaussian import GaussianDiffusion
 from ldm.diffusion.schedulers import sampling_scheduler
 from ldm.engine.cli import run
 from ldm.engine.engine import Engine
+from ldm.engine.errors import stoppable
 from ldm.methods.base import ExportJob
 from ldm.methods.metadata import training_metadata
 from ldm.methods.registry import method_for
@@ -44,6 +45,7 @@ from pipelines.latents import latent_scale_shift
 logger = logging.getLogger(__name__)
 
 
+@stoppable
 def train(cfg: LDMConfig) -> dict:
     started = time.time()
     run = build_run(cfg)

@@ -16,6 +16,7 @@ from PIL import Image
 
 from ldm.data.batches import micro_batch_size
 from ldm.diffusion.schedulers import sampling_scheduler
+from ldm.engine.errors import check_stop
 from ldm.engine.records import make_grid
 from ldm.eval.scorers import SCORED_DATASETS, eval_prompts, score
 from ldm.eval.scoring import generate_for_prompts
@@ -84,10 +85,14 @@ def check_latent_scale(mean: torch.Tensor, std: torch.Tensor, scale: float, shif
 @torch.no_grad()
 def sample_grid(pipe, prompts: list[str], seeds: list[int], num_inference_steps: int,
                 guidance_scale: float) -> Image.Image:
-    """One row per prompt, one column per seed; each image from its own seeded generator."""
+    """One row per prompt, one column per seed; each image from its own seeded generator. A stop signal ends it
+    at the next row (`check_stop`)."""
+    from tqdm.auto import tqdm
+
     pipe.set_progress_bar_config(disable=True)
     images = []
-    for prompt in prompts:
+    for prompt in tqdm(prompts, desc="sample grid", leave=False, disable=len(prompts) < 2):
+        check_stop("drawing the sample grid")
         gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         images += pipe([prompt] * len(seeds), generator=gens, num_inference_steps=num_inference_steps,
                        guidance_scale=guidance_scale).images
