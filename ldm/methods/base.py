@@ -8,12 +8,16 @@ optimizer's parameter groups) and ``export``. The trainer never asks which metho
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ldm.diffusion.schedulers import sampling_scheduler
 from ldm.engine.config import Checker
 from pipelines.files import atomic_save_dir
+
+logger = logging.getLogger(__name__)
 
 SAMPLING_FILE = "sampling.json"  # beside an export: the settings its run sampled and validated with
 
@@ -61,8 +65,13 @@ class ExportJob:
         cfg, comp = self.cfg, self.comp
         pipe = self.stage.for_export(self.stage.pipeline(comp, self.unet.eval(), self.text_encoder.eval(),
                                                          sampling_scheduler(comp.scheduler, cfg.sample.scheduler)))
+        size = sum(p.numel() * p.element_size() for m in pipe.components.values()
+                   if hasattr(m, "parameters") for p in m.parameters())
+        logger.info("exporting the pipeline (%.0f MB of weights) to %s", size / 2**20, self.run_dir / folder)
+        t0 = time.time()
         atomic_save_dir(lambda d: (pipe.save_pretrained(d, safe_serialization=True), write_sampling(d, cfg)),
                         self.run_dir / folder)
+        logger.info("exported in %.1f s", time.time() - t0)
         return {"pipeline": self.run_dir / folder}
 
 
