@@ -326,7 +326,8 @@ def build_app(runs_dir: Path, out_dir: Path | None = None, allow_dirs: tuple[Pat
     return app
 
 
-PAGE_DEFAULTS = {"steps": 30, "guidance": 1.5, "scheduler": "dpm++", "size": 32}  # a folder without sampling.json
+PAGE_DEFAULTS = {"steps": 30, "guidance": 1.5, "scheduler": "dpm++", "size": 32,
+                 "prompt": "a red circle at the top left"}  # a folder without sampling.json
 
 
 def pipeline_defaults(folder) -> dict:
@@ -341,7 +342,8 @@ def pipeline_defaults(folder) -> dict:
     return {"steps": recorded.get("num_inference_steps", PAGE_DEFAULTS["steps"]),
             "guidance": recorded.get("guidance_scale", PAGE_DEFAULTS["guidance"]),
             "scheduler": recorded.get("scheduler", PAGE_DEFAULTS["scheduler"]),
-            "size": recorded.get("height", PAGE_DEFAULTS["size"])}
+            "size": recorded.get("height", PAGE_DEFAULTS["size"]),
+            "prompt": (recorded.get("prompts") or [PAGE_DEFAULTS["prompt"]])[0]}
 
 
 def draw_tab(runs_dir: Path, drawer: Drawer) -> None:
@@ -360,7 +362,7 @@ def draw_tab(runs_dir: Path, drawer: Drawer) -> None:
                 lora = gr.Textbox(label="LoRA (folder or .safetensors, optional)", elem_id="lora")
                 lora_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="LoRA scale")
             mode = gr.Radio(list(MODES), value=MODES[0], label="mode", elem_id="mode")
-            prompt = gr.Textbox(label="prompt", value="a red circle at the top left", elem_id="prompt")
+            prompt = gr.Textbox(label="prompt", value=first["prompt"], elem_id="prompt")
             negative = gr.Textbox(label="negative prompt", elem_id="negative")
             with gr.Row():
                 steps = gr.Slider(1, 250, value=first["steps"], step=1, label="steps", elem_id="steps")
@@ -382,7 +384,7 @@ def draw_tab(runs_dir: Path, drawer: Drawer) -> None:
     inputs = [folder, lora, lora_scale, mode, prompt, negative, steps, guidance, scheduler, seed, size, num_images,
               strength, editor]  # in DrawRequest's order
     go.click(page_errors(drawer.draw), inputs, [gallery, info])
-    folder.change(lambda f: tuple(pipeline_defaults(f).values()), [folder], [steps, guidance, scheduler, size])
+    folder.change(lambda f: tuple(pipeline_defaults(f).values()), [folder], [steps, guidance, scheduler, size, prompt])
 
 
 class RunsView:

@@ -22,13 +22,15 @@ logger = logging.getLogger(__name__)
 SAMPLING_FILE = "sampling.json"  # beside an export: the settings its run sampled and validated with
 
 
-def write_sampling(folder, cfg) -> None:
+def write_sampling(folder, cfg, prompts=()) -> None:
     """Write ``SAMPLING_FILE`` into ``folder``: the run's ``sample.`` settings and training size, which
-    `ldm.generate` and the page take as their defaults for what the folder holds."""
+    `ldm.generate` and the page take as their defaults for what the folder holds, and ``prompts``, its sample
+    grid's (the page's first prompt)."""
     import json
 
     settings = {"scheduler": cfg.sample.scheduler, "num_inference_steps": cfg.sample.num_inference_steps,
-                "guidance_scale": cfg.sample.guidance_scale, "height": cfg.data.resolution, "width": cfg.data.resolution}
+                "guidance_scale": cfg.sample.guidance_scale, "height": cfg.data.resolution, "width": cfg.data.resolution,
+                **({"prompts": list(prompts)} if prompts else {})}
     (Path(folder) / SAMPLING_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
 
@@ -59,6 +61,7 @@ class ExportJob:
     text_encoder: object
     run_dir: Path
     metadata: dict = field(default_factory=dict)  # the run's kohya-ss ``ss_*`` entries for shared files
+    prompts: list = field(default_factory=list)  # the sample grid's, recorded beside what is exported
 
     def save_pipeline(self, folder: str = "pipeline") -> dict[str, Path]:
         """The stage's pipeline of the trained networks, sampling with ``sample.scheduler``, as ``<run>/<folder>``."""
@@ -69,7 +72,7 @@ class ExportJob:
                    if hasattr(m, "parameters") for p in m.parameters())
         logger.info("exporting the pipeline (%.0f MB of weights) to %s", size / 2**20, self.run_dir / folder)
         t0 = time.time()
-        atomic_save_dir(lambda d: (pipe.save_pretrained(d, safe_serialization=True), write_sampling(d, cfg)),
+        atomic_save_dir(lambda d: (pipe.save_pretrained(d, safe_serialization=True), write_sampling(d, cfg, self.prompts)),
                         self.run_dir / folder)
         logger.info("exported in %.1f s", time.time() - t0)
         return {"pipeline": self.run_dir / folder}

@@ -327,7 +327,7 @@ class LoRA(Method):
             return {**run_modelspec(cfg, job.comp, "lora", implementation), **job.metadata, **network_metadata(fc)}
 
         atomic_save_dir(lambda d: (save_lora(d, job.unet, job.text_encoder, fc.lora_format, job.comp.text_encoder_2,
-                                             metadata), write_sampling(d, cfg)), run_dir / "lora")
+                                             metadata), write_sampling(d, cfg, job.prompts)), run_dir / "lora")
         saved = {"lora": lora_file(run_dir / "lora")}
         if (run_dir / "lora" / KOHYA_FILE).is_file() and saved["lora"].name != KOHYA_FILE:  # lora_format=both
             saved["lora (kohya layout)"] = run_dir / "lora" / KOHYA_FILE
@@ -336,7 +336,7 @@ class LoRA(Method):
 
             merged = merge_into(LDMPipeline.from_pretrained(pretrained_folder(cfg)), run_dir / "lora", fc.merge_scale)
             merged.scheduler = sampling_scheduler(job.comp.scheduler, cfg.sample.scheduler)
-            atomic_save_dir(lambda d: (merged.save_pretrained(d, safe_serialization=True), write_sampling(d, cfg)),
+            atomic_save_dir(lambda d: (merged.save_pretrained(d, safe_serialization=True), write_sampling(d, cfg, job.prompts)),
                             run_dir / "pipeline")
             saved["pipeline"] = run_dir / "pipeline"
         return saved

@@ -56,7 +56,7 @@ def train(cfg: LDMConfig) -> dict:
         if acc.is_main_process:  # once, from whole weights (gathered from every process under FSDP)
             metadata = training_metadata(cfg, run.comp, run.data.train, step, started)
             saved = method_for(cfg).export(ExportJob(cfg, run.stage, run.comp, unet, text_encoder, cfg.run_dir,
-                                                     metadata))
+                                                     metadata, run.validate.prompts))
     vals = [r["val_loss"] for r in engine.metrics.rows() if "val_loss" in r]
     result = {"latent_std": round(run.latent_std, 3), "best_val_loss": round(min(vals), 5) if vals else None,
               **{k: v for k, v in engine.final_validation.items() if k.startswith("score_")}}

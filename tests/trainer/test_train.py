@@ -55,7 +55,8 @@ def test_short_run_end_to_end(tmp_path, tiny_vae_dir, data_dir, extra):
     assert json.loads((cfg.run_dir / "pipeline" / "model_index.json").read_text())["_class_name"] != "LDMPipeline"
     recorded = json.loads((cfg.run_dir / "pipeline" / "sampling.json").read_text())  # ldm.generate's defaults
     assert recorded == {"scheduler": cfg.sample.scheduler, "num_inference_steps": cfg.sample.num_inference_steps,
-                        "guidance_scale": cfg.sample.guidance_scale, "height": 32, "width": 32}
+                        "guidance_scale": cfg.sample.guidance_scale, "height": 32, "width": 32,
+                        "prompts": cfg.sample.prompts}  # the grid's: the page's first prompt
 
 
 def _cache_folders(root):
