@@ -31,6 +31,7 @@ from ldm.engine.accelerator import (
     keep_freed_cpu_memory,
     make_accelerator,
     warn_if_cpu_threads_capped,
+    warn_if_slow_bf16,
     warn_if_workers_exceed_cores,
 )
 from ldm.engine.checkpoint import CheckpointManager, list_checkpoints, read_train_state, resolve_resume
@@ -112,6 +113,7 @@ class Engine:
         if self.tc.num_workers:
             warn_if_workers_exceed_cores(self.tc.num_workers, acc.num_processes)
         self.device = acc.device
+        warn_if_slow_bf16(self.tc.mixed_precision, self.device.type)
         if self.device.type == "cpu":
             keep_freed_cpu_memory()
         self.optimizer = self.lr_schedule = self.ema = self.metrics = self.ckpt = None

@@ -178,6 +178,22 @@ def test_a_warm_up_of_half_the_run_or_more_is_warned_about(caplog):
     assert "warmup" not in caplog.text
 
 
+def test_bf16_on_a_cpu_without_bf16_hardware_is_warned_about(caplog, monkeypatch):
+    import torch
+
+    from ldm.engine.accelerator import warn_if_slow_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with caplog.at_level("WARNING", logger="ldm.engine.accelerator"):
+        assert warn_if_slow_bf16("bf16", "cpu")
+        assert not warn_if_slow_bf16("no", "cpu") and not warn_if_slow_bf16("bf16", "cuda")
+    assert "train.mixed_precision=bf16 on a CPU without bf16 hardware" in caplog.text
+    assert "set train.mixed_precision=no" in caplog.text
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert not warn_if_slow_bf16("bf16", "cpu")
+
+
 def test_more_data_workers_than_cores_is_warned_about(caplog, monkeypatch):
     import os
 
