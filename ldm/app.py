@@ -5,7 +5,8 @@
 
 - **Draw**: a pipeline folder (any run's ``pipeline/`` under the runs folder, or under a folder given with
   ``--allow-dir``: the page loads nothing from elsewhere), optionally a LoRA file (under the same folders) and
-  scale; prompt, negative prompt, steps, guidance, scheduler, seed, size, number of images; text-to-image,
+  scale; prompt, negative prompt, steps, guidance, scheduler, seed, width and height (the selected pipeline's own, with its steps, guidance, scheduler and
+  first sample prompt, when its folder records them), number of images; text-to-image,
   image-to-image (upload) or inpainting (upload, then paint the region to draw anew). Every image is written as
   a PNG whose text chunk holds its settings (``parameters``, as AUTOMATIC1111 writes them), and the settings are
   shown beside the gallery.
@@ -192,7 +193,8 @@ class DrawRequest:
     guidance: float
     scheduler: str
     seed: int
-    size: int
+    width: int
+    height: int
     num_images: int
     strength: float
     editor: object  # the ImageEditor's value
@@ -272,7 +274,8 @@ class Drawer:
 
         if request.mode == "text-to-image":
             if not isinstance(pipe, CascadePipeline):
-                kwargs["height"] = kwargs["width"] = settings["size"] = int(request.size)
+                kwargs["width"], kwargs["height"] = int(request.width), int(request.height)
+                settings["size"] = f"{kwargs['width']}x{kwargs['height']}"
             return pipe
         if isinstance(pipe, CascadePipeline):
             raise ValueError(f"{request.mode} needs a text-to-image pipeline, not a cascade")
@@ -326,12 +329,12 @@ def build_app(runs_dir: Path, out_dir: Path | None = None, allow_dirs: tuple[Pat
     return app
 
 
-PAGE_DEFAULTS = {"steps": 30, "guidance": 1.5, "scheduler": "dpm++", "size": 32,
+PAGE_DEFAULTS = {"steps": 30, "guidance": 1.5, "scheduler": "dpm++", "width": 32, "height": 32,
                  "prompt": "a red circle at the top left"}  # a folder without sampling.json
 
 
 def pipeline_defaults(folder) -> dict:
-    """The Draw tab's steps, guidance, scheduler and size for the pipeline ``folder``: what its run sampled and
+    """The Draw tab's steps, guidance, scheduler, width, height and prompt for the pipeline ``folder``: what its run sampled and
     validated with (its sampling.json: `ldm.methods.base.write_sampling`), else `PAGE_DEFAULTS`."""
     from ldm.methods.base import read_sampling
 
@@ -342,7 +345,8 @@ def pipeline_defaults(folder) -> dict:
     return {"steps": recorded.get("num_inference_steps", PAGE_DEFAULTS["steps"]),
             "guidance": recorded.get("guidance_scale", PAGE_DEFAULTS["guidance"]),
             "scheduler": recorded.get("scheduler", PAGE_DEFAULTS["scheduler"]),
-            "size": recorded.get("height", PAGE_DEFAULTS["size"]),
+            "width": recorded.get("width", PAGE_DEFAULTS["width"]),
+            "height": recorded.get("height", PAGE_DEFAULTS["height"]),
             "prompt": (recorded.get("prompts") or [PAGE_DEFAULTS["prompt"]])[0]}
 
 
@@ -371,7 +375,9 @@ def draw_tab(runs_dir: Path, drawer: Drawer) -> None:
                 scheduler = gr.Dropdown(list(SAMPLERS), value=first["scheduler"], label="scheduler")
                 seed = gr.Number(value=0, precision=0, label="seed")
             with gr.Row():
-                size = gr.Slider(8, 1024, value=first["size"], step=8, label="size (text-to-image)", elem_id="size")
+                width = gr.Slider(8, 2048, value=first["width"], step=8, label="width (text-to-image)", elem_id="width")
+                height = gr.Slider(8, 2048, value=first["height"], step=8, label="height (text-to-image)",
+                                   elem_id="height")
                 num_images = gr.Slider(1, 16, value=4, step=1, label="images", elem_id="images")
             strength = gr.Slider(0, 1, value=0.8, step=0.05, label="strength (image-to-image, inpainting)")
             editor = gr.ImageEditor(label="image (upload; for inpainting paint the region to redraw)",
@@ -381,10 +387,11 @@ def draw_tab(runs_dir: Path, drawer: Drawer) -> None:
         with gr.Column(scale=1):
             gallery = gr.Gallery(label="images", columns=4, elem_id="gallery", format="png")
             info = gr.Textbox(label="settings (also in each PNG's text chunk)", lines=4, elem_id="settings")
-    inputs = [folder, lora, lora_scale, mode, prompt, negative, steps, guidance, scheduler, seed, size, num_images,
+    inputs = [folder, lora, lora_scale, mode, prompt, negative, steps, guidance, scheduler, seed, width, height, num_images,
               strength, editor]  # in DrawRequest's order
     go.click(page_errors(drawer.draw), inputs, [gallery, info])
-    folder.change(lambda f: tuple(pipeline_defaults(f).values()), [folder], [steps, guidance, scheduler, size, prompt])
+    folder.change(lambda f: tuple(pipeline_defaults(f).values()), [folder],
+                  [steps, guidance, scheduler, width, height, prompt])
 
 
 class RunsView:

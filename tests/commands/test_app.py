@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 gradio = pytest.importorskip("gradio", reason="the web page needs gradio (pip install -e '.[app]')")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (pip)")
@@ -134,5 +135,6 @@ def test_the_draw_tab_draws_an_sdxl_folder(tmp_path, tiny_vae_dir):
 
     xl = sdxl_folder(tmp_path / "xl", tiny_vae_dir, ["a red circle"])
     paths, text = Drawer(tmp_path / "out").draw(str(xl), None, 1.0, "text-to-image", "a red circle", "", 2, 5.0,
-                                                "ddim", 0, 32, 2, 0.6, None)
+                                                "ddim", 0, 48, 32, 2, 0.6, None)  # width 48, height 32
     assert len(paths) == 2 and all(Path(p).is_file() for p in paths) and text.startswith("a red circle")
+    assert Image.open(paths[0]).size == (48, 32) and "size: 48x32" in text

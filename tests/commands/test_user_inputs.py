@@ -262,6 +262,9 @@ def test_the_page_takes_its_settings_from_the_selected_pipeline(tmp_path):
     (tmp_path / "photo" / "sampling.json").write_text(json.dumps({"scheduler": "ddim", "num_inference_steps": 40,
                                                                   "guidance_scale": 7.5, "height": 64, "width": 64,
                                                                   "prompts": ["a ginger cat", "a rocket"]}))
-    assert pipeline_defaults(str(tmp_path / "photo")) == {"steps": 40, "guidance": 7.5, "scheduler": "ddim", "size": 64,
-                                                          "prompt": "a ginger cat"}
+    (tmp_path / "photo" / "sampling.json").write_text(json.dumps({"scheduler": "ddim", "num_inference_steps": 40,
+                                                                  "guidance_scale": 7.5, "height": 64, "width": 96,
+                                                                  "prompts": ["a ginger cat", "a rocket"]}))
+    assert pipeline_defaults(str(tmp_path / "photo")) == {"steps": 40, "guidance": 7.5, "scheduler": "ddim", "width": 96,
+                                                          "height": 64, "prompt": "a ginger cat"}
     assert pipeline_defaults(str(tmp_path / "elsewhere")) == PAGE_DEFAULTS == pipeline_defaults(None)
