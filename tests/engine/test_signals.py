@@ -130,7 +130,7 @@ def test_a_stop_during_the_final_grid_checkpoints_the_last_step_and_a_resume_fin
     assert (cfg.run_dir / "samples" / "step-3.png").is_file()
 
 
-def test_a_stop_during_the_export_lets_the_export_finish(tiny_cfg, monkeypatch):
+def test_a_stop_during_the_export_lets_the_export_finish(tiny_cfg, monkeypatch, caplog, capfd):
     real = trainer.method_for
 
     class Signalling:
@@ -145,9 +145,12 @@ def test_a_stop_during_the_export_lets_the_export_finish(tiny_cfg, monkeypatch):
             return self.method.export(job)
 
     monkeypatch.setattr(trainer, "method_for", lambda cfg: Signalling(real(cfg)))
-    cfg = tiny_cfg("name=export", "train.max_steps=2")
-    assert train(cfg)["steps"] == 2
+    cfg = tiny_cfg("name=export", "train.max_steps=2", GRID)
+    with caplog.at_level("INFO", logger="ldm.methods.base"):
+        assert train(cfg)["steps"] == 2
     assert (cfg.run_dir / "pipeline" / "model_index.json").is_file()
+    assert "exporting the pipeline (" in caplog.text and "exported in" in caplog.text  # the export is not silent
+    assert "sample grid: 100%" in capfd.readouterr().err  # nor is the final grid: a bar over its rows
 
 
 def test_a_stop_while_sampling_for_scores_cuts_it_short(tiny_cfg):
