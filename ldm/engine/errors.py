@@ -156,8 +156,8 @@ def user_errors(debug: bool = False):
     except (Preempted, NonFinite, StopAsked) as e:
         _say(f"{'stopped' if isinstance(e, StopAsked) else type(e).__name__.lower()}: {e}")
         sys.exit(e.exit_code)
-    except KeyboardInterrupt as e:
-        _say(f"stopped at once by {e or 'an interrupt'}: nothing was saved after the last checkpoint")
+    except KeyboardInterrupt as e:  # a trainer's second stop signal names itself; elsewhere a plain Ctrl-C
+        _say(f"stopped at once by {e}: nothing was saved after the last checkpoint" if str(e) else "interrupted")
         sys.exit(INTERRUPTED_EXIT_CODE)
     except USER_ERRORS as e:
         if debug:
